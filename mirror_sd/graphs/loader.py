@@ -1,0 +1,91 @@
+"""Load a local Hugging Face model folder (config.json + safetensors + tokenizer) into `CausalLM`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from mirror_sd.graphs.config import ModelConfig, load_config
+from mirror_sd.graphs.model import CausalLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"{folder} has no *.safetensors weights; save the model with "
+            "`save_pretrained(..., safe_serialization=True)`"
+        )
+    return files
+
+
+def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(folder):
+        state.update(load_file(f))
+    return state
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> CausalLM:
+    """Instantiate `CausalLM` without random init and load an HF-named state dict into it.
+
+    Raises:
+        KeyError: the checkpoint lacks weights the architecture needs, or has unknown ones.
+    """
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    state = {k: v.to(dtype) for k, v in state.items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {
+        k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")
+    }
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
+    if missing or unexpected:
+        raise KeyError(
+            f"checkpoint does not match the {cfg.model_type} architecture: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    inv_freq, _ = cfg.rope_inv_freq()
+    model.inv_freq = inv_freq
+    return model.eval()
+
+
+def load_model(folder: str | Path, dtype: str | torch.dtype = "float32") -> CausalLM:
+    """Load the model in a local HF folder as a stage-addressable `CausalLM` (eval mode).
+
+    Raises:
+        FileNotFoundError: no config.json or no safetensors weights in `folder`.
+        UnsupportedModelError: the architecture is not one of SUPPORTED_ARCHITECTURES.
+    """
+    folder = Path(folder)
+    cfg = load_config(folder)
+    return build_model(cfg, load_state_dict(folder), parse_dtype(dtype))
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer (chat template included)."""
+    return AutoTokenizer.from_pretrained(Path(folder))

@@ -1,0 +1,48 @@
+"""Attention masks for new rows over a cached prefix (pure tensor code).
+
+Every mask is bool (B, T, S + T): row i of the T new rows may attend to column j
+(S cached rows first, then the T new rows) when mask[b, i, j] is True.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def causal_mask(past_len: int, new: int, batch: int = 1) -> torch.Tensor:
+    """New rows see the whole prefix and the new rows up to and including themselves."""
+    cols = torch.arange(past_len + new)
+    rows = torch.arange(new)[:, None] + past_len
+    return (cols[None, :] <= rows).expand(batch, new, past_len + new).contiguous()
+
+
+def tree_mask(
+    past_len: int, parents: Sequence[int], visible_past: int | None = None
+) -> torch.Tensor:
+    """Mask (1, T, S + T) for T new rows forming a forest: parents[i] is the index of row i's
+    parent among the new rows (-1 for a root). Each row sees cache rows [0, visible_past)
+    (default: all S), its ancestors and itself."""
+    t = len(parents)
+    visible_past = past_len if visible_past is None else visible_past
+    mask = torch.zeros(1, t, past_len + t, dtype=torch.bool)
+    mask[0, :, :visible_past] = True
+    for i, p in enumerate(parents):
+        if p >= i:
+            raise ValueError(f"parents[{i}] = {p}: a parent must come before its child")
+        mask[0, i, past_len + i] = True
+        if p >= 0:
+            mask[0, i, : past_len + t] |= mask[0, p, : past_len + t]
+    return mask
+
+
+def rows_mask(total_past: int, visible: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Mask (1, T, S + T) from explicit column lists: row i sees visible[i] (indices into
+    the S cached rows and T new rows, new row i at column S + i) and always itself."""
+    t = len(visible)
+    mask = torch.zeros(1, t, total_past + t, dtype=torch.bool)
+    for i, cols in enumerate(visible):
+        mask[0, i, list(cols)] = True
+        mask[0, i, total_past + i] = True
+    return mask

@@ -1,0 +1,192 @@
+"""A compact, stage-addressable decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3).
+
+Module names mirror Hugging Face's (`model.layers.3.self_attn.q_proj`, ...), so a
+checkpoint's state dict loads as it is. Every stage is a pure function of tensors:
+
+    embed(ids)                                  (B, T) -> (B, T, D)
+    layer(x, cos, sin, mask, past_k, past_v)    -> x', new_k, new_v
+    head(x)                                     (B, T, D) -> (B, T, V)  final norm + LM head
+
+A layer attends to `past` rows (B, S, n_kv, hd) and its own T new rows under an
+explicit boolean mask (B, T, S + T) — causal, or a tree mask over branch rows —
+and returns its new K/V rows instead of writing them, so the same code exports to
+ONNX (no in-graph cache writes, no data-dependent Python control flow).
+`run_layers(a, b, ...)` runs layers [a, b) against a `StaticKVCache`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mirror_sd.graphs.config import ModelConfig
+from mirror_sd.graphs.kv_cache import StaticKVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        self.n_heads, self.n_kv, self.head_dim = nh, nkv, hd
+        self.q_proj = nn.Linear(cfg.hidden_size, nh * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys = torch.cat([past_k, k], dim=1).transpose(1, 2)  # (B, nkv, S+T, hd)
+        values = torch.cat([past_v, v], dim=1).transpose(1, 2)
+        groups = self.n_heads // self.n_kv
+        if groups > 1:
+            keys = keys.repeat_interleave(groups, dim=1)  # (B, nh, S+T, hd)
+            values = values.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask.unsqueeze(1)
+        )  # (B, nh, T, hd)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(out), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        """x (B, T, D); cos/sin (B, T, hd); mask (B, T, S+T) bool; past (B, S, nkv, hd)."""
+        h, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v  # (B, T, D), (B, T, nkv, hd) x2
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """The whole model, runnable stage by stage. Weights load from HF state dicts as-is."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        inv_freq, scale = cfg.rope_inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_scale = scale
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    # --- stages -----------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) int64 -> (B, T, D)."""
+        return self.model.embed_tokens(ids)
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(B, T) int64 -> cos, sin (B, T, hd), computed in fp32 then cast like HF does."""
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: (B, T, D) -> (B, T, V) logits."""
+        return self.lm_head(self.model.norm(x))
+
+    def run_layers(
+        self,
+        a: int,
+        b: int,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: StaticKVCache,
+    ) -> torch.Tensor:
+        """Run decoder layers [a, b) on new rows x (B, T, D).
+
+        The rows attend to the cache's first `cache.length` rows and to each other under
+        `mask` (B, T, cache.length + T) bool (True = attend). Their K/V are written into
+        the cache at [cache.length, cache.length + T) for these layers; the caller calls
+        `cache.advance(T)` once every layer has run.
+        """
+        if not 0 <= a <= b <= self.num_layers:
+            raise IndexError(f"layer range [{a}, {b}) outside [0, {self.num_layers}]")
+        cos, sin = self.rope(position_ids, x.dtype)
+        for i in range(a, b):
+            past_k, past_v = cache.past(i)
+            x, k, v = self.model.layers[i](x, cos, sin, mask, past_k, past_v)
+            cache.write(i, k, v)
+        return x
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: StaticKVCache,
+    ) -> torch.Tensor:
+        """All stages on new tokens ids (B, T); appends their K/V rows; returns logits (B, T, V)."""
+        x = self.run_layers(0, self.num_layers, self.embed(ids), position_ids, mask, cache)
+        cache.advance(ids.shape[1])
+        return self.head(x)
+
+    def new_cache(self, max_len: int, batch: int = 1) -> StaticKVCache:
+        """A preallocated cache for this model (same dtype as its weights)."""
+        c = self.config
+        dtype = self.model.embed_tokens.weight.dtype
+        return StaticKVCache(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, dtype)

@@ -1,0 +1,1 @@
+"""WHEN it runs: decoding loops, the verification scheduler, acceptance math, tracing."""

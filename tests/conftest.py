@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random-weight Llama / Qwen2 / Qwen3 models saved as HF folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def make_tiny(family: str, seed: int = 0, **overrides):
+    """A random transformers model of `family` ('llama' | 'qwen2' | 'qwen3'), fp32, eval."""
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    cfg = cls(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():  # break the near-zero init so logits are not all ties
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def save_tiny(model, folder: Path) -> Path:
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(params=["llama", "qwen2", "qwen3"])
+def tiny_hf(request, tmp_path):
+    """(family, transformers model, saved folder) for each supported family."""
+    model = make_tiny(request.param)
+    return request.param, model, save_tiny(model, tmp_path / request.param)
