@@ -1,0 +1,58 @@
+"""What every device backend offers the runtime: a model runner with its own KV cache.
+
+A `ModelRunner` holds one model's weights and a static KV cache on one device and
+runs new rows against the cache. Inputs and outputs are CPU torch tensors (a few
+hundred bytes of ids in, logits out); everything else stays on the device.
+
+    forward(ids (1, T) int64, position_ids (1, T) int64, mask (1, T, length + T) bool)
+        -> logits (T, V) float32; the T rows' K/V are appended (length += T)
+    rollback(n)          forget rows from n on (O(1))
+    keep(start, rows)    compact rows[i] -> start + i; length = start + len(rows)
+
+`SplitRunner` adds the target's split at the exit layer ℓe:
+    forward_prefix(ids, position_ids, mask) -> hidden (1, T, D) after layer ℓe-1
+    exit_logits(hidden) -> (T, V) from the exit head
+    forward_suffix(hidden, position_ids, mask) -> logits (T, V); appends the rows
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+class DeviceError(RuntimeError):
+    """A device failed to run a stage (raised, timed out or returned malformed output)."""
+
+
+@runtime_checkable
+class ModelRunner(Protocol):
+    name: str  # e.g. "draft on npu (onnxruntime CPUExecutionProvider)"
+    length: int
+    max_len: int
+    vocab_size: int
+
+    def forward(
+        self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def rollback(self, length: int) -> None: ...
+
+    def keep(self, start: int, rows: Sequence[int]) -> None: ...
+
+
+@runtime_checkable
+class SplitRunner(ModelRunner, Protocol):
+    exit_layer: int
+
+    def forward_prefix(
+        self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_suffix(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor: ...

@@ -1,0 +1,90 @@
+"""TorchDevice: runs a `CausalLM` (target or draft) with torch on cpu / cuda:N / mps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mirror_sd.graphs.model import CausalLM
+
+
+@dataclass(frozen=True)
+class TorchDevice:
+    """A torch device by configuration: `device` is 'cpu', 'cuda:N' or 'mps'."""
+
+    device: str = "cpu"
+    threads: int | None = None  # CPU intra-op threads; None leaves torch's default
+    dtype: str = "float32"
+
+    def check(self) -> None:
+        """Raise a clear error when this device is not present here."""
+        kind = self.device.split(":")[0]
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {self.device!r}: torch sees no CUDA GPU here; use 'cpu'")
+        if kind == "mps" and not torch.backends.mps.is_available():
+            raise RuntimeError(f"device {self.device!r}: MPS is not available here; use 'cpu'")
+        if kind not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"torch device {self.device!r}: expected cpu, cuda:N or mps")
+
+    def describe(self) -> str:
+        threads = f", {self.threads} thread(s)" if self.threads else ""
+        return f"torch {self.device} {self.dtype}{threads}"
+
+
+class TorchRunner:
+    """`SplitRunner` over a `CausalLM` and its `StaticKVCache` on one torch device.
+
+    Call `apply_threads()` from the thread that will run it: torch's intra-op thread
+    count is per process, so the plan sets it once for the torch pipeline.
+    """
+
+    def __init__(self, model: CausalLM, device: TorchDevice, max_len: int, exit_layer: int = 0,
+                 name: str = "target"):  # fmt: skip
+        device.check()
+        self.model = model.to(device.device)
+        self.device = device
+        self.cache = model.new_cache(max_len)
+        self.max_len = max_len
+        self.vocab_size = model.config.vocab_size
+        self.exit_layer = exit_layer
+        self.name = f"{name} on {device.describe()}"
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def _to(self, *ts: torch.Tensor) -> list[torch.Tensor]:
+        return [t.to(self.device.device) for t in ts]
+
+    @torch.inference_mode()
+    def forward(self, ids, position_ids, mask):
+        ids, position_ids, mask = self._to(ids, position_ids, mask)
+        return self.model(ids, position_ids, mask, self.cache)[0].float().cpu()
+
+    @torch.inference_mode()
+    def forward_prefix(self, ids, position_ids, mask):
+        ids, position_ids, mask = self._to(ids, position_ids, mask)
+        return self.model.run_layers(
+            0, self.exit_layer, self.model.embed(ids), position_ids, mask, self.cache
+        )
+
+    @torch.inference_mode()
+    def exit_logits(self, hidden):
+        return self.model.head(hidden)[0].float().cpu()
+
+    @torch.inference_mode()
+    def forward_suffix(self, hidden, position_ids, mask):
+        position_ids, mask = self._to(position_ids, mask)
+        x = self.model.run_layers(
+            self.exit_layer, self.model.num_layers, hidden, position_ids, mask, self.cache
+        )
+        self.cache.advance(hidden.shape[1])
+        return self.model.head(x)[0].float().cpu()
+
+    def rollback(self, length: int) -> None:
+        self.cache.rollback(length)
+
+    def keep(self, start: int, rows: Sequence[int]) -> None:
+        self.cache.keep(start, rows)

@@ -1,0 +1,64 @@
+"""`SpecConfig`: every speculation tunable and its one default.
+
+The `speculation:` section of a device map maps 1:1 onto these fields; `compile()`
+keyword arguments override them. Nothing else in the project holds a default for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+MODES = ("mirror", "speculative", "autoregressive")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    mode: str = "mirror"  # mirror | speculative (draft then verify, no overlap) | autoregressive
+    num_draft_tokens: int = 4  # γ: draft tokens per round (block = γ + 1 target positions)
+    exit_layer: int | str = (
+        "auto"  # ℓe: target layers [0, ℓe) form the prefix; "auto" = partitioner
+    )
+    exit_top_k: int = 4  # κ: exit candidates per block position sent over the token channel
+    branch_budget: int | str = "auto"  # max branches rolled out per round; "auto" = fit t_suf
+    reuse: bool = True  # start the next round from a prepared branch on a hit
+    exit_head: str = "lm_head"  # "lm_head" (final norm + LM head at ℓe) or a trained head file
+    max_len: int = 2048  # context length: KV cache rows preallocated on both devices
+    draft_timeout_s: float = 30.0  # a draft step slower than this counts as a device failure
+    temperature: float = 0.0  # default sampling settings for generate(); 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"speculation.mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        for name in ("num_draft_tokens", "exit_top_k", "max_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(
+                    f"speculation.{name} must be a positive integer, got {getattr(self, name)!r}"
+                )
+        for name in ("exit_layer", "branch_budget"):
+            v = getattr(self, name)
+            if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(
+                    f"speculation.{name} must be 'auto' or a positive integer, got {v!r}"
+                )
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(
+                "speculation: temperature must be >= 0, top_p in (0, 1], top_k >= 0 "
+                f"(got {self.temperature}, {self.top_p}, {self.top_k})"
+            )
+        if self.draft_timeout_s <= 0:
+            raise ValueError(f"speculation.draft_timeout_s must be > 0, got {self.draft_timeout_s}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def with_(self, **overrides) -> SpecConfig:
+        """A copy with some fields replaced; unknown names are an error listing valid ones."""
+        unknown = set(overrides) - set(self.field_names())
+        if unknown:
+            raise TypeError(
+                f"unknown speculation setting(s) {sorted(unknown)}; valid: {', '.join(self.field_names())}"
+            )
+        return replace(self, **overrides)
