@@ -1,0 +1,213 @@
+"""`Plan`: a compiled dual-device plan that generates text.
+
+It owns the two runners (target on device A, draft on device B), one pipeline per device
+and the tokenizer; `generate()` / `stream()` run the verification scheduler in the
+caller's thread. A plan serves one generation at a time: a second concurrent call is
+rejected with `PlanBusyError` rather than silently serialized.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mirror_sd.devices.base import ModelRunner, SplitRunner
+from mirror_sd.partition.spec_config import SpecConfig
+from mirror_sd.runtime.acceptance import Sampling
+from mirror_sd.runtime.draft_engine import DraftEngine
+from mirror_sd.runtime.pipelines import Pipeline
+from mirror_sd.runtime.prompts import Prompt, check_fits, encode_prompt, eos_token_ids
+from mirror_sd.runtime.results import GenerationResult, GenerationStats
+from mirror_sd.runtime.scheduler import RoundSettings, VerificationScheduler
+from mirror_sd.runtime.tracing import Tracer
+
+
+class PlanBusyError(RuntimeError):
+    """generate()/stream() was called while another generation runs on the same plan."""
+
+
+@dataclass(frozen=True)
+class DeviceSlot:
+    alias: str  # the device map's alias, e.g. "npu"
+    label: str  # backend and EP, e.g. "onnxruntime CPUExecutionProvider"
+
+
+class Plan:
+    def __init__(
+        self,
+        *,
+        target: SplitRunner,
+        target_device: DeviceSlot,
+        tokenizer,
+        spec: SpecConfig,
+        draft: ModelRunner | None = None,
+        draft_device: DeviceSlot | None = None,
+        generation_config: dict | None = None,
+        target_threads: int | None = None,
+        info: dict | None = None,
+    ):
+        self.target, self.draft = target, draft
+        self.target_device, self.draft_device = target_device, draft_device
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.generation_config = generation_config or {}
+        self.info = info or {}  # compile-time facts for describe() and save()
+        init = (lambda: torch.set_num_threads(target_threads)) if target_threads else None
+        self.target_pipe = Pipeline(target_device.alias, "verification", init=init)
+        self.draft_pipe = Pipeline(draft_device.alias, "draft streaming") if draft_device else None
+        self._busy = threading.Lock()
+        self.draft_disabled: str | None = None  # set when the draft hung: never used again
+
+    # --- generation -----------------------------------------------------------------------
+    def generate(self, prompt: Prompt, max_new_tokens: int = 128, **kwargs) -> GenerationResult:
+        """Generate from text, chat messages or token ids. See `stream` for the arguments."""
+        gen = self._run(prompt, max_new_tokens, **kwargs)
+        for _ in gen:
+            pass
+        return self._last
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[str]:
+        """Yield the text each verified round adds. Closing the iterator stops both pipelines
+        after the round in flight. The full result is in `plan.last_result` afterwards.
+
+        Keyword args: temperature, top_k, top_p (defaults from SpecConfig), seed (int),
+        stop_strings (list of str), eos_token_id (int or list), chat (apply the chat
+        template to a string prompt, default True), trace (path for a Chrome trace JSON),
+        mode and other SpecConfig fields to override for this call.
+        """
+        prev = ""
+        for _ in self._run(prompt, max_new_tokens, **kwargs):
+            text = self.tokenizer.decode(self._produced, skip_special_tokens=True)
+            if len(text) > len(prev) and not text.endswith("\ufffd"):
+                yield text[len(prev) :]
+                prev = text
+
+    @property
+    def last_result(self) -> GenerationResult | None:
+        return getattr(self, "_last", None)
+
+    def _run(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int,
+        *,
+        seed: int = 0,
+        stop_strings: Sequence[str] = (),
+        eos_token_id: int | Sequence[int] | None = None,
+        chat: bool = True,
+        trace: str | None = None,
+        **overrides,
+    ) -> Iterator[None]:
+        spec = self.spec.with_(**overrides)
+        if not self._busy.acquire(blocking=False):
+            raise PlanBusyError(
+                "this plan is already generating; plans run one generation at a time — "
+                "wait for it, or compile a second plan for concurrent requests"
+            )
+        try:
+            yield from self._generate(
+                prompt, max_new_tokens, spec, seed, stop_strings, eos_token_id, chat, trace
+            )
+        finally:
+            self._busy.release()
+
+    def _eos(self, eos_token_id) -> set[int]:
+        if eos_token_id is None:
+            return eos_token_ids(self.tokenizer, self.generation_config)
+        return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+    def _settings(self, spec: SpecConfig) -> RoundSettings:
+        mode = spec.mode if self.draft is not None else "autoregressive"
+        budget = (
+            spec.branch_budget
+            if isinstance(spec.branch_budget, int)
+            else self.info.get("branch_budget", 8)
+        )
+        return RoundSettings(
+            mode, spec.num_draft_tokens, spec.exit_top_k, budget, spec.reuse, spec.draft_timeout_s
+        )
+
+    def _generate(
+        self, prompt, max_new_tokens, spec, seed, stop_strings, eos_token_id, chat, trace
+    ):
+        ids = encode_prompt(self.tokenizer, prompt, chat=chat)
+        settings = self._settings(spec)
+        slack = (1 + settings.budget) * (settings.gamma + 1) + 1
+        check_fits(len(ids), max_new_tokens, spec.max_len, slack=slack)
+        if spec.exit_layer != "auto" and hasattr(self.target, "exit_layer"):
+            self.target.exit_layer = int(spec.exit_layer)
+        sampling = Sampling(spec.temperature, spec.top_k, spec.top_p)
+        tracer = Tracer()
+        tracer.add_device(self.target_device.alias, self.target_device.label)
+        engine = None
+        if (
+            self.draft is not None
+            and self.draft_disabled is None
+            and settings.mode != "autoregressive"
+        ):
+            tracer.add_device(self.draft_device.alias, self.draft_device.label)
+            self.draft.rollback(0)
+            engine = DraftEngine(self.draft, sampling, torch.Generator().manual_seed(seed + 1))
+        sched = VerificationScheduler(
+            self.target, self.target_pipe, engine, self.draft_pipe, settings, sampling,
+            torch.Generator().manual_seed(seed), tracer,
+        )  # fmt: skip
+        eos = self._eos(eos_token_id)
+        self._produced: list[int] = []
+
+        def done(produced: list[int]) -> bool:
+            if eos & set(produced):
+                return True
+            return bool(stop_strings) and any(
+                s in self.tokenizer.decode(produced, skip_special_tokens=True) for s in stop_strings
+            )
+
+        t0 = time.perf_counter()
+        try:
+            for new in sched.run(ids, max_new_tokens, done):
+                self._produced += new
+                self._produced = _truncate(self._produced, eos, stop_strings, self.tokenizer)
+                yield None
+        finally:
+            wall = time.perf_counter() - t0
+            if sched.state.draft_hung:
+                self.draft_disabled = sched.state.fallback
+            stats = GenerationStats.from_rounds(
+                settings.mode, sched.state.rounds, len(self._produced), wall,
+                self.draft_device.label if engine else None, sched.state.fallback,
+            )  # fmt: skip
+            path = str(tracer.save(trace)) if trace else None
+            text = self.tokenizer.decode(self._produced, skip_special_tokens=True)
+            self._last = GenerationResult(
+                list(self._produced), text, len(ids), stats, sched.state.rounds, path
+            )
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the worker threads (a hung draft worker is abandoned, not waited for)."""
+        self.target_pipe.close()
+        if self.draft_pipe:
+            self.draft_pipe.close(wait=self.draft_disabled is None)
+
+    def __enter__(self) -> Plan:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _truncate(produced: list[int], eos: set[int], stop_strings: Sequence[str], tok) -> list[int]:
+    """Cut after the first EOS token, or after the token that completes a stop string."""
+    for i, t in enumerate(produced):
+        if t in eos:
+            return produced[: i + 1]
+    if stop_strings:
+        for i in range(len(produced)):
+            text = tok.decode(produced[: i + 1], skip_special_tokens=True)
+            if any(s in text for s in stop_strings):
+                return produced[: i + 1]
+    return produced

@@ -1,0 +1,250 @@
+"""The verification scheduler: the round state machine of MIRROR_SD.md.
+
+Single-threaded and deterministic: it owns the committed sequence, submits stage runs
+to the two pipelines, and decides. One round (mirror mode):
+
+    PREFIX    target layers [0, ℓe) on the block [x_n, d_1..d_γ]      (target pipeline)
+    EXIT      exit head -> top-κ candidates per position; token channel -> draft
+    OVERLAP   target suffix [ℓe, N) + LM head        || branch rollouts (draft pipeline)
+    VERIFY    accepted length a, correction c*
+    RENDEZVOUS  branch (a, c*) rolled out?  hit: its rollout is the next block
+    COMMIT    target keeps a + 1 block rows; draft keeps the winning branch's rows
+
+`speculative` mode drafts γ tokens, then verifies (no overlap); `autoregressive` runs
+the target alone. A draft that raises, hangs or returns malformed output drops the
+generation to target-only decoding; the tokens stay exactly the same.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import torch
+
+from mirror_sd.devices.base import SplitRunner
+from mirror_sd.graphs.masks import causal_mask
+from mirror_sd.runtime.acceptance import Sampling, Verdict, probs, verify_greedy, verify_sampling
+from mirror_sd.runtime.branches import exit_candidates, plan_branches
+from mirror_sd.runtime.draft_engine import Draft, DraftEngine, Rollout
+from mirror_sd.runtime.pipelines import Pipeline
+from mirror_sd.runtime.tracing import Tracer
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    mode: str  # mirror | speculative | autoregressive
+    gamma: int  # γ
+    kappa: int  # κ
+    budget: int  # branches rolled out per round
+    reuse: bool
+    draft_timeout_s: float
+
+
+@dataclass
+class RoundLog:
+    accepted: int
+    committed: int  # tokens this round added (a + 1)
+    hit: bool | None  # None when no branches were rolled out
+    t_pre: float = 0.0
+    t_suf: float = 0.0
+    t_draft: float = 0.0  # draft busy time attributable to this round
+    exposed: float = 0.0  # draft time on the critical path
+    branches: int = 0
+
+
+@dataclass
+class RunState:
+    rounds: list[RoundLog] = field(default_factory=list)
+    fallback: str | None = None  # why the draft was dropped, if it was
+    draft_hung: bool = False
+
+
+class DraftFailed(Exception):
+    """Internal: the draft pipeline failed; the scheduler falls back to target-only."""
+
+
+class VerificationScheduler:
+    def __init__(
+        self,
+        target: SplitRunner,
+        target_pipe: Pipeline,
+        draft: DraftEngine | None,
+        draft_pipe: Pipeline | None,
+        settings: RoundSettings,
+        sampling: Sampling,
+        verify_gen: torch.Generator,
+        tracer: Tracer,
+    ):
+        self.target, self.tp = target, target_pipe
+        self.draft, self.dp = draft, draft_pipe
+        self.s = settings
+        self.sampling = sampling
+        self.gen = verify_gen
+        self.tracer = tracer
+        self.state = RunState()
+
+    # --- public -------------------------------------------------------------------------
+    def run(
+        self, prompt: list[int], max_new_tokens: int, done: Callable[[list[int]], bool]
+    ) -> Iterator[list[int]]:
+        """Yield the tokens committed by each round until `done(new_tokens)` or the budget."""
+        committed = list(prompt)
+        self._prefill(committed)
+        block: Draft | None = None
+        produced: list[int] = []
+        while len(produced) < max_new_tokens:
+            new, block = self._round(committed, block)
+            new = new[: max_new_tokens - len(produced)]
+            committed += new
+            produced += new
+            self.tracer.counter("tokens", self.tracer.now(), committed=len(produced))
+            yield new
+            if done(produced):
+                return
+
+    # --- phases -------------------------------------------------------------------------
+    def _prefill(self, committed: list[int]) -> None:
+        """Target caches x_1..x_{n-1}; x_n opens the first block."""
+        self.target.rollback(0)
+        if len(committed) > 1:
+            ids = torch.tensor([committed[:-1]])
+            pos = torch.arange(len(committed) - 1).unsqueeze(0)
+            self.tp.submit(self.tracer, "target.prefill", self.target.forward, ids, pos,
+                           causal_mask(0, ids.shape[1])).result()  # fmt: skip
+
+    def _draft_alive(self) -> bool:
+        return (
+            self.draft is not None
+            and self.state.fallback is None
+            and self.s.mode != "autoregressive"
+        )
+
+    def _fail(self, why: str, hung: bool = False) -> None:
+        self.state.fallback = why
+        self.state.draft_hung = hung
+        t = self.tracer.now()
+        self.tracer.instant(
+            self.dp.device, self.dp.name, "draft failed: target-only fallback", t, why=why
+        )
+        warnings.warn(
+            f"draft device failed ({why}); continuing target-only, output unchanged", stacklevel=3
+        )
+
+    def _draft_result(self, fut):
+        try:
+            return fut.result(timeout=self.s.draft_timeout_s)
+        except FutureTimeout:
+            self._fail(f"draft step exceeded draft_timeout_s={self.s.draft_timeout_s}", hung=True)
+        except Exception as exc:  # any device error: the output must not depend on it
+            self._fail(f"{type(exc).__name__}: {exc}")
+        raise DraftFailed
+
+    def _verify(self, d: list[int], q: torch.Tensor | None, logits: torch.Tensor) -> Verdict:
+        if self.sampling.greedy:
+            return verify_greedy(d, logits)
+        return verify_sampling(d, q, probs(logits, self.sampling), self.gen)
+
+    def _round(self, committed: list[int], block: Draft | None) -> tuple[list[int], Draft | None]:
+        log = RoundLog(0, 0, None)
+        if self._draft_alive() and block is None:
+            t0 = self.tracer.now()
+            fut = self.dp.submit(
+                self.tracer, "draft.chain", self.draft.draft_chain, committed, self.s.gamma
+            )
+            try:
+                block = self._draft_result(fut)
+            except DraftFailed:
+                block = None
+            log.t_draft = log.exposed = self.tracer.now() - t0
+        if block is None:
+            block = Draft([], None)
+        if self.s.mode == "mirror" and block.tokens and self._draft_alive():
+            new, nxt = self._mirror_round(committed, block, log)
+        else:
+            new, nxt = self._plain_round(committed, block, log), None
+        self.state.rounds.append(log)
+        self.tracer.counter("accepted", self.tracer.now(), accepted=log.accepted)
+        return new, nxt
+
+    def _block_inputs(self, committed: list[int], d: list[int]):
+        n = len(committed)
+        ids = torch.tensor([[committed[-1], *d]])  # (1, γ + 1)
+        pos = torch.arange(n - 1, n + len(d)).unsqueeze(0)
+        return ids, pos, causal_mask(n - 1, len(d) + 1)
+
+    def _commit_target(
+        self, committed: list[int], v: Verdict, d: list[int], log: RoundLog
+    ) -> list[int]:
+        self.target.rollback(len(committed) + v.accepted)  # keep x_n, d_1..d_a
+        log.accepted, log.committed = v.accepted, v.accepted + 1
+        return [*d[: v.accepted], v.correction]
+
+    def _plain_round(self, committed: list[int], block: Draft, log: RoundLog) -> list[int]:
+        """Target-only (γ = 0) or vanilla speculative verification: one full target forward."""
+        ids, pos, mask = self._block_inputs(committed, block.tokens)
+        t0 = self.tracer.now()
+        logits = self.tp.submit(
+            self.tracer, "target.verify", self.target.forward, ids, pos, mask
+        ).result()
+        log.t_suf = self.tracer.now() - t0
+        return self._commit_target(
+            committed, self._verify(block.tokens, block.q, logits), block.tokens, log
+        )
+
+    def _mirror_round(self, committed: list[int], block: Draft, log: RoundLog):
+        d = block.tokens
+        ids, pos, mask = self._block_inputs(committed, d)
+        t0 = self.tracer.now()
+
+        def prefix_and_exit():
+            h = self.target.forward_prefix(ids, pos, mask)  # (1, γ + 1, D)
+            return h, exit_candidates(self.target.exit_logits(h), self.s.kappa)
+
+        hidden, (cand_ids, cand_p) = self.tp.submit(
+            self.tracer, "target.prefix+exit_head", prefix_and_exit
+        ).result()
+        t1 = self.tracer.now()
+        log.t_pre = t1 - t0
+        branches = plan_branches(d, cand_ids, cand_p, self.s.budget)
+        log.branches = len(branches)
+        suffix = self.tp.submit(
+            self.tracer, "target.suffix", self.target.forward_suffix, hidden, pos, mask
+        )
+        rollout = self.dp.submit(
+            self.tracer, "draft.rollout", self.draft.rollout, committed, d, branches, self.s.gamma
+        )
+        self.tracer.flow(
+            "token channel", (self.tp.device, self.tp.name, t1), (self.dp.device, self.dp.name, t1)
+        )
+        logits = suffix.result()
+        t2 = self.tracer.now()
+        log.t_suf = t2 - t1
+        verdict = self._verify(d, block.q, logits)
+        new = self._commit_target(committed, verdict, d, log)
+        try:
+            rollouts: list[Rollout] = self._draft_result(rollout)
+        except DraftFailed:
+            return new, None
+        r_start, r_end = rollout.span
+        log.t_draft += r_end - r_start
+        log.exposed += max(0.0, r_end - suffix.span[1])
+        t3 = max(r_end, t2)
+        hit = next(
+            (
+                r
+                for r in rollouts
+                if (r.branch.depth, r.branch.token) == (verdict.accepted, verdict.correction)
+            ),
+            None,
+        )
+        log.hit = hit is not None
+        self.tracer.flow(
+            "rendezvous", (self.dp.device, self.dp.name, t3), (self.tp.device, self.tp.name, t3)
+        )
+        if hit is None or not self.s.reuse:
+            return new, None
+        self.draft.commit_branch(len(committed), verdict.accepted, hit)
+        return new, hit.draft

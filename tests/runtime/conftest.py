@@ -1,0 +1,53 @@
+"""Runtime fixtures: plans over tiny random models on two torch CPU "devices"."""
+
+from __future__ import annotations
+
+import pytest
+
+from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
+from mirror_sd.graphs.loader import load_model
+from mirror_sd.partition.spec_config import SpecConfig
+from mirror_sd.runtime.plan import DeviceSlot, Plan
+from tests.conftest import make_tiny, save_tiny
+
+
+class IdTokenizer:
+    """Decodes ids as space-separated numbers; no chat template, no EOS."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f" {i}" for i in ids)
+
+
+def tiny_model(tmp_path, family="qwen2", seed=0, **overrides):
+    folder = tmp_path / f"{family}-{seed}-{abs(hash(tuple(sorted(overrides.items()))))}"
+    return load_model(save_tiny(make_tiny(family, seed=seed, **overrides), folder))
+
+
+def make_plan(target, draft, exit_layer=2, max_len=512, draft_runner=None, **spec) -> Plan:
+    spec.setdefault("branch_budget", 8)
+    cfg = SpecConfig(exit_layer=exit_layer, max_len=max_len, **spec)
+    return Plan(
+        target=TorchRunner(target, TorchDevice(), max_len, exit_layer=exit_layer),
+        target_device=DeviceSlot("gpu", "torch cpu"),
+        draft=draft_runner
+        or (TorchRunner(draft, TorchDevice(), max_len, name="draft") if draft else None),
+        draft_device=DeviceSlot("npu", "torch cpu") if (draft or draft_runner) else None,
+        tokenizer=IdTokenizer(),
+        spec=cfg,
+    )
+
+
+@pytest.fixture
+def plan_factory():
+    plans = []
+
+    def factory(*args, **kwargs):
+        plans.append(make_plan(*args, **kwargs))
+        return plans[-1]
+
+    yield factory
+    for p in plans:
+        p.close()
