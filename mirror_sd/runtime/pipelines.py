@@ -29,18 +29,29 @@ class Pipeline:
         Once done, the future's `span` attribute holds the run's (start, end) in tracer time.
         """
 
-        def task():
+        fut: Future = Future()
+
+        def task() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
             start = tracer.now()
             try:
-                return fn(*args, **kwargs)
-            finally:
-                end = tracer.now()
-                fut.span = (start, end)
-                self.busy_s += end - start
-                tracer.slice(self.device, self.name, node, start, end)
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the waiting scheduler, never swallowed
+                self._finish(fut, tracer, node, start)
+                fut.set_exception(exc)
+            else:
+                self._finish(fut, tracer, node, start)
+                fut.set_result(result)
 
-        fut = self.pool.submit(task)
+        self.pool.submit(task)
         return fut
+
+    def _finish(self, fut: Future, tracer: Tracer, node: str, start: float) -> None:
+        end = tracer.now()
+        fut.span = (start, end)
+        self.busy_s += end - start
+        tracer.slice(self.device, self.name, node, start, end)
 
     def close(self, wait: bool = True) -> None:
         self.pool.shutdown(wait=wait, cancel_futures=True)

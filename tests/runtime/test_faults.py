@@ -1,0 +1,96 @@
+"""A failing draft device never changes or loses output; threads never leak."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
+from mirror_sd.runtime.autoregressive import greedy_decode
+from mirror_sd.runtime.plan import PlanBusyError
+from tests.runtime.conftest import tiny_model
+
+
+class FaultyRunner(TorchRunner):
+    """A real draft runner that misbehaves from its `after`-th forward on."""
+
+    def __init__(self, model, fault, after=3, hang_s=1.0):
+        super().__init__(model, TorchDevice(), 512, name="draft")
+        self.fault, self.after, self.calls, self.hang_s = fault, after, 0, hang_s
+
+    def forward(self, ids, position_ids, mask):
+        self.calls += 1
+        if self.calls >= self.after:
+            if self.fault == "raise":
+                raise RuntimeError("NPU driver lost the device")
+            if self.fault == "hang":
+                time.sleep(self.hang_s)
+            if self.fault == "malformed":
+                return torch.full((ids.shape[1], self.vocab_size), float("nan"))
+        return super().forward(ids, position_ids, mask)
+
+
+@pytest.fixture
+def models(tmp_path):
+    return tiny_model(tmp_path, "qwen2", seed=0, num_hidden_layers=4), tiny_model(
+        tmp_path, "qwen2", seed=1, num_hidden_layers=2
+    )
+
+
+@pytest.mark.parametrize("fault", ["raise", "hang", "malformed"])
+@pytest.mark.parametrize("mode", ["speculative", "mirror"])
+def test_draft_failure_falls_back_to_target_only(models, plan_factory, tmp_path, fault, mode):
+    target, draft = models
+    runner = FaultyRunner(draft, fault, after=4)
+    plan = plan_factory(target, None, draft_runner=runner, mode=mode, draft_timeout_s=0.3)
+    prompt = [5, 6, 7, 8]
+    trace = tmp_path / "trace.json"
+    with pytest.warns(UserWarning, match="target-only"):
+        res = plan.generate(prompt, 24, trace=str(trace))
+    assert res.tokens == greedy_decode(target, prompt, 24)
+    assert res.stats.fallback and (fault != "hang" or "draft_timeout_s" in res.stats.fallback)
+    assert "draft failed" in trace.read_text()
+    if fault == "hang":  # a hung device is never used again by this plan
+        assert plan.draft_disabled
+        again = plan.generate(prompt, 8)
+        assert again.tokens == greedy_decode(target, prompt, 8) and again.stats.draft_device is None
+        time.sleep(runner.hang_s)
+
+
+def test_no_thread_leak_over_100_generations(models, plan_factory):
+    target, draft = models
+    plan = plan_factory(target, draft, mode="mirror")
+    plan.generate([1, 2, 3], 4)
+    before = threading.active_count()
+    for i in range(100):
+        plan.generate([1, 2, 3, i % 90], 4)
+    assert threading.active_count() == before
+    plan.close()
+    assert not any(t.name.startswith("mirror-sd-") for t in threading.enumerate())
+
+
+def test_cancelled_stream_stops_both_pipelines(models, plan_factory):
+    target, draft = models
+    plan = plan_factory(target, draft, mode="mirror")
+    stream = plan.stream([1, 2, 3], 200)
+    first = next(stream)
+    assert first
+    stream.close()  # the round in flight completes; no further work is queued
+    busy = plan.target_pipe.busy_s, plan.draft_pipe.busy_s
+    time.sleep(0.2)
+    assert (plan.target_pipe.busy_s, plan.draft_pipe.busy_s) == busy
+    assert plan.last_result.tokens and len(plan.last_result.tokens) < 200
+    # the plan is free again and produces the same tokens as before
+    assert plan.generate([1, 2, 3], 8).tokens == greedy_decode(target, [1, 2, 3], 8)
+
+
+def test_concurrent_generate_is_rejected(models, plan_factory):
+    target, draft = models
+    plan = plan_factory(target, draft, mode="mirror")
+    stream = plan.stream([1, 2, 3], 50)
+    next(stream)
+    with pytest.raises(PlanBusyError, match="one generation at a time"):
+        plan.generate([4, 5, 6], 4)
+    stream.close()
+    assert plan.generate([4, 5, 6], 4).tokens == greedy_decode(target, [4, 5, 6], 4)
