@@ -41,3 +41,31 @@ def tiny_hf(request, tmp_path):
     """(family, transformers model, saved folder) for each supported family."""
     model = make_tiny(request.param)
     return request.param, model, save_tiny(model, tmp_path / request.param)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def make_tokenizer(vocab_size: int = 97):
+    """A word-level tokenizer of exactly `vocab_size` entries with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    words = [f"w{i}" for i in range(vocab_size - len(special))]
+    vocab = {t: i for i, t in enumerate(special + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_tiny_with_tokenizer(model, folder: Path) -> Path:
+    """A complete local HF folder: weights, config and a tokenizer (what compile() takes)."""
+    save_tiny(model, folder)
+    make_tokenizer(model.config.vocab_size).save_pretrained(folder)
+    return folder

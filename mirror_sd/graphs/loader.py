@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from mirror_sd.graphs.config import ModelConfig, load_config
 from mirror_sd.graphs.model import CausalLM
@@ -86,6 +86,19 @@ def load_model(folder: str | Path, dtype: str | torch.dtype = "float32") -> Caus
     return build_model(cfg, load_state_dict(folder), parse_dtype(dtype))
 
 
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
-    """The folder's tokenizer (chat template included)."""
-    return AutoTokenizer.from_pretrained(Path(folder))
+    """The folder's tokenizer (chat template included).
+
+    A folder whose tokenizer_config.json names the generic `tokenizers` backend gets exactly
+    that class: AutoTokenizer would otherwise pick the model family's class by config.json
+    and re-interpret tokenizer.json with that family's pre-tokenizer.
+    """
+    folder = Path(folder)
+    cfg_file = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    if cfg.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES:
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)

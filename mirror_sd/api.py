@@ -1,0 +1,298 @@
+"""The public API: `compile()` a Hugging Face causal LM (+ draft) into a dual-device `Plan`,
+and `load()` a saved one.
+
+compile = resolve models -> check tokenizers -> graph -> placement (device map) ->
+devices (torch target, ONNX Runtime or torch draft; export cached) -> profile + choose
+(ℓe, κ, γ, branch budget) when the map says `auto` -> Plan.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mirror_sd.devices.ort_device import OrtDevice, OrtRunner
+from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
+from mirror_sd.graphs import zoo
+from mirror_sd.graphs.config import load_config
+from mirror_sd.graphs.export import export_cached, source_identity
+from mirror_sd.graphs.loader import load_model, load_tokenizer
+from mirror_sd.graphs.model_graph import ModelGraph
+from mirror_sd.partition import (
+    DeviceMap,
+    DeviceMapError,
+    OrtSpec,
+    Profile,
+    SpecConfig,
+    TorchSpec,
+    choose,
+    load_device_map,
+    place,
+)
+from mirror_sd.runtime.plan import DeviceSlot, Plan
+from mirror_sd.runtime.profiling import CALIBRATION_TEXT, profile
+
+PLAN_VERSION = 1
+
+
+class TokenizerMismatchError(ValueError):
+    """The draft does not share the target's tokenizer, so its tokens mean something else."""
+
+
+def default_device_map() -> DeviceMap:
+    """The packaged default: target on torch CPU, draft on ONNX Runtime CPU, one core each."""
+    text = resources.files("mirror_sd.device_maps").joinpath("default.yaml").read_text()
+    return load_device_map(text)
+
+
+def _check_tokenizers(t_tok, d_tok, target: str, draft: str) -> None:
+    tv, dv = t_tok.get_vocab(), d_tok.get_vocab()
+    if tv != dv:
+        diff = sorted(set(tv.items()) ^ set(dv.items()))[:3]
+        raise TokenizerMismatchError(
+            f"draft {draft!r} has a different tokenizer than target {target!r} "
+            f"(vocab {len(dv)} vs {len(tv)} entries; e.g. {diff}); speculative decoding needs "
+            "the same tokenizer: pick a draft from the target's model family"
+        )
+
+
+def _alias_of(dm: DeviceMap, assignment: dict[str, str], prefix: str) -> str:
+    aliases = {a for n, a in assignment.items() if n.startswith(prefix + ".")}
+    if len(aliases) != 1:
+        raise DeviceMapError(
+            "placement",
+            f"all {prefix}.* nodes must be on one device in schema v1, got {sorted(aliases)}",
+            dm.source,
+        )
+    return aliases.pop()
+
+
+def _torch_device(spec) -> TorchDevice:
+    if not isinstance(spec, TorchSpec):
+        raise DeviceMapError(
+            f"devices.{spec.alias}",
+            f"the target needs a torch device in this version, got backend {spec.backend!r}",
+        )
+    return TorchDevice(spec.device, spec.threads, spec.dtype)
+
+
+def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path):
+    """(runner, label) for the draft on its device; an ORT device gets the exported draft."""
+    if isinstance(spec, TorchSpec):
+        dev = _torch_device(spec)
+        return (
+            TorchRunner(load_model(folder, spec.dtype), dev, max_len, name="draft"),
+            dev.describe(),
+            None,
+        )
+    if isinstance(spec, OrtSpec):
+        dev = OrtDevice(
+            spec.providers,
+            spec.intra_op_threads,
+            spec.inter_op_threads,
+            spec.optimization_level,
+            spec.allow_fallback,
+        )
+        dev.check()
+        model = load_model(folder, "float32")
+        quant = None if spec.quantize == "none" else spec.quantize
+        path = export_cached(model, onnx_dir, source_identity(folder), quantize=quant)
+        del model
+        runner = OrtRunner(path, dev, max_len, name="draft", alias=spec.alias)
+        label = f"onnxruntime {runner.session.get_providers()[0]}"
+        return runner, label, path
+    raise DeviceMapError(
+        f"devices.{spec.alias}",
+        f"backend {spec.backend!r} cannot run a draft in a live plan; sim devices are for `mirror-sd bench --simulate`",
+    )
+
+
+def compile(
+    target: str | Path,
+    draft: str | Path | None = None,
+    device_map: str | Path | dict | DeviceMap | None = None,
+    *,
+    cache: str | Path | None = None,
+    onnx_dir: str | Path | None = None,
+    profile_data: Profile | None = None,
+    **speculation: Any,
+) -> Plan:
+    """Compile `target` (+ `draft`) into a dual-device `Plan`.
+
+    Args:
+        target, draft: a known model name (`mirror-sd models list`) or a local HF folder.
+        device_map: a YAML path/text, a dict, a `DeviceMap`, or None for the default
+            (torch CPU target + ONNX Runtime CPU draft, one core each).
+        cache: the model cache folder (default $MIRROR_SD_CACHE or ~/.cache/mirror-sd).
+        onnx_dir: where exported draft stages are cached (default <cache>/onnx).
+        profile_data: a measured `Profile` to use instead of profiling now.
+        **speculation: `SpecConfig` fields overriding the map's `speculation:` section.
+    Raises:
+        DeviceMapError / PlacementError: the map is malformed or does not fit the models.
+        TokenizerMismatchError: the draft's tokenizer differs from the target's.
+        ProviderUnavailableError: an execution provider is missing here.
+    """
+    dm = (
+        device_map
+        if isinstance(device_map, DeviceMap)
+        else (load_device_map(device_map) if device_map is not None else default_device_map())
+    )
+    spec = dm.speculation.with_(**speculation)
+    t_folder = zoo.resolve_model(target, cache=cache)
+    d_folder = zoo.resolve_model(draft, cache=cache) if draft is not None else None
+    t_tok = load_tokenizer(t_folder)
+    t_cfg = load_config(t_folder)
+    graphs = [
+        ModelGraph.from_config(
+            t_cfg,
+            "target",
+            exit_layer=spec.exit_layer if isinstance(spec.exit_layer, int) else None,
+        )
+    ]
+    if d_folder is not None:
+        _check_tokenizers(t_tok, load_tokenizer(d_folder), str(target), str(draft))
+        graphs.append(ModelGraph.from_config(load_config(d_folder), "draft"))
+    graph = ModelGraph.compose(*graphs)
+    placement = place(graph, _with_spec(dm, spec))
+    assignment = dict(placement.assignment)
+    t_alias = _alias_of(dm, assignment, "target")
+    t_dev = _torch_device(dm.devices[t_alias])
+    t_dev.check()
+    if t_dev.threads:
+        torch.set_num_threads(t_dev.threads)
+    t_model = load_model(t_folder, t_dev.dtype)
+    exit_layer = (
+        spec.exit_layer if isinstance(spec.exit_layer, int) else max(1, t_cfg.num_layers // 2)
+    )
+    t_runner = TorchRunner(t_model, t_dev, spec.max_len, exit_layer=exit_layer)
+    d_runner = d_label = onnx_path = d_alias = None
+    if d_folder is not None:
+        d_alias = _alias_of(dm, assignment, "draft")
+        onnx_root = Path(onnx_dir) if onnx_dir else zoo.cache_dir(cache) / "onnx"
+        d_runner, d_label, onnx_path = _draft_runner(
+            dm.devices[d_alias], d_folder, spec.max_len, onnx_root
+        )
+    choice = None
+    if d_runner is not None and "auto" in (spec.exit_layer, spec.branch_budget):
+        ids = t_tok(CALIBRATION_TEXT)["input_ids"]
+        prof = profile_data or profile(t_runner, d_runner, ids, max_block=spec.num_draft_tokens + 1,
+                                       description=f"{target} <- {draft}")  # fmt: skip
+        choice = choose(prof, spec)
+        spec = choice.spec
+        t_runner.exit_layer = spec.exit_layer
+    elif spec.branch_budget == "auto" or spec.exit_layer == "auto":
+        spec = spec.with_(exit_layer=exit_layer, branch_budget=8)
+    gen_cfg_file = t_folder / "generation_config.json"
+    info = {
+        "target": str(t_folder), "draft": str(d_folder) if d_folder else None,
+        "device_map": _with_spec(dm, spec).to_dict(), "graph": graph, "placement": placement,
+        "choice": choice, "profile": choice and prof, "onnx": str(onnx_path) if onnx_path else None,
+        "draft_placement": getattr(d_runner, "placement", None),
+    }  # fmt: skip
+    return Plan(
+        target=t_runner,
+        target_device=DeviceSlot(t_alias, t_dev.describe()),
+        draft=d_runner,
+        draft_device=DeviceSlot(d_alias, d_label) if d_runner is not None else None,
+        tokenizer=t_tok,
+        spec=spec,
+        generation_config=json.loads(gen_cfg_file.read_text()) if gen_cfg_file.is_file() else None,
+        target_threads=t_dev.threads,
+        info=info,
+    )
+
+
+def _with_spec(dm: DeviceMap, spec: SpecConfig) -> DeviceMap:
+    return DeviceMap(dm.devices, dm.placement, spec, dm.source)
+
+
+def save(plan: Plan, folder: str | Path) -> Path:
+    """Write plan.yaml (fully expanded), graph.json, profile.json and the ONNX draft files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = plan.info
+    onnx_rel = None
+    if info.get("onnx"):
+        src = Path(info["onnx"]).parent
+        dst = folder / "onnx" / src.name
+        if not dst.exists():
+            shutil.copytree(src, dst)
+        onnx_rel = str(Path("onnx") / src.name / "model.onnx")
+    doc = {
+        "version": PLAN_VERSION,
+        "target": info["target"],
+        "draft": info["draft"],
+        "onnx": onnx_rel,
+        "device_map": _with_spec(load_device_map(info["device_map"]), plan.spec).to_dict(),
+    }
+    (folder / "plan.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    info["graph"].save(folder / "graph.json")
+    if info.get("profile"):
+        info["profile"].save(folder / "profile.json")
+    if info.get("choice"):
+        (folder / "choice.txt").write_text(info["choice"].explain() + "\n")
+    return folder
+
+
+def load(folder: str | Path) -> Plan:
+    """Rebuild a plan saved with `save()`: same models, device map and chosen settings, the
+    saved ONNX files reused (no export, no profiling)."""
+    folder = Path(folder)
+    doc = yaml.safe_load((folder / "plan.yaml").read_text())
+    if not isinstance(doc, dict) or doc.get("version") != PLAN_VERSION:
+        raise ValueError(f"{folder}/plan.yaml: not a mirror-sd plan of version {PLAN_VERSION}")
+    plan = compile(doc["target"], doc["draft"], doc["device_map"], onnx_dir=folder / "onnx")
+    plan.info["profile"] = (
+        Profile.load(folder / "profile.json") if (folder / "profile.json").is_file() else None
+    )
+    return plan
+
+
+def describe(plan: Plan) -> str:
+    """A table: stage | device | EP actually used | params MB | measured ms; then the choice."""
+    info, spec = plan.info, plan.spec
+    graph, placement = info["graph"], info["placement"]
+    prof: Profile | None = info.get("profile")
+    le = plan.target.exit_layer
+    n = plan.target.model.num_layers
+    groups = [
+        ("target.embed", ["target.embed"]),
+        (f"target.layers.[0-{le}) prefix", [f"target.layers.{i}" for i in range(le)]),
+        (f"target.layers.[{le}-{n}) suffix", [f"target.layers.{i}" for i in range(le, n)]),
+        ("target.norm + lm_head (+ exit head)", ["target.norm", "target.lm_head"]),
+    ]
+    if plan.draft is not None:
+        groups.append(("draft (all stages)", [s for s in graph.names() if s.startswith("draft.")]))
+    t_block = prof.target(spec.num_draft_tokens + 1) if prof else None
+    ms = {
+        groups[1][0]: t_block * le / n if t_block else None,
+        groups[2][0]: t_block * (n - le) / n if t_block else None,
+        "draft (all stages)": prof.draft(1) if prof else None,
+    }
+    rows = [("stage", "device", "EP actually used", "params MB", "measured ms")]
+    for label, nodes in groups:
+        alias = placement.assignment[nodes[0]]
+        mb = sum(graph.stage(s).param_bytes for s in nodes) / 2**20
+        ep = plan.draft_device.label if label.startswith("draft") else plan.target_device.label
+        t = ms.get(label)
+        rows.append((label, alias, ep, f"{mb:.1f}", f"{t * 1e3:.1f}" if t else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.append("")
+    lines.append(f"speculation: {json.dumps(asdict(spec))}")
+    if info.get("draft_placement"):
+        lines.append(f"draft placement: {info['draft_placement']}")
+    for edge in placement.cut_edges():
+        lines.append(f"cut edge {edge.src} -> {edge.dst}: {edge.bytes_per_round} bytes/round")
+    if info.get("choice"):
+        lines.append(info["choice"].explain())
+    if plan.draft_disabled:
+        lines.append(f"draft DISABLED: {plan.draft_disabled}")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""`profile()`: measure the costs the partitioner needs on the actual devices.
+
+t_T(n) of the target, t_d(b) of the draft, the exit head's time, the logit-lens
+agreement of the exit head at candidate exit layers, and the draft's teacher-forced
+agreement with the target (an estimate of the per-token acceptance α), all on a short
+calibration text that is not Spec-Bench.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from mirror_sd.devices.base import ModelRunner
+from mirror_sd.devices.torch_device import TorchRunner
+from mirror_sd.graphs.masks import causal_mask
+from mirror_sd.partition.cost_model import Profile
+
+CALIBRATION_TEXT = (
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
+    "    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+    "The river runs past the old mill, where the children of the village gather every "
+    "evening to watch the boats return with the day's catch. "
+)
+
+
+def _median_time(fn: Callable[[], object], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _time_rows(runner: ModelRunner, context: int, rows: int, reps: int) -> float:
+    """Median time of one forward of `rows` new rows after `context` cached rows."""
+    ids = torch.zeros(1, rows, dtype=torch.long)
+    pos = torch.arange(context, context + rows).unsqueeze(0)
+    mask = causal_mask(context, rows)
+
+    runner.rollback(0)
+    runner.forward(torch.zeros(1, context, dtype=torch.long), torch.arange(context).unsqueeze(0),
+                   causal_mask(0, context))  # fmt: skip
+
+    def once():
+        runner.rollback(context)
+        runner.forward(ids, pos, mask)
+
+    for _ in range(2):  # warm-up (first-call allocations, ORT arena growth)
+        once()
+    return _median_time(once, reps)
+
+
+@torch.inference_mode()
+def agreement_by_layer(
+    target: TorchRunner, ids: Sequence[int], layers: Sequence[int]
+) -> dict[int, float]:
+    """Top-1 agreement of the exit head (final norm + LM head) at each ℓe with the final layer,
+    teacher-forced over `ids` (the logit lens)."""
+    model = target.model
+    cache = model.new_cache(len(ids))
+    t = torch.tensor([list(ids)], device=target.device.device)
+    pos = torch.arange(len(ids), device=t.device).unsqueeze(0)
+    mask = causal_mask(0, len(ids)).to(t.device)
+    x, early = model.embed(t), {}
+    for i in range(model.num_layers):
+        x = model.run_layers(i, i + 1, x, pos, mask, cache)
+        if i + 1 in layers:
+            early[i + 1] = model.head(x)[0].argmax(-1)
+    final = model.head(x)[0].argmax(-1)
+    return {layer: float((early[layer] == final).float().mean()) for layer in sorted(early)}
+
+
+def teacher_forced_agreement(target: ModelRunner, draft: ModelRunner, ids: Sequence[int]) -> float:
+    """Fraction of positions where the draft's argmax equals the target's (an α estimate)."""
+    n = len(ids)
+    t, pos, mask = torch.tensor([list(ids)]), torch.arange(n).unsqueeze(0), causal_mask(0, n)
+    target.rollback(0)
+    draft.rollback(0)
+    a = target.forward(t, pos, mask).argmax(-1)
+    b = draft.forward(t, pos, mask).argmax(-1)
+    target.rollback(0)
+    draft.rollback(0)
+    return float((a == b).float().mean())
+
+
+def profile(
+    target: TorchRunner,
+    draft: ModelRunner,
+    calibration_ids: Sequence[int],
+    max_block: int = 9,
+    draft_rows: Sequence[int] = (1, 2, 4, 8, 16),
+    context: int = 128,
+    reps: int = 3,
+    candidate_layers: Sequence[int] | None = None,
+    description: str = "",
+) -> Profile:
+    """Measure a `Profile` on the runners' real devices (each runner is left empty)."""
+    n_layers = target.model.num_layers
+    context = min(context, target.max_len - max_block, draft.max_len - max(draft_rows))
+    t_target = {n: _time_rows(target, context, n, reps) for n in range(1, max_block + 1)}
+    t_draft = {b: _time_rows(draft, context, b, reps) for b in draft_rows}
+    target.rollback(0)
+    draft.rollback(0)
+    hidden = torch.zeros(1, max_block, target.model.config.hidden_size)
+    t_exit = _median_time(lambda: target.exit_logits(hidden), reps)
+    layers = candidate_layers or range(max(1, n_layers // 4), n_layers)
+    return Profile(
+        num_layers=n_layers,
+        t_target=t_target,
+        t_draft=t_draft,
+        t_exit_head=t_exit,
+        accept_rate=teacher_forced_agreement(target, draft, calibration_ids),
+        hit_rate_by_exit_layer=agreement_by_layer(target, calibration_ids, list(layers)),
+        description=description,
+    )
