@@ -40,6 +40,7 @@ from mirror_sd.runtime.plan import DeviceSlot, Plan
 from mirror_sd.runtime.profiling import CALIBRATION_TEXT, profile
 
 PLAN_VERSION = 1
+DEFAULT_BUDGET_WITHOUT_PROFILE = 8  # branch budget when there is no draft to profile
 
 
 class TokenizerMismatchError(ValueError):
@@ -147,53 +148,49 @@ def compile(
     spec = dm.speculation.with_(**speculation)
     t_folder = zoo.resolve_model(target, cache=cache)
     d_folder = zoo.resolve_model(draft, cache=cache) if draft is not None else None
-    t_tok = load_tokenizer(t_folder)
-    t_cfg = load_config(t_folder)
-    graphs = [
-        ModelGraph.from_config(
-            t_cfg,
-            "target",
-            exit_layer=spec.exit_layer if isinstance(spec.exit_layer, int) else None,
-        )
-    ]
+    t_tok, t_cfg, d_cfg = load_tokenizer(t_folder), load_config(t_folder), None
     if d_folder is not None:
         _check_tokenizers(t_tok, load_tokenizer(d_folder), str(target), str(draft))
-        graphs.append(ModelGraph.from_config(load_config(d_folder), "draft"))
-    graph = ModelGraph.compose(*graphs)
-    placement = place(graph, _with_spec(dm, spec))
-    assignment = dict(placement.assignment)
-    t_alias = _alias_of(dm, assignment, "target")
+        d_cfg = load_config(d_folder)
+    auto = "auto" in (spec.exit_layer, spec.branch_budget)
+    exit_layer = (
+        spec.exit_layer if isinstance(spec.exit_layer, int) else max(1, t_cfg.num_layers // 2)
+    )
+    graph = _graph(t_cfg, d_cfg, exit_layer)
+    placement = place(graph, _with_spec(dm, spec))  # validates the map before any heavy work
+    t_alias = _alias_of(dm, placement.assignment, "target")
     t_dev = _torch_device(dm.devices[t_alias])
     t_dev.check()
     if t_dev.threads:
         torch.set_num_threads(t_dev.threads)
-    t_model = load_model(t_folder, t_dev.dtype)
-    exit_layer = (
-        spec.exit_layer if isinstance(spec.exit_layer, int) else max(1, t_cfg.num_layers // 2)
+    t_runner = TorchRunner(
+        load_model(t_folder, t_dev.dtype), t_dev, spec.max_len, exit_layer=exit_layer
     )
-    t_runner = TorchRunner(t_model, t_dev, spec.max_len, exit_layer=exit_layer)
     d_runner = d_label = onnx_path = d_alias = None
     if d_folder is not None:
-        d_alias = _alias_of(dm, assignment, "draft")
+        d_alias = _alias_of(dm, placement.assignment, "draft")
         onnx_root = Path(onnx_dir) if onnx_dir else zoo.cache_dir(cache) / "onnx"
         d_runner, d_label, onnx_path = _draft_runner(
             dm.devices[d_alias], d_folder, spec.max_len, onnx_root
         )
-    choice = None
-    if d_runner is not None and "auto" in (spec.exit_layer, spec.branch_budget):
+    choice = prof = None
+    if d_runner is not None and auto:
         ids = t_tok(CALIBRATION_TEXT)["input_ids"]
         prof = profile_data or profile(t_runner, d_runner, ids, max_block=spec.num_draft_tokens + 1,
                                        description=f"{target} <- {draft}")  # fmt: skip
         choice = choose(prof, spec)
         spec = choice.spec
+    elif auto:  # no draft: nothing to tune
+        spec = spec.with_(exit_layer=exit_layer, branch_budget=DEFAULT_BUDGET_WITHOUT_PROFILE)
+    if spec.exit_layer != exit_layer:
         t_runner.exit_layer = spec.exit_layer
-    elif spec.branch_budget == "auto" or spec.exit_layer == "auto":
-        spec = spec.with_(exit_layer=exit_layer, branch_budget=8)
+        graph = _graph(t_cfg, d_cfg, spec.exit_layer)
+        placement = place(graph, _with_spec(dm, spec))
     gen_cfg_file = t_folder / "generation_config.json"
     info = {
         "target": str(t_folder), "draft": str(d_folder) if d_folder else None,
         "device_map": _with_spec(dm, spec).to_dict(), "graph": graph, "placement": placement,
-        "choice": choice, "profile": choice and prof, "onnx": str(onnx_path) if onnx_path else None,
+        "choice": choice, "profile": prof, "onnx": str(onnx_path) if onnx_path else None,
         "draft_placement": getattr(d_runner, "placement", None),
     }  # fmt: skip
     return Plan(
@@ -207,6 +204,13 @@ def compile(
         target_threads=t_dev.threads,
         info=info,
     )
+
+
+def _graph(t_cfg, d_cfg, exit_layer: int) -> ModelGraph:
+    graphs = [ModelGraph.from_config(t_cfg, "target", exit_layer=exit_layer)]
+    if d_cfg is not None:
+        graphs.append(ModelGraph.from_config(d_cfg, "draft"))
+    return ModelGraph.compose(*graphs)
 
 
 def _with_spec(dm: DeviceMap, spec: SpecConfig) -> DeviceMap:

@@ -1,68 +1,150 @@
-"""`mirror-sd` command line: models, generate, demo."""
+"""`mirror-sd` command line: models, compile, describe, generate, demo, trace."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
+from pathlib import Path
 
-DEFAULT_MODEL = "smollm2-135m"
-DEMO_PROMPT = "Write a Python function that checks whether a string is a palindrome."
+DEMO_TARGET, DEMO_DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
+DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number iteratively."
+SPEC_FLAGS = {  # CLI flag -> SpecConfig field
+    "mode": "mode",
+    "gamma": "num_draft_tokens",
+    "exit_layer": "exit_layer",
+    "kappa": "exit_top_k",
+    "branch_budget": "branch_budget",
+    "max_len": "max_len",
+}
+
+
+def _spec_overrides(args: argparse.Namespace) -> dict:
+    out = {}
+    for flag, field in SPEC_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out[field] = (
+                int(value)
+                if field in ("exit_layer", "branch_budget") and value != "auto"
+                else value
+            )
+    return out
 
 
 def _models(args: argparse.Namespace) -> int:
     from mirror_sd.graphs import zoo
 
     if args.models_cmd == "fetch":
-        path = zoo.fetch_model(args.name, cache=args.cache, progress=not args.quiet)
-        print(path)
-    else:
-        for m in zoo.list_models(cache=args.cache):
-            print(json.dumps(m))
+        print(zoo.fetch_model(args.name, cache=args.cache, progress=not args.quiet))
+        return 0
+    for m in zoo.list_models(cache=args.cache):
+        state = f"ready at {m['path']}" if m["materialized"] else "not fetched"
+        print(f"{m['name']:<22} {m['description'][:60]:<60} {state}")
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    import torch
+def _plan(args: argparse.Namespace):
+    import mirror_sd.api as api
 
-    from mirror_sd.graphs import zoo
-    from mirror_sd.graphs.loader import load_model, load_tokenizer
-    from mirror_sd.runtime.autoregressive import greedy_decode
-    from mirror_sd.runtime.prompts import check_fits, encode_prompt, eos_token_ids
-
-    torch.set_num_threads(args.threads)
-    folder = zoo.resolve_model(args.model, cache=args.cache)
-    model, tok = load_model(folder, dtype=args.dtype), load_tokenizer(folder)
-    gen_cfg = folder / "generation_config.json"
-    eos = eos_token_ids(tok, json.loads(gen_cfg.read_text()) if gen_cfg.is_file() else None)
-    ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
-    check_fits(len(ids), args.max_new_tokens, args.max_len)
-    t0 = time.perf_counter()
-    out = greedy_decode(model, ids, args.max_new_tokens, eos, max_len=args.max_len)
-    dt = time.perf_counter() - t0
-    print(tok.decode(out, skip_special_tokens=True))
-    print(
-        f"[{len(out)} tokens in {dt:.2f} s: {len(out) / dt:.2f} tokens/s incl. prefill of "
-        f"{len(ids)}; model {args.model}, {args.dtype}, {args.threads} thread(s)]",
-        file=sys.stderr,
+    if (Path(args.model) / "plan.yaml").is_file():
+        return api.load(args.model)
+    return api.compile(
+        args.model, args.draft, args.device_map, cache=args.cache, **_spec_overrides(args)
     )
+
+
+def _compile(args: argparse.Namespace) -> int:
+    import mirror_sd.api as api
+
+    with _plan(args) as plan:
+        api.save(plan, args.output)
+        print(api.describe(plan))
+    print(f"\nplan saved to {args.output}")
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    import mirror_sd.api as api
+
+    with api.load(args.plan) as plan:
+        print(api.describe(plan))
+    return 0
+
+
+def _run_generation(plan, args: argparse.Namespace, prompt: str) -> None:
+    kwargs = dict(seed=args.seed, trace=args.trace, chat=not args.no_chat)
+    if args.temperature is not None:
+        kwargs["temperature"] = args.temperature
+    if args.stop:
+        kwargs["stop_strings"] = args.stop
+    for piece in plan.stream(prompt, args.max_new_tokens, **kwargs):
+        print(piece, end="", flush=True)
+    print()
+    res = plan.last_result
+    print(f"[{res.stats.summary()}]", file=sys.stderr)
+    if res.trace_path:
+        print(f"[trace: {res.trace_path} — open in ui.perfetto.dev; "
+              f"summary: mirror-sd trace summarize {res.trace_path}]", file=sys.stderr)  # fmt: skip
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(res.stats.to_dict(), indent=1))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    with _plan(args) as plan:
+        _run_generation(plan, args, args.prompt)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    args.model, args.prompt = DEFAULT_MODEL, DEMO_PROMPT
-    return _generate(args)
+    import mirror_sd.api as api
+
+    args.model, args.draft, args.device_map = args.target, args.draft, args.device_map
+    print(f"[compiling {args.target} <- {args.draft} on the default device map "
+          "(torch CPU target + ONNX Runtime CPU draft, one core each)]", file=sys.stderr)  # fmt: skip
+    with _plan(args) as plan:
+        print(api.describe(plan), file=sys.stderr)
+        args.trace = args.trace or "mirror_sd_demo_trace.json"
+        _run_generation(plan, args, args.prompt)
+        mirror = plan.last_result
+        if not args.skip_check:
+            ar = plan.generate(
+                args.prompt, args.max_new_tokens, mode="autoregressive", chat=not args.no_chat
+            )
+            same = "yes" if ar.tokens == mirror.tokens else "NO (see docs/runtime.md on near-ties)"
+            print(f"[target-only on the same plan: {ar.stats.tokens_per_s:.2f} tok/s; mirror speedup "
+                  f"{mirror.stats.tokens_per_s / ar.stats.tokens_per_s:.2f}x; identical tokens: {same}]",
+                  file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from mirror_sd.runtime import trace_tools
+
+    return trace_tools.main_summarize(args.path, png=args.png)
+
+
+def _add_plan_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--draft", default=None, help="draft model (name or HF folder)")
+    p.add_argument("--device-map", default=None, help="YAML device map (default: cpu_cpu)")
+    p.add_argument("--mode", choices=["mirror", "speculative", "autoregressive"], default=None)
+    p.add_argument("--gamma", type=int, default=None, help="γ, draft tokens per round")
+    p.add_argument("--kappa", type=int, default=None, help="κ, exit candidates per position")
+    p.add_argument("--exit-layer", default=None, help="ℓe or 'auto'")
+    p.add_argument("--branch-budget", default=None, help="branches per round or 'auto'")
+    p.add_argument("--max-len", type=int, default=None, help="context length (KV cache rows)")
+    p.add_argument("--cache", default=None, help="model cache folder (default $MIRROR_SD_CACHE)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-len", type=int, default=2048, help="context length (KV cache rows)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    p.add_argument("--cache", default=None, help="model cache folder (default $MIRROR_SD_CACHE)")
+    p.add_argument("--trace", default=None, help="write a Chrome trace JSON here")
+    p.add_argument("--stats-json", default=None, help="write the generation stats here")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,15 +160,37 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache", default=None, help="cache folder (default $MIRROR_SD_CACHE)")
     models.set_defaults(func=_models)
 
-    gen = sub.add_parser("generate", help="generate text from a prompt")
-    gen.add_argument("model", help="a known model name or a local HF folder")
+    comp = sub.add_parser("compile", help="compile a target (+ draft) into a saved plan folder")
+    comp.add_argument("model", help="target: a known model name or a local HF folder")
+    _add_plan_args(comp, "target")
+    comp.add_argument("-o", "--output", required=True, help="plan folder to write")
+    comp.set_defaults(func=_compile)
+
+    desc = sub.add_parser("describe", help="describe a saved plan")
+    desc.add_argument("plan")
+    desc.set_defaults(func=_describe)
+
+    gen = sub.add_parser("generate", help="generate text with a plan (or compile one on the fly)")
+    gen.add_argument("model", help="a saved plan folder, a known model name or a local HF folder")
     gen.add_argument("--prompt", required=True)
+    _add_plan_args(gen, "target")
     _add_generation_args(gen)
     gen.set_defaults(func=_generate)
 
-    demo = sub.add_parser("demo", help="the main job on the default model")
+    demo = sub.add_parser("demo", help="the main job: Mirror-SD on the default models and map")
+    demo.add_argument("--target", default=DEMO_TARGET)
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("--skip-check", action="store_true", help="skip the target-only comparison")
+    _add_plan_args(demo, "target")
     _add_generation_args(demo)
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_demo, draft=DEMO_DRAFT, max_new_tokens=64)
+
+    trace = sub.add_parser("trace", help="inspect a Chrome trace written by --trace")
+    tsub = trace.add_subparsers(dest="trace_cmd", required=True)
+    summ = tsub.add_parser("summarize", help="per-device busy %%, overlap %%, exposed draft time")
+    summ.add_argument("path")
+    summ.add_argument("--png", default=None, help="also draw a timeline PNG of the first rounds")
+    trace.set_defaults(func=_trace)
     return parser
 
 

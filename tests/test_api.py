@@ -1,0 +1,106 @@
+"""compile() / save() / load() / describe() end to end on tiny models with an ORT draft."""
+
+import pytest
+
+import mirror_sd.api as api
+from mirror_sd.devices.ort_device import ProviderUnavailableError
+from mirror_sd.runtime.prompts import PromptTooLongError
+from tests.conftest import make_tiny, save_tiny_with_tokenizer
+
+TORCH_DRAFT_MAP = """
+version: 1
+devices:
+  a: {backend: torch, device: cpu, threads: 1}
+  b: {backend: torch, device: cpu}
+placement: {target: a, draft: b}
+"""
+CUDA_DRAFT_MAP = """
+version: 1
+devices:
+  a: {backend: torch, device: cpu}
+  gpu:
+    backend: onnxruntime
+    providers: [CUDAExecutionProvider: {}]
+placement: {target: a, draft: gpu}
+"""
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    target = save_tiny_with_tokenizer(make_tiny("qwen2", seed=0, num_hidden_layers=6), root / "t")
+    draft = save_tiny_with_tokenizer(make_tiny("qwen2", seed=1, num_hidden_layers=2), root / "d")
+    return target, draft, root
+
+
+@pytest.fixture(scope="module")
+def plan(folders):
+    target, draft, root = folders
+    with api.compile(target, draft, onnx_dir=root / "onnx", max_len=256) as p:
+        yield p
+
+
+def test_compiled_plan_is_lossless_in_every_mode(plan):
+    prompt = "w1 w2 w3 w4 w5"
+    ref = plan.generate(prompt, 24, mode="autoregressive")
+    for mode in ("speculative", "mirror"):
+        res = plan.generate(prompt, 24, mode=mode)
+        assert res.tokens == ref.tokens, mode
+        assert res.stats.draft_device == "onnxruntime CPUExecutionProvider"
+    assert ref.prompt_tokens > 5  # the chat template was applied
+
+
+def test_auto_settings_were_chosen_and_explained(plan):
+    assert isinstance(plan.spec.exit_layer, int) and isinstance(plan.spec.branch_budget, int)
+    text = api.describe(plan)
+    assert "EP actually used" in text and "CPUExecutionProvider" in text
+    assert "chosen: exit_layer" in text and "cut edge" in text
+
+
+def test_save_load_round_trip(plan, tmp_path):
+    api.save(plan, tmp_path / "plan")
+    assert {p.name for p in (tmp_path / "plan").iterdir()} >= {
+        "plan.yaml",
+        "graph.json",
+        "onnx",
+        "profile.json",
+    }
+    with api.load(tmp_path / "plan") as again:
+        assert again.spec == plan.spec
+        assert again.info["graph"] == plan.info["graph"]
+        assert again.info["placement"] == plan.info["placement"]
+        prompt = [5, 6, 7, 8]
+        assert again.generate(prompt, 16).tokens == plan.generate(prompt, 16).tokens
+
+
+def test_torch_draft_device_map(folders):
+    target, draft, _ = folders
+    with api.compile(
+        target, draft, TORCH_DRAFT_MAP, exit_layer=3, branch_budget=4, max_len=128
+    ) as p:
+        assert p.spec.exit_layer == 3 and "torch cpu" in p.draft_device.label
+        a = p.generate("w3 w4", 12)
+        assert a.tokens == p.generate("w3 w4", 12, mode="autoregressive").tokens
+
+
+def test_tokenizer_mismatch_is_rejected(folders, tmp_path):
+    target, _, _ = folders
+    other = save_tiny_with_tokenizer(
+        make_tiny("qwen2", seed=2, num_hidden_layers=2, vocab_size=90), tmp_path / "o"
+    )
+    with pytest.raises(api.TokenizerMismatchError, match="different tokenizer"):
+        api.compile(target, other)
+
+
+def test_missing_execution_provider_lists_available(folders):
+    target, draft, _ = folders
+    with pytest.raises(
+        ProviderUnavailableError,
+        match="CUDAExecutionProvider is not available.*available: .*CPUExecutionProvider",
+    ):
+        api.compile(target, draft, CUDA_DRAFT_MAP, exit_layer=3, branch_budget=4)
+
+
+def test_prompt_longer_than_context(plan):
+    with pytest.raises(PromptTooLongError, match="exceeds the context of 256"):
+        plan.generate(list(range(5, 90)) * 3, 8)

@@ -1,0 +1,32 @@
+"""The command line, run in-process: compile -> describe -> generate with a trace."""
+
+import json
+
+from mirror_sd.cli import main
+from tests.conftest import make_tiny, save_tiny_with_tokenizer
+
+
+def test_compile_describe_generate(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MIRROR_SD_CACHE", str(tmp_path / "cache"))
+    t = save_tiny_with_tokenizer(make_tiny("llama", seed=0, num_hidden_layers=4), tmp_path / "t")
+    d = save_tiny_with_tokenizer(make_tiny("llama", seed=1, num_hidden_layers=1), tmp_path / "d")
+    plan_dir = tmp_path / "plan"
+    assert main(["compile", str(t), "--draft", str(d), "-o", str(plan_dir), "--exit-layer", "2",
+                 "--branch-budget", "4", "--max-len", "128"]) == 0  # fmt: skip
+    assert "plan saved to" in capsys.readouterr().out
+    assert main(["describe", str(plan_dir)]) == 0
+    assert "target.layers.[0-2) prefix" in capsys.readouterr().out
+    trace, stats = tmp_path / "trace.json", tmp_path / "stats.json"
+    assert main(["generate", str(plan_dir), "--prompt", "w1 w2 w3", "--max-new-tokens", "6",
+                 "--trace", str(trace), "--stats-json", str(stats)]) == 0  # fmt: skip
+    out = capsys.readouterr()
+    assert "tok/s" in out.err and out.out.strip()
+    assert json.loads(stats.read_text())["new_tokens"] == 6
+    assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_models_list(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MIRROR_SD_CACHE", str(tmp_path))
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "qwen2.5-coder-1.5b" in out and "not fetched" in out
