@@ -122,7 +122,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _trace(args: argparse.Namespace) -> int:
     from mirror_sd.runtime import trace_tools
 
-    return trace_tools.main_summarize(args.path, png=args.png)
+    return trace_tools.main_summarize(args.path, png=args.png, max_rounds=args.rounds)
 
 
 def _add_plan_args(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     summ = tsub.add_parser("summarize", help="per-device busy %%, overlap %%, exposed draft time")
     summ.add_argument("path")
     summ.add_argument("--png", default=None, help="also draw a timeline PNG of the first rounds")
+    summ.add_argument("--rounds", type=int, default=4, help="rounds drawn in the PNG")
     trace.set_defaults(func=_trace)
     return parser
 

@@ -167,6 +167,8 @@ class VerificationScheduler:
             new, nxt = self._plain_round(committed, block, log), None
         self.state.rounds.append(log)
         self.tracer.counter("accepted", self.tracer.now(), accepted=log.accepted)
+        if log.hit is not None:
+            self.tracer.counter("hits", self.tracer.now(), hit=int(log.hit))
         return new, nxt
 
     def _block_inputs(self, committed: list[int], d: list[int]):
