@@ -42,6 +42,10 @@ class SpecConfig:
                 raise ValueError(
                     f"speculation.{name} must be 'auto' or a positive integer, got {v!r}"
                 )
+        for name in ("temperature", "top_p", "draft_timeout_s", "top_k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ValueError(f"speculation.{name} must be a number, got {v!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError(
                 "speculation: temperature must be >= 0, top_p in (0, 1], top_k >= 0 "

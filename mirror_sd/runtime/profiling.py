@@ -106,7 +106,8 @@ def profile(
     t_draft = {b: _time_rows(draft, context, b, reps) for b in draft_rows}
     target.rollback(0)
     draft.rollback(0)
-    hidden = torch.zeros(1, max_block, target.model.config.hidden_size)
+    dtype = target.model.model.embed_tokens.weight.dtype
+    hidden = torch.zeros(1, max_block, target.model.config.hidden_size, dtype=dtype)
     t_exit = _median_time(lambda: target.exit_logits(hidden), reps)
     layers = candidate_layers or range(max(1, n_layers // 4), n_layers)
     return Profile(

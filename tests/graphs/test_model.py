@@ -122,3 +122,16 @@ def test_unsupported_architecture_lists_supported(tmp_path):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(tmp_path)
+
+
+def test_bfloat16_matches_transformers_bfloat16(tiny_hf):
+    _, hf, folder = tiny_hf
+    model = load_model(folder, dtype="bfloat16")
+    hf = hf.to(torch.bfloat16)
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf(ids).logits[0].float()
+    ours = extend(model, model.new_cache(32), ids[0].tolist()).float()
+    assert (ours - ref).abs().max().item() <= 2e-2
+    gen = hf.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert greedy_decode(model, ids[0].tolist(), 12) == gen[0, 12:].tolist()
