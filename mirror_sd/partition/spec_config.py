@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 MODES = ("mirror", "speculative", "autoregressive")
+RETRIEVAL_SOURCES = ("none", "pld", "sam", "hd")  # model-free draft sources (runtime.drafters)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class SpecConfig:
     exit_head: str = "lm_head"  # "lm_head" (final norm + LM head at ℓe) or a trained head file
     max_len: int = 2048  # context length: KV cache rows preallocated on both devices
     draft_timeout_s: float = 30.0  # a draft step slower than this counts as a device failure
+    retrieval: str = "none"  # model-free draft source tried before the model draft each round
+    retrieval_min_match: int = 3  # use its proposal when the suffix match is at least this long
+    retrieval_max_ngram: int = 4  # longest n-gram the pld / hd sources index
     temperature: float = 0.0  # default sampling settings for generate(); 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
@@ -31,7 +35,17 @@ class SpecConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"speculation.mode {self.mode!r}: expected one of {', '.join(MODES)}")
-        for name in ("num_draft_tokens", "exit_top_k", "max_len"):
+        if self.retrieval not in RETRIEVAL_SOURCES:
+            raise ValueError(
+                f"speculation.retrieval {self.retrieval!r}: expected one of {', '.join(RETRIEVAL_SOURCES)}"
+            )
+        for name in (
+            "num_draft_tokens",
+            "exit_top_k",
+            "max_len",
+            "retrieval_min_match",
+            "retrieval_max_ngram",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(
                     f"speculation.{name} must be a positive integer, got {getattr(self, name)!r}"

@@ -23,7 +23,8 @@ class Draft:
     """γ proposed tokens and the distributions q they were drawn from (None when greedy)."""
 
     tokens: list[int]
-    q: torch.Tensor | None  # (γ, V) or None
+    q: torch.Tensor | None  # (γ, V) or None (greedy, or a deterministic proposal)
+    source: str = "draft"  # draft | branch | a retrieval source's name
 
 
 @dataclass

@@ -19,6 +19,7 @@ from mirror_sd.devices.base import ModelRunner, SplitRunner
 from mirror_sd.partition.spec_config import SpecConfig
 from mirror_sd.runtime.acceptance import Sampling
 from mirror_sd.runtime.draft_engine import DraftEngine
+from mirror_sd.runtime.drafters.sources import make_source
 from mirror_sd.runtime.pipelines import Pipeline
 from mirror_sd.runtime.prompts import Prompt, check_fits, encode_prompt, eos_token_ids
 from mirror_sd.runtime.results import GenerationResult, GenerationStats
@@ -60,6 +61,9 @@ class Plan:
         self.target_pipe = Pipeline(target_device.alias, "verification", init=init)
         self.draft_pipe = Pipeline(draft_device.alias, "draft streaming") if draft_device else None
         self._busy = threading.Lock()
+        self._sources: dict[
+            tuple[str, int], object
+        ] = {}  # retrieval sources keep plan-level memory
         self.draft_disabled: str | None = None  # set when the draft hung: never used again
 
     # --- generation -----------------------------------------------------------------------
@@ -115,13 +119,22 @@ class Plan:
         finally:
             self._busy.release()
 
+    def _retrieval(self, spec: SpecConfig):
+        """The plan's retrieval source for these settings (kept across generations: Hierarchy
+        Drafting remembers this plan's recent outputs)."""
+        key = (spec.retrieval, spec.retrieval_max_ngram)
+        if key not in self._sources:
+            self._sources[key] = make_source(*key)
+        return self._sources[key]
+
     def _eos(self, eos_token_id) -> set[int]:
         if eos_token_id is None:
             return eos_token_ids(self.tokenizer, self.generation_config)
         return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
     def _settings(self, spec: SpecConfig) -> RoundSettings:
-        mode = spec.mode if self.draft is not None else "autoregressive"
+        has_draft = self.draft is not None or spec.retrieval != "none"
+        mode = spec.mode if has_draft else "autoregressive"
         budget = (
             spec.branch_budget
             if isinstance(spec.branch_budget, int)
@@ -152,9 +165,10 @@ class Plan:
             tracer.add_device(self.draft_device.alias, self.draft_device.label)
             self.draft.rollback(0)
             engine = DraftEngine(self.draft, sampling, torch.Generator().manual_seed(seed + 1))
+        retrieval = self._retrieval(spec)
         sched = VerificationScheduler(
             self.target, self.target_pipe, engine, self.draft_pipe, settings, sampling,
-            torch.Generator().manual_seed(seed), tracer,
+            torch.Generator().manual_seed(seed), tracer, retrieval,
         )  # fmt: skip
         eos = self._eos(eos_token_id)
         self._produced: list[int] = []
@@ -181,6 +195,8 @@ class Plan:
                 self.draft_device.label if engine else None, sched.state.fallback,
             )  # fmt: skip
             path = str(tracer.save(trace)) if trace else None
+            if hasattr(retrieval, "remember"):
+                retrieval.remember(self._produced)
             text = self.tokenizer.decode(self._produced, skip_special_tokens=True)
             self._last = GenerationResult(
                 list(self._produced), text, len(ids), stats, sched.state.rounds, path

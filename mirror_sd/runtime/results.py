@@ -22,6 +22,7 @@ class GenerationStats:
     suffix_s: float
     draft_device: str | None  # which device / EP ran the draft
     fallback: str | None  # why the draft was dropped mid-generation, if it was
+    tokens_by_source: dict[str, int]  # committed tokens per proposer of their round's block
 
     @classmethod
     def from_rounds(cls, mode, rounds: list[RoundLog], new_tokens, wall_s, draft_device, fallback):
@@ -40,6 +41,7 @@ class GenerationStats:
             suffix_s=sum(r.t_suf for r in rounds),
             draft_device=draft_device,
             fallback=fallback,
+            tokens_by_source=_by_source(rounds),
         )
 
     def to_dict(self) -> dict:
@@ -58,6 +60,13 @@ class GenerationStats:
         if self.fallback:
             line += f"; FELL BACK to target-only: {self.fallback}"
         return line
+
+
+def _by_source(rounds: list[RoundLog]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rounds:
+        out[r.source] = out.get(r.source, 0) + r.committed
+    return out
 
 
 @dataclass(frozen=True)

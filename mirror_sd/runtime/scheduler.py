@@ -29,18 +29,22 @@ from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.runtime.acceptance import Sampling, Verdict, probs, verify_greedy, verify_sampling
 from mirror_sd.runtime.branches import exit_candidates, plan_branches
 from mirror_sd.runtime.draft_engine import Draft, DraftEngine, Rollout
+from mirror_sd.runtime.drafters import DraftSource
 from mirror_sd.runtime.pipelines import Pipeline
 from mirror_sd.runtime.tracing import Tracer
 
 
 @dataclass(frozen=True)
 class RoundSettings:
+    """The per-generation settings the round loop reads (from SpecConfig)."""
+
     mode: str  # mirror | speculative | autoregressive
     gamma: int  # γ
     kappa: int  # κ
     budget: int  # branches rolled out per round
     reuse: bool
     draft_timeout_s: float
+    retrieval_min_match: int = 3
 
 
 @dataclass
@@ -53,6 +57,7 @@ class RoundLog:
     t_draft: float = 0.0  # draft busy time attributable to this round
     exposed: float = 0.0  # draft time on the critical path
     branches: int = 0
+    source: str = "target"  # who proposed this round's block: draft | branch | <retrieval> | target
 
 
 @dataclass
@@ -77,6 +82,7 @@ class VerificationScheduler:
         sampling: Sampling,
         verify_gen: torch.Generator,
         tracer: Tracer,
+        retrieval: DraftSource | None = None,
     ):
         self.target, self.tp = target, target_pipe
         self.draft, self.dp = draft, draft_pipe
@@ -84,6 +90,7 @@ class VerificationScheduler:
         self.sampling = sampling
         self.gen = verify_gen
         self.tracer = tracer
+        self.retrieval = retrieval
         self.state = RunState()
 
     # --- public -------------------------------------------------------------------------
@@ -93,6 +100,8 @@ class VerificationScheduler:
         """Yield the tokens committed by each round until `done(new_tokens)` or the budget."""
         committed = list(prompt)
         self._prefill(committed)
+        if self.retrieval is not None:
+            self.retrieval.reset(committed)
         block: Draft | None = None
         produced: list[int] = []
         while len(produced) < max_new_tokens:
@@ -100,6 +109,8 @@ class VerificationScheduler:
             new = new[: max_new_tokens - len(produced)]
             committed += new
             produced += new
+            if self.retrieval is not None:
+                self.retrieval.extend(new)
             self.tracer.counter("tokens", self.tracer.now(), committed=len(produced))
             yield new
             if done(produced):
@@ -147,8 +158,19 @@ class VerificationScheduler:
             return verify_greedy(d, logits)
         return verify_sampling(d, q, probs(logits, self.sampling), self.gen)
 
+    def _retrieve(self) -> Draft | None:
+        """A model-free proposal when its suffix match is long enough (q = one-hot)."""
+        if self.retrieval is None or self.s.mode == "autoregressive":
+            return None
+        p = self.retrieval.propose(self.s.gamma)
+        if p.tokens and p.match_len >= self.s.retrieval_min_match:
+            return Draft(list(p.tokens), None, source=p.source)
+        return None
+
     def _round(self, committed: list[int], block: Draft | None) -> tuple[list[int], Draft | None]:
         log = RoundLog(0, 0, None)
+        if block is None:
+            block = self._retrieve()
         if self._draft_alive() and block is None:
             t0 = self.tracer.now()
             fut = self.dp.submit(
@@ -160,7 +182,8 @@ class VerificationScheduler:
                 block = None
             log.t_draft = log.exposed = self.tracer.now() - t0
         if block is None:
-            block = Draft([], None)
+            block = Draft([], None, source="target")
+        log.source = block.source
         if self.s.mode == "mirror" and block.tokens and self._draft_alive():
             new, nxt = self._mirror_round(committed, block, log)
         else:
@@ -249,4 +272,4 @@ class VerificationScheduler:
         if hit is None or not self.s.reuse:
             return new, None
         self.draft.commit_branch(len(committed), verdict.accepted, hit)
-        return new, hit.draft
+        return new, Draft(hit.draft.tokens, hit.draft.q, source="branch")
