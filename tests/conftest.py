@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 TINY = dict(
     vocab_size=97,
@@ -20,8 +20,13 @@ TINY = dict(
 
 
 def make_tiny(family: str, seed: int = 0, **overrides):
-    """A random transformers model of `family` ('llama' | 'qwen2' | 'qwen3'), fp32, eval."""
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    """A random transformers model of `family` ('llama' | 'qwen2' | 'qwen3' | 'mistral'), fp32."""
+    cls = {
+        "llama": LlamaConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "mistral": MistralConfig,
+    }[family]
     cfg = cls(**{**TINY, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()

@@ -46,6 +46,7 @@ class ModelConfig:
     attention_bias: bool
     qk_norm: bool
     max_position_embeddings: int
+    sliding_window: int | None  # attention window; contexts up to this length are exact
     hf_config: PretrainedConfig
 
     @property
@@ -69,8 +70,7 @@ def from_hf_config(hf: PretrainedConfig) -> ModelConfig:
     """Validate a transformers config and turn it into a `ModelConfig`.
 
     Raises:
-        UnsupportedModelError: unknown `model_type`, a dynamic RoPE variant, or a
-            sliding window shorter than the model's context.
+        UnsupportedModelError: unknown `model_type` or a dynamic RoPE variant.
     """
     model_type = getattr(hf, "model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:
@@ -85,13 +85,8 @@ def from_hf_config(hf: PretrainedConfig) -> ModelConfig:
         raise UnsupportedModelError(
             f"rope_type {rope_type!r} is not supported; supported: {', '.join(STATIC_ROPE_TYPES)}"
         )
-    window = getattr(hf, "sliding_window", None)
     uses_window = getattr(hf, "use_sliding_window", model_type == "mistral")
-    if uses_window and window is not None and window < hf.max_position_embeddings:
-        raise UnsupportedModelError(
-            f"sliding-window attention (window {window}) is not supported; "
-            "use a model without a sliding window"
-        )
+    window = getattr(hf, "sliding_window", None) if uses_window else None
     bias, qk_norm = SUPPORTED_ARCHITECTURES[model_type]
     num_heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
@@ -109,6 +104,7 @@ def from_hf_config(hf: PretrainedConfig) -> ModelConfig:
         attention_bias=bool(getattr(hf, "attention_bias", bias)),
         qk_norm=qk_norm,
         max_position_embeddings=hf.max_position_embeddings,
+        sliding_window=window,
         hf_config=hf,
     )
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mirror_sd.graphs.config import ModelConfig
+from mirror_sd.graphs.config import ModelConfig, UnsupportedModelError
 from mirror_sd.graphs.kv_cache import StaticKVCache
 
 
@@ -186,7 +186,18 @@ class CausalLM(nn.Module):
         return self.head(x)
 
     def new_cache(self, max_len: int, batch: int = 1) -> StaticKVCache:
-        """A preallocated cache for this model (same dtype as its weights)."""
+        """A preallocated cache for this model (same dtype as its weights).
+
+        Raises:
+            UnsupportedModelError: max_len exceeds the model's sliding attention window
+                (attention over a window is exact only while the context fits in it).
+        """
         c = self.config
+        if c.sliding_window is not None and max_len > c.sliding_window:
+            raise UnsupportedModelError(
+                f"max_len {max_len} exceeds the sliding attention window of {c.sliding_window} "
+                "tokens, which this runtime does not implement; use max_len <= "
+                f"{c.sliding_window}"
+            )
         dtype = self.model.embed_tokens.weight.dtype
         return StaticKVCache(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, dtype)

@@ -35,6 +35,11 @@ class SpecConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"speculation.mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.exit_head != "lm_head":
+            raise ValueError(
+                f"speculation.exit_head {self.exit_head!r}: only 'lm_head' (final norm + LM head "
+                "applied at the exit layer) is implemented; trained exit heads are not yet"
+            )
         if self.retrieval not in RETRIEVAL_SOURCES:
             raise ValueError(
                 f"speculation.retrieval {self.retrieval!r}: expected one of {', '.join(RETRIEVAL_SOURCES)}"

@@ -135,3 +135,16 @@ def test_bfloat16_matches_transformers_bfloat16(tiny_hf):
     assert (ours - ref).abs().max().item() <= 2e-2
     gen = hf.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert greedy_decode(model, ids[0].tolist(), 12) == gen[0, 12:].tolist()
+
+
+def test_mistral_within_its_sliding_window(tmp_path):
+    from tests.conftest import make_tiny, save_tiny
+
+    hf = make_tiny("mistral", sliding_window=64)
+    model = load_model(save_tiny(hf, tmp_path / "m"))
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    assert (extend(model, model.new_cache(64), ids[0].tolist()) - ref).abs().max() <= 1e-4
+    with pytest.raises(UnsupportedModelError, match="sliding attention window of 64"):
+        model.new_cache(65)
