@@ -302,7 +302,7 @@ def test_examples_are_all_present():
         "mps_coreml.yaml",
     }
     cpu = load_device_map(EXAMPLES / "cpu_cpu.yaml")
-    assert cpu.devices["cpu"] == TorchSpec("cpu", "cpu", "bfloat16", 1)
+    assert cpu.devices["cpu"] == TorchSpec("cpu", "cpu", "float32", 1)
     assert cpu.devices["ortcpu"].providers == (("CPUExecutionProvider", {}),)
     assert cpu.devices["ortcpu"].intra_op_threads == 1
     assert cpu.devices["ortcpu"].quantize == "int8"
