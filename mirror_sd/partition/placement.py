@@ -116,31 +116,25 @@ def place(
 def check_capabilities(placement: Placement, device_map: DeviceMap) -> None:
     """Check that each device can run the nodes placed on it.
 
-    In schema v1 an onnxruntime device runs exactly the whole draft model (one exported
-    graph); torch and sim devices run anything.
+    In schema v1 an onnxruntime device runs whole models: all of `draft.*` (one exported
+    graph) and/or all of `target.*` (exported as prefix, exit head and suffix at ℓe);
+    torch and sim devices run anything.
 
     Raises:
         PlacementError: naming the node, the device and the placement key to change.
     """
-    draft_nodes = [n for n in placement.assignment if n.startswith("draft.")]
     for alias, nodes in placement.by_device().items():
         if not isinstance(device_map.devices[alias], OrtSpec):
             continue
-        for node in nodes:
-            if not node.startswith("draft."):
-                msg = (
-                    f"node {node} is placed on {alias!r} (onnxruntime), which runs only the "
-                    "whole draft model in schema v1; place it on a torch or sim device"
-                )
-                raise _error(device_map, f"placement[{placement.rules[node]}]", msg)
-        for node in draft_nodes:
-            if placement.assignment[node] != alias:
-                msg = (
-                    f"node {node} is on {placement.assignment[node]!r} but the rest of the draft "
-                    f"is on onnxruntime device {alias!r}, which runs the whole draft in schema "
-                    f"v1; place all of it with `draft: {alias}`"
-                )
-                raise _error(device_map, f"placement[{placement.rules[node]}]", msg)
+        for model in sorted({n.split(".")[0] for n in nodes}):
+            for node, where in placement.assignment.items():
+                if node.split(".")[0] == model and where != alias:
+                    msg = (
+                        f"node {node} is on {where!r} but the rest of the {model} is on "
+                        f"onnxruntime device {alias!r}, which runs whole models in schema v1; "
+                        f"place all of it with `{model}: {alias}`"
+                    )
+                    raise _error(device_map, f"placement[{placement.rules[node]}]", msg)
 
 
 def _covers(key: str, node: str) -> bool:

@@ -149,21 +149,26 @@ def test_draft_cut_uses_the_draft_hidden_size(graph):
     ]
 
 
-def test_onnxruntime_runs_only_the_whole_draft(graph):
+def test_onnxruntime_runs_whole_models_only(graph):
     with pytest.raises(PlacementError) as info:
         place(graph, _map({"target": "gpu", "target.lm_head": "npu", "draft": "npu"}))
     assert str(info.value) == (
-        "device map: placement[target.lm_head]: node target.lm_head is placed on 'npu' "
-        "(onnxruntime), which runs only the whole draft model in schema v1; place it on a "
-        "torch or sim device"
+        "device map: placement[target]: node target.embed is on 'gpu' but the rest of the "
+        "target is on onnxruntime device 'npu', which runs whole models in schema v1; place "
+        "all of it with `target: npu`"
     )
     with pytest.raises(PlacementError) as info:
         place(graph, _map({"target": "gpu", "draft": "npu", "draft.lm_head": "cpu"}))
     assert str(info.value) == (
         "device map: placement[draft.lm_head]: node draft.lm_head is on 'cpu' but the rest of "
-        "the draft is on onnxruntime device 'npu', which runs the whole draft in schema v1; "
-        "place all of it with `draft: npu`"
+        "the draft is on onnxruntime device 'npu', which runs whole models in schema v1; place "
+        "all of it with `draft: npu`"
     )
+
+
+def test_onnxruntime_may_run_the_whole_target(graph):
+    p = place(graph, _map({"target": "npu", "draft": "cpu"}))
+    assert set(p.by_device()["npu"]) == {n for n in graph.names() if n.startswith("target.")}
 
 
 def test_sim_and_torch_run_anything(graph):
