@@ -28,3 +28,27 @@ lint: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# test-ep: the execution-provider tests in a venv of their own, because an EP build of
+# onnxruntime (onnxruntime-openvino, onnxruntime-qnn, ...) replaces the `onnxruntime` module.
+# Defaults run OpenVINO (device_type CPU); another EP, e.g.:
+#   make test-ep EP_PACKAGE=onnxruntime-qnn EP_VENV=.venv-qnn EP_PROVIDER=QNNExecutionProvider EP_TESTS=qnn
+EP_PACKAGE ?= onnxruntime-openvino
+EP_VENV ?= .venv-openvino
+EP_PROVIDER ?= OpenVINOExecutionProvider
+EP_TESTS ?= openvino
+
+.PHONY: test-ep
+
+$(EP_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(EP_VENV)
+	$(EP_VENV)/bin/pip install --quiet torch==2.13.0
+	$(EP_VENV)/bin/pip install --quiet -e '.[dev]'
+	$(EP_VENV)/bin/pip uninstall --yes --quiet onnxruntime $(EP_PACKAGE)
+	$(EP_VENV)/bin/pip install --quiet $(EP_PACKAGE)
+	touch $@
+
+test-ep: $(EP_VENV)/.installed
+	$(EP_VENV)/bin/python -c "import sys, onnxruntime as o; p = o.get_available_providers(); \
+	sys.exit(0 if '$(EP_PROVIDER)' in p else f'$(EP_PROVIDER) missing from {p}')"
+	$(EP_VENV)/bin/python -m pytest -q -ra tests/devices/test_ort.py -k $(EP_TESTS)

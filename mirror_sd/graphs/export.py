@@ -38,7 +38,7 @@ from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.graphs.model import CausalLM
 
 DEFAULT_OPSET = 18  # widest EP support (OpenVINO, QNN, CoreML, DirectML) with the new exporter
-EXPORT_FORMAT_VERSION = 1  # bump when the exported interface or wrapper changes
+EXPORT_FORMAT_VERSION = 2  # bump when the exported interface or wrapper changes
 EXTERNAL_DATA_BYTES = 1 << 30  # weights at least this large go to one `<file>.data` beside it
 QUANTIZATIONS = (None, "int8")
 
@@ -263,6 +263,8 @@ def export_cached(
 ) -> Path:
     """`export_stages` (+ `quantize_int8`) into `folder`, reusing an earlier identical export.
 
+    A quantized entry is made from the unquantized entry of the same range, itself cached.
+
     The entry is `folder/<name>-<hash>/model.onnx` (+ `model.onnx.data`), the hash covering the
     model config, `key_info` (the weights' identity, e.g. `source_identity(model_folder)`), the
     layer range, embed/head, dtype, quantization, opset and exporter versions. An entry is
@@ -283,16 +285,16 @@ def export_cached(
     if (entry / "model.onnx").is_file():
         return entry / "model.onnx"
     entry.parent.mkdir(parents=True, exist_ok=True)
+    if quantize:  # quantize the (cached) unquantized export of the same range
+        src = export_cached(
+            model, folder, key_info, first, last, with_embed, with_head, None, opset
+        )
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=entry.parent))
     try:
-        fp32 = export_stages(model, tmp / "fp32" / "model.onnx", first, last, with_embed,
-                             with_head, opset)  # fmt: skip
         if quantize:
-            quantize_int8(fp32, tmp / "model.onnx")
+            quantize_int8(src, tmp / "model.onnx")
         else:
-            for f in model_files(fp32):
-                os.replace(f, tmp / f.name)
-        shutil.rmtree(tmp / "fp32")
+            export_stages(model, tmp / "model.onnx", first, last, with_embed, with_head, opset)
         try:
             os.replace(tmp, entry)
         except OSError:  # another process finished the same entry first; theirs is as good
