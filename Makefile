@@ -18,13 +18,13 @@ demo: $(BIN)/.installed
 	$(BIN)/mirror-sd demo $(DEMO_ARGS)
 
 test: $(BIN)/.installed
-	$(BIN)/ruff check mirror_sd tests benchmarks examples
-	$(BIN)/ruff format --check mirror_sd tests benchmarks examples
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -ra
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check --fix mirror_sd tests benchmarks examples
-	$(BIN)/ruff format mirror_sd tests benchmarks examples
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) build *.egg-info
