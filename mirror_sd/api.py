@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from mirror_sd.devices.ort_device import OrtDevice, OrtRunner
+from mirror_sd.devices.ort_split import OrtSplitRunner
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.graphs import zoo
 from mirror_sd.graphs.config import load_config
@@ -84,6 +85,49 @@ def _torch_device(spec) -> TorchDevice:
     return TorchDevice(spec.device, spec.threads, spec.dtype)
 
 
+def _ort_device(spec: OrtSpec) -> OrtDevice:
+    dev = OrtDevice(spec.providers, spec.intra_op_threads, spec.inter_op_threads,
+                    spec.optimization_level, spec.allow_fallback)  # fmt: skip
+    dev.check()
+    return dev
+
+
+def _ort_target(spec: OrtSpec, model, folder: Path, exit_layer: int, max_len: int, onnx_root: Path):
+    if spec.quantize != "none":
+        raise DeviceMapError(
+            f"devices.{spec.alias}.quantize",
+            "the target is never quantized (output must stay the target's own); quantize the draft's device instead",
+        )
+    return OrtSplitRunner(
+        model,
+        source_identity(folder),
+        onnx_root,
+        exit_layer,
+        max_len,
+        _ort_device(spec),
+        alias=spec.alias,
+    )
+
+
+def _target_runner(spec, folder: Path, exit_layer: int, max_len: int, onnx_root: Path):
+    """(torch model, runner, label, torch threads) for the target on its device."""
+    if isinstance(spec, OrtSpec):
+        model = load_model(folder, "float32")
+        runner = _ort_target(spec, model, folder, exit_layer, max_len, onnx_root)
+        return model, runner, f"onnxruntime {runner.prefix.get_providers()[0]}", None
+    dev = _torch_device(spec)
+    dev.check()
+    if dev.threads:
+        torch.set_num_threads(dev.threads)
+    model = load_model(folder, dev.dtype)
+    return (
+        model,
+        TorchRunner(model, dev, max_len, exit_layer=exit_layer),
+        dev.describe(),
+        dev.threads,
+    )
+
+
 def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path):
     """(runner, label) for the draft on its device; an ORT device gets the exported draft."""
     if isinstance(spec, TorchSpec):
@@ -94,14 +138,7 @@ def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path):
             None,
         )
     if isinstance(spec, OrtSpec):
-        dev = OrtDevice(
-            spec.providers,
-            spec.intra_op_threads,
-            spec.inter_op_threads,
-            spec.optimization_level,
-            spec.allow_fallback,
-        )
-        dev.check()
+        dev = _ort_device(spec)
         model = load_model(folder, "float32")
         quant = None if spec.quantize == "none" else spec.quantize
         path = export_cached(model, onnx_dir, source_identity(folder), quantize=quant)
@@ -159,31 +196,32 @@ def compile(
     graph = _graph(t_cfg, d_cfg, exit_layer)
     placement = place(graph, _with_spec(dm, spec))  # validates the map before any heavy work
     t_alias = _alias_of(dm, placement.assignment, "target")
-    t_dev = _torch_device(dm.devices[t_alias])
-    t_dev.check()
-    if t_dev.threads:
-        torch.set_num_threads(t_dev.threads)
-    t_runner = TorchRunner(
-        load_model(t_folder, t_dev.dtype), t_dev, spec.max_len, exit_layer=exit_layer
+    onnx_root = Path(onnx_dir) if onnx_dir else zoo.cache_dir(cache) / "onnx"
+    t_model, t_runner, t_label, t_threads = _target_runner(
+        dm.devices[t_alias], t_folder, exit_layer, spec.max_len, onnx_root
     )
     d_runner = d_label = onnx_path = d_alias = None
     if d_folder is not None:
         d_alias = _alias_of(dm, placement.assignment, "draft")
-        onnx_root = Path(onnx_dir) if onnx_dir else zoo.cache_dir(cache) / "onnx"
         d_runner, d_label, onnx_path = _draft_runner(
             dm.devices[d_alias], d_folder, spec.max_len, onnx_root
         )
     choice = prof = None
     if d_runner is not None and auto:
         ids = t_tok(CALIBRATION_TEXT)["input_ids"]
-        prof = profile_data or profile(t_runner, d_runner, ids, max_block=spec.num_draft_tokens + 1,
+        prof = profile_data or profile(t_runner, d_runner, t_model, ids, max_block=spec.num_draft_tokens + 1,
                                        description=f"{target} <- {draft}")  # fmt: skip
         choice = choose(prof, spec)
         spec = choice.spec
     elif auto:  # no draft: nothing to tune
         spec = spec.with_(exit_layer=exit_layer, branch_budget=DEFAULT_BUDGET_WITHOUT_PROFILE)
     if spec.exit_layer != exit_layer:
-        t_runner.exit_layer = spec.exit_layer
+        if isinstance(t_runner, TorchRunner):
+            t_runner.exit_layer = spec.exit_layer
+        else:  # exported prefix/suffix graphs fix ℓe: export the chosen split
+            t_runner = _ort_target(
+                dm.devices[t_alias], t_model, t_folder, spec.exit_layer, spec.max_len, onnx_root
+            )
         graph = _graph(t_cfg, d_cfg, spec.exit_layer)
         placement = place(graph, _with_spec(dm, spec))
     gen_cfg_file = t_folder / "generation_config.json"
@@ -195,13 +233,13 @@ def compile(
     }  # fmt: skip
     return Plan(
         target=t_runner,
-        target_device=DeviceSlot(t_alias, t_dev.describe()),
+        target_device=DeviceSlot(t_alias, t_label),
         draft=d_runner,
         draft_device=DeviceSlot(d_alias, d_label) if d_runner is not None else None,
         tokenizer=t_tok,
         spec=spec,
         generation_config=json.loads(gen_cfg_file.read_text()) if gen_cfg_file.is_file() else None,
-        target_threads=t_dev.threads,
+        target_threads=t_threads,
         info=info,
     )
 
@@ -265,7 +303,7 @@ def describe(plan: Plan) -> str:
     graph, placement = info["graph"], info["placement"]
     prof: Profile | None = info.get("profile")
     le = plan.target.exit_layer
-    n = plan.target.model.num_layers
+    n = sum(1 for s in graph.names() if s.startswith("target.layers."))
     groups = [
         ("target.embed", ["target.embed"]),
         (f"target.layers.[0-{le}) prefix", [f"target.layers.{i}" for i in range(le)]),

@@ -104,3 +104,36 @@ def test_missing_execution_provider_lists_available(folders):
 def test_prompt_longer_than_context(plan):
     with pytest.raises(PromptTooLongError, match="exceeds the context of 256"):
         plan.generate(list(range(5, 90)) * 3, 8)
+
+
+ORT_TARGET_MAP = """
+version: 1
+devices:
+  tgt: {backend: onnxruntime, providers: [CPUExecutionProvider: {}], intra_op_threads: 1}
+  drf: {backend: onnxruntime, providers: [CPUExecutionProvider: {}], intra_op_threads: 1}
+placement: {target: tgt, draft: drf}
+"""
+
+
+def test_target_on_onnxruntime_split_at_the_chosen_exit_layer(folders):
+    """The target as exported prefix / exit head / suffix graphs; `auto` re-exports the split
+    the cost model picks. Every mode stays identical to target-only decoding."""
+    target, draft, root = folders
+    with api.compile(target, draft, ORT_TARGET_MAP, onnx_dir=root / "onnx", max_len=256) as p:
+        assert p.target_device.label == "onnxruntime CPUExecutionProvider"
+        assert p.target.exit_layer == p.spec.exit_layer
+        prompt = "w7 w8 w9"
+        ref = p.generate(prompt, 16, mode="autoregressive").tokens
+        for mode in ("speculative", "mirror"):
+            assert p.generate(prompt, 16, mode=mode).tokens == ref
+        with pytest.raises(ValueError, match="recompile the plan"):
+            p.generate(prompt, 4, exit_layer=p.spec.exit_layer % 5 + 1)
+
+
+def test_quantized_target_is_refused(folders):
+    target, draft, _ = folders
+    bad = ORT_TARGET_MAP.replace(
+        "tgt: {backend: onnxruntime,", "tgt: {backend: onnxruntime, quantize: int8,"
+    )
+    with pytest.raises(api.DeviceMapError, match="the target is never quantized"):
+        api.compile(target, draft, bad, exit_layer=3, branch_budget=4)

@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mirror_sd.devices.base import ModelRunner
-from mirror_sd.devices.torch_device import TorchRunner
+from mirror_sd.devices.base import ModelRunner, SplitRunner
 from mirror_sd.graphs.masks import causal_mask
+from mirror_sd.graphs.model import CausalLM
 from mirror_sd.partition.cost_model import Profile
 
 CALIBRATION_TEXT = (
@@ -57,13 +57,12 @@ def _time_rows(runner: ModelRunner, context: int, rows: int, reps: int) -> float
 
 @torch.inference_mode()
 def agreement_by_layer(
-    target: TorchRunner, ids: Sequence[int], layers: Sequence[int]
+    model: CausalLM, ids: Sequence[int], layers: Sequence[int]
 ) -> dict[int, float]:
     """Top-1 agreement of the exit head (final norm + LM head) at each ℓe with the final layer,
     teacher-forced over `ids` (the logit lens)."""
-    model = target.model
     cache = model.new_cache(len(ids))
-    t = torch.tensor([list(ids)], device=target.device.device)
+    t = torch.tensor([list(ids)], device=model.lm_head.weight.device)
     pos = torch.arange(len(ids), device=t.device).unsqueeze(0)
     mask = causal_mask(0, len(ids)).to(t.device)
     x, early = model.embed(t), {}
@@ -89,8 +88,9 @@ def teacher_forced_agreement(target: ModelRunner, draft: ModelRunner, ids: Seque
 
 
 def profile(
-    target: TorchRunner,
+    target: SplitRunner,
     draft: ModelRunner,
+    lens_model: CausalLM,
     calibration_ids: Sequence[int],
     max_block: int = 9,
     draft_rows: Sequence[int] = (1, 2, 4, 8, 16),
@@ -99,15 +99,19 @@ def profile(
     candidate_layers: Sequence[int] | None = None,
     description: str = "",
 ) -> Profile:
-    """Measure a `Profile` on the runners' real devices (each runner is left empty)."""
-    n_layers = target.model.num_layers
+    """Measure a `Profile` on the runners' real devices (each runner is left empty).
+
+    `lens_model` is the target as a torch `CausalLM` (any device), used for the exit head's
+    logit-lens agreement per candidate exit layer.
+    """
+    n_layers = lens_model.num_layers
     context = min(context, target.max_len - max_block, draft.max_len - max(draft_rows))
     t_target = {n: _time_rows(target, context, n, reps) for n in range(1, max_block + 1)}
     t_draft = {b: _time_rows(draft, context, b, reps) for b in draft_rows}
     target.rollback(0)
     draft.rollback(0)
-    dtype = target.model.model.embed_tokens.weight.dtype
-    hidden = torch.zeros(1, max_block, target.model.config.hidden_size, dtype=dtype)
+    dtype = lens_model.lm_head.weight.dtype
+    hidden = torch.zeros(1, max_block, lens_model.config.hidden_size, dtype=dtype)
     t_exit = _median_time(lambda: target.exit_logits(hidden), reps)
     layers = candidate_layers or range(max(1, n_layers // 4), n_layers)
     return Profile(
@@ -116,6 +120,6 @@ def profile(
         t_draft=t_draft,
         t_exit_head=t_exit,
         accept_rate=teacher_forced_agreement(target, draft, calibration_ids),
-        hit_rate_by_exit_layer=agreement_by_layer(target, calibration_ids, list(layers)),
+        hit_rate_by_exit_layer=agreement_by_layer(lens_model, calibration_ids, list(layers)),
         description=description,
     )

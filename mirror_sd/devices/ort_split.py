@@ -1,0 +1,347 @@
+"""OrtSplitRunner: the target as a `SplitRunner` on ONNX Runtime, split at the exit layer ℓe.
+
+Why: verifying a block of γ + 1 rows is what speculative decoding buys, so the target's cost
+must grow slowly with rows. On CPUs without AMX, torch's fp32 GEMM (MKL on AMD) grows
+almost linearly with rows while ORT's MLAS kernels stay nearly flat up to ~8 rows.
+
+Three exported graphs (cached by `graphs.export`), one session each:
+
+    prefix   input_ids (1, T) -> embed, layers [0, ℓe)       -> hidden_out (1, T, D)
+    suffix   hidden (1, T, D) -> layers [ℓe, N)             -> hidden_out (1, T, D)
+    head     hidden (1, T, D) -> final norm + LM head       -> logits (1, T, V)
+
+The head graph serves both the exit head (on the prefix's hidden state) and the model's own
+head (on the suffix's), so the LM head's weights (V x D: 0.9 GB fp32 for Qwen2.5-1.5B) are
+held once. `forward` (prefill, plain rounds) is prefix -> suffix -> head: no whole-model graph.
+
+The KV cache is one preallocated buffer (1, max_len, nkv, hd) per layer for all N layers,
+bound in place with IOBinding exactly as `OrtRunner` does: the prefix session reads and writes
+layers [0, ℓe), the suffix session layers [ℓe, N). Length semantics are `TorchRunner`'s:
+`forward_prefix` writes its rows without advancing, `forward_suffix` writes the rest and
+advances by T, `forward` does both.
+
+ℓe is fixed by the exported graphs: `exit_layer` is read-only (setting the same value is
+allowed, any other raises); a different ℓe needs a new runner.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from mirror_sd.devices.ort_device import (
+    _NUMPY_DTYPES,
+    OrtDevice,
+    _DeviceKV,
+    _HostKV,
+    _records_assignment_api,
+    node_placement,
+    placement_summary,
+    session_memory,
+)
+from mirror_sd.graphs.export import (
+    DEFAULT_OPSET,
+    EXTERNAL_DATA_BYTES,
+    cache_key,
+    export_cached,
+)
+from mirror_sd.graphs.kv_cache import CacheFullError
+from mirror_sd.graphs.model import CausalLM
+
+_Binding = Any  # ort.IOBinding (its class is not exported under a stable name)
+
+
+class SplitGraphs(NamedTuple):
+    """Paths of the three exported graphs of a target split at ℓe (see module doc)."""
+
+    prefix: Path
+    suffix: Path
+    head: Path
+
+
+# --- export ---------------------------------------------------------------------------------
+class _Head(nn.Module):
+    """Final norm + LM head as a graph: hidden (1, T, D) -> logits (1, T, V)."""
+
+    def __init__(self, model: CausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.head(hidden)
+
+
+def export_head(model: CausalLM, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Export the final norm + LM head of `model` to ONNX at `path` (hidden -> logits).
+
+    `export_stages` cannot export an empty layer range (no past K/V inputs), hence this.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    c, dtype = model.config, model.model.embed_tokens.weight.dtype
+    example = torch.zeros(1, 3, c.hidden_size, dtype=dtype)  # (1, T, D), T = 3: stays dynamic
+    params = [*model.model.norm.parameters(), *model.lm_head.parameters()]
+    large = sum(p.numel() * p.element_size() for p in params) >= EXTERNAL_DATA_BYTES
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore", UserWarning)  # the exporter's notes on axis names
+        warnings.simplefilter("ignore", FutureWarning)  # and on torch's own deprecations
+        program = torch.onnx.export(
+            _Head(model).eval(),
+            (example,),
+            input_names=["hidden"],
+            output_names=["logits"],
+            dynamic_shapes={"hidden": {1: torch.export.Dim("T", min=1)}},
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    program.save(str(path), external_data=large)
+    return path
+
+
+def export_head_cached(
+    model: CausalLM, folder: str | Path, key_info: Mapping[str, Any], opset: int = DEFAULT_OPSET
+) -> Path:
+    """`export_head` into `folder`, reusing an earlier identical export (as `export_cached`:
+    `folder/<type>-head-<hash>/model.onnx`, written in a temporary directory, then renamed)."""
+    digest = cache_key(model, key_info, stage="norm+lm_head", opset=opset)[:16]
+    entry = Path(folder) / f"{model.config.model_type}-head-{digest}"
+    if (entry / "model.onnx").is_file():
+        return entry / "model.onnx"
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+    try:
+        export_head(model, tmp / "model.onnx", opset)
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process finished the same entry first; theirs is as good
+            if not (entry / "model.onnx").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return entry / "model.onnx"
+
+
+def export_split(
+    model: CausalLM, folder: str | Path, key_info: Mapping[str, Any], exit_layer: int
+) -> SplitGraphs:
+    """Export (or find in the cache `folder`) the prefix, suffix and head graphs for ℓe.
+
+    `key_info` is the weights' identity, e.g. `export.source_identity(model_folder)`.
+
+    Raises:
+        ValueError: ℓe is outside [1, N - 1].
+    """
+    n = model.num_layers
+    if not 1 <= exit_layer < n:
+        raise ValueError(f"exit_layer {exit_layer} outside [1, {n - 1}]")
+    return SplitGraphs(
+        prefix=export_cached(model, folder, key_info, 0, exit_layer, True, False),
+        suffix=export_cached(model, folder, key_info, exit_layer, n, False, False),
+        head=export_head_cached(model, folder, key_info),
+    )
+
+
+# --- runner ---------------------------------------------------------------------------------
+class OrtSplitRunner:
+    """`SplitRunner` for a target on an `OrtDevice`, split at ℓe (see module doc).
+
+    `model` is used only to export (or find) the graphs; the runner keeps no reference to it,
+    so the caller may free the torch weights afterwards. When all three graphs are already in
+    `cache_dir` only its config is read, so a weightless model (`with torch.device("meta"):
+    CausalLM(cfg)`) skips loading the weights. `key_info` identifies the weights
+    (`export.source_identity(folder)`); `cache_dir` holds the exports. `kv_on_device` is
+    `OrtRunner`'s: None keeps the cache where the first provider wants its tensors.
+    `placement` says which providers run the three graphs' nodes.
+
+    Raises:
+        ValueError: ℓe outside [1, N - 1], or an unsupported cache dtype.
+    """
+
+    def __init__(self, model: CausalLM, key_info: Mapping[str, Any], cache_dir: str | Path,
+                 exit_layer: int, max_len: int, device: OrtDevice, name: str = "target",
+                 alias: str | None = None, kv_on_device: bool | None = None):  # fmt: skip
+        graphs = export_split(model, cache_dir, key_info, exit_layer)
+        self.graphs, self.device = graphs, device
+        self.prefix = device.session(graphs.prefix)
+        self.suffix = device.session(graphs.suffix)
+        self.head = device.session(graphs.head)
+        self._exit_layer, self.n_layers = exit_layer, model.num_layers
+        self.max_len, self.length = max_len, 0
+        kv_shape, self.dtype = _kv_interface(self.prefix, graphs.prefix)
+        self.hidden_size = model.config.hidden_size
+        self.vocab_size = int(self.head.get_outputs()[0].shape[2])
+        self.logits_dtype = np.dtype(_NUMPY_DTYPES[self.head.get_outputs()[0].type])
+        shape = (1, max_len, *kv_shape)  # per layer: (1, max_len, nkv, hd)
+        if kv_on_device or (kv_on_device is None and session_memory(self.prefix)[0] != "cpu"):
+            self.kv: _HostKV | _DeviceKV = _DeviceKV(self.n_layers, shape, self.dtype, self.prefix)
+        else:
+            self.kv = _HostKV(self.n_layers, shape, self.dtype)
+        where = f"{alias} ({device.describe()})" if alias else device.describe()
+        self.name = f"{name} on {where}"
+        self.placement = self._placement()
+
+    # --- ℓe ---------------------------------------------------------------------------------
+    @property
+    def exit_layer(self) -> int:
+        """ℓe, fixed by the exported graphs: a different ℓe needs a new runner."""
+        return self._exit_layer
+
+    @exit_layer.setter
+    def exit_layer(self, value: int) -> None:
+        if int(value) != self._exit_layer:
+            raise ValueError(
+                f"{self.name}: exit_layer is {self._exit_layer}, fixed by its exported ONNX "
+                f"graphs; it cannot change to {value} on this runner: recompile the plan with "
+                f"exit_layer={value} (a new OrtSplitRunner exports the graphs for it)"
+            )
+
+    # --- SplitRunner ------------------------------------------------------------------------
+    def forward(
+        self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """ids, position_ids (1, T) int64; mask (1, T, length + T) bool -> logits (T, V) fp32.
+
+        Appends the T rows' K/V for every layer (length += T).
+        """
+        hidden = self._run_prefix(ids, position_ids, mask)
+        return self._logits(self._run_suffix(hidden, position_ids, mask))
+
+    def forward_prefix(
+        self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Layers [0, ℓe) on new rows -> hidden (1, T, D); writes their K/V, length unchanged."""
+        return torch.from_numpy(self._run_prefix(ids, position_ids, mask))
+
+    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Exit head (final norm + LM head) on hidden (1, T, D) -> logits (T, V) fp32."""
+        return self._logits(_host(hidden, self.dtype))
+
+    def forward_suffix(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Layers [ℓe, N) + head on the prefix's hidden (1, T, D) -> logits (T, V) fp32.
+
+        Writes these layers' K/V rows and advances the cache (length += T).
+        """
+        return self._logits(self._run_suffix(_host(hidden, self.dtype), position_ids, mask))
+
+    def rollback(self, length: int) -> None:
+        """Forget every row from `length` on, in every layer (O(1): moves the pointer)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"rollback to {length} outside [0, {self.length}]")
+        self.length = length
+
+    def keep(self, start: int, rows: Sequence[int]) -> None:
+        """Keep rows[i] at position start + i in every layer; length = start + len(rows)."""
+        rows = list(rows)
+        if any(r < start or r >= self.length for r in rows) or rows != sorted(set(rows)):
+            raise ValueError(f"rows {rows} must be increasing and within [{start}, {self.length})")
+        if rows != list(range(start, start + len(rows))):
+            self.kv.move_rows(rows, start)
+        self.length = start + len(rows)
+
+    # --- stages -----------------------------------------------------------------------------
+    def _run_prefix(self, ids, position_ids, mask) -> np.ndarray:
+        """Prefix session on ids (1, T) -> hidden (1, T, D); K/V rows of layers [0, ℓe)."""
+        t = self._check(ids.shape[1], mask)
+        binding = self.prefix.io_binding()
+        binding.bind_cpu_input("input_ids", _host(ids, np.int64))
+        layers = range(self._exit_layer)
+        return self._run_layers(self.prefix, binding, layers, t, position_ids, mask)
+
+    def _run_suffix(self, hidden: np.ndarray, position_ids, mask) -> np.ndarray:
+        """Suffix session on hidden (1, T, D) -> hidden (1, T, D); K/V rows of [ℓe, N);
+        advances the cache by T."""
+        t = self._check(hidden.shape[1], mask)
+        binding = self.suffix.io_binding()
+        binding.bind_cpu_input("hidden", hidden)
+        layers = range(self._exit_layer, self.n_layers)
+        out = self._run_layers(self.suffix, binding, layers, t, position_ids, mask)
+        self.length += t
+        return out
+
+    def _run_layers(self, session: ort.InferenceSession, binding: _Binding, layers: range,
+                    t: int, position_ids, mask) -> np.ndarray:  # fmt: skip
+        """Bind positions, mask and the layers' K/V in place; run; return hidden (1, T, D)."""
+        binding.bind_cpu_input("position_ids", _host(position_ids, np.int64))
+        binding.bind_cpu_input("mask", _host(mask, np.bool_))
+        self._bind_kv(binding, layers, t)
+        out = np.empty((1, t, self.hidden_size), self.dtype)  # (1, T, D)
+        binding.bind_output("hidden_out", "cpu", 0, self.dtype, out.shape, out.ctypes.data)
+        session.run_with_iobinding(binding)
+        return out
+
+    def _bind_kv(self, binding: _Binding, layers: range, t: int) -> None:
+        """past_*_i -> rows [0, length) and new_*_i -> rows [length, length + T) of layer i."""
+        n, mem = self.length, self.kv.memory  # (device type, id)
+        past, new = (1, n, *self.kv.row_shape), (1, t, *self.kv.row_shape)
+        for layer in layers:
+            for kind, base in self.kv.pointers(layer):
+                binding.bind_input(f"past_{kind}_{layer}", *mem, self.dtype, past, base)
+                end = base + n * self.kv.row_bytes
+                binding.bind_output(f"new_{kind}_{layer}", *mem, self.dtype, new, end)
+
+    def _logits(self, hidden: np.ndarray) -> torch.Tensor:
+        """Head session on hidden (1, T, D) -> logits (T, V) float32."""
+        binding = self.head.io_binding()
+        binding.bind_cpu_input("hidden", hidden)
+        logits = np.empty((1, hidden.shape[1], self.vocab_size), self.logits_dtype)  # (1, T, V)
+        out = ("cpu", 0, self.logits_dtype, logits.shape, logits.ctypes.data)
+        binding.bind_output("logits", *out)
+        self.head.run_with_iobinding(binding)
+        return torch.from_numpy(logits[0]).float()  # (T, V)
+
+    def _check(self, t: int, mask: torch.Tensor) -> int:
+        """T, after checking the cache has room for T rows and the mask's shape."""
+        n = self.length
+        if n + t > self.max_len:
+            raise CacheFullError(
+                f"{self.name}: KV cache holds {self.max_len} rows; writing {t} rows at {n} "
+                "would overflow it: raise max_len (the context length) when loading the model"
+            )
+        if tuple(mask.shape) != (1, t, n + t):
+            raise ValueError(f"mask shape {tuple(mask.shape)}: expected (1, {t}, {n + t})")
+        return t
+
+    def _placement(self) -> str:
+        """Which providers run the three graphs' nodes (a summary; warns on fallbacks)."""
+        if not _records_assignment_api():  # older ORT: the profile needs one run of each
+            one = torch.zeros(1, 1, dtype=torch.long)
+            self.forward(one, one, torch.ones(1, 1, 1, dtype=torch.bool))  # writes row 0 only
+            self.length = 0
+        merged: dict[str, Counter[str]] = {}
+        for session in (self.prefix, self.suffix, self.head):
+            for ep, ops in node_placement(session).items():
+                merged.setdefault(ep, Counter()).update(ops)
+        placement = {ep: dict(ops) for ep, ops in merged.items()}
+        return placement_summary(placement, self.prefix.get_providers()[0], self.name)
+
+
+def _host(t: torch.Tensor | np.ndarray, dtype: Any) -> np.ndarray:
+    """A C-contiguous numpy array of `dtype` (no copy when it already is one)."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach().cpu().numpy()
+    return np.ascontiguousarray(t, dtype=dtype)
+
+
+def _kv_interface(session: ort.InferenceSession, path: Path) -> tuple[tuple[int, int], np.dtype]:
+    """((nkv, hd), cache dtype) of an exported prefix graph; a clear error otherwise."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    if "past_k_0" not in inputs or "input_ids" not in inputs:
+        raise ValueError(f"{path} is not a prefix graph (inputs {sorted(inputs)[:6]}...)")
+    past = inputs["past_k_0"]
+    if past.type not in _NUMPY_DTYPES:
+        raise ValueError(f"{path}: KV cache type {past.type} is not supported (float, float16)")
+    return (int(past.shape[2]), int(past.shape[3])), np.dtype(_NUMPY_DTYPES[past.type])
