@@ -100,9 +100,12 @@ def _generate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import mirror_sd.api as api
 
-    args.model, args.draft, args.device_map = args.target, args.draft, args.device_map
-    print(f"[compiling {args.target} <- {args.draft} on the default device map "
-          "(torch CPU target + ONNX Runtime CPU draft, one core each)]", file=sys.stderr)  # fmt: skip
+    args.model = args.target
+    where = (
+        args.device_map
+        or "the default device map (torch CPU target + ONNX Runtime CPU draft, one core each)"
+    )
+    print(f"[compiling {args.target} <- {args.draft} on {where}]", file=sys.stderr)
     with _plan(args) as plan:
         print(api.describe(plan), file=sys.stderr)
         args.trace = args.trace or "mirror_sd_demo_trace.json"
