@@ -1,4 +1,4 @@
-"""`mirror-sd` command line: models, compile, describe, generate, demo, trace."""
+"""`mirror-sd` command line: models, compile, describe, generate, demo, trace, bench."""
 
 from __future__ import annotations
 
@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--png", default=None, help="also draw a timeline PNG of the first rounds")
     summ.add_argument("--rounds", type=int, default=4, help="rounds drawn in the PNG")
     trace.set_defaults(func=_trace)
+
+    from mirror_sd.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

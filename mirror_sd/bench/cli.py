@@ -1,0 +1,130 @@
+"""`mirror-sd bench`: Spec-Bench over hf-ar, hf-assisted, hf-pld and our ar / speculative / mirror.
+
+    mirror-sd bench --target T --draft D [--per-category N] [--max-new-tokens N]
+                    [--methods hf-ar,...,mirror] [--out DIR]
+    mirror-sd bench --from-results DIR/results.json --simulate PROFILE.json [--out DIR]
+    mirror-sd bench --from-results DIR/results.json        # re-render results.md / speedup.png
+
+Imports stay light here: torch and transformers load only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+SPEC_FLAGS = {"gamma": "num_draft_tokens", "kappa": "exit_top_k", "exit_layer": "exit_layer",
+              "branch_budget": "branch_budget", "max_len": "max_len"}  # fmt: skip
+
+
+def _speculation(args: argparse.Namespace) -> dict:
+    out = {}
+    for flag, name in SPEC_FLAGS.items():
+        v = getattr(args, flag)
+        if v is not None:
+            out[name] = v if v == "auto" else int(v)
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mirror_sd.bench import report, simulate
+    from mirror_sd.bench.methods import parse_methods
+
+    out = Path(args.out)
+    if args.from_results:
+        path = Path(args.from_results)
+        if not path.is_file():
+            raise SystemExit(f"mirror-sd bench: --from-results {path}: no such file")
+        results = json.loads(path.read_text())
+        if not args.simulate:
+            results["aggregates"] = report.aggregate(
+                results["records"], results["settings"]["methods"]
+            )
+            paths = report.write_all(results, out)
+            print(f"re-rendered {', '.join(str(p) for p in paths.values())}")
+            return 0
+    else:
+        if not args.target:
+            raise SystemExit("mirror-sd bench: give --target (and --draft), or --from-results")
+        from mirror_sd.bench.runner import BenchConfig, run_bench
+
+        try:
+            methods = parse_methods(args.methods)
+        except ValueError as e:
+            raise SystemExit(f"mirror-sd bench: --methods: {e}") from None
+        cfg = BenchConfig(
+            target=args.target, draft=args.draft, device_map=args.device_map,
+            per_category=args.per_category, max_new_tokens=args.max_new_tokens,
+            methods=methods, out=out, questions=args.questions, stop_at_eos=args.stop_at_eos,
+            hf_threads=args.hf_threads, hf_dtype=args.hf_dtype, cache=args.cache, speculation=_speculation(args),
+            progress=not args.quiet,
+        )  # fmt: skip
+        results = run_bench(cfg)
+        print((out / "results.md").read_text())
+        print(f"written to {out}/: results.json results.md speedup.png answers/ trace_mirror.json")
+    if args.simulate:
+        try:
+            sim = simulate.run_simulation(results, args.simulate, out, args.sim_exit_layer)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"mirror-sd bench --simulate: {e}") from None
+        print(simulate.markdown(sim))
+        print(f"PREDICTED figures written to {out}/simulated.json and {out}/simulated.md")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `bench` subcommand to a `mirror-sd` subparsers object."""
+    p = subparsers.add_parser(
+        "bench",
+        help="Spec-Bench: HF baselines vs our ar / speculative / mirror (and PREDICTED replays)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--target", default=None, help="target model (known name or HF folder)")
+    p.add_argument("--draft", default=None, help="draft model (known name or HF folder)")
+    p.add_argument("--device-map", default=None, help="YAML device map (default: one core each)")
+    p.add_argument("--per-category", type=int, default=1, help="questions per Spec-Bench task")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--methods", default="hf-ar,hf-assisted,hf-pld,ar,speculative,mirror",
+                   help="comma-separated subset of the default")  # fmt: skip
+    p.add_argument("--out", default="bench_results", help="output folder")
+    p.add_argument("--questions", default=None,
+                   help="Spec-Bench question.jsonl (default $MIRROR_SD_SPEC_BENCH, then "
+                        "../shared/data/spec_bench/question.jsonl beside the repo)")  # fmt: skip
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="stop every method at EOS (default: EOS disabled, equal token counts)")  # fmt: skip
+    p.add_argument(
+        "--hf-threads", type=int, default=None, help="torch threads for hf-* (default: all)"
+    )
+    p.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the transformers models (default float32)")  # fmt: skip
+    p.add_argument("--gamma", default=None, help="γ for the plan")
+    p.add_argument("--kappa", default=None, help="κ for the plan")
+    p.add_argument("--exit-layer", default=None, help="ℓe for the plan, or 'auto'")
+    p.add_argument("--branch-budget", default=None, help="branch budget, or 'auto'")
+    p.add_argument("--max-len", default=None, help="context length of the plan's KV caches")
+    p.add_argument("--cache", default=None, help="model cache folder (default $MIRROR_SD_CACHE)")
+    p.add_argument("--simulate", default=None, metavar="PROFILE",
+                   help="cost Profile JSON of other hardware: replay the rounds on it (PREDICTED)")  # fmt: skip
+    p.add_argument("--from-results", default=None, metavar="RESULTS_JSON",
+                   help="use a finished run's results.json instead of running")  # fmt: skip
+    p.add_argument("--sim-exit-layer", type=int, default=None,
+                   help="ℓe on the simulated target (default: same depth fraction)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `bench` on its own (the same as `mirror-sd bench ...`)."""
+    parser = argparse.ArgumentParser(prog="mirror-sd")
+    add_parser(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The methods a benchmark compares, all greedy, batch 1, on the same target and draft.
+
+    hf-ar        transformers `generate(do_sample=False)`                     all cores
+    hf-assisted  transformers `generate(assistant_model=draft)`               all cores
+    hf-pld       transformers `generate(prompt_lookup_num_tokens=10)`         all cores
+    ar           our plan, mode="autoregressive": the target alone on its own device
+    speculative  our plan, mode="speculative": draft then verify, no overlap
+    mirror       our plan, mode="mirror"
+
+Every method gets the same prompt token ids and the same EOS ids (an empty list: EOS
+never stops a generation, so every method produces exactly `max_new_tokens`). The HF
+models get a clean `GenerationConfig` (no repetition penalty, no sampling defaults
+from a model's generation_config.json) so that "greedy" means the same everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+HF_METHODS = ("hf-ar", "hf-assisted", "hf-pld")
+PLAN_MODES = {"ar": "autoregressive", "speculative": "speculative", "mirror": "mirror"}
+ALL_METHODS = HF_METHODS + tuple(PLAN_MODES)
+PLD_TOKENS = 10  # prompt_lookup_num_tokens, as Spec-Bench's PLD baseline
+NEAR_TIE = 1e-3  # a top-2 logit margin below this explains a mismatch by rounding
+
+
+@dataclass
+class Output:
+    """One timed generation. Round-level fields are None where a method does not expose them."""
+
+    tokens: list[int]
+    wall_s: float
+    accept_lengths: list[int] | None = None  # tokens committed per round
+    round_hits: list[bool | None] | None = None
+    round_branches: list[int] | None = None
+    draft_s: float | None = None
+    exposed_draft_s: float | None = None
+    hit_rate: float | None = None
+    trace_path: str | None = None
+
+
+def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
+    """'hf-ar,mirror' -> ('hf-ar', 'mirror'). Raises ValueError naming unknown methods."""
+    names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text)]
+    names = [m for m in names if m]
+    bad = [m for m in names if m not in ALL_METHODS]
+    if bad or not names:
+        raise ValueError(f"unknown method(s) {bad}; choose from {','.join(ALL_METHODS)}")
+    return tuple(dict.fromkeys(names))
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' per-call deprecation chatter during timed calls."""
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def load_hf_model(folder: str | Path, pad_token_id: int, dtype: str = "float32"):
+    """`AutoModelForCausalLM.from_pretrained(folder, dtype=...)` with a clean greedy config."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    model.generation_config = GenerationConfig(eos_token_id=None, pad_token_id=pad_token_id)
+    return model
+
+
+class HFMethod:
+    """A transformers `generate()` call on all cores (`threads` intra-op threads)."""
+
+    def __init__(
+        self, name: str, model, threads: int, eos: list[int], assistant=None, dtype: str = "float32"
+    ):
+        if name not in HF_METHODS:
+            raise ValueError(f"{name!r} is not an HF method ({', '.join(HF_METHODS)})")
+        self.name, self.model, self.threads, self.assistant = name, model, threads, assistant
+        self.eos, self.dtype = list(eos), dtype
+
+    def _kwargs(self) -> dict:
+        if self.name == "hf-assisted":
+            return {"assistant_model": self.assistant}
+        if self.name == "hf-pld":
+            return {"prompt_lookup_num_tokens": PLD_TOKENS}
+        return {}
+
+    def describe(self) -> dict:
+        extra = {
+            "hf-assisted": ", assistant_model=draft (transformers' default schedule)",
+            "hf-pld": f", prompt_lookup_num_tokens={PLD_TOKENS}",
+        }.get(self.name, "")
+        return {
+            "runs": f"transformers generate(do_sample=False{extra}), {self.dtype}",
+            "threads": f"torch intra-op threads {self.threads}"
+            + (" (all cores)" if self.threads == os.cpu_count() else ""),
+        }
+
+    @torch.inference_mode()
+    def generate(self, ids: list[int], max_new_tokens: int, trace: str | None = None) -> Output:
+        torch.set_num_threads(self.threads)  # per OS thread: the plan's workers keep theirs
+        x = torch.tensor([ids])
+        kw = {"eos_token_id": self.eos or None, **self._kwargs()}
+        with _quiet_transformers():
+            t0 = time.perf_counter()
+            out = self.model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                do_sample=False, **kw,
+            )  # fmt: skip
+            wall = time.perf_counter() - t0
+        tokens = out[0, len(ids) :].tolist()
+        lengths = [1] * len(tokens) if self.name == "hf-ar" else None  # one token per step
+        return Output(tokens, wall, accept_lengths=lengths)
+
+
+class PlanMethod:
+    """`plan.generate(ids, n, mode=...)` on one compiled plan (its device map splits the cores)."""
+
+    def __init__(self, name: str, plan, eos: list[int]):
+        if name not in PLAN_MODES:
+            raise ValueError(f"{name!r} is not a plan method ({', '.join(PLAN_MODES)})")
+        self.name, self.plan, self.mode, self.eos = name, plan, PLAN_MODES[name], list(eos)
+
+    def describe(self) -> dict:
+        target = f"target: {self.plan.target_device.label}"
+        if self.mode == "autoregressive" or self.plan.draft_device is None:
+            return {"runs": f"plan mode={self.mode}", "threads": f"{target}; draft idle"}
+        draft = f"draft: {self.plan.draft_device.label}{_ort_threads(self.plan)}"
+        return {"runs": f"plan mode={self.mode}", "threads": f"{target}; {draft}"}
+
+    def generate(self, ids: list[int], max_new_tokens: int, trace: str | None = None) -> Output:
+        t0 = time.perf_counter()
+        res = self.plan.generate(ids, max_new_tokens, mode=self.mode, eos_token_id=self.eos,
+                                 trace=trace)  # fmt: skip
+        wall = time.perf_counter() - t0
+        rounds = res.rounds
+        return Output(
+            res.tokens,
+            wall,
+            accept_lengths=[r.committed for r in rounds],
+            round_hits=[r.hit for r in rounds],
+            round_branches=[r.branches for r in rounds],
+            draft_s=res.stats.draft_s,
+            exposed_draft_s=res.stats.exposed_draft_s,
+            hit_rate=res.stats.hit_rate,
+            trace_path=res.trace_path,
+        )
+
+
+def _ort_threads(plan) -> str:
+    dev = plan.info.get("device_map", {}).get("devices", {}).get(plan.draft_device.alias, {})
+    if "intra_op_threads" in dev:
+        return f", intra_op_threads {dev['intra_op_threads']}"
+    return f", threads {dev['threads']}" if dev.get("threads") else ""
+
+
+def build_methods(
+    names: Sequence[str], plan, eos: list[int], hf_threads: int, hf_dtype: str = "float32"
+) -> dict:
+    """name -> method object. HF models are loaded from the plan's own model folders."""
+    tok = plan.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    hf = [n for n in names if n in HF_METHODS]
+    target = load_hf_model(plan.info["target"], pad, hf_dtype) if hf else None
+    assistant = None
+    if "hf-assisted" in names:
+        if not plan.info.get("draft"):
+            raise ValueError("hf-assisted needs a draft model: pass --draft")
+        assistant = load_hf_model(plan.info["draft"], pad, hf_dtype)
+    out = {}
+    for name in names:
+        if name in HF_METHODS:
+            out[name] = HFMethod(name, target, hf_threads, eos, assistant, hf_dtype)
+        else:
+            if name != "ar" and plan.draft is None:
+                raise ValueError(f"method {name!r} needs a draft model: pass --draft")
+            out[name] = PlanMethod(name, plan, eos)
+    return out
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """The first index where `a` and `b` differ (a length difference counts), else None."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@torch.inference_mode()
+def target_margin(plan, prompt: list[int], prefix: list[int]) -> dict:
+    """The plan's own target at the position after `prompt + prefix`: its top-2 tokens and the
+    logit margin between them (< NEAR_TIE: a near-tie that rounding can flip)."""
+    runner = plan.target
+    threads = getattr(getattr(runner, "device", None), "threads", None)
+    if threads:
+        torch.set_num_threads(threads)
+    from mirror_sd.graphs.masks import causal_mask
+
+    seq = list(prompt) + list(prefix)
+    runner.rollback(0)
+    try:
+        logits = runner.forward(
+            torch.tensor([seq]), torch.arange(len(seq)).unsqueeze(0), causal_mask(0, len(seq))
+        )[-1]  # (V,)
+    finally:
+        runner.rollback(0)
+    top = torch.topk(logits.float(), 2)
+    margin = float(top.values[0] - top.values[1])
+    return {
+        "target_top2": [[int(i), float(v)] for i, v in zip(top.indices, top.values, strict=True)],
+        "margin": margin,
+        "near_tie": margin < NEAR_TIE,
+    }

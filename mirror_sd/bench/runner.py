@@ -1,0 +1,254 @@
+"""Run Spec-Bench: every method on every question, interleaved per question.
+
+Protocol (what `results.json` records under "settings"): greedy, batch 1, the target's
+chat template applied once per question by the target tokenizer (every method gets the
+same token ids), one untimed warm-up generation per method, `time.perf_counter` around
+each generate call (prefill included, as Spec-Bench times it). By default EOS is
+disabled for every method, so every method produces exactly `max_new_tokens` tokens
+(`stop_at_eos=True` makes all of them stop at the same EOS ids instead).
+
+Every output is compared with hf-ar's (and ours with our `ar`'s); where they differ, the
+first differing position and the plan's target's top-2 logit margin there are recorded,
+so a mismatch is explained as a near-tie or reported as a bug, never hidden.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mirror_sd.bench import report
+from mirror_sd.bench.methods import (
+    ALL_METHODS,
+    NEAR_TIE,
+    build_methods,
+    first_difference,
+    target_margin,
+)
+from mirror_sd.bench.specbench import Question, default_path, load_questions
+
+SCHEMA = "mirror-sd-bench/1"
+TRACE_FILE = "trace_mirror.json"
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run. `speculation` holds SpecConfig overrides for the compiled plan."""
+
+    target: str
+    draft: str | None
+    device_map: str | None = None
+    per_category: int = 1
+    max_new_tokens: int = 64
+    methods: tuple[str, ...] = ALL_METHODS
+    out: Path = Path("bench_results")
+    questions: str | None = None  # question.jsonl; None: specbench.default_path()
+    stop_at_eos: bool = False
+    hf_threads: int | None = None  # None: every core (os.cpu_count())
+    hf_dtype: str = "float32"  # dtype of the transformers models (hf-* methods)
+    cache: str | None = None
+    onnx_dir: str | None = None
+    speculation: dict = field(default_factory=dict)
+    warmup: bool = True
+    progress: bool = True
+    command: str | None = None  # the command line to record; None: sys.argv
+
+
+def machine_info() -> dict:
+    """CPU model, core count, memory, OS and the load average when the run started."""
+    cpu = platform.processor() or "unknown"
+    with_file = Path("/proc/cpuinfo")
+    if with_file.is_file():
+        for line in with_file.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = None
+    if Path("/proc/meminfo").is_file():
+        first = Path("/proc/meminfo").read_text().splitlines()[0].split()
+        mem = round(int(first[1]) / 2**20, 1)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "load_average_at_start": list(load) if load else None}  # fmt: skip
+
+
+def versions() -> dict:
+    """Installed versions of the libraries whose behaviour the numbers depend on."""
+    out = {}
+    for dist in ("mirror-sd", "torch", "transformers", "onnxruntime", "tokenizers", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _command_line() -> str:
+    prog = Path(sys.argv[0])
+    head = ["python", "-m", "mirror_sd.bench.cli"] if prog.match("bench/cli.py") else [prog.name]
+    return shlex.join([*head, *sys.argv[1:]])
+
+
+def _record(q: Question, name: str, prompt: list[int], out, tok) -> dict:
+    n = len(out.tokens)
+    exposed = out.exposed_draft_s
+    return {
+        "question_id": q.question_id, "category": q.category, "task": q.task, "method": name,
+        "prompt_tokens": len(prompt), "tokens": out.tokens, "new_tokens": n,
+        "wall_time": out.wall_s, "tokens_per_s": n / out.wall_s if out.wall_s > 0 else 0.0,
+        "accept_lengths": out.accept_lengths, "round_hits": out.round_hits,
+        "round_branches": out.round_branches, "hit_rate": out.hit_rate,
+        "draft_s": out.draft_s, "exposed_draft_s": exposed,
+        "exposed_draft_fraction": exposed / out.wall_s if exposed is not None else None,
+        "text": tok.decode(out.tokens, skip_special_tokens=True).strip(),
+    }  # fmt: skip
+
+
+def _verdict(r: dict, ref: str, m: dict, dtypes: tuple[str, str]) -> str:
+    """Why `r` differs from `ref` at the first differing token, as far as the numbers tell."""
+    if m["near_tie"]:
+        return f"near-tie: top-2 margin {m['margin']:.1e} < {NEAR_TIE:g}, rounding can flip it"
+    ours, hf = dtypes
+    if ref == "hf-ar" and r.get("identical_to_ar"):
+        return (f"equals our target's own greedy output (`ar`): our target ({ours}) and "
+                f"{hf} disagree here numerically")  # fmt: skip
+    return "NOT a near-tie and not explained: investigate"
+
+
+def _check(records: list[dict], plan, prompt: list[int], dtypes: tuple[str, str]) -> None:
+    """Fill identical_to_hf_ar / identical_to_ar and explain every mismatch (one question).
+
+    `dtypes`: (our target's device label, the HF models' label), for the verdicts."""
+    by = {r["method"]: r for r in records}
+    for r in records:
+        r["mismatches"] = {}
+        for ref, key in (("ar", "identical_to_ar"), ("hf-ar", "identical_to_hf_ar")):
+            if ref not in by or (ref == "ar" and r["method"].startswith("hf-")):
+                r[key] = None
+                continue
+            ref_toks = by[ref]["tokens"]
+            pos = first_difference(r["tokens"], ref_toks)
+            r[key] = pos is None
+            if pos is None:
+                continue
+            m = {"position": pos,
+                 "reference_token": ref_toks[pos] if pos < len(ref_toks) else None,
+                 "token": r["tokens"][pos] if pos < len(r["tokens"]) else None}  # fmt: skip
+            m.update(target_margin(plan, prompt, ref_toks[:pos]))
+            m["verdict"] = _verdict(r, ref, m, dtypes)
+            r["mismatches"][ref] = m
+
+
+def _plan_info(plan) -> dict:
+    import mirror_sd.api as api
+
+    return {
+        "spec": asdict(plan.spec),
+        "device_map": plan.info.get("device_map"),
+        "target_device": plan.target_device.label,
+        "draft_device": plan.draft_device.label if plan.draft_device else None,
+        "num_layers": sum(1 for s in plan.info["graph"].names() if s.startswith("target.layers.")),
+        "exit_layer": plan.target.exit_layer,
+        "describe": api.describe(plan),
+    }
+
+
+def _settings(cfg: BenchConfig, eos: list[int], qpath: Path, hf_threads: int) -> dict:
+    return {
+        "per_category": cfg.per_category, "max_new_tokens": cfg.max_new_tokens,
+        "methods": list(cfg.methods), "greedy": True, "batch_size": 1,
+        "eos_policy": "stop at the same EOS ids for every method" if cfg.stop_at_eos
+        else "EOS disabled for every method: exactly max_new_tokens tokens each",
+        "eos_token_ids": eos, "hf_threads": hf_threads, "hf_dtype": cfg.hf_dtype,
+        "prompt": "first turn; the target tokenizer's chat template, applied once per question",
+        "warmup": "one untimed generation per method on the first question" if cfg.warmup
+        else "none",
+        "timing": "time.perf_counter around each generate call, prefill included",
+        "order": "interleaved: every method on question 1, then question 2, ...",
+        "questions_file": str(qpath), "speculation_overrides": cfg.speculation,
+    }  # fmt: skip
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Compile one plan, run every method on every question, write the reports into `cfg.out`.
+
+    Returns:
+        The results dict written to `results.json`.
+    Raises:
+        SpecBenchNotFoundError, ValueError (bad methods or config), and whatever
+        `mirror_sd.compile` raises for the models and device map.
+    """
+    import mirror_sd.api as api
+    from mirror_sd.runtime.prompts import encode_prompt, eos_token_ids
+
+    qpath = Path(cfg.questions) if cfg.questions else default_path()
+    questions = load_questions(qpath, cfg.per_category)
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_threads = cfg.hf_threads or os.cpu_count() or 1
+    command = cfg.command or _command_line()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    machine = machine_info()
+    with api.compile(cfg.target, cfg.draft, cfg.device_map, cache=cfg.cache,
+                     onnx_dir=cfg.onnx_dir, **cfg.speculation) as plan:  # fmt: skip
+        eos = (
+            sorted(eos_token_ids(plan.tokenizer, plan.generation_config)) if cfg.stop_at_eos else []
+        )
+        methods = build_methods(cfg.methods, plan, eos, hf_threads, cfg.hf_dtype)
+        prompts = [encode_prompt(plan.tokenizer, q.text, chat=True) for q in questions]
+        if cfg.warmup:
+            for m in methods.values():
+                m.generate(prompts[0], cfg.max_new_tokens)
+        records = _run_all(questions, prompts, methods, plan, cfg)
+        trace = None
+        if "mirror" in methods:  # untimed: one traced mirror run on the first question
+            res = methods["mirror"].generate(prompts[0], cfg.max_new_tokens,
+                                             trace=str(out_dir / TRACE_FILE))  # fmt: skip
+            trace = {"file": TRACE_FILE, "question_id": questions[0].question_id,
+                     "note": "an extra untimed mirror run; open in ui.perfetto.dev",
+                     "tokens_per_s": len(res.tokens) / res.wall_s}  # fmt: skip
+        results = {
+            "schema": SCHEMA, "date": started, "command": command, "machine": machine,
+            "versions": versions(),
+            "models": {"target": cfg.target, "target_folder": plan.info["target"],
+                       "draft": cfg.draft, "draft_folder": plan.info.get("draft")},
+            "settings": _settings(cfg, eos, qpath, hf_threads), "plan": _plan_info(plan),
+            "threads": {name: m.describe() for name, m in methods.items()},
+            "questions": [{**asdict(q), "prompt_tokens": len(p)}
+                          for q, p in zip(questions, prompts, strict=True)],
+            "records": records, "trace": trace,
+        }  # fmt: skip
+    results["aggregates"] = report.aggregate(records, list(cfg.methods))
+    results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    report.write_all(results, out_dir)
+    return results
+
+
+def _run_all(questions, prompts, methods: dict, plan, cfg: BenchConfig) -> list[dict]:
+    records = []
+    bar = tqdm(total=len(questions) * len(methods), desc="spec-bench", unit="gen",
+               disable=not cfg.progress)  # fmt: skip
+    try:
+        for q, prompt in zip(questions, prompts, strict=True):
+            group = []
+            for name, method in methods.items():
+                bar.set_postfix_str(f"{q.task} q{q.question_id} {name}")
+                out = method.generate(prompt, cfg.max_new_tokens)
+                group.append(_record(q, name, prompt, out, plan.tokenizer))
+                group[-1]["tstamp"] = time.time()
+                bar.update()
+            _check(group, plan, prompt, (plan.target_device.label, f"transformers {cfg.hf_dtype}"))
+            records += group
+    finally:
+        bar.close()
+    return records

@@ -1,0 +1,198 @@
+"""Replay measured rounds on hardware we do not have: every figure here is PREDICTED.
+
+Input: a benchmark's `results.json` (per round: tokens committed, hit or miss, branches
+rolled out) and a cost `Profile` of other hardware. Each recorded round is re-timed on a
+`SimDevice` with MIRROR_SD.md's latency model, keeping the measured acceptance and hits:
+
+    ar           every token: t_T(1)
+    speculative  every round: γ·t_d(1) + t_T(γ+1)
+    mirror       every round: t_T(γ+1) + t_exit + t_sync + max(0, t_chan + γ·t_d(B) − t_suf)
+                 + γ·t_d(1) when the round before missed (and before the first round)
+
+A closed-form prediction from the pooled averages (E[T_round] with the mean hit rate and
+branch count; speedup = L̄·t_T(1)/E[T_round]) is given beside the replay. Prefill is not
+in the profile, so all PREDICTED times are decode-only. The exit layer keeps its depth
+fraction: ℓe_sim = round(ℓe/N_run · N_profile) unless given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mirror_sd.bench.report import OVERALL
+from mirror_sd.bench.specbench import TASKS
+from mirror_sd.devices.sim_device import SimDevice
+from mirror_sd.partition.cost_model import Profile, mirror_round_time, vanilla_round_time
+from mirror_sd.runtime.profiling import CALIBRATION_TEXT, profile
+
+PREDICTED = "PREDICTED"
+MODES = ("ar", "speculative", "mirror")
+
+
+def measure_profile(plan, text: str = CALIBRATION_TEXT, max_block: int = 16,
+                    description: str = "") -> Profile:  # fmt: skip
+    """Measure a `Profile` of this machine from a compiled plan's own runners (t_T(1..max_block),
+    t_d(1, 2, 4, 8, 16), exit head, logit-lens agreement, draft agreement as α)."""
+    import torch
+
+    if plan.draft is None:
+        raise ValueError("measure_profile needs a plan with a draft model")
+    threads = getattr(plan.target.device, "threads", None)
+    if threads:  # time the target with the thread count its pipeline uses
+        torch.set_num_threads(threads)
+    lens = getattr(plan.target, "model", None)  # a torch target is its own logit lens
+    if lens is None:
+        from mirror_sd.graphs.loader import load_model
+
+        lens = load_model(plan.info["target"], "float32")
+    ids = plan.tokenizer(text)["input_ids"]
+    return profile(plan.target, plan.draft, lens_model=lens, calibration_ids=ids,
+                   max_block=max_block, description=description)  # fmt: skip
+
+
+def _round_times(dev: SimDevice, mode: str, rec: dict, gamma: int, exit_layer: int) -> list[float]:
+    """PREDICTED seconds of each recorded round of `rec` (a results.json record)."""
+    if mode == "ar":
+        return [dev.time_target(1)] * rec["new_tokens"]
+    block = gamma + 1
+    if mode == "speculative":
+        return [vanilla_round_time(dev.time_target(block), dev.time_draft(1), gamma)
+                for _ in rec["accept_lengths"]]  # fmt: skip
+    t_suf = dev.time_suffix(block, exit_layer)
+    times, missed_before = [], True  # the first round drafts a fresh chain
+    for hit, branches in zip(rec["round_hits"], rec["round_branches"], strict=True):
+        t_rollout = dev.time_draft(branches) if branches else 0.0
+        exposed = max(0.0, dev.t_chan + gamma * t_rollout - t_suf) if branches else 0.0
+        chain = gamma * dev.time_draft(1) if missed_before else 0.0
+        times.append(dev.time_target(block) + dev.time_exit_head() + dev.t_sync + exposed + chain)
+        missed_before = hit is not True
+    return times
+
+
+def _formula(dev: SimDevice, mode: str, rows: list[dict], gamma: int, exit_layer: int) -> dict:
+    """Closed-form PREDICTED speedup over ar from pooled averages of `rows`."""
+    lengths = [x for r in rows for x in r["accept_lengths"]]
+    mean_len = sum(lengths) / len(lengths)
+    t_block = dev.time_target(gamma + 1)
+    if mode == "speculative":
+        t_round, h, b = vanilla_round_time(t_block, dev.time_draft(1), gamma), None, None
+    else:
+        hits = [x for r in rows for x in r["round_hits"] if x is not None]
+        branches = [x for r in rows for x in r["round_branches"] if x]
+        h = sum(hits) / len(hits) if hits else 0.0
+        b = sum(branches) / len(branches) if branches else 1.0
+        t_round = mirror_round_time(
+            t_block + dev.time_exit_head(), dev.time_suffix(gamma + 1, exit_layer),
+            dev.time_draft(max(1.0, b)), dev.time_draft(1), gamma, h, dev.t_sync, dev.t_chan,
+        )  # fmt: skip
+    return {"predicted_tokens_per_round": mean_len, "predicted_round_s": t_round,
+            "hit_rate": h, "mean_branches": b,
+            "predicted_speedup_vs_ar": mean_len * dev.time_target(1) / t_round}  # fmt: skip
+
+
+def scaled_exit_layer(results: dict, num_layers: int) -> int:
+    """ℓe at the same depth fraction on a target of `num_layers` layers."""
+    plan = results["plan"]
+    layer = round(plan["exit_layer"] / plan["num_layers"] * num_layers)
+    return min(max(1, layer), num_layers - 1)
+
+
+def simulate(results: dict, prof: Profile, exit_layer: int | None = None) -> dict:
+    """PREDICTED per-question and aggregate times and speedups of ar / speculative / mirror.
+
+    Raises:
+        ValueError: the results hold no round logs of speculative or mirror to replay.
+    """
+    dev = SimDevice(prof)
+    gamma = int(results["plan"]["spec"]["num_draft_tokens"])
+    layer = exit_layer or scaled_exit_layer(results, prof.num_layers)
+    recs = [r for r in results["records"] if r["method"] in MODES]
+    modes = [m for m in MODES if any(r["method"] == m for r in recs)]
+    if not {"speculative", "mirror"} & set(modes):
+        raise ValueError("nothing to replay: the results have no speculative or mirror records")
+    per_q = []
+    for r in recs:
+        t = sum(_round_times(dev, r["method"], r, gamma, layer))
+        t_ar = r["new_tokens"] * dev.time_target(1)
+        per_q.append({"question_id": r["question_id"], "task": r["task"], "method": r["method"],
+                      "new_tokens": r["new_tokens"], "predicted_decode_s": t,
+                      "predicted_tokens_per_s": r["new_tokens"] / t,
+                      "predicted_speedup_vs_ar": t_ar / t})  # fmt: skip
+    agg = {m: _aggregate([q for q in per_q if q["method"] == m], dev) for m in modes}
+    formula = {
+        m: _formula(dev, m, [r for r in recs if r["method"] == m], gamma, layer)
+        for m in modes
+        if m != "ar"
+    }
+    assumptions = [
+        "decode only: prefill is not in the profile",
+        "measured acceptance, hits and branch counts are kept; only the timings change",
+        f"exit layer {layer} of {prof.num_layers} (same depth fraction as the measured run)",
+        "target layers cost the same: t_pre = (ℓe/N)·t_T",
+    ]
+    if dev.extrapolated:
+        assumptions.append(f"linearly extrapolated beyond the profile: {sorted(dev.extrapolated)}")
+    return {
+        "label": PREDICTED, "profile": prof.to_dict(), "gamma": gamma, "exit_layer": layer,
+        "source": {"command": results.get("command"), "date": results.get("date"),
+                   "models": results.get("models")},
+        "assumptions": assumptions, "per_question": per_q,
+        "aggregates": agg, "formula": formula,
+    }  # fmt: skip
+
+
+def _aggregate(rows: list[dict], dev: SimDevice) -> dict:
+    out = {}
+    for task in (*TASKS, OVERALL):
+        g = rows if task == OVERALL else [q for q in rows if q["task"] == task]
+        if not g:
+            continue
+        tps = sum(q["predicted_tokens_per_s"] for q in g) / len(g)
+        out[task] = {"predicted_tokens_per_s": tps,
+                     "predicted_speedup_vs_ar": tps * dev.time_target(1)}  # fmt: skip
+    return out
+
+
+def markdown(sim: dict) -> str:
+    """simulated.md: every number under a PREDICTED heading or column."""
+    p = sim["profile"]
+    lines = [f"# {PREDICTED} Spec-Bench speedups on simulated hardware", "",
+             f"Profile: {p['description'] or '(no description)'}", "",
+             f"γ={sim['gamma']}, ℓe={sim['exit_layer']}/{p['num_layers']}; replayed from "
+             f"`{sim['source']['command']}` ({sim['source']['date']}).", "",
+             *[f"- assumption: {a}" for a in sim["assumptions"]], ""]  # fmt: skip
+    agg = sim["aggregates"]
+    tasks = [t for t in (*TASKS, OVERALL) if t in next(iter(agg.values()))]
+    lines += [f"## {PREDICTED} speedup vs ar (replay of measured rounds)", "",
+              "| method | " + " | ".join(tasks) + " |", "|" + " --- |" * (len(tasks) + 1)]  # fmt: skip
+    for m, by_task in agg.items():
+        cells = [f"{by_task[t]['predicted_speedup_vs_ar']:.2f}× {PREDICTED}" for t in tasks]
+        lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
+    lines += ["", f"## {PREDICTED} closed form (pooled averages, MIRROR_SD.md latency model)", "",
+              f"| method | tokens/round | hit rate | mean branches | {PREDICTED} round | "
+              f"{PREDICTED} speedup vs ar |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for m, f in sim["formula"].items():
+        h = "–" if f["hit_rate"] is None else f"{f['hit_rate']:.0%}"
+        b = "–" if f["mean_branches"] is None else f"{f['mean_branches']:.1f}"
+        lines.append(f"| `{m}` | {f['predicted_tokens_per_round']:.2f} | {h} | {b} | "
+                     f"{f['predicted_round_s'] * 1e3:.2f} ms | "
+                     f"{f['predicted_speedup_vs_ar']:.2f}× {PREDICTED} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def run_simulation(results: dict | str | Path, profile_path: str | Path, out: str | Path,
+                   exit_layer: int | None = None) -> dict:  # fmt: skip
+    """Load results (dict or results.json path) and a profile JSON; write simulated.json/.md."""
+    if not isinstance(results, dict):
+        path = Path(results)
+        if not path.is_file():
+            raise FileNotFoundError(f"--from-results {path}: no such file")
+        results = json.loads(path.read_text())
+    sim = simulate(results, Profile.load(profile_path), exit_layer)
+    sim["profile_file"] = str(profile_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "simulated.json").write_text(json.dumps(sim, indent=1) + "\n")
+    (out / "simulated.md").write_text(markdown(sim))
+    return sim
