@@ -2,7 +2,7 @@
 
 import mirror_sd
 plan = mirror_sd.compile("qwen2.5-coder-1.5b", draft="qwen2.5-coder-0.5b",
-                         device_map="examples/device_maps/cpu_cpu.yaml")
+                         device_map="examples/device_maps/ort_ort_cpu.yaml")
 print(mirror_sd.describe(plan))
 print(plan.generate("Write a haiku about caches.", max_new_tokens=64).text)
 """

@@ -49,7 +49,8 @@ class TokenizerMismatchError(ValueError):
 
 
 def default_device_map() -> DeviceMap:
-    """The packaged default: target on torch CPU, draft on ONNX Runtime CPU, one core each."""
+    """The packaged default (examples/device_maps/ort_ort_cpu.yaml): target and int8 draft in
+    ONNX Runtime on the CPU, one core each."""
     text = resources.files("mirror_sd.device_maps").joinpath("default.yaml").read_text()
     return load_device_map(text)
 
@@ -167,7 +168,7 @@ def compile(
     Args:
         target, draft: a known model name (`mirror-sd models list`) or a local HF folder.
         device_map: a YAML path/text, a dict, a `DeviceMap`, or None for the default
-            (torch CPU target + ONNX Runtime CPU draft, one core each).
+            (target and int8 draft in ONNX Runtime on the CPU, one core each).
         cache: the model cache folder (default $MIRROR_SD_CACHE or ~/.cache/mirror-sd).
         onnx_dir: where exported draft stages are cached (default <cache>/onnx).
         profile_data: a measured `Profile` to use instead of profiling now.
@@ -211,7 +212,9 @@ def compile(
         ids = t_tok(CALIBRATION_TEXT)["input_ids"]
         prof = profile_data or profile(t_runner, d_runner, t_model, ids, max_block=spec.num_draft_tokens + 1,
                                        description=f"{target} <- {draft}")  # fmt: skip
-        choice = choose(prof, spec)
+        # maximize predicted speedup: a hidden draft with a near-zero hit rate (an early ℓe
+        # whose exit head rarely contains the verdict) loses to a later ℓe that hits
+        choice = choose(prof, spec, prefer_hidden=False)
         spec = choice.spec
     elif auto:  # no draft: nothing to tune
         spec = spec.with_(exit_layer=exit_layer, branch_budget=DEFAULT_BUDGET_WITHOUT_PROFILE)
@@ -219,6 +222,7 @@ def compile(
         if isinstance(t_runner, TorchRunner):
             t_runner.exit_layer = spec.exit_layer
         else:  # exported prefix/suffix graphs fix ℓe: export the chosen split
+            del t_runner  # free the provisional split's sessions before exporting the next
             t_runner = _ort_target(
                 dm.devices[t_alias], t_model, t_folder, spec.exit_layer, spec.max_len, onnx_root
             )

@@ -103,7 +103,7 @@ def _demo(args: argparse.Namespace) -> int:
     args.model = args.target
     where = (
         args.device_map
-        or "the default device map (torch CPU target + ONNX Runtime CPU draft, one core each)"
+        or "the default device map (target and int8 draft in ONNX Runtime on the CPU, one core each)"
     )
     print(f"[compiling {args.target} <- {args.draft} on {where}]", file=sys.stderr)
     with _plan(args) as plan:
@@ -130,7 +130,11 @@ def _trace(args: argparse.Namespace) -> int:
 
 def _add_plan_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--draft", default=None, help="draft model (name or HF folder)")
-    p.add_argument("--device-map", default=None, help="YAML device map (default: cpu_cpu)")
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help="YAML device map (default: examples/device_maps/ort_ort_cpu.yaml)",
+    )
     p.add_argument("--mode", choices=["mirror", "speculative", "autoregressive"], default=None)
     p.add_argument("--gamma", type=int, default=None, help="γ, draft tokens per round")
     p.add_argument("--kappa", type=int, default=None, help="κ, exit candidates per position")

@@ -26,6 +26,14 @@ devices:
 placement: {target: a, draft: b}
 """
 
+TORCH_TARGET_ORT_DRAFT = """
+version: 1
+devices:
+  a: {backend: torch, device: cpu, threads: 1}
+  b: {backend: onnxruntime, providers: [CPUExecutionProvider: {}], intra_op_threads: 1, quantize: int8}
+placement: {target: a, draft: b}
+"""
+
 pytestmark = pytest.mark.real_model
 
 
@@ -77,8 +85,8 @@ def test_mirror_self_speculation_on_real_weights(smollm2):
 def test_qwen_pair_on_onnxruntime_is_lossless():
     if not all(zoo.is_materialized(m) for m in ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")):
         pytest.skip("run `mirror-sd models fetch qwen2.5-coder-1.5b` and `... 0.5b` first")
-    with api.compile("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", exit_layer=20, branch_budget=6,
-                     max_len=1024) as plan:  # fmt: skip
+    with api.compile("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", TORCH_TARGET_ORT_DRAFT,
+                     exit_layer=20, branch_budget=6, max_len=1024) as plan:  # fmt: skip
         prompt = "Write a Python function that checks whether a number is prime."
         ar = plan.generate(prompt, 32, mode="autoregressive")
         for mode in ("speculative", "mirror"):

@@ -306,9 +306,9 @@ def test_examples_are_all_present():
     assert cpu.devices["ortcpu"].providers == (("CPUExecutionProvider", {}),)
     assert cpu.devices["ortcpu"].intra_op_threads == 1
     assert cpu.devices["ortcpu"].quantize == "int8"
-    # the packaged default map (what compile() uses without a map) is this example
+    # the packaged default map (what compile() uses without a map) is ort_ort_cpu.yaml
     packaged = EXAMPLES.parents[1] / "mirror_sd" / "device_maps" / "default.yaml"
-    assert packaged.read_text() == (EXAMPLES / "cpu_cpu.yaml").read_text()
+    assert packaged.read_text() == (EXAMPLES / "ort_ort_cpu.yaml").read_text()
 
 
 def test_reference_doc_lists_every_spec_config_default():
