@@ -259,6 +259,49 @@ def _with_spec(dm: DeviceMap, spec: SpecConfig) -> DeviceMap:
     return DeviceMap(dm.devices, dm.placement, spec, dm.source)
 
 
+def quantization_report(
+    model: str | Path,
+    text: str = CALIBRATION_TEXT,
+    cache: str | Path | None = None,
+    onnx_dir: str | Path | None = None,
+    threads: int = 1,
+) -> dict:
+    """Export `model` in fp32 and int8 (cached) and report the int8 model's teacher-forced top-1
+    agreement with fp32 over `text` plus the median step time of each on one token.
+
+    This is what quantizing a draft risks: only its acceptance rate, never the output.
+    """
+    import time
+
+    from mirror_sd.runtime.profiling import teacher_forced_agreement
+
+    folder = zoo.resolve_model(model, cache=cache)
+    onnx_root = Path(onnx_dir) if onnx_dir else zoo.cache_dir(cache) / "onnx"
+    torch_model = load_model(folder, "float32")
+    dev = OrtDevice(intra_op_threads=threads, inter_op_threads=1)
+    runners = {}
+    for q in (None, "int8"):
+        path = export_cached(torch_model, onnx_root, source_identity(folder), quantize=q)
+        runners[q or "fp32"] = OrtRunner(path, dev, 4096, name=q or "fp32")
+    del torch_model
+    ids = load_tokenizer(folder)(text)["input_ids"]
+    out = {"model": str(model), "tokens": len(ids),
+           "top1_agreement": teacher_forced_agreement(runners["fp32"], runners["int8"], ids)}  # fmt: skip
+    for name, r in runners.items():
+        times = []
+        for _ in range(5):
+            r.rollback(0)
+            t0 = time.perf_counter()
+            r.forward(
+                torch.tensor([[ids[0]]]),
+                torch.zeros(1, 1, dtype=torch.long),
+                torch.ones(1, 1, 1, dtype=torch.bool),
+            )
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_step_ms"] = round(sorted(times)[2] * 1e3, 1)
+    return out
+
+
 def save(plan: Plan, folder: str | Path) -> Path:
     """Write plan.yaml (fully expanded), graph.json, profile.json and the ONNX draft files."""
     folder = Path(folder)

@@ -122,6 +122,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quant(args: argparse.Namespace) -> int:
+    import mirror_sd.api as api
+
+    text = Path(args.text).read_text() if args.text else None
+    kwargs = {"text": text} if text else {}
+    print(
+        json.dumps(
+            api.quantization_report(args.model, cache=args.cache, threads=args.threads, **kwargs),
+            indent=1,
+        )
+    )
+    return 0
+
+
 def _trace(args: argparse.Namespace) -> int:
     from mirror_sd.runtime import trace_tools
 
@@ -191,6 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_args(demo, "target")
     _add_generation_args(demo)
     demo.set_defaults(func=_demo, draft=DEMO_DRAFT, max_new_tokens=64)
+
+    quant = sub.add_parser(
+        "quantize-check", help="int8 vs fp32 top-1 agreement and step time of an exported model"
+    )
+    quant.add_argument(
+        "model", help="a known model name or a local HF folder (typically the draft)"
+    )
+    quant.add_argument(
+        "--text",
+        default=None,
+        help="a text file to measure on (default: a built-in calibration text)",
+    )
+    quant.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    quant.add_argument(
+        "--cache", default=None, help="model cache folder (default $MIRROR_SD_CACHE)"
+    )
+    quant.set_defaults(func=_quant)
 
     trace = sub.add_parser("trace", help="inspect a Chrome trace written by --trace")
     tsub = trace.add_subparsers(dest="trace_cmd", required=True)

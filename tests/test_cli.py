@@ -30,3 +30,12 @@ def test_models_list(tmp_path, capsys, monkeypatch):
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m" in out and "qwen2.5-coder-1.5b" in out and "not fetched" in out
+
+
+def test_quantize_check_reports_agreement(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MIRROR_SD_CACHE", str(tmp_path / "cache"))
+    d = save_tiny_with_tokenizer(make_tiny("llama", seed=1, num_hidden_layers=1), tmp_path / "d")
+    assert main(["quantize-check", str(d)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0.0 <= report["top1_agreement"] <= 1.0 and report["tokens"] > 10
+    assert report["fp32_step_ms"] > 0 and report["int8_step_ms"] > 0

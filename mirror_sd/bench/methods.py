@@ -26,7 +26,16 @@ import torch
 
 HF_METHODS = ("hf-ar", "hf-assisted", "hf-pld")
 PLAN_MODES = {"ar": "autoregressive", "speculative": "speculative", "mirror": "mirror"}
-ALL_METHODS = HF_METHODS + tuple(PLAN_MODES)
+# model-free draft sources (SpecConfig.retrieval): alone on the target device, or with mirror
+RETRIEVAL_METHODS = {
+    "pld": {"mode": "speculative", "retrieval": "pld", "model_draft": False},
+    "sam": {"mode": "speculative", "retrieval": "sam", "model_draft": False},
+    "hd": {"mode": "speculative", "retrieval": "hd", "model_draft": False},
+    "mirror+sam": {"mode": "mirror", "retrieval": "sam"},
+}
+PLAN_METHODS = {**{k: {"mode": v} for k, v in PLAN_MODES.items()}, **RETRIEVAL_METHODS}
+ALL_METHODS = HF_METHODS + tuple(PLAN_MODES)  # the default set
+KNOWN_METHODS = HF_METHODS + tuple(PLAN_METHODS)
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as Spec-Bench's PLD baseline
 NEAR_TIE = 1e-3  # a top-2 logit margin below this explains a mismatch by rounding
 
@@ -50,9 +59,9 @@ def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
     """'hf-ar,mirror' -> ('hf-ar', 'mirror'). Raises ValueError naming unknown methods."""
     names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text)]
     names = [m for m in names if m]
-    bad = [m for m in names if m not in ALL_METHODS]
+    bad = [m for m in names if m not in KNOWN_METHODS]
     if bad or not names:
-        raise ValueError(f"unknown method(s) {bad}; choose from {','.join(ALL_METHODS)}")
+        raise ValueError(f"unknown method(s) {bad}; choose from {','.join(KNOWN_METHODS)}")
     return tuple(dict.fromkeys(names))
 
 
@@ -132,21 +141,28 @@ class PlanMethod:
     """`plan.generate(ids, n, mode=...)` on one compiled plan (its device map splits the cores)."""
 
     def __init__(self, name: str, plan, eos: list[int]):
-        if name not in PLAN_MODES:
-            raise ValueError(f"{name!r} is not a plan method ({', '.join(PLAN_MODES)})")
-        self.name, self.plan, self.mode, self.eos = name, plan, PLAN_MODES[name], list(eos)
+        if name not in PLAN_METHODS:
+            raise ValueError(f"{name!r} is not a plan method ({', '.join(PLAN_METHODS)})")
+        self.name, self.plan, self.eos = name, plan, list(eos)
+        self.settings = PLAN_METHODS[name]
+        self.mode = self.settings["mode"]
 
     def describe(self) -> dict:
         target = f"target: {self.plan.target_device.label}"
-        if self.mode == "autoregressive" or self.plan.draft_device is None:
-            return {"runs": f"plan mode={self.mode}", "threads": f"{target}; draft idle"}
+        runs = "plan " + ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        if (
+            self.mode == "autoregressive"
+            or self.plan.draft_device is None
+            or not self.settings.get("model_draft", True)
+        ):
+            return {"runs": runs, "threads": f"{target}; draft idle"}
         draft = f"draft: {self.plan.draft_device.label}{_ort_threads(self.plan)}"
-        return {"runs": f"plan mode={self.mode}", "threads": f"{target}; {draft}"}
+        return {"runs": runs, "threads": f"{target}; {draft}"}
 
     def generate(self, ids: list[int], max_new_tokens: int, trace: str | None = None) -> Output:
         t0 = time.perf_counter()
-        res = self.plan.generate(ids, max_new_tokens, mode=self.mode, eos_token_id=self.eos,
-                                 trace=trace)  # fmt: skip
+        res = self.plan.generate(ids, max_new_tokens, eos_token_id=self.eos, trace=trace,
+                                 **self.settings)  # fmt: skip
         wall = time.perf_counter() - t0
         rounds = res.rounds
         return Output(
@@ -187,7 +203,7 @@ def build_methods(
         if name in HF_METHODS:
             out[name] = HFMethod(name, target, hf_threads, eos, assistant, hf_dtype)
         else:
-            if name != "ar" and plan.draft is None:
+            if PLAN_METHODS.get(name, {}).get("model_draft", name != "ar") and plan.draft is None:
                 raise ValueError(f"method {name!r} needs a draft model: pass --draft")
             out[name] = PlanMethod(name, plan, eos)
     return out

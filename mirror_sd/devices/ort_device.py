@@ -30,16 +30,9 @@ import onnxruntime as ort
 import torch
 
 from mirror_sd.graphs.kv_cache import CacheFullError
+from mirror_sd.partition.device_map import ORT_PROVIDERS
 
-STANDARD_PROVIDERS = (
-    "CPUExecutionProvider",
-    "CUDAExecutionProvider",
-    "TensorrtExecutionProvider",
-    "OpenVINOExecutionProvider",
-    "QNNExecutionProvider",
-    "CoreMLExecutionProvider",
-    "DmlExecutionProvider",
-)
+STANDARD_PROVIDERS = ORT_PROVIDERS  # the execution providers a device map may name
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -318,7 +311,30 @@ def _identity_model(dtype: np.dtype, row_shape: tuple[int, ...]) -> bytes:
     return model.SerializeToString()
 
 
-class OrtRunner:
+class RowCacheMixin:
+    """Length-pointer semantics of a preallocated KV cache `self.kv` (as `StaticKVCache`)."""
+
+    length: int
+    kv: _HostKV | _DeviceKV
+
+    def rollback(self, length: int) -> None:
+        """Forget every row from `length` on, in every layer (O(1): moves the pointer)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"rollback to {length} outside [0, {self.length}]")
+        self.length = length
+
+    def keep(self, start: int, rows: Sequence[int]) -> None:
+        """Keep rows[i] at position start + i in every layer (a winning branch);
+        length = start + len(rows)."""
+        rows = list(rows)
+        if any(r < start or r >= self.length for r in rows) or rows != sorted(set(rows)):
+            raise ValueError(f"rows {rows} must be increasing and within [{start}, {self.length})")
+        if rows != list(range(start, start + len(rows))):
+            self.kv.move_rows(rows, start)
+        self.length = start + len(rows)
+
+
+class OrtRunner(RowCacheMixin):
     """`ModelRunner` for an exported whole model (input_ids .. logits) on an `OrtDevice`.
 
     `kv_on_device` None keeps the cache where the first provider wants its tensors (device
@@ -378,21 +394,6 @@ class OrtRunner:
         self.session.run_with_iobinding(binding)
         self.length = n + t
         return torch.from_numpy(logits[0]).float()  # (T, V)
-
-    def rollback(self, length: int) -> None:
-        """Forget every row from `length` on (O(1): moves the pointer)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"rollback to {length} outside [0, {self.length}]")
-        self.length = length
-
-    def keep(self, start: int, rows: Sequence[int]) -> None:
-        """Keep rows[i] at position start + i (a winning branch); length = start + len(rows)."""
-        rows = list(rows)
-        if any(r < start or r >= self.length for r in rows) or rows != sorted(set(rows)):
-            raise ValueError(f"rows {rows} must be increasing and within [{start}, {self.length})")
-        if rows != list(range(start, start + len(rows))):
-            self.kv.move_rows(rows, start)
-        self.length = start + len(rows)
 
 
 def _host(t: torch.Tensor, dtype: type) -> np.ndarray:

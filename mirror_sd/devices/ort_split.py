@@ -26,12 +26,11 @@ allowed, any other raises); a different ℓe needs a new runner.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,6 +42,7 @@ from torch import nn
 from mirror_sd.devices.ort_device import (
     _NUMPY_DTYPES,
     OrtDevice,
+    RowCacheMixin,
     _DeviceKV,
     _HostKV,
     _records_assignment_api,
@@ -55,6 +55,7 @@ from mirror_sd.graphs.export import (
     EXTERNAL_DATA_BYTES,
     cache_key,
     export_cached,
+    publish,
 )
 from mirror_sd.graphs.kv_cache import CacheFullError
 from mirror_sd.graphs.model import CausalLM
@@ -123,11 +124,7 @@ def export_head_cached(
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
     try:
         export_head(model, tmp / "model.onnx", opset)
-        try:
-            os.replace(tmp, entry)
-        except OSError:  # another process finished the same entry first; theirs is as good
-            if not (entry / "model.onnx").is_file():
-                raise
+        publish(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return entry / "model.onnx"
@@ -154,7 +151,7 @@ def export_split(
 
 
 # --- runner ---------------------------------------------------------------------------------
-class OrtSplitRunner:
+class OrtSplitRunner(RowCacheMixin):
     """`SplitRunner` for a target on an `OrtDevice`, split at ℓe (see module doc).
 
     `model` is used only to export (or find) the graphs; the runner keeps no reference to it,
@@ -236,21 +233,6 @@ class OrtSplitRunner:
         Writes these layers' K/V rows and advances the cache (length += T).
         """
         return self._logits(self._run_suffix(_host(hidden, self.dtype), position_ids, mask))
-
-    def rollback(self, length: int) -> None:
-        """Forget every row from `length` on, in every layer (O(1): moves the pointer)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"rollback to {length} outside [0, {self.length}]")
-        self.length = length
-
-    def keep(self, start: int, rows: Sequence[int]) -> None:
-        """Keep rows[i] at position start + i in every layer; length = start + len(rows)."""
-        rows = list(rows)
-        if any(r < start or r >= self.length for r in rows) or rows != sorted(set(rows)):
-            raise ValueError(f"rows {rows} must be increasing and within [{start}, {self.length})")
-        if rows != list(range(start, start + len(rows))):
-            self.kv.move_rows(rows, start)
-        self.length = start + len(rows)
 
     # --- stages -----------------------------------------------------------------------------
     def _run_prefix(self, ids, position_ids, mask) -> np.ndarray:

@@ -250,6 +250,15 @@ def cache_key(model: CausalLM, key_info: Mapping[str, Any], **settings: Any) -> 
     return hashlib.sha256(blob).hexdigest()
 
 
+def publish(tmp: Path, entry: Path) -> None:
+    """Rename a finished temporary export folder into its cache entry (atomic)."""
+    try:
+        os.replace(tmp, entry)
+    except OSError:  # another process finished the same entry first; theirs is as good
+        if not (entry / "model.onnx").is_file():
+            raise
+
+
 def export_cached(
     model: CausalLM,
     folder: str | Path,
@@ -295,11 +304,7 @@ def export_cached(
             quantize_int8(src, tmp / "model.onnx")
         else:
             export_stages(model, tmp / "model.onnx", first, last, with_embed, with_head, opset)
-        try:
-            os.replace(tmp, entry)
-        except OSError:  # another process finished the same entry first; theirs is as good
-            if not (entry / "model.onnx").is_file():
-                raise
+        publish(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return entry / "model.onnx"

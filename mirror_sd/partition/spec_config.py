@@ -25,6 +25,7 @@ class SpecConfig:
     exit_head: str = "lm_head"  # "lm_head" (final norm + LM head at ℓe) or a trained head file
     max_len: int = 2048  # context length: KV cache rows preallocated on both devices
     draft_timeout_s: float = 30.0  # a draft step slower than this counts as a device failure
+    model_draft: bool = True  # use the draft model; False = retrieval sources only (draft idle)
     retrieval: str = "none"  # model-free draft source tried before the model draft each round
     retrieval_min_match: int = 3  # use its proposal when the suffix match is at least this long
     retrieval_max_ngram: int = 4  # longest n-gram the pld / hd sources index

@@ -133,7 +133,7 @@ class Plan:
         return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
     def _settings(self, spec: SpecConfig) -> RoundSettings:
-        has_draft = self.draft is not None or spec.retrieval != "none"
+        has_draft = (self.draft is not None and spec.model_draft) or spec.retrieval != "none"
         mode = spec.mode if has_draft else "autoregressive"
         budget = (
             spec.branch_budget
@@ -157,11 +157,8 @@ class Plan:
         tracer = Tracer()
         tracer.add_device(self.target_device.alias, self.target_device.label)
         engine = None
-        if (
-            self.draft is not None
-            and self.draft_disabled is None
-            and settings.mode != "autoregressive"
-        ):
+        use_draft = self.draft is not None and spec.model_draft and self.draft_disabled is None
+        if use_draft and settings.mode != "autoregressive":
             tracer.add_device(self.draft_device.alias, self.draft_device.label)
             self.draft.rollback(0)
             engine = DraftEngine(self.draft, sampling, torch.Generator().manual_seed(seed + 1))

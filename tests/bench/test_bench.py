@@ -8,7 +8,7 @@ import pytest
 
 from mirror_sd.bench import cli as bench_cli
 from mirror_sd.bench import report
-from mirror_sd.bench.methods import ALL_METHODS, first_difference, parse_methods
+from mirror_sd.bench.methods import KNOWN_METHODS, first_difference, parse_methods
 from mirror_sd.bench.runner import BenchConfig, run_bench
 from mirror_sd.bench.simulate import measure_profile, simulate
 from mirror_sd.bench.specbench import (
@@ -57,6 +57,7 @@ def bench(tmp_path_factory):
         out=root / "out", questions=str(_write_questions(root / "q.jsonl")),
         onnx_dir=str(root / "onnx"), speculation=SPEC, progress=False, command="test",
         hf_threads=1,  # a shared 2-core machine makes 2 OpenMP threads slow; speed is not tested
+        methods=KNOWN_METHODS,  # + the model-free sources: pld, sam, hd, mirror+sam
     )  # fmt: skip
     return run_bench(cfg), root / "out", (target, draft, root)
 
@@ -96,11 +97,11 @@ def test_outputs_files_and_fields(bench):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["machine"]["cores"] and on_disk["machine"]["cpu"]
     assert on_disk["versions"]["torch"] and on_disk["command"] == "test" and on_disk["date"]
-    assert set(on_disk["threads"]) == set(ALL_METHODS)
+    assert set(on_disk["threads"]) == set(KNOWN_METHODS)
     assert "threads 1" in on_disk["threads"]["hf-ar"]["threads"]
     assert "draft idle" in on_disk["threads"]["ar"]["threads"]
     assert on_disk["plan"]["target_device"] == "torch cpu float32, 1 thread(s)"
-    assert len(on_disk["records"]) == len(TASKS) * len(ALL_METHODS)
+    assert len(on_disk["records"]) == len(TASKS) * len(KNOWN_METHODS)
     for r in on_disk["records"]:
         assert r["new_tokens"] == 8 and r["wall_time"] > 0 and r["tokens_per_s"] > 0
         if r["method"] in ("ar", "speculative", "mirror"):
@@ -119,7 +120,7 @@ def test_outputs_files_and_fields(bench):
 
 def test_answers_are_spec_bench_model_answers(bench):
     _, out, _ = bench
-    for method in ALL_METHODS:
+    for method in KNOWN_METHODS:
         lines = (out / "answers" / f"{method}.jsonl").read_text().splitlines()
         assert len(lines) == len(TASKS)
         a = json.loads(lines[0])
