@@ -315,7 +315,21 @@ class RowCacheMixin:
     """Length-pointer semantics of a preallocated KV cache `self.kv` (as `StaticKVCache`)."""
 
     length: int
+    max_len: int
+    name: str
     kv: _HostKV | _DeviceKV
+
+    def _check(self, t: int, mask: torch.Tensor) -> int:
+        """T, after checking the cache has room for T rows and the mask's shape."""
+        n = self.length
+        if n + t > self.max_len:
+            raise CacheFullError(
+                f"{self.name}: KV cache holds {self.max_len} rows; writing {t} rows at {n} "
+                "would overflow it: raise max_len (the context length) when loading the model"
+            )
+        if tuple(mask.shape) != (1, t, n + t):
+            raise ValueError(f"mask shape {tuple(mask.shape)}: expected (1, {t}, {n + t})")
+        return t
 
     def rollback(self, length: int) -> None:
         """Forget every row from `length` on, in every layer (O(1): moves the pointer)."""
@@ -370,14 +384,7 @@ class OrtRunner(RowCacheMixin):
 
         Appends the T rows' K/V to the cache (length += T).
         """
-        t, n = ids.shape[1], self.length
-        if n + t > self.max_len:
-            raise CacheFullError(
-                f"{self.name}: KV cache holds {self.max_len} rows; writing {t} rows at {n} "
-                "would overflow it: raise max_len (the context length) when loading the model"
-            )
-        if tuple(mask.shape) != (1, t, n + t):
-            raise ValueError(f"mask shape {tuple(mask.shape)}: expected (1, {t}, {n + t})")
+        t, n = self._check(ids.shape[1], mask), self.length
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", _host(ids, np.int64))
         binding.bind_cpu_input("position_ids", _host(position_ids, np.int64))

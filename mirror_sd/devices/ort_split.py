@@ -57,7 +57,6 @@ from mirror_sd.graphs.export import (
     export_cached,
     publish,
 )
-from mirror_sd.graphs.kv_cache import CacheFullError
 from mirror_sd.graphs.model import CausalLM
 
 _Binding = Any  # ort.IOBinding (its class is not exported under a stable name)
@@ -284,18 +283,6 @@ class OrtSplitRunner(RowCacheMixin):
         binding.bind_output("logits", *out)
         self.head.run_with_iobinding(binding)
         return torch.from_numpy(logits[0]).float()  # (T, V)
-
-    def _check(self, t: int, mask: torch.Tensor) -> int:
-        """T, after checking the cache has room for T rows and the mask's shape."""
-        n = self.length
-        if n + t > self.max_len:
-            raise CacheFullError(
-                f"{self.name}: KV cache holds {self.max_len} rows; writing {t} rows at {n} "
-                "would overflow it: raise max_len (the context length) when loading the model"
-            )
-        if tuple(mask.shape) != (1, t, n + t):
-            raise ValueError(f"mask shape {tuple(mask.shape)}: expected (1, {t}, {n + t})")
-        return t
 
     def _placement(self) -> str:
         """Which providers run the three graphs' nodes (a summary; warns on fallbacks)."""
