@@ -135,13 +135,18 @@ class Plan:
     def _settings(self, spec: SpecConfig) -> RoundSettings:
         has_draft = (self.draft is not None and spec.model_draft) or spec.retrieval != "none"
         mode = spec.mode if has_draft else "autoregressive"
-        budget = (
-            spec.branch_budget
-            if isinstance(spec.branch_budget, int)
-            else self.info.get("branch_budget", 8)
-        )
+        if not isinstance(spec.branch_budget, int):
+            raise ValueError(
+                "branch_budget 'auto' is resolved by compile(); a Plan built by hand needs "
+                "an integer branch_budget"
+            )
         return RoundSettings(
-            mode, spec.num_draft_tokens, spec.exit_top_k, budget, spec.reuse, spec.draft_timeout_s
+            mode,
+            spec.num_draft_tokens,
+            spec.exit_top_k,
+            spec.branch_budget,
+            spec.reuse,
+            spec.draft_timeout_s,
         )
 
     def _generate(
