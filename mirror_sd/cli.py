@@ -1,4 +1,5 @@
-"""`mirror-sd` command line: models, compile, describe, generate, demo, trace, bench."""
+"""`mirror-sd` command line: models, compile, describe, generate, demo, trace, bench, train,
+calibrate."""
 
 from __future__ import annotations
 
@@ -234,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mirror_sd.bench.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    from mirror_sd.training.cli import add_parser as add_training_parser
+
+    add_training_parser(sub)
     return parser
 
 

@@ -22,7 +22,9 @@ class SpecConfig:
     exit_top_k: int = 4  # κ: exit candidates per block position sent over the token channel
     branch_budget: int | str = "auto"  # max branches rolled out per round; "auto" = fit t_suf
     reuse: bool = True  # start the next round from a prepared branch on a hit
-    exit_head: str = "lm_head"  # "lm_head" (final norm + LM head at ℓe) or a trained head file
+    exit_head: str = "lm_head"  # "lm_head" (final norm + LM head at ℓe), "trained" or a head file
+    exit_vocab_size: int = 0  # VocabTrim for the exit head: K most frequent target tokens; 0 = all
+    draft_vocab_size: int = 0  # VocabTrim for the draft's LM head: K tokens; 0 = full vocabulary
     max_len: int = 2048  # context length: KV cache rows preallocated on both devices
     draft_timeout_s: float = 30.0  # a draft step slower than this counts as a device failure
     model_draft: bool = True  # use the draft model; False = retrieval sources only (draft idle)
@@ -36,11 +38,18 @@ class SpecConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"speculation.mode {self.mode!r}: expected one of {', '.join(MODES)}")
-        if self.exit_head != "lm_head":
+        if not isinstance(self.exit_head, str) or not self.exit_head:
             raise ValueError(
-                f"speculation.exit_head {self.exit_head!r}: only 'lm_head' (final norm + LM head "
-                "applied at the exit layer) is implemented; trained exit heads are not yet"
+                f"speculation.exit_head {self.exit_head!r}: expected 'lm_head' (final norm + LM "
+                "head at the exit layer), 'trained' (the head `mirror-sd train exit-head` cached "
+                "for this target and ℓe) or the path of a trained head file"
             )
+        for name in ("exit_vocab_size", "draft_vocab_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(
+                    f"speculation.{name} must be 0 (full vocabulary) or a positive integer, got {v!r}"
+                )
         if self.retrieval not in RETRIEVAL_SOURCES:
             raise ValueError(
                 f"speculation.retrieval {self.retrieval!r}: expected one of {', '.join(RETRIEVAL_SOURCES)}"

@@ -1,0 +1,6 @@
+"""Training and calibration from the target's own behaviour: an offline corpus, the target's
+hidden states and next-token choices over it, and what is fitted to them (trained exit heads,
+the Kangaroo self-draft adapter, VocabTrim counts).
+
+Imports `graphs` only: pure torch, no devices, no runtime.
+"""
