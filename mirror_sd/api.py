@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,14 @@ import yaml
 from mirror_sd.devices.ort_device import OrtDevice, OrtRunner
 from mirror_sd.devices.ort_split import OrtSplitRunner
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
+from mirror_sd.devices.trimmed import TrimmedVocabRunner
 from mirror_sd.graphs import zoo
 from mirror_sd.graphs.config import load_config
 from mirror_sd.graphs.export import export_cached, source_identity
 from mirror_sd.graphs.loader import load_model, load_tokenizer
 from mirror_sd.graphs.model_graph import ModelGraph
+from mirror_sd.graphs.trimmed_head import export_trimmed, with_trimmed_head
+from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.partition import (
     DeviceMap,
     DeviceMapError,
@@ -39,6 +42,12 @@ from mirror_sd.partition import (
 )
 from mirror_sd.runtime.plan import DeviceSlot, Plan
 from mirror_sd.runtime.profiling import CALIBRATION_TEXT, profile
+from mirror_sd.training.exit_select import (
+    build_exit_head,
+    exit_head_files,
+    time_exit_head,
+    with_trained_agreement,
+)
 
 PLAN_VERSION = 1
 DEFAULT_BUDGET_WITHOUT_PROFILE = 8  # branch budget when there is no draft to profile
@@ -129,28 +138,61 @@ def _target_runner(spec, folder: Path, exit_layer: int, max_len: int, onnx_root:
     )
 
 
-def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path):
-    """(runner, label) for the draft on its device; an ORT device gets the exported draft."""
+def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path, trim: VocabTrim | None = None):
+    """(runner, label, ONNX path) for the draft on its device; an ORT device gets the exported
+    draft. With a `trim`, the draft's LM head keeps only the trim's K rows (exported under its
+    own cache key) and `TrimmedVocabRunner` restores (T, V) logits, -inf outside the kept set."""
     if isinstance(spec, TorchSpec):
         dev = _torch_device(spec)
-        return (
-            TorchRunner(load_model(folder, spec.dtype), dev, max_len, name="draft"),
-            dev.describe(),
-            None,
-        )
+        model = load_model(folder, spec.dtype)
+        if trim is None:
+            return TorchRunner(model, dev, max_len, name="draft"), dev.describe(), None
+        runner = TorchRunner(with_trimmed_head(model, trim), dev, max_len, name="draft")
+        return TrimmedVocabRunner(runner, trim), dev.describe(), None
     if isinstance(spec, OrtSpec):
         dev = _ort_device(spec)
         model = load_model(folder, "float32")
         quant = None if spec.quantize == "none" else spec.quantize
-        path = export_cached(model, onnx_dir, source_identity(folder), quantize=quant)
+        if trim is None:
+            path = export_cached(model, onnx_dir, source_identity(folder), quantize=quant)
+        else:
+            path = export_trimmed(model, onnx_dir, source_identity(folder), trim, quant)
         del model
         runner = OrtRunner(path, dev, max_len, name="draft", alias=spec.alias)
         label = f"onnxruntime {runner.session.get_providers()[0]}"
-        return runner, label, path
+        return (TrimmedVocabRunner(runner, trim) if trim else runner), label, path
     raise DeviceMapError(
         f"devices.{spec.alias}",
         f"backend {spec.backend!r} cannot run a draft in a live plan; sim devices are for `mirror-sd bench --simulate`",
     )
+
+
+def _draft_trim(k: int, given: VocabTrim | str | Path | None, t_folder: Path, t_tok, t_model,
+                cache) -> tuple[VocabTrim, float | None]:  # fmt: skip
+    """(VocabTrim, in-sample coverage or None) for the draft's head: `given` (an object or a
+    `vocab_trim.json`), else the target's K most frequent own choices over the calibration
+    corpus (counted once per target and cached) plus its EOS ids.
+
+    Raises:
+        ValueError: `given` does not match K or the target's vocabulary.
+    """
+    v = load_config(t_folder).vocab_size
+    if given is not None:
+        trim = given if isinstance(given, VocabTrim) else VocabTrim.load(given)
+        if (k and trim.size != k) or trim.vocab_size != v:
+            raise ValueError(
+                f"draft_trim keeps {trim.size} of {trim.vocab_size} tokens, but the plan asks "
+                f"for speculation.draft_vocab_size {k} of the target's {v}; pass a matching "
+                "trim or set draft_vocab_size to its size"
+            )
+        return trim, None
+    from mirror_sd.runtime.prompts import eos_token_ids
+    from mirror_sd.training.vocab import make_trim, vocab_counts
+
+    counts, source = vocab_counts(t_folder, cache, model=t_model)
+    gen_cfg = t_folder / "generation_config.json"
+    eos = eos_token_ids(t_tok, json.loads(gen_cfg.read_text()) if gen_cfg.is_file() else None)
+    return make_trim(counts, source, k, eos)
 
 
 def compile(
@@ -161,6 +203,7 @@ def compile(
     cache: str | Path | None = None,
     onnx_dir: str | Path | None = None,
     profile_data: Profile | None = None,
+    draft_trim: VocabTrim | str | Path | None = None,
     **speculation: Any,
 ) -> Plan:
     """Compile `target` (+ `draft`) into a dual-device `Plan`.
@@ -172,6 +215,8 @@ def compile(
         cache: the model cache folder (default $MIRROR_SD_CACHE or ~/.cache/mirror-sd).
         onnx_dir: where exported draft stages are cached (default <cache>/onnx).
         profile_data: a measured `Profile` to use instead of profiling now.
+        draft_trim: the `VocabTrim` (or its JSON file) for the draft's head instead of
+            calibrating one for `speculation.draft_vocab_size` (what `load()` passes).
         **speculation: `SpecConfig` fields overriding the map's `speculation:` section.
     Raises:
         DeviceMapError / PlacementError: the map is malformed or does not fit the models.
@@ -190,9 +235,16 @@ def compile(
     if d_folder is not None:
         _check_tokenizers(t_tok, load_tokenizer(d_folder), str(target), str(draft))
         d_cfg = load_config(d_folder)
+    heads = exit_head_files(spec, t_folder, cache)  # trained exit heads (none for lm_head)
+    if len(heads.layers) == 1:
+        spec = spec.with_(exit_layer=heads.layers[0])
     auto = "auto" in (spec.exit_layer, spec.branch_budget)
     exit_layer = (
-        spec.exit_layer if isinstance(spec.exit_layer, int) else max(1, t_cfg.num_layers // 2)
+        spec.exit_layer
+        if isinstance(spec.exit_layer, int)
+        else (
+            heads.layers[len(heads.layers) // 2] if heads.files else max(1, t_cfg.num_layers // 2)
+        )
     )
     graph = _graph(t_cfg, d_cfg, exit_layer)
     placement = place(graph, _with_spec(dm, spec))  # validates the map before any heavy work
@@ -201,20 +253,36 @@ def compile(
     t_model, t_runner, t_label, t_threads = _target_runner(
         dm.devices[t_alias], t_folder, exit_layer, spec.max_len, onnx_root
     )
-    d_runner = d_label = onnx_path = d_alias = None
+    d_runner = d_label = onnx_path = d_alias = d_trim = d_trim_cov = None
     if d_folder is not None:
         d_alias = _alias_of(dm, placement.assignment, "draft")
+        if spec.draft_vocab_size or draft_trim is not None:
+            d_trim, d_trim_cov = _draft_trim(
+                spec.draft_vocab_size, draft_trim, t_folder, t_tok, t_model, cache
+            )
+            spec = spec.with_(draft_vocab_size=d_trim.size)
         d_runner, d_label, onnx_path = _draft_runner(
-            dm.devices[d_alias], d_folder, spec.max_len, onnx_root
+            dm.devices[d_alias], d_folder, spec.max_len, onnx_root, d_trim
         )
+    e_trim = None
+    if spec.exit_head == "lm_head" and spec.exit_vocab_size:
+        e_trim, _ = _draft_trim(spec.exit_vocab_size, None, t_folder, t_tok, t_model, cache)
     choice = prof = None
     if d_runner is not None and auto:
         ids = t_tok(CALIBRATION_TEXT)["input_ids"]
         prof = profile_data or profile(t_runner, d_runner, t_model, ids, max_block=spec.num_draft_tokens + 1,
                                        description=f"{target} <- {draft}")  # fmt: skip
+        if heads.files or e_trim is not None:  # the exit head in use, not the full lens
+            probe = build_exit_head(spec, exit_layer, heads, t_model, e_trim)
+            t_exit = time_exit_head(probe, spec.num_draft_tokens + 1)
+            prof = (
+                with_trained_agreement(prof, heads, t_exit)
+                if heads.files
+                else replace(prof, t_exit_head=t_exit)
+            )
         # maximize predicted speedup: a hidden draft with a near-zero hit rate (an early ℓe
         # whose exit head rarely contains the verdict) loses to a later ℓe that hits
-        choice = choose(prof, spec, prefer_hidden=False)
+        choice = choose(prof, spec, exit_layers=heads.layers or None, prefer_hidden=False)
         spec = choice.spec
     elif auto:  # no draft: nothing to tune
         spec = spec.with_(exit_layer=exit_layer, branch_budget=DEFAULT_BUDGET_WITHOUT_PROFILE)
@@ -228,6 +296,7 @@ def compile(
             )
         graph = _graph(t_cfg, d_cfg, spec.exit_layer)
         placement = place(graph, _with_spec(dm, spec))
+    exit_head = build_exit_head(spec, spec.exit_layer, heads, t_model, e_trim)
     gen_cfg_file = t_folder / "generation_config.json"
     info = {
         "target": str(t_folder), "draft": str(d_folder) if d_folder else None,
@@ -235,6 +304,7 @@ def compile(
         "choice": choice, "profile": prof, "onnx": str(onnx_path) if onnx_path else None,
         "draft_placement": getattr(d_runner, "placement", None),
     }  # fmt: skip
+    info.update(draft_trim=d_trim, draft_trim_coverage=d_trim_cov)
     return Plan(
         target=t_runner,
         target_device=DeviceSlot(t_alias, t_label),
@@ -244,7 +314,8 @@ def compile(
         spec=spec,
         generation_config=json.loads(gen_cfg_file.read_text()) if gen_cfg_file.is_file() else None,
         target_threads=t_threads,
-        info=info,
+        info={**info, "exit_heads": heads},
+        exit_head=exit_head,
     )
 
 
@@ -265,9 +336,11 @@ def quantization_report(
     cache: str | Path | None = None,
     onnx_dir: str | Path | None = None,
     threads: int = 1,
+    quantizations: tuple[str, ...] = ("int8", "int4"),
 ) -> dict:
-    """Export `model` in fp32 and int8 (cached) and report the int8 model's teacher-forced top-1
-    agreement with fp32 over `text` plus the median step time of each on one token.
+    """Export `model` in fp32 and each of `quantizations` (cached) and report each quantized
+    model's teacher-forced top-1 agreement with fp32 over `text` (`<q>_top1_agreement`;
+    `top1_agreement` is int8's) plus the median step time of each on one token (`<q>_step_ms`).
 
     This is what quantizing a draft risks: only its acceptance rate, never the output.
     """
@@ -275,18 +348,24 @@ def quantization_report(
 
     from mirror_sd.runtime.profiling import teacher_forced_agreement
 
+    bad = [q for q in quantizations if q not in ("int8", "int4")]
+    if bad:
+        raise ValueError(f"quantizations {bad}: expected int8 and/or int4")
     folder = zoo.resolve_model(model, cache=cache)
     onnx_root = Path(onnx_dir) if onnx_dir else zoo.cache_dir(cache) / "onnx"
     torch_model = load_model(folder, "float32")
     dev = OrtDevice(intra_op_threads=threads, inter_op_threads=1)
     runners = {}
-    for q in (None, "int8"):
+    for q in (None, *quantizations):
         path = export_cached(torch_model, onnx_root, source_identity(folder), quantize=q)
         runners[q or "fp32"] = OrtRunner(path, dev, 4096, name=q or "fp32")
     del torch_model
     ids = load_tokenizer(folder)(text)["input_ids"]
-    out = {"model": str(model), "tokens": len(ids),
-           "top1_agreement": teacher_forced_agreement(runners["fp32"], runners["int8"], ids)}  # fmt: skip
+    out: dict[str, Any] = {"model": str(model), "tokens": len(ids)}
+    for q in quantizations:
+        out[f"{q}_top1_agreement"] = teacher_forced_agreement(runners["fp32"], runners[q], ids)
+    if "int8" in quantizations:
+        out["top1_agreement"] = out["int8_top1_agreement"]  # the key before int4 existed
     for name, r in runners.items():
         times = []
         for _ in range(5):
@@ -321,6 +400,13 @@ def save(plan: Plan, folder: str | Path) -> Path:
         "onnx": onnx_rel,
         "device_map": _with_spec(load_device_map(info["device_map"]), plan.spec).to_dict(),
     }
+    if info.get("draft_trim") is not None:  # the draft's head as exported: never recalibrated
+        info["draft_trim"].save(folder / "vocab_trim.json")
+        doc["draft_vocab_trim"] = {"file": "vocab_trim.json",
+                                   "coverage": info.get("draft_trim_coverage")}  # fmt: skip
+    if plan.exit_head is not None and plan.exit_head.trained:  # the head file travels along
+        plan.exit_head.save(folder / "exit_head.pt")
+        doc["device_map"]["speculation"]["exit_head"] = "exit_head.pt"
     (folder / "plan.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     info["graph"].save(folder / "graph.json")
     if info.get("profile"):
@@ -337,7 +423,15 @@ def load(folder: str | Path) -> Plan:
     doc = yaml.safe_load((folder / "plan.yaml").read_text())
     if not isinstance(doc, dict) or doc.get("version") != PLAN_VERSION:
         raise ValueError(f"{folder}/plan.yaml: not a mirror-sd plan of version {PLAN_VERSION}")
-    plan = compile(doc["target"], doc["draft"], doc["device_map"], onnx_dir=folder / "onnx")
+    spec_doc = doc["device_map"].get("speculation", {})
+    if spec_doc.get("exit_head") not in (None, "lm_head", "trained"):  # saved beside plan.yaml
+        spec_doc["exit_head"] = str(folder / spec_doc["exit_head"])
+    trim_doc = doc.get("draft_vocab_trim") or {}
+    extra = {"draft_trim": folder / trim_doc["file"]} if trim_doc else {}
+    plan = compile(doc["target"], doc["draft"], doc["device_map"], onnx_dir=folder / "onnx",
+                   **extra)  # fmt: skip
+    if trim_doc:
+        plan.info["draft_trim_coverage"] = trim_doc.get("coverage")
     plan.info["profile"] = (
         Profile.load(folder / "profile.json") if (folder / "profile.json").is_file() else None
     )
@@ -378,10 +472,26 @@ def describe(plan: Plan) -> str:
     lines.append(f"speculation: {json.dumps(asdict(spec))}")
     if info.get("draft_placement"):
         lines.append(f"draft placement: {info['draft_placement']}")
+    if info.get("draft_trim") is not None:
+        lines.append(_describe_trim(info["draft_trim"], info.get("draft_trim_coverage")))
     for edge in placement.cut_edges():
         lines.append(f"cut edge {edge.src} -> {edge.dst}: {edge.bytes_per_round} bytes/round")
+    lines.append(
+        plan.exit_head.describe() if plan.exit_head is not None
+        else f"exit head at ℓe={le}: logit lens (final norm + full LM head)"
+    )  # fmt: skip
+    if info.get("exit_heads") is not None and info["exit_heads"].files:
+        lines.append(info["exit_heads"].table())
     if info.get("choice"):
         lines.append(info["choice"].explain())
     if plan.draft_disabled:
         lines.append(f"draft DISABLED: {plan.draft_disabled}")
     return "\n".join(lines)
+
+
+def _describe_trim(trim: VocabTrim, coverage: float | None) -> str:
+    cov = f"; {coverage:.1%} of the target's calibration tokens inside" if coverage else ""
+    return (
+        f"draft vocabulary: VocabTrim, {trim.size} of {trim.vocab_size} tokens{cov} "
+        f"(lossless: the target verifies with its full head); counts: {trim.source or '?'}"
+    )

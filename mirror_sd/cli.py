@@ -130,7 +130,13 @@ def _quant(args: argparse.Namespace) -> int:
     kwargs = {"text": text} if text else {}
     print(
         json.dumps(
-            api.quantization_report(args.model, cache=args.cache, threads=args.threads, **kwargs),
+            api.quantization_report(
+                args.model,
+                cache=args.cache,
+                threads=args.threads,
+                quantizations=tuple(q.strip() for q in args.quantize.split(",") if q.strip()),
+                **kwargs,
+            ),
             indent=1,
         )
     )
@@ -208,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo, draft=DEMO_DRAFT, max_new_tokens=64)
 
     quant = sub.add_parser(
-        "quantize-check", help="int8 vs fp32 top-1 agreement and step time of an exported model"
+        "quantize-check",
+        help="int8 / int4 vs fp32 top-1 agreement and step time of an exported model",
     )
     quant.add_argument(
         "model", help="a known model name or a local HF folder (typically the draft)"
@@ -219,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a text file to measure on (default: a built-in calibration text)",
     )
     quant.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    quant.add_argument(
+        "--quantize",
+        default="int8,int4",
+        help="comma-separated quantizations to compare with fp32 (default int8,int4)",
+    )
     quant.add_argument(
         "--cache", default=None, help="model cache folder (default $MIRROR_SD_CACHE)"
     )

@@ -4,6 +4,7 @@
                     [--methods hf-ar,...,mirror] [--out DIR]
     mirror-sd bench --from-results DIR/results.json --simulate PROFILE.json [--out DIR]
     mirror-sd bench --from-results DIR/results.json        # re-render results.md / speedup.png
+    mirror-sd bench --ablation RUN1=int8 --ablation RUN2=int4 --out DIR   # one table over runs
 
 Imports stay light here: torch and transformers load only when a command runs.
 """
@@ -16,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 SPEC_FLAGS = {"gamma": "num_draft_tokens", "kappa": "exit_top_k", "exit_layer": "exit_layer",
               "branch_budget": "branch_budget", "max_len": "max_len"}  # fmt: skip
 
@@ -26,6 +29,11 @@ def _speculation(args: argparse.Namespace) -> dict:
         v = getattr(args, flag)
         if v is not None:
             out[name] = v if v == "auto" else int(v)
+    for item in args.set or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"mirror-sd bench: --set {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)  # YAML scalars: 16384 -> int, trained -> str
     return out
 
 
@@ -34,6 +42,17 @@ def _run(args: argparse.Namespace) -> int:
     from mirror_sd.bench.methods import parse_methods
 
     out = Path(args.out)
+    if args.ablation:
+        from mirror_sd.bench import ablation
+
+        try:
+            text = ablation.markdown(ablation.load_runs(args.ablation))
+        except FileNotFoundError as e:
+            raise SystemExit(f"mirror-sd bench: {e}") from None
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ablation.md").write_text(text + "\n")
+        print(text)
+        return 0
     if args.from_results:
         path = Path(args.from_results)
         if not path.is_file():
@@ -107,10 +126,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--branch-budget", default=None, help="branch budget, or 'auto'")
     p.add_argument("--max-len", default=None, help="context length of the plan's KV caches")
     p.add_argument("--cache", default=None, help="model cache folder (default $MIRROR_SD_CACHE)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any speculation setting for the plan, e.g. exit_head=trained "
+                        "(repeatable; see docs/device_map.md)")  # fmt: skip
     p.add_argument("--simulate", default=None, metavar="PROFILE",
                    help="cost Profile JSON of other hardware: replay the rounds on it (PREDICTED)")  # fmt: skip
     p.add_argument("--from-results", default=None, metavar="RESULTS_JSON",
                    help="use a finished run's results.json instead of running")  # fmt: skip
+    p.add_argument("--ablation", action="append", metavar="RUN_DIR[=LABEL]",
+                   help="tabulate finished runs (one per draft variant) into OUT/ablation.md")  # fmt: skip
     p.add_argument("--sim-exit-layer", type=int, default=None,
                    help="ℓe on the simulated target (default: same depth fraction)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")

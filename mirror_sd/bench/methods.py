@@ -6,6 +6,8 @@
     ar           our plan, mode="autoregressive": the target alone on its own device
     speculative  our plan, mode="speculative": draft then verify, no overlap
     mirror       our plan, mode="mirror"
+    (+ pld, sam, hd, mirror+sam: model-free draft sources; speculative+conf, mirror+conf,
+     speculative+entropy, mirror+entropy: draft-length policies)
 
 Every method gets the same prompt token ids and the same EOS ids (an empty list: EOS
 never stops a generation, so every method produces exactly `max_new_tokens`). The HF
@@ -33,7 +35,18 @@ RETRIEVAL_METHODS = {
     "hd": {"mode": "speculative", "retrieval": "hd", "model_draft": False},
     "mirror+sam": {"mode": "mirror", "retrieval": "sam"},
 }
-PLAN_METHODS = {**{k: {"mode": v} for k, v in PLAN_MODES.items()}, **RETRIEVAL_METHODS}
+# draft-length policies (SpecConfig.draft_stop): Kangaroo's confidence exit at its paper's
+# threshold 0.6, and an entropy stop at 1.0 nat (a draft distribution spread over ~3 tokens)
+POLICY_METHODS = {
+    f"{mode}+{tag}": {"mode": mode, "draft_stop": stop, "draft_stop_threshold": threshold}
+    for mode in ("speculative", "mirror")
+    for tag, stop, threshold in (("conf", "confidence", 0.6), ("entropy", "entropy", 1.0))
+}
+PLAN_METHODS = {
+    **{k: {"mode": v} for k, v in PLAN_MODES.items()},
+    **RETRIEVAL_METHODS,
+    **POLICY_METHODS,
+}
 ALL_METHODS = HF_METHODS + tuple(PLAN_MODES)  # the default set
 KNOWN_METHODS = HF_METHODS + tuple(PLAN_METHODS)
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as Spec-Bench's PLD baseline
@@ -47,6 +60,7 @@ class Output:
     tokens: list[int]
     wall_s: float
     accept_lengths: list[int] | None = None  # tokens committed per round
+    drafted: list[int] | None = None  # tokens proposed per round (draft-length policies)
     round_hits: list[bool | None] | None = None
     round_branches: list[int] | None = None
     draft_s: float | None = None
@@ -169,6 +183,7 @@ class PlanMethod:
             res.tokens,
             wall,
             accept_lengths=[r.committed for r in rounds],
+            drafted=[r.drafted for r in rounds],
             round_hits=[r.hit for r in rounds],
             round_branches=[r.branches for r in rounds],
             draft_s=res.stats.draft_s,

@@ -53,6 +53,7 @@ def _stats(rows: list[dict], hf: dict, ar: dict, ours: bool) -> dict:
             _mean(tps), _mean([ar[r["question_id"]]["tokens_per_s"] for r in rows])
         )
     s["mean_accepted"] = _mean(_pooled(rows, "accept_lengths"))
+    s["mean_drafted"] = _mean(_pooled(rows, "drafted"))
     hits = [h for h in _pooled(rows, "round_hits") if h is not None]
     s["hit_rate"] = sum(hits) / len(hits) if hits else None
     exposed = [r["exposed_draft_s"] for r in rows if r["exposed_draft_s"] is not None]

@@ -106,7 +106,7 @@ def _record(q: Question, name: str, prompt: list[int], out, tok) -> dict:
         "question_id": q.question_id, "category": q.category, "task": q.task, "method": name,
         "prompt_tokens": len(prompt), "tokens": out.tokens, "new_tokens": n,
         "wall_time": out.wall_s, "tokens_per_s": n / out.wall_s if out.wall_s > 0 else 0.0,
-        "accept_lengths": out.accept_lengths, "round_hits": out.round_hits,
+        "accept_lengths": out.accept_lengths, "drafted": out.drafted, "round_hits": out.round_hits,
         "round_branches": out.round_branches, "hit_rate": out.hit_rate,
         "draft_s": out.draft_s, "exposed_draft_s": exposed,
         "exposed_draft_fraction": exposed / out.wall_s if exposed is not None else None,
@@ -160,7 +160,15 @@ def _plan_info(plan) -> dict:
         "num_layers": sum(1 for s in plan.info["graph"].names() if s.startswith("target.layers.")),
         "exit_layer": plan.target.exit_layer,
         "describe": api.describe(plan),
+        "draft_step_ms": _draft_step_ms(plan),
+        "exit_head": plan.exit_head.describe() if plan.exit_head is not None else "logit lens",
     }
+
+
+def _draft_step_ms(plan) -> float | None:
+    """The draft's measured one-row step (the compile-time profile), in ms."""
+    prof = plan.info.get("profile")
+    return round(prof.draft(1) * 1e3, 1) if prof is not None and plan.draft is not None else None
 
 
 def _settings(cfg: BenchConfig, eos: list[int], qpath: Path, hf_threads: int) -> dict:

@@ -1,4 +1,4 @@
-"""Export a range of a `CausalLM`'s stages to ONNX, quantize it to int8, and cache the files.
+"""Export a range of a `CausalLM`'s stages to ONNX, quantize it (int8 / int4), cache the files.
 
 The exported graph runs the *same* module code as torch (`CausalLM.embed`, `.rope`,
 `.model.layers[i]`, `.head`), wrapped in a small `nn.Module`, so ONNX Runtime and torch
@@ -40,7 +40,8 @@ from mirror_sd.graphs.model import CausalLM
 DEFAULT_OPSET = 18  # widest EP support (OpenVINO, QNN, CoreML, DirectML) with the new exporter
 EXPORT_FORMAT_VERSION = 2  # bump when the exported interface or wrapper changes
 EXTERNAL_DATA_BYTES = 1 << 30  # weights at least this large go to one `<file>.data` beside it
-QUANTIZATIONS = (None, "int8")
+QUANTIZATIONS = (None, "int8", "int4")
+QUANT_BITS = {"int8": 8, "int4": 4}
 
 
 class _Stages(nn.Module):
@@ -167,24 +168,38 @@ def model_files(path: str | Path) -> list[Path]:
 
 
 def quantize_int8(src: str | Path, dst: str | Path) -> Path:
-    """int8 weights for an exported model: every MatMul weight and the embedding table.
+    """int8 weights for an exported model (`quantize_weights` with 8 bits). Returns `dst`."""
+    return quantize_weights(src, dst, 8)
 
-    MatMuls become `MatMulNBits` (8-bit, symmetric, one scale per 32 weights) with
-    accuracy_level 4: ORT quantizes activations to int8 per block too and runs integer kernels
-    (VNNI / AMX-INT8 on x86). Per-block scales keep Qwen's outlier channels: on the 0.5B
-    draft the top-1 token agrees with fp32 on ~98% of code positions, where per-tensor
-    dynamic quantization (`quantize_dynamic` on MatMuls) agrees on ~69%. The embedding
-    Gather gets per-tensor int8 (a lookup: no kernel to speed up, only bytes to save).
+
+def quantize_int4(src: str | Path, dst: str | Path) -> Path:
+    """int4 MatMul weights for an exported model (`quantize_weights` with 4 bits). Returns `dst`."""
+    return quantize_weights(src, dst, 4)
+
+
+def quantize_weights(src: str | Path, dst: str | Path, bits: int) -> Path:
+    """`bits`-bit weights (8 or 4) for every MatMul of an exported model, int8 embedding table.
+
+    MatMuls become `MatMulNBits` (symmetric, one scale per 32 weights) with accuracy_level 4:
+    ORT quantizes activations to int8 per block too and runs integer kernels (VNNI / AMX-INT8
+    on x86; 4-bit weights are unpacked to int8 inside the kernel). Per-block scales keep Qwen's
+    outlier channels: on the 0.5B draft the int8 top-1 token agrees with fp32 on ~98% of code
+    positions, where per-tensor dynamic quantization (`quantize_dynamic` on MatMuls) agrees on
+    ~69%. int4 halves the weight bytes again (the memory-bound decode step reads fewer), at a
+    lower agreement (measure it: `mirror-sd quantize-check`). The embedding Gather gets
+    per-tensor int8 in both cases (a lookup: no kernel to speed up, only bytes to save).
     Returns `dst`.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if bits not in (4, 8):
+        raise ValueError(f"bits={bits}: MatMulNBits weights are 4 or 8 bits here")
     nbits = _import_matmul_nbits()
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     large = sum(f.stat().st_size for f in model_files(src)) // 4 >= EXTERNAL_DATA_BYTES
     config = nbits.DefaultWeightOnlyQuantConfig(
-        block_size=32, is_symmetric=True, accuracy_level=4, bits=8
+        block_size=32, is_symmetric=True, accuracy_level=4, bits=bits
     )
     quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
     quantizer.process()
@@ -269,10 +284,14 @@ def export_cached(
     with_head: bool = True,
     quantize: str | None = None,
     opset: int = DEFAULT_OPSET,
+    label: str = "",
 ) -> Path:
-    """`export_stages` (+ `quantize_int8`) into `folder`, reusing an earlier identical export.
+    """`export_stages` (+ `quantize_int8` / `quantize_int4`) into `folder`, reusing an earlier
+    identical export.
 
     A quantized entry is made from the unquantized entry of the same range, itself cached.
+    `label` only makes the folder name readable (e.g. "-v16384" for a trimmed head); whatever
+    distinguishes the weights must be in `key_info`, which the hash covers.
 
     The entry is `folder/<name>-<hash>/model.onnx` (+ `model.onnx.data`), the hash covering the
     model config, `key_info` (the weights' identity, e.g. `source_identity(model_folder)`), the
@@ -289,19 +308,20 @@ def export_cached(
     settings = dict(first=first, last=last, with_embed=with_embed, with_head=with_head,
                     quantize=quantize, opset=opset)  # fmt: skip
     digest = cache_key(model, key_info, **settings)[:16]
-    name = f"{model.config.model_type}-{first}-{last}{'-int8' if quantize else ''}-{digest}"
+    quant = f"-{quantize}" if quantize else ""  # int8 entries keep their pre-int4 names and hashes
+    name = f"{model.config.model_type}{label}-{first}-{last}{quant}-{digest}"
     entry = Path(folder) / name
     if (entry / "model.onnx").is_file():
         return entry / "model.onnx"
     entry.parent.mkdir(parents=True, exist_ok=True)
     if quantize:  # quantize the (cached) unquantized export of the same range
         src = export_cached(
-            model, folder, key_info, first, last, with_embed, with_head, None, opset
+            model, folder, key_info, first, last, with_embed, with_head, None, opset, label
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=entry.parent))
     try:
-        if quantize:
-            quantize_int8(src, tmp / "model.onnx")
+        if quantize:  # looked up at call time, so tests can replace either function
+            {"int8": quantize_int8, "int4": quantize_int4}[quantize](src, tmp / "model.onnx")
         else:
             export_stages(model, tmp / "model.onnx", first, last, with_embed, with_head, opset)
         publish(tmp, entry)

@@ -46,6 +46,9 @@ class Profile:
         t_chan: token channel latency, target -> draft device.
         t_sync: rendezvous overhead per round (verdict -> branch lookup -> next round).
         accept_rate: measured per-token acceptance α in [0, 1], or None (then ASSUMED).
+        overlap_slowdown: f >= 1, how much longer target and draft steps take while both
+            pipelines run at once (1 for devices with their own cores and memory; on one CPU
+            package both share the memory bus). Stretches the overlapped suffix and rollouts.
         hit_rate_by_exit_layer: ℓe -> measured probability that the exit head's top-1 token
             at ℓe equals the target's token (logit-lens agreement); the rank model below turns
             it into top-κ coverage. Empty: `ASSUMED_AGREEMENT_BY_DEPTH` is used.
@@ -61,6 +64,7 @@ class Profile:
     accept_rate: float | None = None
     hit_rate_by_exit_layer: dict[int, float] = field(default_factory=dict)
     description: str = ""
+    overlap_slowdown: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_layers, int) or self.num_layers < 2:
@@ -69,6 +73,8 @@ class Profile:
             table = getattr(self, name)
             if 1 not in table or any(k < 1 or v <= 0 for k, v in table.items()):
                 raise ValueError(f"profile {name} needs positive times for n >= 1, n = 1 included")
+        if self.overlap_slowdown < 1:
+            raise ValueError(f"profile overlap_slowdown must be >= 1, got {self.overlap_slowdown}")
         for name in ("t_exit_head", "t_chan", "t_sync"):
             if getattr(self, name) < 0:
                 raise ValueError(f"profile {name} must be >= 0, got {getattr(self, name)}")
@@ -162,11 +168,13 @@ def mirror_round_time(
     hit_rate: float,
     t_sync: float = 0.0,
     t_chan: float = 0.0,
+    slowdown: float = 1.0,
 ) -> float:
     """Mirror-SD: the verification forward, the part of the branch rollouts (γ steps over
-    B rows) that outlasts the suffix, and on a miss (probability 1 − h) γ fresh draft steps."""
-    exposed = max(0.0, t_chan + gamma * t_draft_b - t_suf)
-    return t_block + t_sync + exposed + (1 - hit_rate) * gamma * t_draft_1
+    B rows) that outlasts the suffix, and on a miss (probability 1 − h) γ fresh draft steps.
+    While they overlap, suffix and rollouts both take `slowdown` times longer."""
+    exposed = max(0.0, t_chan + (gamma * t_draft_b - t_suf) * slowdown)
+    return t_block + (slowdown - 1) * t_suf + t_sync + exposed + (1 - hit_rate) * gamma * t_draft_1
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -240,7 +248,8 @@ class Choice:
     t_pre: float
     t_suf: float
     t_rollout: float  # γ·t_d(B)
-    t_exposed: float  # max(0, t_chan + γ·t_d(B) − t_suf)
+    t_exposed: float  # max(0, t_chan + (γ·t_d(B) − t_suf)·f)
+    overlap_slowdown: float  # f: suffix and rollouts stretch by this while they overlap
     t_round_mirror: float
     t_round_vanilla: float
     t_round_autoregressive: float  # t_T(1): one token per round
@@ -275,6 +284,8 @@ class Choice:
             f"suffix {ms(self.t_suf)}; exit head {ms(self.t_exit_head)}",
             f"draft rollouts γ·t_d({b}) = {ms(self.t_rollout)} vs suffix {ms(self.t_suf)}: "
             f"{hidden}; exposed {ms(self.t_exposed)}",
+            f"overlap slowdown f = {self.overlap_slowdown:.2f} (suffix and rollouts, measured "
+            "while both pipelines run; 1 = devices that share nothing)",
             f"hit rate h = {self.hit_rate:.3f} ({b} of {self.num_branches} branches, exit "
             f"agreement {self.agreement:.2f} {self.agreement_source}); α = {self.accept_rate:.2f} -> "
             f"E[L] = {self.expected_tokens:.2f} tokens/round",
@@ -379,8 +390,9 @@ def _evaluate(
     h = hit_rate(alpha, gamma, kappa, budget, agreement)
     tokens, t_ar = expected_tokens(alpha, gamma), profile.target(1)
     # the exit head runs on the target device between prefix and suffix: part of its block
+    f = profile.overlap_slowdown
     t_mirror = mirror_round_time(
-        t_t + profile.t_exit_head, t_suf, t_db, t_d1, gamma, h, profile.t_sync, profile.t_chan
+        t_t + profile.t_exit_head, t_suf, t_db, t_d1, gamma, h, profile.t_sync, profile.t_chan, f
     )
     t_vanilla = vanilla_round_time(t_t, t_d1, gamma)
     return Choice(
@@ -388,7 +400,7 @@ def _evaluate(
         num_branches=nb, accept_rate=alpha, agreement=agreement, agreement_source=source,
         hit_rate=h, expected_tokens=tokens, t_block=t_t, t_exit_head=profile.t_exit_head,
         t_pre=t_pre, t_suf=t_suf, t_rollout=gamma * t_db,
-        t_exposed=max(0.0, profile.t_chan + gamma * t_db - t_suf),
+        t_exposed=max(0.0, profile.t_chan + (gamma * t_db - t_suf) * f), overlap_slowdown=f,
         t_round_mirror=t_mirror, t_round_vanilla=t_vanilla, t_round_autoregressive=t_ar,
         speedup_mirror=speedup(tokens, t_ar, t_mirror),
         speedup_vanilla=speedup(tokens, t_ar, t_vanilla), speedup_autoregressive=1.0,

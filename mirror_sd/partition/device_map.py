@@ -39,7 +39,7 @@ ORT_PROVIDERS = (
     "DmlExecutionProvider",
 )
 ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
-ORT_QUANTIZE = ("none", "int8")
+ORT_QUANTIZE = ("none", "int8", "int4")
 _TORCH_DEVICE = re.compile(r"^(cpu|mps|cuda|cuda:\d+)$")
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _NODE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
@@ -83,8 +83,8 @@ class OrtSpec(DeviceSpec):
     """An ONNX Runtime session: execution providers in priority order, as ORT takes them.
 
     `allow_fallback=False` asks the devices layer to fail when a listed provider is not
-    available instead of silently running on the next one; `quantize="int8"` exports the
-    draft with int8 weights (output stays lossless: only the acceptance rate changes).
+    available instead of silently running on the next one; `quantize="int8"` / `"int4"` exports
+    the draft with 8- / 4-bit weights (output stays lossless: only the acceptance rate changes).
     """
 
     backend: ClassVar[str] = "onnxruntime"

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields, replace
 
 MODES = ("mirror", "speculative", "autoregressive")
 RETRIEVAL_SOURCES = ("none", "pld", "sam", "hd")  # model-free draft sources (runtime.drafters)
+DRAFT_STOPS = ("none", "confidence", "entropy")  # draft-length policies (runtime.draft_policy)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class SpecConfig:
     exit_head: str = "lm_head"  # "lm_head" (final norm + LM head at ℓe), "trained" or a head file
     exit_vocab_size: int = 0  # VocabTrim for the exit head: K most frequent target tokens; 0 = all
     draft_vocab_size: int = 0  # VocabTrim for the draft's LM head: K tokens; 0 = full vocabulary
+    draft_stop: str = "none"  # stop drafting early: none | confidence (Kangaroo) | entropy (SVIP)
+    draft_stop_threshold: float = 0.0  # confidence: stop below this top-1 prob; entropy: above nats
     max_len: int = 2048  # context length: KV cache rows preallocated on both devices
     draft_timeout_s: float = 30.0  # a draft step slower than this counts as a device failure
     model_draft: bool = True  # use the draft model; False = retrieval sources only (draft idle)
@@ -82,6 +85,31 @@ class SpecConfig:
             )
         if self.draft_timeout_s <= 0:
             raise ValueError(f"speculation.draft_timeout_s must be > 0, got {self.draft_timeout_s}")
+        self._check_draft_stop()
+
+    def _check_draft_stop(self) -> None:
+        """The threshold's meaning depends on the policy, so each gets its own range and hint.
+        With "none" the threshold is ignored (a per-call draft_stop="none" override must not
+        also have to reset it)."""
+        if self.draft_stop not in DRAFT_STOPS:
+            raise ValueError(
+                f"speculation.draft_stop {self.draft_stop!r}: expected one of {', '.join(DRAFT_STOPS)}"
+            )
+        t = self.draft_stop_threshold
+        if isinstance(t, bool) or not isinstance(t, int | float):
+            raise ValueError(f"speculation.draft_stop_threshold must be a number, got {t!r}")
+        if self.draft_stop == "confidence" and not 0 < t < 1:
+            raise ValueError(
+                f"speculation.draft_stop_threshold must be in (0, 1) with draft_stop 'confidence' "
+                f"(drafting stops once the draft's top-1 probability falls below it; typical "
+                f"0.5-0.8), got {t}"
+            )
+        if self.draft_stop == "entropy" and not t > 0:
+            raise ValueError(
+                f"speculation.draft_stop_threshold must be > 0 nats with draft_stop 'entropy' "
+                f"(drafting stops once the draft distribution's entropy exceeds it; try 1-3, a "
+                f"value at or above ln(vocabulary size) never stops), got {t}"
+            )
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

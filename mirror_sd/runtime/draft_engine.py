@@ -16,22 +16,26 @@ import torch
 from mirror_sd.devices.base import DeviceError, ModelRunner
 from mirror_sd.runtime.acceptance import Sampling, probs, sample
 from mirror_sd.runtime.branches import Branch
+from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy
 
 
 @dataclass
 class Draft:
-    """γ proposed tokens and the distributions q they were drawn from (None when greedy)."""
+    """1..γ proposed tokens and the distributions q they were drawn from (None when greedy).
+
+    Fewer than γ tokens when a draft-length policy stopped drafting early.
+    """
 
     tokens: list[int]
-    q: torch.Tensor | None  # (γ, V) or None (greedy, or a deterministic proposal)
+    q: torch.Tensor | None  # (len(tokens), V) or None (greedy, or a deterministic proposal)
     source: str = "draft"  # draft | branch | a retrieval source's name
 
 
 @dataclass
 class Rollout:
     branch: Branch
-    draft: Draft  # the γ tokens after the branch token
-    rows: list[int]  # cache rows holding [c, r_1, .., r_{γ-1}]
+    draft: Draft  # the m ≤ γ tokens r_1..r_m after the branch token
+    rows: list[int]  # cache rows holding [c, r_1, .., r_{m-1}]: one per token of `draft`
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -51,10 +55,17 @@ class DraftEngine:
 
     # --- helpers ----------------------------------------------------------------------
     def _check(self, logits: torch.Tensor, n: int) -> torch.Tensor:
-        if logits.shape != (n, self.runner.vocab_size) or not torch.isfinite(logits).all():
+        # -inf is a valid logit (a VocabTrim draft's tokens outside its kept set); NaN, +inf
+        # or a row without any finite logit is a broken device
+        if (
+            logits.shape != (n, self.runner.vocab_size)
+            or logits.isnan().any()
+            or logits.isposinf().any()
+            or not logits.amax(-1).isfinite().all()
+        ):
             raise DeviceError(
                 f"{self.runner.name} returned malformed logits {tuple(logits.shape)} "
-                f"(expected ({n}, {self.runner.vocab_size}), finite)"
+                f"(expected ({n}, {self.runner.vocab_size}), finite or -inf, no NaN)"
             )
         return logits
 
@@ -64,6 +75,15 @@ class DraftEngine:
             return logits.argmax(-1).tolist(), None
         q = probs(logits, self.sampling)
         return [sample(q[r], self.gen) for r in range(q.shape[0])], q
+
+    @staticmethod
+    def _stops(policy: DraftPolicy, logits: torch.Tensor, q: torch.Tensor | None) -> list[bool]:
+        """Per row: does drafting stop after the token just picked from it? The policy reads
+        the q the token was sampled from, or the raw softmax when greedy (see draft_policy)."""
+        if not policy.active:
+            return [False] * logits.shape[0]
+        stop = policy.stops_logits(logits) if q is None else policy.stops(q)
+        return stop.tolist()
 
     def _feed(self, tokens: list[int]) -> torch.Tensor:
         """Append tokens causally after the valid rows; returns their logits (T, V)."""
@@ -84,8 +104,14 @@ class DraftEngine:
         del self.rows[keep:]
 
     # --- the three operations -----------------------------------------------------------
-    def draft_chain(self, committed: list[int], gamma: int) -> Draft:
-        """Vanilla drafting: γ tokens continuing `committed`, one draft forward each."""
+    def draft_chain(
+        self, committed: list[int], gamma: int, policy: DraftPolicy = NEVER_STOP
+    ) -> Draft:
+        """Vanilla drafting: up to γ tokens continuing `committed`, one draft forward each.
+
+        Stops early when `policy` says so; the token that triggered the stop is still
+        proposed but not fed, so the cache holds committed + d_1..d_{m-1} for m tokens.
+        """
         self.sync(committed)
         logits = self._feed(committed[len(self.rows) :])[-1:]
         tokens, qs = [], []
@@ -93,17 +119,26 @@ class DraftEngine:
             tok, q = self._pick(logits)
             tokens += tok
             qs.append(q)
-            if step + 1 < gamma:
-                logits = self._feed(tok)
+            if step + 1 == gamma or self._stops(policy, logits, q)[0]:
+                break
+            logits = self._feed(tok)
         return Draft(tokens, None if qs[0] is None else torch.cat(qs))
 
     def rollout(
-        self, committed: list[int], block: list[int], branches: list[Branch], gamma: int
+        self,
+        committed: list[int],
+        block: list[int],
+        branches: list[Branch],
+        gamma: int,
+        policy: DraftPolicy = NEVER_STOP,
     ) -> list[Rollout]:
-        """Roll out γ tokens for every branch in one batched, tree-masked forward per step.
+        """Roll out up to γ tokens for every branch in one batched, tree-masked forward per step.
 
         Branch (j, c) sees committed + block[:j] and then its own rows. Missing path rows
         (usually d_γ) are fed first as a causal chain that the depth-j branches share.
+        `policy` bounds each branch independently: a branch that stops keeps its last token
+        but is not fed again, so later steps run on the still-active branches only and the
+        loop ends when none is left. Either way a branch of m tokens owns exactly m rows.
         """
         n, path = len(committed), committed + block
         self.sync(path)
@@ -111,47 +146,71 @@ class DraftEngine:
         chain = path[start:]  # path rows not cached yet
         b = len(branches)
         own: list[list[int]] = [[] for _ in range(b)]
-        toks = [br.token for br in branches]
         qs: list[list[torch.Tensor]] = [[] for _ in range(b)]
         outs: list[list[int]] = [[] for _ in range(b)]
+        feed = [br.token for br in branches]  # the token each branch feeds next
+        active = list(range(b))  # branches still drafting, in feeding order
         for step in range(gamma):
-            rows = (chain if step == 0 else []) + toks
-            base = self.runner.length
-            t = len(rows)
-            mask = torch.zeros(1, t, base + t, dtype=torch.bool)
-            pos = torch.empty(1, t, dtype=torch.long)
-            for i in range(len(rows) - b):  # chain rows: causal over the path
-                mask[0, i, : base + i + 1] = True
-                pos[0, i] = start + i
-            for k, br in enumerate(branches):
-                i = t - b + k
-                visible_path = n + br.depth  # rows [0, n + j) hold committed + d_1..d_j
-                mask[0, i, : min(visible_path, start)] = True
-                if visible_path > start:  # part of the path came in as chain rows this step
-                    mask[0, i, start:visible_path] = True
-                mask[0, i, own[k]] = True
-                mask[0, i, base + i] = True
-                pos[0, i] = n + br.depth + step
+            if not active:
+                break
+            lead = chain if step == 0 else []
+            rows = lead + [feed[k] for k in active]
+            base, t = self.runner.length, len(rows)
+            pos, mask = self._tree_inputs(
+                n, start, base, len(lead), [(branches[k], own[k]) for k in active], step
+            )
             logits = self._check(self.runner.forward(torch.tensor([rows]), pos, mask), t)
             if step == 0:
                 self.rows.extend(chain)
-            picked, q = self._pick(logits[t - b :])
-            for k in range(b):
-                own[k].append(base + t - b + k)
-                outs[k].append(picked[k])
+            mine = logits[len(lead) :]
+            picked, q = self._pick(mine)
+            stops = self._stops(policy, mine, q)
+            still = []
+            for slot, k in enumerate(active):
+                own[k].append(base + len(lead) + slot)
+                outs[k].append(picked[slot])
                 if q is not None:
-                    qs[k].append(q[k : k + 1])
-            toks = picked
+                    qs[k].append(q[slot : slot + 1])
+                if not stops[slot]:
+                    feed[k] = picked[slot]
+                    still.append(k)
+            active = still
         return [
             Rollout(br, Draft(outs[k], torch.cat(qs[k]) if qs[k] else None), own[k])
             for k, br in enumerate(branches)
         ]
 
+    @staticmethod
+    def _tree_inputs(
+        n: int, start: int, base: int, lead: int, fed: list[tuple[Branch, list[int]]], step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (1, T) and the boolean tree mask (1, T, base + T) of one rollout step.
+
+        `lead` chain rows come first (causal over the path, positions from `start`), then one
+        row per fed branch: it sees the path up to its depth, its own earlier rows and itself.
+        """
+        t = lead + len(fed)
+        mask = torch.zeros(1, t, base + t, dtype=torch.bool)
+        pos = torch.empty(1, t, dtype=torch.long)
+        for i in range(lead):
+            mask[0, i, : base + i + 1] = True
+            pos[0, i] = start + i
+        for slot, (br, rows) in enumerate(fed):
+            i = lead + slot
+            visible_path = n + br.depth  # rows [0, n + j) hold committed + d_1..d_j
+            mask[0, i, : min(visible_path, start)] = True
+            if visible_path > start:  # part of the path came in as chain rows this step
+                mask[0, i, start:visible_path] = True
+            mask[0, i, rows] = True
+            mask[0, i, base + i] = True
+            pos[0, i] = n + br.depth + step
+        return pos, mask
+
     def commit_branch(self, committed_len_before: int, accepted: int, rollout: Rollout) -> None:
         """Keep the accepted path and the winning branch's rows (compaction); drop the rest.
 
-        After this the cache holds committed + d_1..d_a + c + r_1..r_{γ-1}: exactly the state
-        after drafting the next block r_1..r_γ.
+        After this the cache holds committed + d_1..d_a + c + r_1..r_{m-1}: exactly the state
+        after drafting the next block r_1..r_m (m ≤ γ when a draft-length policy stopped it).
         """
         start = committed_len_before + accepted
         self.runner.keep(start, rollout.rows)

@@ -19,6 +19,7 @@ from mirror_sd.devices.base import ModelRunner, SplitRunner
 from mirror_sd.partition.spec_config import SpecConfig
 from mirror_sd.runtime.acceptance import Sampling
 from mirror_sd.runtime.draft_engine import DraftEngine
+from mirror_sd.runtime.draft_policy import DraftPolicy
 from mirror_sd.runtime.drafters.sources import make_source
 from mirror_sd.runtime.pipelines import Pipeline
 from mirror_sd.runtime.prompts import Prompt, check_fits, encode_prompt, eos_token_ids
@@ -50,6 +51,7 @@ class Plan:
         generation_config: dict | None = None,
         target_threads: int | None = None,
         info: dict | None = None,
+        exit_head=None,
     ):
         self.target, self.draft = target, draft
         self.target_device, self.draft_device = target_device, draft_device
@@ -57,6 +59,7 @@ class Plan:
         self.spec = spec
         self.generation_config = generation_config or {}
         self.info = info or {}  # compile-time facts for describe() and save()
+        self.exit_head = exit_head  # graphs.heads.ExitHead, or None: the runner's own head
         init = (lambda: torch.set_num_threads(target_threads)) if target_threads else None
         self.target_pipe = Pipeline(target_device.alias, "verification", init=init)
         self.draft_pipe = Pipeline(draft_device.alias, "draft streaming") if draft_device else None
@@ -147,6 +150,9 @@ class Plan:
             spec.branch_budget,
             spec.reuse,
             spec.draft_timeout_s,
+            retrieval_min_match=spec.retrieval_min_match,
+            draft_stop=DraftPolicy(spec.draft_stop, spec.draft_stop_threshold),
+            accept_rate=getattr(self.info.get("profile"), "accept_rate", None),
         )
 
     def _generate(
@@ -171,6 +177,7 @@ class Plan:
         sched = VerificationScheduler(
             self.target, self.target_pipe, engine, self.draft_pipe, settings, sampling,
             torch.Generator().manual_seed(seed), tracer, retrieval,
+            self.exit_head.exit_logits if self.exit_head is not None else None,
         )  # fmt: skip
         eos = self._eos(eos_token_id)
         self._produced: list[int] = []

@@ -9,6 +9,7 @@ calibration text that is not Spec-Bench.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -53,6 +54,43 @@ def _time_rows(runner: ModelRunner, context: int, rows: int, reps: int) -> float
     for _ in range(2):  # warm-up (first-call allocations, ORT arena growth)
         once()
     return _median_time(once, reps)
+
+
+def overlap_slowdown(
+    target: ModelRunner, draft: ModelRunner, context: int, rows: int, draft_rows: int, reps: int
+) -> float:
+    """How much longer a target forward of `rows` takes while the draft steps over
+    `draft_rows` rows in a loop on another thread (>= 1; both runners are left empty).
+
+    Two devices that share nothing give ~1. Two "devices" on one CPU package share its memory
+    bus and caches: a mirror round's suffix and rollouts then slow each other down, which
+    the cost model must know to compare mirror with vanilla speculative decoding honestly.
+    """
+    alone = _time_rows(target, context, rows, reps)
+    ids = torch.zeros(1, draft_rows, dtype=torch.long)
+    pos = torch.arange(context, context + draft_rows).unsqueeze(0)
+    mask = causal_mask(context, draft_rows)
+    draft.rollback(0)
+    draft.forward(torch.zeros(1, context, dtype=torch.long), torch.arange(context).unsqueeze(0),
+                  causal_mask(0, context))  # fmt: skip
+    stop, started = threading.Event(), threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            draft.rollback(context)
+            draft.forward(ids, pos, mask)
+            started.set()
+
+    worker = threading.Thread(target=spin, name="overlap-probe", daemon=True)
+    worker.start()
+    try:
+        started.wait(timeout=60)
+        busy = _time_rows(target, context, rows, reps)
+    finally:
+        stop.set()
+        worker.join()
+        draft.rollback(0)
+    return max(1.0, busy / alone)
 
 
 @torch.inference_mode()
@@ -114,6 +152,8 @@ def profile(
     hidden = torch.zeros(1, max_block, lens_model.config.hidden_size, dtype=dtype)
     t_exit = _median_time(lambda: target.exit_logits(hidden), reps)
     layers = candidate_layers or range(max(1, n_layers // 4), n_layers)
+    slowdown = overlap_slowdown(target, draft, context, max_block, min(4, max(draft_rows)), reps)
+    target.rollback(0)
     return Profile(
         num_layers=n_layers,
         t_target=t_target,
@@ -122,4 +162,5 @@ def profile(
         accept_rate=teacher_forced_agreement(target, draft, calibration_ids),
         hit_rate_by_exit_layer=agreement_by_layer(lens_model, calibration_ids, list(layers)),
         description=description,
+        overlap_slowdown=round(slowdown, 3),
     )

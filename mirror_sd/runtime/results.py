@@ -15,6 +15,7 @@ class GenerationStats:
     tokens_per_s: float
     rounds: int
     mean_accepted: float  # tokens committed per round (accepted + correction/bonus)
+    mean_drafted: float  # tokens proposed per round (γ unless a draft-length policy stopped early)
     hit_rate: float | None  # fraction of mirror rounds whose verdict matched a rolled-out branch
     draft_s: float  # draft device busy time
     exposed_draft_s: float  # draft time on the critical path
@@ -34,6 +35,7 @@ class GenerationStats:
             tokens_per_s=new_tokens / wall_s if wall_s > 0 else 0.0,
             rounds=len(rounds),
             mean_accepted=sum(r.committed for r in rounds) / max(1, len(rounds)),
+            mean_drafted=sum(r.drafted for r in rounds) / max(1, len(rounds)),
             hit_rate=sum(r.hit for r in mirrored) / len(mirrored) if mirrored else None,
             draft_s=sum(r.t_draft for r in rounds),
             exposed_draft_s=sum(r.exposed for r in rounds),
@@ -51,7 +53,8 @@ class GenerationStats:
         hit = "n/a" if self.hit_rate is None else f"{self.hit_rate:.0%}"
         line = (
             f"{self.mode}: {self.new_tokens} tokens in {self.wall_s:.2f} s = {self.tokens_per_s:.2f} tok/s; "
-            f"{self.rounds} rounds, {self.mean_accepted:.2f} tokens/round, hit rate {hit}; "
+            f"{self.rounds} rounds, {self.mean_accepted:.2f} tokens/round "
+            f"({self.mean_drafted:.2f} drafted), hit rate {hit}; "
             f"draft {self.draft_s:.2f} s (exposed {self.exposed_draft_s:.2f} s), "
             f"target suffix {self.suffix_s:.2f} s"
         )

@@ -29,9 +29,12 @@ from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.runtime.acceptance import Sampling, Verdict, probs, verify_greedy, verify_sampling
 from mirror_sd.runtime.branches import exit_candidates, plan_branches
 from mirror_sd.runtime.draft_engine import Draft, DraftEngine, Rollout
+from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy
 from mirror_sd.runtime.drafters import DraftSource
 from mirror_sd.runtime.pipelines import Pipeline
 from mirror_sd.runtime.tracing import Tracer
+
+PRIOR_TOKENS = 8  # weight of the plan's α prior in the running acceptance estimate
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class RoundSettings:
     reuse: bool
     draft_timeout_s: float
     retrieval_min_match: int = 3
+    draft_stop: DraftPolicy = NEVER_STOP  # bounds chain drafts and each branch's rollout
+    accept_rate: float | None = None  # the plan's measured α: prior for ranking branches
 
 
 @dataclass
@@ -58,6 +63,7 @@ class RoundLog:
     exposed: float = 0.0  # draft time on the critical path
     branches: int = 0
     source: str = "target"  # who proposed this round's block: draft | branch | <retrieval> | target
+    drafted: int = 0  # tokens proposed this round (the block's length; < γ after an early stop)
 
 
 @dataclass
@@ -83,6 +89,7 @@ class VerificationScheduler:
         verify_gen: torch.Generator,
         tracer: Tracer,
         retrieval: DraftSource | None = None,
+        exit_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.target, self.tp = target, target_pipe
         self.draft, self.dp = draft, draft_pipe
@@ -91,7 +98,9 @@ class VerificationScheduler:
         self.gen = verify_gen
         self.tracer = tracer
         self.retrieval = retrieval
+        self.exit_logits = exit_head or target.exit_logits  # hidden (1, T, D) -> (T, V)
         self.state = RunState()
+        self._judged = self._taken = 0  # draft tokens verified / accepted so far (running α)
 
     # --- public -------------------------------------------------------------------------
     def run(
@@ -174,8 +183,9 @@ class VerificationScheduler:
         if self._draft_alive() and block is None:
             t0 = self.tracer.now()
             fut = self.dp.submit(
-                self.tracer, "draft.chain", self.draft.draft_chain, committed, self.s.gamma
-            )
+                self.tracer, "draft.chain", self.draft.draft_chain, committed, self.s.gamma,
+                self.s.draft_stop,
+            )  # fmt: skip
             try:
                 block = self._draft_result(fut)
             except DraftFailed:
@@ -183,7 +193,7 @@ class VerificationScheduler:
             log.t_draft = log.exposed = self.tracer.now() - t0
         if block is None:
             block = Draft([], None, source="target")
-        log.source = block.source
+        log.source, log.drafted = block.source, len(block.tokens)
         if self.s.mode == "mirror" and block.tokens and self._draft_alive():
             new, nxt = self._mirror_round(committed, block, log)
         else:
@@ -193,6 +203,12 @@ class VerificationScheduler:
         if log.hit is not None:
             self.tracer.counter("hits", self.tracer.now(), hit=int(log.hit))
         return new, nxt
+
+    def _accept_rate(self) -> float:
+        """Running estimate of the per-token acceptance α of this generation's draft tokens,
+        with a prior worth PRIOR_TOKENS tokens at the plan's α (its profile, else 0.7)."""
+        prior = self.s.accept_rate if self.s.accept_rate is not None else 0.7
+        return (self._taken + prior * PRIOR_TOKENS) / (self._judged + PRIOR_TOKENS)
 
     def _block_inputs(self, committed: list[int], d: list[int]):
         n = len(committed)
@@ -205,6 +221,9 @@ class VerificationScheduler:
     ) -> list[int]:
         self.target.rollback(len(committed) + v.accepted)  # keep x_n, d_1..d_a
         log.accepted, log.committed = v.accepted, v.accepted + 1
+        if d:  # acceptance counts for the running α estimate (tokens up to the first rejection)
+            self._judged += min(v.accepted + 1, len(d))
+            self._taken += v.accepted
         return [*d[: v.accepted], v.correction]
 
     def _plain_round(self, committed: list[int], block: Draft, log: RoundLog) -> list[int]:
@@ -226,21 +245,22 @@ class VerificationScheduler:
 
         def prefix_and_exit():
             h = self.target.forward_prefix(ids, pos, mask)  # (1, γ + 1, D)
-            return h, exit_candidates(self.target.exit_logits(h), self.s.kappa)
+            return h, exit_candidates(self.exit_logits(h), self.s.kappa)
 
         hidden, (cand_ids, cand_p) = self.tp.submit(
             self.tracer, "target.prefix+exit_head", prefix_and_exit
         ).result()
         t1 = self.tracer.now()
         log.t_pre = t1 - t0
-        branches = plan_branches(d, cand_ids, cand_p, self.s.budget)
+        branches = plan_branches(d, cand_ids, cand_p, self.s.budget, self._accept_rate())
         log.branches = len(branches)
         suffix = self.tp.submit(
             self.tracer, "target.suffix", self.target.forward_suffix, hidden, pos, mask
         )
         rollout = self.dp.submit(
-            self.tracer, "draft.rollout", self.draft.rollout, committed, d, branches, self.s.gamma
-        )
+            self.tracer, "draft.rollout", self.draft.rollout, committed, d, branches, self.s.gamma,
+            self.s.draft_stop,
+        )  # fmt: skip
         self.tracer.flow(
             "token channel", (self.tp.device, self.tp.name, t1), (self.dp.device, self.dp.name, t1)
         )

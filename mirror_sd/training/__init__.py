@@ -2,5 +2,6 @@
 hidden states and next-token choices over it, and what is fitted to them (trained exit heads,
 the Kangaroo self-draft adapter, VocabTrim counts).
 
-Imports `graphs` only: pure torch, no devices, no runtime.
+Imports `graphs` only: pure torch, no devices, no runtime (except `vocab_report`, which
+measures drafts in ONNX Runtime and is imported only by `calibrate vocab --report`).
 """

@@ -76,18 +76,21 @@ def collect_cached(
     model: CausalLM, model_identity: str, corpus: Corpus, layers: Sequence[int], folder: Path,
     progress: bool = True,
 ) -> Collected:  # fmt: skip
-    """`collect`, reusing a saved collection for the same (model, corpus, layers)."""
+    """`collect`, reusing a saved collection of the same (model, corpus) whose layers include
+    `layers` (a collection of all layers serves every later request)."""
     key = hashlib.sha256(
-        f"{COLLECT_VERSION}|{model_identity}|{corpus.identity}|{sorted(layers)}".encode()
+        f"{COLLECT_VERSION}|{model_identity}|{corpus.identity}".encode()
     ).hexdigest()[:16]
-    path = Path(folder) / f"collect-{key}.pt"
-    if path.is_file():
-        d = torch.load(path, weights_only=True)
-        return Collected(
-            d["ids"], d["labels"], {int(k): v for k, v in d["hidden"].items()}, d["final_top"]
-        )
+    folder = Path(folder)
+    for path in sorted(folder.glob(f"collect-{key}-*.pt")):
+        have = {int(x) for x in path.stem.split("-")[2].split("_") if x}
+        if set(layers) <= have:
+            d = torch.load(path, weights_only=True, mmap=True)
+            hidden = {x: d["hidden"][str(x)] for x in layers}
+            return Collected(d["ids"], d["labels"], hidden, d["final_top"])
     col = collect(model, corpus.chunks, layers, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"collect-{key}-{'_'.join(map(str, sorted(layers)))}.pt"
     tmp = path.with_suffix(".tmp")
     torch.save({"ids": col.ids, "labels": col.labels, "final_top": col.final_top,
                 "hidden": {str(k): v for k, v in col.hidden.items()}}, tmp)  # fmt: skip

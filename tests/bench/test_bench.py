@@ -239,3 +239,19 @@ def test_measure_profile_from_a_plan(bench):
         prof = measure_profile(plan, max_block=4, description="tiny")
     assert set(prof.t_target) == {1, 2, 3, 4} and prof.num_layers == 6
     assert prof.accept_rate is not None and prof.description == "tiny"
+
+
+def test_ablation_table_over_runs(bench, tmp_path, capsys):
+    """Two runs tabulated: one row per non-baseline method and run, ratios taken in-run."""
+    results, out, _ = bench
+    assert bench_cli.main(["--ablation", f"{out}=int8", "--ablation", f"{out}=again",
+                           "--out", str(tmp_path)]) == 0  # fmt: skip
+    table = (tmp_path / "ablation.md").read_text()
+    ours = [m for m in KNOWN_METHODS if m not in ("hf-ar", "hf-assisted", "hf-pld", "ar")]
+    assert table.count("| int8 |") == len(ours) and table.count("| again |") == len(ours)
+    row = next(line for line in table.splitlines() if line.startswith("| int8 | mirror |"))
+    hetero = results["aggregates"]["mirror"]["overall"]["heterogeneous_speedup_vs_ar"]
+    assert f"{hetero:.2f}" in row and "100%" in row  # identical to ar on every question
+    assert "speculative+conf" in table and "mirror+entropy" in table
+    with pytest.raises(SystemExit, match="no results.json"):
+        bench_cli.main(["--ablation", str(tmp_path / "nothing"), "--out", str(tmp_path)])

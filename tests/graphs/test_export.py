@@ -145,6 +145,30 @@ def test_int8_quantizes_matmuls_and_embedding(exported, tmp_path):
     assert out.shape == (1, 5, 97) and np.isfinite(out).all()
 
 
+def test_int4_quantizes_matmuls_and_agrees_with_fp32(exported, tmp_path):
+    """4-bit MatMulNBits weights: smaller than int8, and still mostly the fp32 top-1 token."""
+    model, path = exported
+    q8 = ex.quantize_int8(path, tmp_path / "q8.onnx")
+    q4 = ex.quantize_int4(path, tmp_path / "q4.onnx")
+    nodes = [n for n in onnx.load(str(q4)).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 7 * 4 + 1
+    assert {a.i for n in nodes for a in n.attribute if a.name == "bits"} == {4}
+    assert q4.stat().st_size < q8.stat().st_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 97, (1, 48), generator=g)
+    args = (0, 4, ids, torch.arange(48)[None], causal_mask(0, 48), random_past(model, range(4), 0))
+    ref, _ = run_onnx(path, *args)
+    out, _ = run_onnx(q4, *args)
+    agree = float((ref.argmax(-1) == out.argmax(-1)).mean())
+    assert 0.6 <= agree <= 1.0, agree
+    assert np.abs(out - ref).max() < 0.5 * np.abs(ref).max()  # an approximation, not noise
+
+
+def test_quantize_weights_rejects_other_bit_widths(exported, tmp_path):
+    with pytest.raises(ValueError, match="bits=3"):
+        ex.quantize_weights(exported[1], tmp_path / "q.onnx", 3)
+
+
 def test_bad_layer_range_is_a_clear_error(qwen2, tmp_path):
     with pytest.raises(IndexError, match=r"\[2, 9\) outside \[0, 4\]"):
         ex.export_stages(qwen2, tmp_path / "x.onnx", 2, 9, False, False)
@@ -162,13 +186,17 @@ def fake_export(monkeypatch):
         Path(f"{path}.data").write_bytes(b"weights")
         return Path(path)
 
-    def quantize(src, dst):
-        calls.append(("int8",))
-        Path(dst).write_bytes(b"int8 graph")
-        return Path(dst)
+    def quantizer(bits):
+        def quantize(src, dst):
+            calls.append((bits,))
+            Path(dst).write_bytes(f"{bits} graph".encode())
+            return Path(dst)
+
+        return quantize
 
     monkeypatch.setattr(ex, "export_stages", export)
-    monkeypatch.setattr(ex, "quantize_int8", quantize)
+    monkeypatch.setattr(ex, "quantize_int8", quantizer("int8"))
+    monkeypatch.setattr(ex, "quantize_int4", quantizer("int4"))
     return calls
 
 
@@ -185,9 +213,15 @@ def test_export_cache_reuses_an_identical_export(qwen2, tmp_path, fake_export):
 def test_export_cache_quantizes_the_cached_fp32_export(qwen2, tmp_path, fake_export):
     fp32 = ex.export_cached(qwen2, tmp_path, {})
     int8 = ex.export_cached(qwen2, tmp_path, {}, quantize="int8")
-    assert fake_export == [(0, 4, True, True), ("int8",)]  # one export, reused for int8
+    int4 = ex.export_cached(qwen2, tmp_path, {}, quantize="int4")
+    assert fake_export == [(0, 4, True, True), ("int8",), ("int4",)]  # one export, reused
     assert int8.read_bytes() == b"int8 graph" and "-int8-" in int8.parent.name
+    assert int4.read_bytes() == b"int4 graph" and "-int4-" in int4.parent.name
     assert fp32.read_bytes() == b"graph"
+    # int8 entries keep the key they had before int4 (and labels) existed: no re-export
+    settings = dict(first=0, last=4, with_embed=True, with_head=True, quantize="int8",
+                    opset=ex.DEFAULT_OPSET)  # fmt: skip
+    assert int8.parent.name.endswith("-int8-" + ex.cache_key(qwen2, {}, **settings)[:16])
 
 
 @pytest.mark.parametrize(
@@ -196,6 +230,7 @@ def test_export_cache_quantizes_the_cached_fp32_export(qwen2, tmp_path, fake_exp
         {"key": {"folder": "/models/x", "files": [["model.safetensors", 10, 124]]}},  # mtime
         {"last": 2, "with_head": False},
         {"quantize": "int8"},
+        {"quantize": "int4"},
         {"opset": 19},
     ],
 )
@@ -209,8 +244,8 @@ def test_export_cache_key_covers_weights_range_and_quantization(
 
 
 def test_export_cache_rejects_unknown_quantization(qwen2, tmp_path):
-    with pytest.raises(ValueError, match="quantize='int4'"):
-        ex.export_cached(qwen2, tmp_path, {}, quantize="int4")
+    with pytest.raises(ValueError, match="quantize='int2'"):
+        ex.export_cached(qwen2, tmp_path, {}, quantize="int2")
 
 
 def test_source_identity_changes_with_the_weights(tmp_path):

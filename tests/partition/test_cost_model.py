@@ -212,3 +212,24 @@ def test_explain_names_values_numbers_and_assumptions():
     assert "acceptance rate α = 0.6 (ASSUMED" in text
     assert "ASSUMED from the logit-lens depth curve" in text
     assert f"mirror {c.speedup_mirror:.2f}x" in text
+
+
+def test_overlap_slowdown_stretches_the_overlapped_suffix_and_rollouts():
+    base = mirror_round_time(0.3, 0.2, 0.04, 0.05, 4, 1.0)  # hidden draft, all hits
+    # f = 1.5: the suffix takes 0.3 s instead of 0.2; rollouts 0.24 s, still hidden
+    assert mirror_round_time(0.3, 0.2, 0.04, 0.05, 4, 1.0, slowdown=1.5) == pytest.approx(
+        base + 0.1
+    )
+    # f = 2 with rollouts longer than the suffix: exposure doubles as well
+    t = mirror_round_time(0.3, 0.2, 0.06, 0.05, 4, 1.0, slowdown=2.0)
+    assert t == pytest.approx(0.3 + 0.2 + 2 * (0.24 - 0.2))
+
+
+def test_a_shared_machine_can_make_vanilla_the_best_mode():
+    p = _profile(hit_rate_by_exit_layer={2: 0.3}, accept_rate=0.8)
+    assert choose(p).best_mode == "mirror"
+    slow = choose(_profile(hit_rate_by_exit_layer={2: 0.3}, accept_rate=0.8, overlap_slowdown=2.5))
+    assert slow.best_mode == "speculative" and slow.overlap_slowdown == 2.5
+    assert "overlap slowdown f = 2.50" in slow.explain()
+    with pytest.raises(ValueError, match="overlap_slowdown must be >= 1"):
+        _profile(overlap_slowdown=0.5)

@@ -179,8 +179,8 @@ MALFORMED = [
         "devices.npu.providers: must be a non-empty list like `- CPUExecutionProvider: {}`, in priority order",
     ),
     (
-        _with("devices/npu/quantize", "int4"),
-        "devices.npu.quantize: unknown value 'int4'; did you mean 'int8'? valid: none, int8",
+        _with("devices/npu/quantize", "int3"),
+        "devices.npu.quantize: unknown value 'int3'; did you mean 'int8'? valid: none, int8, int4",
     ),
     (
         _with("devices/npu/optimization_level", 99),
@@ -212,7 +212,7 @@ MALFORMED = [
     ),
     (
         _with("speculation/exit_layr", 3),
-        "speculation.exit_layr: unknown key; did you mean 'exit_layer'? valid keys (SpecConfig fields): mode, num_draft_tokens, exit_layer, exit_top_k, branch_budget, reuse, exit_head, max_len, draft_timeout_s, model_draft, retrieval, retrieval_min_match, retrieval_max_ngram, temperature, top_k, top_p",
+        "speculation.exit_layr: unknown key; did you mean 'exit_layer'? valid keys (SpecConfig fields): mode, num_draft_tokens, exit_layer, exit_top_k, branch_budget, reuse, exit_head, exit_vocab_size, draft_vocab_size, draft_stop, draft_stop_threshold, max_len, draft_timeout_s, model_draft, retrieval, retrieval_min_match, retrieval_max_ngram, temperature, top_k, top_p",
     ),
     (
         _with("speculation/exit_layer", 0),

@@ -1,5 +1,6 @@
 """Acceptance math: greedy verdicts and the distribution-preserving sampling rule."""
 
+import pytest
 import torch
 
 from mirror_sd.runtime.acceptance import Sampling, probs, verify_greedy, verify_sampling
@@ -68,3 +69,15 @@ def test_branches_ranked_by_value_and_skip_the_accept_path():
     assert [(b.depth, b.token) for b in out] == [(0, 8), (2, 5), (1, 7), (2, 6)]
     assert abs(out[1].value - 0.6 * 0.5 * 0.9) < 1e-6
     assert len(plan_branches([7, 9], ids, pr, budget=2)) == 2
+
+
+def test_branches_ranked_with_an_acceptance_rate_favour_the_bonus_path():
+    """With α given, P(stop at j) = α^j(1−α) (α^γ at j = γ); the exit head's probability of
+    the draft token no longer decides how deep the branches go."""
+    ids = torch.tensor([[7, 8], [9, 7], [5, 6]])  # γ = 2
+    pr = torch.tensor([[0.1, 0.4], [0.1, 0.3], [0.9, 0.1]])  # exit head doubts d1, d2
+    assert plan_branches([7, 9], ids, pr, budget=1)[0].depth == 0  # exit-head estimate
+    out = plan_branches([7, 9], ids, pr, budget=10, accept_rate=0.8)
+    assert [(b.depth, b.token) for b in out[:2]] == [(2, 5), (0, 8)]
+    assert out[0].value == pytest.approx(0.8 * 0.8 * 0.9)
+    assert out[1].value == pytest.approx(0.2 * 0.4 / (1 - 0.1))  # renormalised without d1
