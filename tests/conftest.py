@@ -69,6 +69,23 @@ def make_tokenizer(vocab_size: int = 97):
     return fast
 
 
+TORCH_DRAFT_MAP = """
+version: 1
+devices:
+  a: {backend: torch, device: cpu, threads: 1}
+  b: {backend: torch, device: cpu}
+placement: {target: a, draft: b}
+"""
+
+
+def tiny_pair(root: Path) -> tuple[Path, Path, Path]:
+    """(target, draft, root): a 6-layer Qwen2 target and a 2-layer draft sharing its
+    tokenizer, saved as complete HF folders under `root`."""
+    target = save_tiny_with_tokenizer(make_tiny("qwen2", seed=0, num_hidden_layers=6), root / "t")
+    draft = save_tiny_with_tokenizer(make_tiny("qwen2", seed=1, num_hidden_layers=2), root / "d")
+    return target, draft, root
+
+
 def save_tiny_with_tokenizer(model, folder: Path) -> Path:
     """A complete local HF folder: weights, config and a tokenizer (what compile() takes)."""
     save_tiny(model, folder)

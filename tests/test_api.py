@@ -5,15 +5,8 @@ import pytest
 import mirror_sd.api as api
 from mirror_sd.devices.ort_device import ProviderUnavailableError
 from mirror_sd.runtime.prompts import PromptTooLongError
-from tests.conftest import make_tiny, save_tiny_with_tokenizer
+from tests.conftest import TORCH_DRAFT_MAP, make_tiny, save_tiny_with_tokenizer, tiny_pair
 
-TORCH_DRAFT_MAP = """
-version: 1
-devices:
-  a: {backend: torch, device: cpu, threads: 1}
-  b: {backend: torch, device: cpu}
-placement: {target: a, draft: b}
-"""
 CUDA_DRAFT_MAP = """
 version: 1
 devices:
@@ -28,9 +21,7 @@ placement: {target: a, draft: gpu}
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    target = save_tiny_with_tokenizer(make_tiny("qwen2", seed=0, num_hidden_layers=6), root / "t")
-    draft = save_tiny_with_tokenizer(make_tiny("qwen2", seed=1, num_hidden_layers=2), root / "d")
-    return target, draft, root
+    return tiny_pair(root)
 
 
 @pytest.fixture(scope="module")

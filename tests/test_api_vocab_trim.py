@@ -11,7 +11,7 @@ from mirror_sd.devices.torch_device import TorchRunner
 from mirror_sd.devices.trimmed import TrimmedVocabRunner
 from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.training import vocab
-from tests.conftest import make_tiny, save_tiny_with_tokenizer
+from tests.conftest import TORCH_DRAFT_MAP, tiny_pair
 from tests.training.test_vocab import fake_corpus
 
 V = 97
@@ -22,22 +22,13 @@ devices:
   b: {backend: onnxruntime, providers: [CPUExecutionProvider: {}], intra_op_threads: 1, quantize: %s}
 placement: {target: a, draft: b}
 """
-TORCH_DRAFT_MAP = """
-version: 1
-devices:
-  a: {backend: torch, device: cpu, threads: 1}
-  b: {backend: torch, device: cpu}
-placement: {target: a, draft: b}
-"""
 FIXED = dict(exit_layer=3, branch_budget=4, max_len=256)  # no profiling: faster
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("trim")
-    target = save_tiny_with_tokenizer(make_tiny("qwen2", seed=0, num_hidden_layers=6), root / "t")
-    draft = save_tiny_with_tokenizer(make_tiny("qwen2", seed=1, num_hidden_layers=2), root / "d")
-    return target, draft, root
+    return tiny_pair(root)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -37,11 +37,30 @@ def _speculation(args: argparse.Namespace) -> dict:
     return out
 
 
+def _tasks(args: argparse.Namespace) -> tuple[str, ...]:
+    from mirror_sd.bench.specbench import TASKS
+
+    return tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else TASKS
+
+
 def _run(args: argparse.Namespace) -> int:
     from mirror_sd.bench import report, simulate
     from mirror_sd.bench.methods import parse_methods
 
     out = Path(args.out)
+    if args.sweep:
+        from mirror_sd.bench import sweep
+        from mirror_sd.partition import Profile
+
+        try:
+            prof = Profile.load(args.sweep)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"mirror-sd bench --sweep: {e}") from None
+        text = sweep.markdown(sweep.sweep(prof), prof)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.md").write_text(text + "\n")
+        print(text)
+        return 0
     if args.ablation:
         from mirror_sd.bench import ablation
 
@@ -76,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
             raise SystemExit(f"mirror-sd bench: --methods: {e}") from None
         cfg = BenchConfig(
             target=args.target, draft=args.draft, device_map=args.device_map,
-            per_category=args.per_category, max_new_tokens=args.max_new_tokens,
+            per_category=args.per_category, max_new_tokens=args.max_new_tokens, tasks=_tasks(args),
             methods=methods, out=out, questions=args.questions, stop_at_eos=args.stop_at_eos,
             hf_threads=args.hf_threads, hf_dtype=args.hf_dtype, cache=args.cache, speculation=_speculation(args),
             progress=not args.quiet,
@@ -107,6 +126,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device-map", default=None, help="YAML device map (default: one core each)")
     p.add_argument("--per-category", type=int, default=1, help="questions per Spec-Bench task")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated Spec-Bench tasks to run (default: all six)")  # fmt: skip
     p.add_argument("--methods", default="hf-ar,hf-assisted,hf-pld,ar,speculative,mirror",
                    help="comma-separated subset of the default")  # fmt: skip
     p.add_argument("--out", default="bench_results", help="output folder")
@@ -133,6 +154,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="cost Profile JSON of other hardware: replay the rounds on it (PREDICTED)")  # fmt: skip
     p.add_argument("--from-results", default=None, metavar="RESULTS_JSON",
                    help="use a finished run's results.json instead of running")  # fmt: skip
+    p.add_argument("--sweep", default=None, metavar="PROFILE_JSON",
+                   help="PREDICTED speedups over an (ℓe, κ, γ) grid from a measured profile "
+                        "(a run's profile.json) into OUT/sweep.md")  # fmt: skip
     p.add_argument("--ablation", action="append", metavar="RUN_DIR[=LABEL]",
                    help="tabulate finished runs (one per draft variant) into OUT/ablation.md")  # fmt: skip
     p.add_argument("--sim-exit-layer", type=int, default=None,

@@ -34,7 +34,7 @@ from mirror_sd.bench.methods import (
     first_difference,
     target_margin,
 )
-from mirror_sd.bench.specbench import Question, default_path, load_questions
+from mirror_sd.bench.specbench import TASKS, Question, default_path, load_questions
 
 SCHEMA = "mirror-sd-bench/1"
 TRACE_FILE = "trace_mirror.json"
@@ -48,6 +48,7 @@ class BenchConfig:
     draft: str | None
     device_map: str | None = None
     per_category: int = 1
+    tasks: tuple[str, ...] = TASKS
     max_new_tokens: int = 64
     methods: tuple[str, ...] = ALL_METHODS
     out: Path = Path("bench_results")
@@ -173,7 +174,7 @@ def _draft_step_ms(plan) -> float | None:
 
 def _settings(cfg: BenchConfig, eos: list[int], qpath: Path, hf_threads: int) -> dict:
     return {
-        "per_category": cfg.per_category, "max_new_tokens": cfg.max_new_tokens,
+        "per_category": cfg.per_category, "tasks": list(cfg.tasks), "max_new_tokens": cfg.max_new_tokens,
         "methods": list(cfg.methods), "greedy": True, "batch_size": 1,
         "eos_policy": "stop at the same EOS ids for every method" if cfg.stop_at_eos
         else "EOS disabled for every method: exactly max_new_tokens tokens each",
@@ -200,7 +201,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     from mirror_sd.runtime.prompts import encode_prompt, eos_token_ids
 
     qpath = Path(cfg.questions) if cfg.questions else default_path()
-    questions = load_questions(qpath, cfg.per_category)
+    questions = load_questions(qpath, cfg.per_category, cfg.tasks)
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_threads = cfg.hf_threads or os.cpu_count() or 1
@@ -236,6 +237,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                           for q, p in zip(questions, prompts, strict=True)],
             "records": records, "trace": trace,
         }  # fmt: skip
+    if plan.info.get("profile") is not None:  # what the partitioner measured: --sweep reads it
+        plan.info["profile"].save(out_dir / "profile.json")
     results["aggregates"] = report.aggregate(records, list(cfg.methods))
     results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     report.write_all(results, out_dir)

@@ -73,22 +73,29 @@ def default_path() -> Path:
     )
 
 
-def load_questions(path: str | Path | None = None, per_category: int = 1) -> list[Question]:
-    """The first `per_category` questions of each of the six tasks, in file order.
+def load_questions(
+    path: str | Path | None = None, per_category: int = 1, tasks: tuple[str, ...] = TASKS
+) -> list[Question]:
+    """The first `per_category` questions of each task in `tasks` (default all six), in file
+    order.
 
     Args:
         path: a Spec-Bench `question.jsonl`; None means `default_path()`.
         per_category: questions kept per task (>= 1).
+        tasks: the tasks to keep (a subset of TASKS).
     Raises:
         SpecBenchNotFoundError: no file; ValueError: a malformed line or a task with no question.
     """
     if per_category < 1:
         raise ValueError(f"per_category must be >= 1, got {per_category}")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task(s) {unknown}; Spec-Bench's tasks: {', '.join(TASKS)}")
     path = Path(path) if path is not None else default_path()
     if not path.is_file():
         raise SpecBenchNotFoundError(f"Spec-Bench question file {path} does not exist")
     kept: list[Question] = []
-    count = dict.fromkeys(TASKS, 0)
+    count = dict.fromkeys(tasks, 0)
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -98,7 +105,7 @@ def load_questions(path: str | Path | None = None, per_category: int = 1) -> lis
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise ValueError(f"{path}:{lineno}: not a Spec-Bench question ({e})") from None
         task = task_of(q.category)
-        if count[task] < per_category:
+        if task in count and count[task] < per_category:
             count[task] += 1
             kept.append(Question(q.question_id, q.category, task, q.text))
     missing = [t for t, n in count.items() if n == 0]

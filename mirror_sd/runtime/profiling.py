@@ -37,15 +37,20 @@ def _median_time(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
+def _prefill(runner: ModelRunner, context: int) -> None:
+    """Empty the runner's cache and fill `context` rows (token 0) to time steps after them."""
+    runner.rollback(0)
+    runner.forward(torch.zeros(1, context, dtype=torch.long), torch.arange(context).unsqueeze(0),
+                   causal_mask(0, context))  # fmt: skip
+
+
 def _time_rows(runner: ModelRunner, context: int, rows: int, reps: int) -> float:
     """Median time of one forward of `rows` new rows after `context` cached rows."""
     ids = torch.zeros(1, rows, dtype=torch.long)
     pos = torch.arange(context, context + rows).unsqueeze(0)
     mask = causal_mask(context, rows)
 
-    runner.rollback(0)
-    runner.forward(torch.zeros(1, context, dtype=torch.long), torch.arange(context).unsqueeze(0),
-                   causal_mask(0, context))  # fmt: skip
+    _prefill(runner, context)
 
     def once():
         runner.rollback(context)
@@ -70,9 +75,7 @@ def overlap_slowdown(
     ids = torch.zeros(1, draft_rows, dtype=torch.long)
     pos = torch.arange(context, context + draft_rows).unsqueeze(0)
     mask = causal_mask(context, draft_rows)
-    draft.rollback(0)
-    draft.forward(torch.zeros(1, context, dtype=torch.long), torch.arange(context).unsqueeze(0),
-                  causal_mask(0, context))  # fmt: skip
+    _prefill(draft, context)
     stop, started = threading.Event(), threading.Event()
 
     def spin() -> None:

@@ -2,6 +2,7 @@
 hidden states and next-token choices over it, and what is fitted to them (trained exit heads,
 the Kangaroo self-draft adapter, VocabTrim counts).
 
-Imports `graphs` only: pure torch, no devices, no runtime (except `vocab_report`, which
-measures drafts in ONNX Runtime and is imported only by `calibrate vocab --report`).
+Imports `graphs` (and `partition`'s Profile / SpecConfig in `exit_select`): pure torch, no
+devices, no runtime — except `vocab_report`, which measures drafts in ONNX Runtime and is
+imported only by `calibrate vocab --report`.
 """

@@ -11,7 +11,11 @@ num_hidden_layers = k + 1) so that everything that takes a draft folder takes it
 and VocabTrim of the draft head. That format has uniform decoder layers, so the adapter is a
 full decoder layer (attention *and* MLP, unlike Kangaroo's attention-only adapter),
 initialised from one of the target's layers and trained whole: its MLP costs the same at
-draft time whether it is trained or not, so it is used as capacity.
+draft time whether it is trained or not, so it is used as capacity (`train_mlp=False`
+trains only attention and norms, as Kangaroo does). The default initialisation is the
+target's last layer, whose output already suits the final norm and LM head: with `init=
+"auto"` both it and layer k are probe-trained and the better one on held-out chunks kept,
+and the last layer won on SmolLM2-135M and Qwen2.5-Coder-1.5B (docs/training.md).
 
 The loss is cross-entropy against the target's argmax plus a KL term towards the target's
 distribution, both over a candidate set of output tokens (the labels, the target's top-8 and
@@ -68,8 +72,9 @@ class AdapterSettings:
     lr: float = 1e-3
     seed: int = 0
     corpus_seed: int = 0  # the corpus draw (0: the shared cached collection)
-    init: str = "auto"  # "auto" | "layer" (target layer k) | "last" (target's last layer)
+    init: str = "last"  # "last" (target's last layer) | "layer" (target layer k) | "auto" (better)
     probe_steps: int = 12  # steps each init gets before "auto" keeps the better one
+    train_mlp: bool = True  # False: only attention + norms learn (Kangaroo's adapter)
     candidates: int = 8192  # output tokens in the training softmax
     distill: float = 1.0  # weight of KL(target || draft) next to the argmax cross-entropy
     holdout_every: int = 7  # every 7th chunk (from the 4th) is held out for evaluation
@@ -280,7 +285,9 @@ def _train_best_init(
     probe = min(s.probe_steps, s.steps) if len(inits) > 1 else 0
     for layer in inits:
         torch.manual_seed(s.seed)
-        trainer = _Trainer(Draftlet(target, layer, data.cand, t), s, data)
+        model = Draftlet(target, layer, data.cand, t)
+        model.adapter.mlp.requires_grad_(s.train_mlp)
+        trainer = _Trainer(model, s, data)
         before = evaluate(trainer.model, data, data.held)
         trainer.run(probe, progress, f"adapter from layer {layer} (probe)")
         after = evaluate(trainer.model, data, data.held) if probe else before
@@ -504,6 +511,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output tokens in the training softmax")  # fmt: skip
     p.add_argument("--distill", type=float, default=d.distill,
                    help="weight of the KL term towards the target's distribution (0: off)")  # fmt: skip
+    p.add_argument("--attention-only", action="store_true",
+                   help="train only the adapter's attention and norms (its MLP stays as initialised)")  # fmt: skip
     p.add_argument("-o", "--out", default=None, help="output folder (default: in the cache)")
     p.add_argument("--cache", default=None, help="cache folder (default $MIRROR_SD_CACHE)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -514,7 +523,7 @@ def main(args: argparse.Namespace) -> int:
         args.target, args.layers, steps=args.steps, lr=args.lr, seed=args.seed,
         n_chunks=args.chunks, chunk_len=args.chunk_len, out=args.out, cache=args.cache,
         progress=not args.quiet, init=args.init, candidates=args.candidates,
-        distill=args.distill,
+        distill=args.distill, train_mlp=not args.attention_only,
     )  # fmt: skip
     if args.quiet:
         print(path)

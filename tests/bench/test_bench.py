@@ -255,3 +255,25 @@ def test_ablation_table_over_runs(bench, tmp_path, capsys):
     assert "speculative+conf" in table and "mirror+entropy" in table
     with pytest.raises(SystemExit, match="no results.json"):
         bench_cli.main(["--ablation", str(tmp_path / "nothing"), "--out", str(tmp_path)])
+
+
+def test_question_subset_by_task(tmp_path):
+    path = _write_questions(tmp_path / "q.jsonl", per_task=2)
+    qs = load_questions(path, per_category=1, tasks=("qa", "math_reasoning"))
+    assert [q.task for q in qs] == ["qa", "math_reasoning"]
+    with pytest.raises(ValueError, match="unknown task"):
+        load_questions(path, tasks=("coding",))
+
+
+def test_sweep_predicts_every_cell_from_a_profile(tmp_path, capsys):
+    prof = Profile(num_layers=4, t_target={1: 1.0, 5: 1.2}, t_draft={1: 0.1, 8: 0.3},
+                   accept_rate=0.7, hit_rate_by_exit_layer={1: 0.1, 2: 0.4, 3: 0.6})  # fmt: skip
+    path = tmp_path / "profile.json"
+    prof.save(path)
+    assert bench_cli.main(["--sweep", str(path), "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "sweep.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 3 * 4 * 4  # ℓe in {1, 2, 3} x κ in {1, 2, 4, 8} x γ in 1..4
+    assert table.count("**") == 2 and "PREDICTED" in table
+    with pytest.raises(SystemExit, match="--sweep"):
+        bench_cli.main(["--sweep", str(tmp_path / "missing.json"), "--out", str(tmp_path)])

@@ -13,7 +13,7 @@ from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.runtime.autoregressive import greedy_decode
 from mirror_sd.training.collect import collect
 from mirror_sd.training.exit_head import agreement, heads_dir, train_head, trained_heads
-from tests.conftest import make_tiny, save_tiny_with_tokenizer
+from tests.conftest import make_tiny, save_tiny_with_tokenizer, tiny_pair
 from tests.runtime.conftest import make_plan
 
 LAYER = 2
@@ -22,9 +22,7 @@ LAYER = 2
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("heads")
-    target = save_tiny_with_tokenizer(make_tiny("qwen2", seed=0, num_hidden_layers=6), root / "t")
-    draft = save_tiny_with_tokenizer(make_tiny("qwen2", seed=1, num_hidden_layers=2), root / "d")
-    return target, draft, root
+    return tiny_pair(root)
 
 
 @pytest.fixture(scope="module")
