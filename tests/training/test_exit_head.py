@@ -13,7 +13,7 @@ from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.runtime.autoregressive import greedy_decode
 from mirror_sd.training.collect import collect
 from mirror_sd.training.exit_head import agreement, heads_dir, train_head, trained_heads
-from tests.conftest import make_tiny, save_tiny_with_tokenizer, tiny_pair
+from tests.conftest import TORCH_DRAFT_MAP, make_tiny, save_tiny_with_tokenizer, tiny_pair
 from tests.runtime.conftest import make_plan
 
 LAYER = 2
@@ -126,7 +126,7 @@ def test_compile_with_trained_heads(folders, model, collected, tmp_path):
     target, draft, root = folders
     cache = tmp_path / "cache"
     with pytest.raises(FileNotFoundError, match="mirror-sd train exit-head"):
-        api.compile(target, draft, onnx_dir=root / "onnx", cache=cache, exit_head="trained")
+        api.compile(target, draft, TORCH_DRAFT_MAP, cache=cache, exit_head="trained")
     trim = VocabTrim.from_counts(collected.counts(model.config.vocab_size), 80)
     for layer in (2, 4):
         col = collect(model, collected.ids.tolist(), [layer], progress=False)
@@ -134,9 +134,9 @@ def test_compile_with_trained_heads(folders, model, collected, tmp_path):
         head.save(heads_dir(cache, target) / f"exit-L{layer}-r16-k80.pt")
     assert sorted(trained_heads(cache, target)) == [2, 4]
     with pytest.raises(ValueError, match="has no trained exit head"):
-        api.compile(target, draft, onnx_dir=root / "onnx", cache=cache, exit_head="trained",
-                    exit_layer=3)  # fmt: skip
-    with api.compile(target, draft, onnx_dir=root / "onnx", cache=cache, exit_head="trained",
+        api.compile(target, draft, TORCH_DRAFT_MAP, cache=cache, exit_head="trained", exit_layer=3)
+    # torch devices: no ONNX exports, so the test measures the exit-head logic, not the exporter
+    with api.compile(target, draft, TORCH_DRAFT_MAP, cache=cache, exit_head="trained",
                      max_len=256) as plan:  # fmt: skip
         assert plan.spec.exit_layer in (2, 4) and plan.exit_head.layer == plan.spec.exit_layer
         text = api.describe(plan)
