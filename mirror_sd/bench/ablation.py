@@ -39,7 +39,7 @@ def rows(runs: list[tuple[str, dict]]) -> list[dict]:
                 continue
             s = per_task[OVERALL]
             out.append({
-                "variant": label, "method": method, "exit_head": plan.get("exit_head"),
+                "variant": label, "method": method, "exit_head": _head(plan),
                 "draft_step_ms": plan.get("draft_step_ms"), "mean_accepted": s["mean_accepted"],
                 "mean_drafted": s.get("mean_drafted"),
                 "hit_rate": s["hit_rate"], "heterogeneous": s.get("heterogeneous_speedup_vs_ar"),
@@ -48,6 +48,15 @@ def rows(runs: list[tuple[str, dict]]) -> list[dict]:
                 "new_tokens": s["new_tokens"],
             })  # fmt: skip
     return out
+
+
+def _head(plan: dict) -> str | None:
+    """'trained, ℓe=10' / 'lens, ℓe=17' from a run's plan record (None for old results)."""
+    desc = plan.get("exit_head")
+    if desc is None:
+        return None
+    kind = "lens" if "logit lens" in desc else "trained"
+    return f"{kind}, ℓe={plan['exit_layer']}" if "exit_layer" in plan else kind
 
 
 def markdown(runs: list[tuple[str, dict]]) -> str:

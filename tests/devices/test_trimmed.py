@@ -3,8 +3,6 @@ plans with it that stay lossless (greedy and sampling) while proposing only kept
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -19,7 +17,7 @@ from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.runtime.autoregressive import extend, greedy_decode
 from mirror_sd.runtime.draft_engine import DraftEngine
 from tests.conftest import make_tiny, save_tiny
-from tests.runtime.conftest import make_plan, tiny_model
+from tests.runtime.conftest import make_plan, target_dists, tiny_model
 
 V = 97
 
@@ -167,15 +165,7 @@ def test_sampling_stays_lossless_with_a_trimmed_draft(tmp_path):
                      exit_top_k=v, branch_budget=3 * v, temperature=1.0)  # fmt: skip
     prompt = [1, 2, 3]
 
-    def p_next(seq):
-        return torch.softmax(extend(target, target.new_cache(32), seq)[-1].double(), -1)
-
-    p1 = p_next(prompt)
-    joint = torch.zeros(v, v, dtype=torch.double)
-    third = torch.zeros(v, dtype=torch.double)
-    for a, b in itertools.product(range(v), repeat=2):
-        joint[a, b] = p1[a] * p_next(prompt + [a])[b]
-        third += joint[a, b] * p_next(prompt + [a, b])
+    joint, third = target_dists(target, prompt, v)
     n = 1000
     pairs = torch.zeros(v, v, dtype=torch.double)
     thirds = torch.zeros(v, dtype=torch.double)

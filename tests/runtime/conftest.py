@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+import torch
 
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.graphs.loader import load_model
 from mirror_sd.partition.spec_config import SpecConfig
+from mirror_sd.runtime.autoregressive import extend
 from mirror_sd.runtime.plan import DeviceSlot, Plan
 from tests.conftest import make_tiny, save_tiny
 
@@ -51,3 +55,19 @@ def plan_factory():
     yield factory
     for p in plans:
         p.close()
+
+
+def target_dists(model, prompt, v: int):
+    """Exact P(t1, t2) (v, v) and P(t3) (v,) of `model` at temperature 1 after `prompt`
+    (a v-token vocabulary): the laws the sampling tests compare generated counts with."""
+
+    def p_next(seq):
+        return torch.softmax(extend(model, model.new_cache(32), seq)[-1].double(), -1)
+
+    p1 = p_next(prompt)
+    joint = torch.zeros(v, v, dtype=torch.double)
+    third = torch.zeros(v, dtype=torch.double)
+    for a, b in itertools.product(range(v), repeat=2):
+        joint[a, b] = p1[a] * p_next(prompt + [a])[b]
+        third += joint[a, b] * p_next(prompt + [a, b])
+    return joint, third

@@ -1,30 +1,12 @@
 """Sampling stays lossless end to end: mirror mode's token distribution equals the target's,
 including on rounds that start from a reused branch."""
 
-import itertools
-
 import torch
 
-from mirror_sd.runtime.autoregressive import extend
-from tests.runtime.conftest import tiny_model
+from tests.runtime.conftest import target_dists, tiny_model
 
 V = 6
 CHI2_99_9 = {5: 20.52, 35: 66.62}
-
-
-def _target_dists(model, prompt):
-    """Exact P(t1, t2) (V, V) and P(t3) (V,) of the target at temperature 1."""
-
-    def p_next(seq):
-        return torch.softmax(extend(model, model.new_cache(32), seq)[-1].double(), -1)
-
-    p1 = p_next(prompt)
-    joint = torch.zeros(V, V, dtype=torch.double)
-    third = torch.zeros(V, dtype=torch.double)
-    for a, b in itertools.product(range(V), repeat=2):
-        joint[a, b] = p1[a] * p_next(prompt + [a])[b]
-        third += joint[a, b] * p_next(prompt + [a, b])
-    return joint, third
 
 
 def _chi2(counts, p):
@@ -39,7 +21,7 @@ def test_mirror_sampling_matches_target_distribution(tmp_path, plan_factory):
     plan = plan_factory(target, draft, exit_layer=2, mode="mirror", num_draft_tokens=2,
                         exit_top_k=V, branch_budget=3 * V, temperature=1.0)  # fmt: skip
     prompt = [1, 2, 3]
-    joint, third = _target_dists(target, prompt)
+    joint, third = target_dists(target, prompt, V)
     n = 1500
     pairs = torch.zeros(V, V, dtype=torch.double)
     thirds = torch.zeros(V, dtype=torch.double)
@@ -54,5 +36,5 @@ def test_mirror_sampling_matches_target_distribution(tmp_path, plan_factory):
     assert _chi2(pairs.flatten(), joint.flatten()) < CHI2_99_9[35]
     assert _chi2(thirds, third) < CHI2_99_9[5]
     # power check: the draft's own distribution is clearly different from the target's
-    d_joint, _ = _target_dists(draft, prompt)
+    d_joint, _ = target_dists(draft, prompt, V)
     assert _chi2(pairs.flatten(), d_joint.flatten()) > CHI2_99_9[35]
