@@ -13,8 +13,8 @@ from mirror_sd.runtime.autoregressive import extend, greedy_decode
 from mirror_sd.runtime.branches import Branch
 from mirror_sd.runtime.draft_engine import DraftEngine
 from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy, entropy
-from tests.runtime.conftest import tiny_model
-from tests.runtime.test_lossless_sampling import CHI2_99_9, V, _chi2, _target_dists
+from tests.runtime.conftest import target_dists, tiny_model
+from tests.runtime.test_lossless_sampling import CHI2_99_9, V, _chi2
 
 # --- the decision on hand-made distributions ----------------------------------------------
 
@@ -248,7 +248,7 @@ def test_sampling_with_entropy_policy_matches_target_distribution(tmp_path, plan
     plan = plan_factory(target, draft, exit_layer=2, mode="mirror", num_draft_tokens=3,
                         exit_top_k=V, branch_budget=4 * V, temperature=1.0, draft_stop="entropy",
                         draft_stop_threshold=th)  # fmt: skip
-    joint, third = _target_dists(target, prompt)
+    joint, third = target_dists(target, prompt, V)
     n = 400
     pairs = torch.zeros(V, V, dtype=torch.double)
     thirds = torch.zeros(V, dtype=torch.double)
@@ -265,7 +265,7 @@ def test_sampling_with_entropy_policy_matches_target_distribution(tmp_path, plan
     assert reused > n // 10, "must exercise rounds that start from a reused branch"
     assert _chi2(pairs.flatten(), joint.flatten()) < CHI2_99_9[35]
     assert _chi2(thirds, third) < CHI2_99_9[5]
-    d_joint, _ = _target_dists(draft, prompt)  # power: the draft's own distribution is rejected
+    d_joint, _ = target_dists(draft, prompt, V)  # power: the draft's own distribution is rejected
     assert _chi2(pairs.flatten(), d_joint.flatten()) > CHI2_99_9[35]
 
 
