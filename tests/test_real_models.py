@@ -12,19 +12,14 @@ from mirror_sd.graphs import zoo
 from mirror_sd.graphs.loader import load_model, load_tokenizer
 from mirror_sd.runtime.autoregressive import extend, greedy_decode
 from mirror_sd.runtime.prompts import encode_prompt
+from tests.conftest import TORCH_DRAFT_MAP
 
 PROMPTS = [
     "What is the capital of France?",
     "Write a Python function that reverses a list.",
     "Give me three tips for staying focused.",
 ]
-TORCH_PAIR = """
-version: 1
-devices:
-  a: {backend: torch, device: cpu, threads: 1}
-  b: {backend: torch, device: cpu}
-placement: {target: a, draft: b}
-"""
+TORCH_PAIR = TORCH_DRAFT_MAP  # torch target (1 thread) + torch draft
 
 TORCH_TARGET_ORT_DRAFT = """
 version: 1
