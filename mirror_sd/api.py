@@ -229,6 +229,7 @@ def compile(
         else (load_device_map(device_map) if device_map is not None else default_device_map())
     )
     spec = dm.speculation.with_(**speculation)
+    mode_asked = spec.mode
     t_folder = zoo.resolve_model(target, cache=cache)
     d_folder = zoo.resolve_model(draft, cache=cache) if draft is not None else None
     t_tok, t_cfg, d_cfg = load_tokenizer(t_folder), load_config(t_folder), None
@@ -238,7 +239,7 @@ def compile(
     heads = exit_head_files(spec, t_folder, cache)  # trained exit heads (none for lm_head)
     if len(heads.layers) == 1:
         spec = spec.with_(exit_layer=heads.layers[0])
-    auto = "auto" in (spec.exit_layer, spec.branch_budget)
+    auto = "auto" in (spec.exit_layer, spec.branch_budget, spec.mode)
     exit_layer = (
         spec.exit_layer
         if isinstance(spec.exit_layer, int)
@@ -284,8 +285,12 @@ def compile(
         # whose exit head rarely contains the verdict) loses to a later ℓe that hits
         choice = choose(prof, spec, exit_layers=heads.layers or None, prefer_hidden=False)
         spec = choice.spec
+        if spec.mode == "auto":  # the cost model's verdict for this machine, kept in the plan
+            spec = spec.with_(mode=choice.best_mode)
     elif auto:  # no draft: nothing to tune
         spec = spec.with_(exit_layer=exit_layer, branch_budget=DEFAULT_BUDGET_WITHOUT_PROFILE)
+        if spec.mode == "auto":
+            spec = spec.with_(mode="autoregressive")
     if spec.exit_layer != exit_layer:
         if isinstance(t_runner, TorchRunner):
             t_runner.exit_layer = spec.exit_layer
@@ -304,7 +309,7 @@ def compile(
         "choice": choice, "profile": prof, "onnx": str(onnx_path) if onnx_path else None,
         "draft_placement": getattr(d_runner, "placement", None),
     }  # fmt: skip
-    info.update(draft_trim=d_trim, draft_trim_coverage=d_trim_cov)
+    info.update(draft_trim=d_trim, draft_trim_coverage=d_trim_cov, mode_asked=mode_asked)
     return Plan(
         target=t_runner,
         target_device=DeviceSlot(t_alias, t_label),
@@ -400,6 +405,8 @@ def save(plan: Plan, folder: str | Path) -> Path:
         "onnx": onnx_rel,
         "device_map": _with_spec(load_device_map(info["device_map"]), plan.spec).to_dict(),
     }
+    if info.get("mode_asked") == "auto":  # the map said auto; plan.yaml keeps the verdict
+        doc["mode_asked"] = "auto"
     if info.get("draft_trim") is not None:  # the draft's head as exported: never recalibrated
         info["draft_trim"].save(folder / "vocab_trim.json")
         doc["draft_vocab_trim"] = {"file": "vocab_trim.json",
@@ -430,6 +437,7 @@ def load(folder: str | Path) -> Plan:
     extra = {"draft_trim": folder / trim_doc["file"]} if trim_doc else {}
     plan = compile(doc["target"], doc["draft"], doc["device_map"], onnx_dir=folder / "onnx",
                    **extra)  # fmt: skip
+    plan.info["mode_asked"] = doc.get("mode_asked", plan.spec.mode)
     if trim_doc:
         plan.info["draft_trim_coverage"] = trim_doc.get("coverage")
     plan.info["profile"] = (
@@ -469,6 +477,9 @@ def describe(plan: Plan) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.append("")
+    if info.get("mode_asked") == "auto":
+        why = "the highest predicted speedup, below" if info.get("choice") else "no draft to run"
+        lines.append(f"mode: auto -> {spec.mode} ({why})")
     lines.append(f"speculation: {json.dumps(asdict(spec))}")
     if info.get("draft_placement"):
         lines.append(f"draft placement: {info['draft_placement']}")

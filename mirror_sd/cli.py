@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mirror_sd.partition.spec_config import CONFIG_MODES
+
 DEMO_TARGET, DEMO_DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number iteratively."
 SPEC_FLAGS = {  # CLI flag -> SpecConfig field
@@ -156,7 +158,12 @@ def _add_plan_args(p: argparse.ArgumentParser, model_help: str) -> None:
         default=None,
         help="YAML device map (default: examples/device_maps/ort_ort_cpu.yaml)",
     )
-    p.add_argument("--mode", choices=["mirror", "speculative", "autoregressive"], default=None)
+    p.add_argument(
+        "--mode",
+        choices=CONFIG_MODES,
+        default=None,
+        help="auto: the mode the cost model predicts fastest on these devices (profiled)",
+    )
     p.add_argument("--gamma", type=int, default=None, help="γ, draft tokens per round")
     p.add_argument("--kappa", type=int, default=None, help="κ, exit candidates per position")
     p.add_argument("--exit-layer", default=None, help="ℓe or 'auto'")

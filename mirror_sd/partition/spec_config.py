@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-MODES = ("mirror", "speculative", "autoregressive")
+MODES = ("mirror", "speculative", "autoregressive")  # what a plan runs
+CONFIG_MODES = (*MODES, "auto")  # "auto": compile() picks the mode with the best predicted speedup
 RETRIEVAL_SOURCES = ("none", "pld", "sam", "hd")  # model-free draft sources (runtime.drafters)
 DRAFT_STOPS = ("none", "confidence", "entropy")  # draft-length policies (runtime.draft_policy)
 
@@ -16,6 +17,7 @@ DRAFT_STOPS = ("none", "confidence", "entropy")  # draft-length policies (runtim
 @dataclass(frozen=True)
 class SpecConfig:
     mode: str = "mirror"  # mirror | speculative (draft then verify, no overlap) | autoregressive
+    # | auto (compile() profiles and keeps the mode the cost model predicts fastest)
     num_draft_tokens: int = 4  # γ: draft tokens per round (block = γ + 1 target positions)
     exit_layer: int | str = (
         "auto"  # ℓe: target layers [0, ℓe) form the prefix; "auto" = partitioner
@@ -39,8 +41,10 @@ class SpecConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"speculation.mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.mode not in CONFIG_MODES:
+            raise ValueError(
+                f"speculation.mode {self.mode!r}: expected one of {', '.join(CONFIG_MODES)}"
+            )
         if not isinstance(self.exit_head, str) or not self.exit_head:
             raise ValueError(
                 f"speculation.exit_head {self.exit_head!r}: expected 'lm_head' (final norm + LM "

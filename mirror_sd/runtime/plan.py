@@ -109,6 +109,8 @@ class Plan:
         trace: str | None = None,
         **overrides,
     ) -> Iterator[None]:
+        if overrides.get("mode") == "auto":  # the mode compile() chose for this plan
+            overrides["mode"] = self.spec.mode
         spec = self.spec.with_(**overrides)
         if not self._busy.acquire(blocking=False):
             raise PlanBusyError(
@@ -138,6 +140,11 @@ class Plan:
     def _settings(self, spec: SpecConfig) -> RoundSettings:
         has_draft = (self.draft is not None and spec.model_draft) or spec.retrieval != "none"
         mode = spec.mode if has_draft else "autoregressive"
+        if spec.mode == "auto":
+            raise ValueError(
+                "mode 'auto' is resolved by compile() (the best predicted mode); a Plan built "
+                "by hand, or a generate() override, needs mirror, speculative or autoregressive"
+            )
         if not isinstance(spec.branch_budget, int):
             raise ValueError(
                 "branch_budget 'auto' is resolved by compile(); a Plan built by hand needs "

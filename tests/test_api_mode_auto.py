@@ -1,0 +1,76 @@
+"""`mode: auto`: compile() keeps the mode the cost model predicts fastest for the measured
+profile, describe() says so, save()/load() keep the verdict, and the output stays the target's."""
+
+import pytest
+
+import mirror_sd.api as api
+from mirror_sd.partition import Profile, SpecConfig
+from tests.conftest import TORCH_DRAFT_MAP, tiny_pair
+
+TARGET_ONLY_MAP = """
+version: 1
+devices:
+  a: {backend: torch, device: cpu, threads: 1}
+placement: {target: a}
+"""
+
+FLAT = {1: 1.0, 16: 1.0}  # the target verifies 16 rows for the price of one
+
+
+def _profile(overlap_slowdown: float) -> Profile:
+    """A 6-layer target with a cheap draft and a good exit head at every layer."""
+    return Profile(
+        num_layers=6,
+        t_target=FLAT,
+        t_draft={1: 0.05, 16: 0.8},
+        accept_rate=0.8,
+        hit_rate_by_exit_layer={layer: 0.6 for layer in range(1, 6)},
+        overlap_slowdown=overlap_slowdown,
+    )
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return tiny_pair(tmp_path_factory.mktemp("models"))
+
+
+def _compile(folders, f: float, **kw):
+    target, draft, _ = folders
+    return api.compile(target, draft, TORCH_DRAFT_MAP, mode="auto", max_len=128,
+                       profile_data=_profile(f), **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize(("f", "expected"), [(1.0, "mirror"), (3.0, "speculative")])
+def test_auto_keeps_the_predicted_best_mode(folders, f, expected):
+    with _compile(folders, f) as plan:
+        choice = plan.info["choice"]
+        assert choice.best_mode == expected and plan.spec.mode == expected
+        assert f"mode: auto -> {expected}" in api.describe(plan)
+        ref = plan.generate("w1 w2 w3", 20, mode="autoregressive")
+        res = plan.generate("w1 w2 w3", 20, mode="auto")  # "auto" at call time: the plan's mode
+        assert res.tokens == ref.tokens
+        assert res.stats.mode == expected
+
+
+def test_auto_survives_save_and_load(folders, tmp_path):
+    with _compile(folders, 3.0) as plan:
+        api.save(plan, tmp_path / "plan")
+    assert "mode_asked: auto" in (tmp_path / "plan" / "plan.yaml").read_text()
+    with api.load(tmp_path / "plan") as again:
+        assert again.spec.mode == "speculative"
+        assert "mode: auto -> speculative" in api.describe(again)
+
+
+def test_auto_without_a_draft_is_autoregressive(folders):
+    target, _, _ = folders
+    with api.compile(target, None, TARGET_ONLY_MAP, mode="auto", max_len=128) as plan:
+        assert plan.spec.mode == "autoregressive"
+        assert "mode: auto -> autoregressive (no draft to run)" in api.describe(plan)
+
+
+def test_auto_mode_is_a_config_value_not_a_runtime_mode():
+    assert SpecConfig(mode="auto").mode == "auto"
+    with pytest.raises(
+        ValueError, match="expected one of mirror, speculative, autoregressive, auto"
+    ):
+        SpecConfig(mode="fastest")
