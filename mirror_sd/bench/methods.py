@@ -63,6 +63,7 @@ class Output:
     drafted: list[int] | None = None  # tokens proposed per round (draft-length policies)
     round_hits: list[bool | None] | None = None
     round_branches: list[int] | None = None
+    round_hit_ranks: list[int | None] | None = None  # mirror: the verdict's branch rank
     draft_s: float | None = None
     exposed_draft_s: float | None = None
     hit_rate: float | None = None
@@ -186,6 +187,7 @@ class PlanMethod:
             drafted=[r.drafted for r in rounds],
             round_hits=[r.hit for r in rounds],
             round_branches=[r.branches for r in rounds],
+            round_hit_ranks=[r.hit_rank for r in rounds],
             draft_s=res.stats.draft_s,
             exposed_draft_s=res.stats.exposed_draft_s,
             hit_rate=res.stats.hit_rate,

@@ -5,9 +5,11 @@ rolled out) and a cost `Profile` of other hardware. Each recorded round is re-ti
 `SimDevice` with MIRROR_SD.md's latency model, keeping the measured acceptance and hits:
 
     ar           every token: t_T(1)
-    speculative  every round: γ·t_d(1) + t_T(γ+1)
-    mirror       every round: t_T(γ+1) + t_exit + t_sync + max(0, t_chan + γ·t_d(B) − t_suf)
-                 + γ·t_d(1) when the round before missed (and before the first round)
+    speculative  every round: d·t_d(1) + t_T(d+1), d = the round's drafted tokens (γ, or
+                 fewer after a draft-length policy stopped early; `+conf` methods replay too)
+    mirror       every round: t_T(d+1) + t_exit + (f−1)·t_suf + t_sync
+                 + max(0, t_chan + (γ·t_d(B) − t_suf)·f) + d·t_d(1) when the round before
+                 missed (and before the first round); f = the profile's overlap slowdown
 
 A closed-form prediction from the pooled averages (E[T_round] with the mean hit rate and
 branch count; speedup = L̄·t_T(1)/E[T_round]) is given beside the replay. Prefill is not
@@ -20,14 +22,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mirror_sd.bench.methods import PLAN_METHODS
 from mirror_sd.bench.report import OVERALL
 from mirror_sd.bench.specbench import TASKS
 from mirror_sd.devices.sim_device import SimDevice
-from mirror_sd.partition.cost_model import Profile, mirror_round_time, vanilla_round_time
+from mirror_sd.partition.cost_model import (
+    Profile,
+    mirror_round_time,
+    num_branches,
+    vanilla_round_time,
+)
 from mirror_sd.runtime.profiling import CALIBRATION_TEXT, profile
 
 PREDICTED = "PREDICTED"
-MODES = ("ar", "speculative", "mirror")
 
 
 def measure_profile(plan, text: str = CALIBRATION_TEXT, max_block: int = 16,
@@ -51,21 +58,41 @@ def measure_profile(plan, text: str = CALIBRATION_TEXT, max_block: int = 16,
                    max_block=max_block, description=description)  # fmt: skip
 
 
+def replay_mode(method: str) -> str | None:
+    """The mode whose latency formula replays `method` (ar / speculative / mirror, with or
+    without a draft-length policy, `@B=n` re-budgeted), or None for methods the model cannot
+    time (HF baselines, model-free retrieval sources)."""
+    settings = PLAN_METHODS.get(method.split("@B=")[0])
+    if settings is None or set(settings) - {"mode", "draft_stop", "draft_stop_threshold"}:
+        return None
+    return {"autoregressive": "ar"}.get(settings["mode"], settings["mode"])
+
+
+def _drafted(rec: dict, gamma: int) -> list[int]:
+    """Draft tokens proposed per round (γ when the record predates draft-length policies)."""
+    return rec.get("drafted") or [gamma] * len(rec["accept_lengths"])
+
+
 def _round_times(dev: SimDevice, mode: str, rec: dict, gamma: int, exit_layer: int) -> list[float]:
     """PREDICTED seconds of each recorded round of `rec` (a results.json record)."""
     if mode == "ar":
         return [dev.time_target(1)] * rec["new_tokens"]
-    block = gamma + 1
+    drafted = _drafted(rec, gamma)
     if mode == "speculative":
-        return [vanilla_round_time(dev.time_target(block), dev.time_draft(1), gamma)
-                for _ in rec["accept_lengths"]]  # fmt: skip
-    t_suf = dev.time_suffix(block, exit_layer)
+        return [vanilla_round_time(dev.time_target(d + 1), dev.time_draft(1), d) for d in drafted]
+    f = dev.profile.overlap_slowdown
     times, missed_before = [], True  # the first round drafts a fresh chain
-    for hit, branches in zip(rec["round_hits"], rec["round_branches"], strict=True):
-        t_rollout = dev.time_draft(branches) if branches else 0.0
-        exposed = max(0.0, dev.t_chan + gamma * t_rollout - t_suf) if branches else 0.0
-        chain = gamma * dev.time_draft(1) if missed_before else 0.0
-        times.append(dev.time_target(block) + dev.time_exit_head() + dev.t_sync + exposed + chain)
+    rounds = zip(rec["round_hits"], rec["round_branches"], drafted, strict=True)
+    for hit, branches, d in rounds:
+        t_block = dev.time_target(d + 1) + dev.time_exit_head()
+        if branches:  # γ rollout steps over the branches, overlapping the suffix (stretched by f)
+            t_block = mirror_round_time(
+                t_block, dev.time_suffix(d + 1, exit_layer), dev.time_draft(branches), 0.0,
+                gamma, 1.0, dev.t_sync, dev.t_chan, f,
+            )  # fmt: skip
+        else:
+            t_block += dev.t_sync
+        times.append(t_block + (d * dev.time_draft(1) if missed_before else 0.0))
         missed_before = hit is not True
     return times
 
@@ -74,21 +101,61 @@ def _formula(dev: SimDevice, mode: str, rows: list[dict], gamma: int, exit_layer
     """Closed-form PREDICTED speedup over ar from pooled averages of `rows`."""
     lengths = [x for r in rows for x in r["accept_lengths"]]
     mean_len = sum(lengths) / len(lengths)
-    t_block = dev.time_target(gamma + 1)
+    drafted = [x for r in rows for x in _drafted(r, gamma)]
+    d = max(1, round(sum(drafted) / len(drafted)))  # the mean chain, as a block size
+    t_block = dev.time_target(d + 1)
     if mode == "speculative":
-        t_round, h, b = vanilla_round_time(t_block, dev.time_draft(1), gamma), None, None
+        t_round, h, b = vanilla_round_time(t_block, dev.time_draft(1), d), None, None
     else:
         hits = [x for r in rows for x in r["round_hits"] if x is not None]
         branches = [x for r in rows for x in r["round_branches"] if x]
         h = sum(hits) / len(hits) if hits else 0.0
         b = sum(branches) / len(branches) if branches else 1.0
         t_round = mirror_round_time(
-            t_block + dev.time_exit_head(), dev.time_suffix(gamma + 1, exit_layer),
-            dev.time_draft(max(1.0, b)), dev.time_draft(1), gamma, h, dev.t_sync, dev.t_chan,
-        )  # fmt: skip
+            t_block + dev.time_exit_head(),
+            dev.time_suffix(d + 1, exit_layer),
+            dev.time_draft(max(1.0, b)),
+            dev.time_draft(1),
+            gamma,
+            h,
+            dev.t_sync,
+            dev.t_chan,
+            dev.profile.overlap_slowdown,
+        ) - (1 - h) * (gamma - d) * dev.time_draft(1)  # a miss drafts the mean chain, not γ
+        # fmt: skip
     return {"predicted_tokens_per_round": mean_len, "predicted_round_s": t_round,
-            "hit_rate": h, "mean_branches": b,
+            "mean_drafted": sum(drafted) / len(drafted), "hit_rate": h, "mean_branches": b,
             "predicted_speedup_vs_ar": mean_len * dev.time_target(1) / t_round}  # fmt: skip
+
+
+def rebudgeted(dev: SimDevice, rows: list[dict], gamma: int, kappa: int, exit_layer: int,
+               method: str) -> list[dict]:  # fmt: skip
+    """`rows` (one mirror method's records) replayed with the branch budget this profile would
+    choose: for each B up to the branches (γ, κ) allow, a round hits iff its recorded
+    `round_hit_ranks` entry is < B; B maximizes the closed-form speedup. Returns copies named
+    `<method>@B=<B>`, or [] when the records carry no hit ranks (runs before they existed)."""
+    if not rows or any(r.get("round_hit_ranks") is None for r in rows):
+        return []
+    if not any(b for r in rows for b in r["round_branches"]):
+        return []
+
+    def with_budget(budget: int) -> list[dict]:
+        out = []
+        for r in rows:
+            pairs = list(zip(r["round_hit_ranks"], r["round_branches"], strict=True))
+            hits = [(k is not None and k < budget) if b else None for k, b in pairs]
+            out.append({**r, "method": f"{method}@B={budget}", "round_hits": hits,
+                        "round_branches": [budget if b else 0 for _, b in pairs]})  # fmt: skip
+        return out
+
+    best = max(
+        range(1, num_branches(gamma, kappa) + 1),
+        key=lambda b: (
+            _formula(dev, "mirror", with_budget(b), gamma, exit_layer)["predicted_speedup_vs_ar"],
+            -b,
+        ),
+    )
+    return with_budget(best)
 
 
 def scaled_exit_layer(results: dict, num_layers: int) -> int:
@@ -107,13 +174,18 @@ def simulate(results: dict, prof: Profile, exit_layer: int | None = None) -> dic
     dev = SimDevice(prof)
     gamma = int(results["plan"]["spec"]["num_draft_tokens"])
     layer = exit_layer or scaled_exit_layer(results, prof.num_layers)
-    recs = [r for r in results["records"] if r["method"] in MODES]
-    modes = [m for m in MODES if any(r["method"] == m for r in recs)]
-    if not {"speculative", "mirror"} & set(modes):
+    recs = [r for r in results["records"] if replay_mode(r["method"])]
+    kappa = int(results["plan"]["spec"].get("exit_top_k", 1))
+    for m in list(dict.fromkeys(r["method"] for r in recs)):
+        if replay_mode(m) == "mirror":
+            rows = [r for r in recs if r["method"] == m]
+            recs += rebudgeted(dev, rows, gamma, kappa, layer, m)
+    modes = list(dict.fromkeys(r["method"] for r in recs))  # in the run's order
+    if not any(replay_mode(m) != "ar" for m in modes):
         raise ValueError("nothing to replay: the results have no speculative or mirror records")
     per_q = []
     for r in recs:
-        t = sum(_round_times(dev, r["method"], r, gamma, layer))
+        t = sum(_round_times(dev, replay_mode(r["method"]), r, gamma, layer))
         t_ar = r["new_tokens"] * dev.time_target(1)
         per_q.append({"question_id": r["question_id"], "task": r["task"], "method": r["method"],
                       "new_tokens": r["new_tokens"], "predicted_decode_s": t,
@@ -121,13 +193,19 @@ def simulate(results: dict, prof: Profile, exit_layer: int | None = None) -> dic
                       "predicted_speedup_vs_ar": t_ar / t})  # fmt: skip
     agg = {m: _aggregate([q for q in per_q if q["method"] == m], dev) for m in modes}
     formula = {
-        m: _formula(dev, m, [r for r in recs if r["method"] == m], gamma, layer)
+        m: _formula(dev, replay_mode(m), [r for r in recs if r["method"] == m], gamma, layer)
         for m in modes
-        if m != "ar"
+        if replay_mode(m) != "ar"
     }
     assumptions = [
         "decode only: prefill is not in the profile",
-        "measured acceptance, hits and branch counts are kept; only the timings change",
+        "measured acceptance, hits, branch counts and drafted tokens per round are kept; only "
+        "the timings change",
+        "`<mirror method>@B=n`: the same rounds with the branch budget this profile favours; a "
+        "round hits iff the verdict's recorded rank among all branches is < n (κ as in the run)",
+        "mirror rollouts take γ steps (a draft-length policy may stop a branch earlier: the "
+        "replay overestimates those rollouts)",
+        f"overlap slowdown f = {prof.overlap_slowdown:g} (suffix and rollouts, while both run)",
         f"exit layer {layer} of {prof.num_layers} (same depth fraction as the measured run)",
         "target layers cost the same: t_pre = (ℓe/N)·t_T",
     ]
@@ -170,12 +248,13 @@ def markdown(sim: dict) -> str:
         cells = [f"{by_task[t]['predicted_speedup_vs_ar']:.2f}× {PREDICTED}" for t in tasks]
         lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
     lines += ["", f"## {PREDICTED} closed form (pooled averages, MIRROR_SD.md latency model)", "",
-              f"| method | tokens/round | hit rate | mean branches | {PREDICTED} round | "
-              f"{PREDICTED} speedup vs ar |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+              f"| method | drafted/round | tokens/round | hit rate | mean branches | "
+              f"{PREDICTED} round | {PREDICTED} speedup vs ar |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for m, f in sim["formula"].items():
         h = "–" if f["hit_rate"] is None else f"{f['hit_rate']:.0%}"
         b = "–" if f["mean_branches"] is None else f"{f['mean_branches']:.1f}"
-        lines.append(f"| `{m}` | {f['predicted_tokens_per_round']:.2f} | {h} | {b} | "
+        lines.append(f"| `{m}` | {f['mean_drafted']:.2f} | {f['predicted_tokens_per_round']:.2f} | {h} | {b} | "
                      f"{f['predicted_round_s'] * 1e3:.2f} ms | "
                      f"{f['predicted_speedup_vs_ar']:.2f}× {PREDICTED} |")  # fmt: skip
     return "\n".join(lines) + "\n"

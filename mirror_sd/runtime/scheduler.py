@@ -64,6 +64,10 @@ class RoundLog:
     branches: int = 0
     source: str = "target"  # who proposed this round's block: draft | branch | <retrieval> | target
     drafted: int = 0  # tokens proposed this round (the block's length; < γ after an early stop)
+    # mirror: the verdict's place in the full branch ranking (0 = the most valuable branch);
+    # a budget B would have hit iff hit_rank < B. None: no ranking, or the verdict was not
+    # among the exit head's top-κ. Lets a replay ask what another budget would have hit.
+    hit_rank: int | None = None
 
 
 @dataclass
@@ -252,7 +256,8 @@ class VerificationScheduler:
         ).result()
         t1 = self.tracer.now()
         log.t_pre = t1 - t0
-        branches = plan_branches(d, cand_ids, cand_p, self.s.budget, self._accept_rate())
+        ranked = plan_branches(d, cand_ids, cand_p, cand_ids.numel(), self._accept_rate())
+        branches = ranked[: self.s.budget]
         log.branches = len(branches)
         suffix = self.tp.submit(
             self.tracer, "target.suffix", self.target.forward_suffix, hidden, pos, mask
@@ -268,6 +273,11 @@ class VerificationScheduler:
         t2 = self.tracer.now()
         log.t_suf = t2 - t1
         verdict = self._verify(d, block.q, logits)
+        log.hit_rank = next(
+            (i for i, b in enumerate(ranked)
+             if (b.depth, b.token) == (verdict.accepted, verdict.correction)),
+            None,
+        )  # fmt: skip
         new = self._commit_target(committed, verdict, d, log)
         try:
             rollouts: list[Rollout] = self._draft_result(rollout)

@@ -10,7 +10,7 @@ from mirror_sd.bench import cli as bench_cli
 from mirror_sd.bench import report
 from mirror_sd.bench.methods import KNOWN_METHODS, first_difference, parse_methods
 from mirror_sd.bench.runner import BenchConfig, run_bench
-from mirror_sd.bench.simulate import measure_profile, simulate
+from mirror_sd.bench.simulate import markdown, measure_profile, simulate
 from mirror_sd.bench.specbench import (
     ENV_VAR,
     TASKS,
@@ -202,10 +202,55 @@ def test_simulation_follows_the_latency_formulas():
     # closed form: E[L] = 5, round = 100 ms (h = 1, hidden draft) -> 5x; vanilla 5 x 0.1 / 0.14
     assert sim["formula"]["mirror"]["predicted_speedup_vs_ar"] == pytest.approx(5.0)
     assert sim["formula"]["speculative"]["predicted_speedup_vs_ar"] == pytest.approx(0.5 / 0.14)
-    from mirror_sd.bench.simulate import markdown
-
     md = markdown(sim)
     assert md.startswith("# PREDICTED") and md.count("PREDICTED") >= 6
+
+
+def test_simulation_replays_policy_methods_with_their_drafted_tokens():
+    from dataclasses import replace
+
+    res = _hand_results()
+    conf = [dict(r, method=r["method"] + "+conf", drafted=[2] * 4) for r in res["records"]]
+    res["records"] += conf + [dict(res["records"][0], method="pld")]  # pld: not replayable
+    sim = simulate(res, HAND_PROFILE)
+    assert list(sim["aggregates"]) == ["speculative", "mirror", "speculative+conf", "mirror+conf"]
+    # speculative+conf: 4 rounds of 2 x 10 ms + 100 ms (a 3-row block on a flat profile)
+    spec = sim["aggregates"]["speculative+conf"]["overall"]["predicted_speedup_vs_ar"]
+    assert spec == pytest.approx(2.0 / (4 * 0.12))
+    assert sim["formula"]["speculative+conf"]["mean_drafted"] == 2
+    # mirror+conf: only the first chain is exposed, and it is 2 steps long
+    mirror = sim["aggregates"]["mirror+conf"]["overall"]["predicted_speedup_vs_ar"]
+    assert mirror == pytest.approx(2.0 / (0.02 + 4 * 0.1))
+    # a shared memory bus (f = 2): each round's suffix (2 of 4 layers, 50 ms) takes 50 ms
+    # longer, and the rollouts (γ·t_d(4) = 60 ms) outlast it by (60 − 50)·2 = 20 ms
+    shared = simulate(res, replace(HAND_PROFILE, overlap_slowdown=2.0, t_draft={1: 0.01, 4: 0.015}))
+    t_round = 0.1 + 0.05 + 0.02
+    got = shared["aggregates"]["mirror"]["overall"]["predicted_speedup_vs_ar"]
+    assert got == pytest.approx(2.0 / (0.04 + 4 * t_round))
+    assert any("overlap slowdown f = 2" in a for a in shared["assumptions"])
+
+
+def test_simulation_rebudgets_mirror_from_the_recorded_hit_ranks():
+    res = _hand_results()
+    res["plan"]["spec"]["exit_top_k"] = 2  # γ = 4, κ = 2: 4·1 + 2 = 6 branches exist
+    for r in res["records"]:
+        if r["method"] == "mirror":  # measured with B = 1: rank 0 hits, ranks 2 and 5 would not
+            r["round_branches"], r["round_hit_ranks"] = [1] * 4, [0, 2, 5, None]
+            r["round_hits"] = [True, False, False, False]
+    cheap = Profile(num_layers=4, t_target={1: 0.1, 5: 0.1}, t_draft={1: 0.01, 16: 0.01})
+    sim = simulate(res, cheap)
+    # branch rows are free on this profile, so the budget that catches every rank wins: B = 6
+    # (rank None was never a candidate: that round still misses)
+    assert "mirror@B=6" in sim["aggregates"]
+    assert sim["formula"]["mirror@B=6"]["hit_rate"] == pytest.approx(3 / 4)
+    assert sim["formula"]["mirror"]["hit_rate"] == pytest.approx(1 / 4)
+    faster = sim["aggregates"]["mirror@B=6"]["overall"]["predicted_speedup_vs_ar"]
+    assert faster > sim["aggregates"]["mirror"]["overall"]["predicted_speedup_vs_ar"]
+    # mirror@B=6 replays: chains before round 1 and after the miss in round 4 (none: last)
+    assert faster == pytest.approx(2.0 / (0.04 + 4 * 0.1))
+    assert "@B=" in markdown(sim)
+    # records without hit ranks (older runs) are replayed as measured only
+    assert not any("@B=" in m for m in simulate(_hand_results(), cheap)["aggregates"])
 
 
 def test_sim_device_timings():

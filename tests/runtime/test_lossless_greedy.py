@@ -78,6 +78,26 @@ def test_full_candidate_set_makes_every_round_a_hit(tmp_path, plan_factory):
     assert all(r.hit for r in res.rounds)
 
 
+@pytest.mark.parametrize("budget", [1, 3, 8])
+def test_hit_rank_says_which_budgets_would_have_hit(tmp_path, plan_factory, budget):
+    """hit_rank places the verdict in the full branch ranking: a round hits exactly when its
+    rank is inside the budget, so a replay can ask what another budget would have hit."""
+    target = tiny_model(tmp_path, "llama", seed=0, num_hidden_layers=4)
+    draft = tiny_model(tmp_path, "llama", seed=7, num_hidden_layers=2)
+    plan = plan_factory(target, draft, exit_layer=3, mode="mirror", num_draft_tokens=3,
+                        exit_top_k=8, branch_budget=budget)  # fmt: skip
+    ranks = []
+    for seed in range(3):
+        prompt = _prompt(seed + 20)
+        res = plan.generate(prompt, 24)
+        assert res.tokens == greedy_decode(target, prompt, 24)
+        for r in res.rounds:
+            if r.hit is not None:
+                assert r.hit == (r.hit_rank is not None and r.hit_rank < budget)
+                ranks.append(r.hit_rank)
+    assert any(k is not None for k in ranks)  # the exit head's top-8 does hold verdicts
+
+
 def test_reuse_off_never_starts_from_a_branch(tmp_path, plan_factory):
     target = tiny_model(tmp_path, "llama", seed=0, num_hidden_layers=4)
     draft = tiny_model(tmp_path, "llama", seed=7, num_hidden_layers=2)
