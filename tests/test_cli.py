@@ -12,10 +12,12 @@ def test_compile_describe_generate(tmp_path, capsys, monkeypatch):
     d = save_tiny_with_tokenizer(make_tiny("llama", seed=1, num_hidden_layers=1), tmp_path / "d")
     plan_dir = tmp_path / "plan"
     assert main(["compile", str(t), "--draft", str(d), "-o", str(plan_dir), "--exit-layer", "2",
-                 "--branch-budget", "4", "--max-len", "128"]) == 0  # fmt: skip
+                 "--branch-budget", "4", "--max-len", "128", "--mode", "auto"]) == 0  # fmt: skip
     assert "plan saved to" in capsys.readouterr().out
     assert main(["describe", str(plan_dir)]) == 0
-    assert "target.layers.[0-2) prefix" in capsys.readouterr().out
+    described = capsys.readouterr().out
+    assert "target.layers.[0-2) prefix" in described
+    assert "mode: auto -> " in described and "best mode:" in described  # profiled for the verdict
     trace, stats = tmp_path / "trace.json", tmp_path / "stats.json"
     assert main(["generate", str(plan_dir), "--prompt", "w1 w2 w3", "--max-new-tokens", "6",
                  "--trace", str(trace), "--stats-json", str(stats)]) == 0  # fmt: skip

@@ -17,7 +17,7 @@ from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.runtime.autoregressive import extend, greedy_decode
 from mirror_sd.runtime.draft_engine import DraftEngine
 from tests.conftest import make_tiny, save_tiny
-from tests.runtime.conftest import make_plan, target_dists, tiny_model
+from tests.runtime.conftest import CHI2_99_9, chi2, make_plan, target_dists, tiny_model
 
 V = 97
 
@@ -148,9 +148,6 @@ def test_greedy_stays_lossless_and_proposals_stay_in_the_kept_set(tmp_path, monk
     assert any(r.accepted < 3 for r in res.rounds)  # ... and rejected at `dropped`
 
 
-CHI2_99_9 = {5: 20.52, 35: 66.62}
-
-
 def test_sampling_stays_lossless_with_a_trimmed_draft(tmp_path):
     """Mirror mode, temperature 1, a draft that can propose only 3 of the 6 tokens: the joint
     law of the first two tokens and the law of the third are still the target's."""
@@ -177,10 +174,6 @@ def test_sampling_stays_lossless_with_a_trimmed_draft(tmp_path):
     finally:
         plan.close()
     assert thirds[[1, 3, 4]].sum() > 0  # tokens the draft cannot propose still come out
-
-    def chi2(counts, p):
-        expected = p * counts.sum()
-        return float(((counts - expected) ** 2 / expected).sum())
 
     assert chi2(pairs.flatten(), joint.flatten()) < CHI2_99_9[35]
     assert chi2(thirds, third) < CHI2_99_9[5]

@@ -57,6 +57,15 @@ def plan_factory():
         p.close()
 
 
+CHI2_99_9 = {5: 20.52, 35: 66.62}  # χ² critical values at 99.9% for 5 and 35 degrees of freedom
+
+
+def chi2(counts, p) -> float:
+    """Pearson's χ² statistic of observed `counts` against the law `p` (same shape)."""
+    expected = p * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
 def target_dists(model, prompt, v: int):
     """Exact P(t1, t2) (v, v) and P(t3) (v,) of `model` at temperature 1 after `prompt`
     (a v-token vocabulary): the laws the sampling tests compare generated counts with."""

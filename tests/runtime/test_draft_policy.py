@@ -13,8 +13,9 @@ from mirror_sd.runtime.autoregressive import extend, greedy_decode
 from mirror_sd.runtime.branches import Branch
 from mirror_sd.runtime.draft_engine import DraftEngine
 from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy, entropy
-from tests.runtime.conftest import target_dists, tiny_model
-from tests.runtime.test_lossless_sampling import CHI2_99_9, V, _chi2
+from tests.runtime.conftest import CHI2_99_9, chi2, target_dists, tiny_model
+
+V = 6  # vocabulary of the sampling test's tiny models
 
 # --- the decision on hand-made distributions ----------------------------------------------
 
@@ -263,10 +264,10 @@ def test_sampling_with_entropy_policy_matches_target_distribution(tmp_path, plan
         reused += sum(r.source == "branch" for r in res.rounds)
     assert rounds // 5 < short < rounds, "must exercise early stops (and full-length drafts)"
     assert reused > n // 10, "must exercise rounds that start from a reused branch"
-    assert _chi2(pairs.flatten(), joint.flatten()) < CHI2_99_9[35]
-    assert _chi2(thirds, third) < CHI2_99_9[5]
+    assert chi2(pairs.flatten(), joint.flatten()) < CHI2_99_9[35]
+    assert chi2(thirds, third) < CHI2_99_9[5]
     d_joint, _ = target_dists(draft, prompt, V)  # power: the draft's own distribution is rejected
-    assert _chi2(pairs.flatten(), d_joint.flatten()) > CHI2_99_9[35]
+    assert chi2(pairs.flatten(), d_joint.flatten()) > CHI2_99_9[35]
 
 
 # --- configuration ------------------------------------------------------------------------

@@ -3,15 +3,9 @@ including on rounds that start from a reused branch."""
 
 import torch
 
-from tests.runtime.conftest import target_dists, tiny_model
+from tests.runtime.conftest import CHI2_99_9, chi2, target_dists, tiny_model
 
 V = 6
-CHI2_99_9 = {5: 20.52, 35: 66.62}
-
-
-def _chi2(counts, p):
-    expected = p * counts.sum()
-    return float(((counts - expected) ** 2 / expected).sum())
 
 
 def test_mirror_sampling_matches_target_distribution(tmp_path, plan_factory):
@@ -33,8 +27,8 @@ def test_mirror_sampling_matches_target_distribution(tmp_path, plan_factory):
         thirds[c] += 1
         reused_rounds += sum(r.hit is True for r in res.rounds[:-1])
     assert reused_rounds > n // 10, "the test must exercise rounds that reuse a branch"
-    assert _chi2(pairs.flatten(), joint.flatten()) < CHI2_99_9[35]
-    assert _chi2(thirds, third) < CHI2_99_9[5]
+    assert chi2(pairs.flatten(), joint.flatten()) < CHI2_99_9[35]
+    assert chi2(thirds, third) < CHI2_99_9[5]
     # power check: the draft's own distribution is clearly different from the target's
     d_joint, _ = target_dists(draft, prompt, V)
-    assert _chi2(pairs.flatten(), d_joint.flatten()) > CHI2_99_9[35]
+    assert chi2(pairs.flatten(), d_joint.flatten()) > CHI2_99_9[35]
