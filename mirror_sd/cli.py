@@ -151,6 +151,26 @@ def _trace(args: argparse.Namespace) -> int:
     return trace_tools.main_summarize(args.path, png=args.png, max_rounds=args.rounds)
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from mirror_sd.graphs import export_cache, zoo
+
+    folder = Path(args.onnx_dir) if args.onnx_dir else zoo.cache_dir(args.cache) / "onnx"
+    if args.cache_cmd == "list":
+        print(f"{folder}:")
+        print(export_cache.table(export_cache.entries(folder)))
+        return 0
+    try:
+        gone = export_cache.prune(folder, args.max_gb, args.older_than_days, args.dry_run)
+    except ValueError as e:
+        print(f"mirror-sd cache prune: {e}", file=sys.stderr)
+        return 2
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} from {folder}:")
+    print(export_cache.table(gone))
+    print(f"left:\n{export_cache.table(export_cache.entries(folder))}")
+    return 0
+
+
 def _add_plan_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--draft", default=None, help="draft model (name or HF folder)")
     p.add_argument(
@@ -250,6 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--png", default=None, help="also draw a timeline PNG of the first rounds")
     summ.add_argument("--rounds", type=int, default=4, help="rounds drawn in the PNG")
     trace.set_defaults(func=_trace)
+
+    cache = sub.add_parser("cache", help="list or prune the ONNX export cache")
+    csub = cache.add_subparsers(dest="cache_cmd", required=True)
+    clist = csub.add_parser("list", help="entries, sizes and days since last use (LRU first)")
+    cprune = csub.add_parser("prune", help="remove least recently used exports (re-made on demand)")
+    cprune.add_argument("--max-gb", type=float, default=None, help="keep at most this many GB")
+    cprune.add_argument("--older-than-days", type=float, default=None,
+                        help="remove entries unused for longer than this")  # fmt: skip
+    cprune.add_argument("--dry-run", action="store_true", help="only list what would go")
+    for p in (clist, cprune):
+        p.add_argument(
+            "--cache", default=None, help="model cache folder (default $MIRROR_SD_CACHE)"
+        )
+        p.add_argument("--onnx-dir", default=None, help="export cache (default <cache>/onnx)")
+    cache.set_defaults(func=_cache)
 
     from mirror_sd.bench.cli import add_parser as add_bench_parser
 

@@ -312,6 +312,7 @@ def export_cached(
     name = f"{model.config.model_type}{label}-{first}-{last}{quant}-{digest}"
     entry = Path(folder) / name
     if (entry / "model.onnx").is_file():
+        os.utime(entry)  # last use, for `mirror-sd cache prune` (graphs.export_cache)
         return entry / "model.onnx"
     entry.parent.mkdir(parents=True, exist_ok=True)
     if quantize:  # quantize the (cached) unquantized export of the same range

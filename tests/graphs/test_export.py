@@ -205,8 +205,10 @@ def test_export_cache_reuses_an_identical_export(qwen2, tmp_path, fake_export):
     first = ex.export_cached(qwen2, tmp_path, key)
     assert first.name == "model.onnx" and first.read_bytes() == b"graph"
     assert ex.model_files(first) == [first, first.with_name("model.onnx.data")]
+    os.utime(first.parent, (1.0, 1.0))
     assert ex.export_cached(qwen2, tmp_path, dict(key)) == first
     assert len(fake_export) == 1  # the second call exported nothing
+    assert first.parent.stat().st_mtime > 1e9  # reuse marks the entry used (cache prune: LRU)
     assert [p.name for p in tmp_path.iterdir()] == [first.parent.name]  # no temp dirs left
 
 
