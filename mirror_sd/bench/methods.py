@@ -64,6 +64,7 @@ class Output:
     round_hits: list[bool | None] | None = None
     round_branches: list[int] | None = None
     round_hit_ranks: list[int | None] | None = None  # mirror: the verdict's branch rank
+    rollout_steps: list[int] | None = None  # mirror: batched rollout steps per round
     draft_s: float | None = None
     exposed_draft_s: float | None = None
     hit_rate: float | None = None
@@ -188,6 +189,7 @@ class PlanMethod:
             round_hits=[r.hit for r in rounds],
             round_branches=[r.branches for r in rounds],
             round_hit_ranks=[r.hit_rank for r in rounds],
+            rollout_steps=[r.rollout_steps for r in rounds],
             draft_s=res.stats.draft_s,
             exposed_draft_s=res.stats.exposed_draft_s,
             hit_rate=res.stats.hit_rate,

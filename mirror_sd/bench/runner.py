@@ -109,6 +109,7 @@ def _record(q: Question, name: str, prompt: list[int], out, tok) -> dict:
         "wall_time": out.wall_s, "tokens_per_s": n / out.wall_s if out.wall_s > 0 else 0.0,
         "accept_lengths": out.accept_lengths, "drafted": out.drafted, "round_hits": out.round_hits,
         "round_branches": out.round_branches, "round_hit_ranks": out.round_hit_ranks,
+        "rollout_steps": out.rollout_steps,
         "hit_rate": out.hit_rate,
         "draft_s": out.draft_s, "exposed_draft_s": exposed,
         "exposed_draft_fraction": exposed / out.wall_s if exposed is not None else None,

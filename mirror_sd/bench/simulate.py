@@ -82,13 +82,14 @@ def _round_times(dev: SimDevice, mode: str, rec: dict, gamma: int, exit_layer: i
         return [vanilla_round_time(dev.time_target(d + 1), dev.time_draft(1), d) for d in drafted]
     f = dev.profile.overlap_slowdown
     times, missed_before = [], True  # the first round drafts a fresh chain
-    rounds = zip(rec["round_hits"], rec["round_branches"], drafted, strict=True)
-    for hit, branches, d in rounds:
+    steps = rec.get("rollout_steps") or [gamma] * len(drafted)
+    rounds = zip(rec["round_hits"], rec["round_branches"], drafted, steps, strict=True)
+    for hit, branches, d, m in rounds:
         t_block = dev.time_target(d + 1) + dev.time_exit_head()
-        if branches:  # γ rollout steps over the branches, overlapping the suffix (stretched by f)
+        if branches:  # m rollout steps over the branches, overlapping the suffix (stretched by f)
             t_block = mirror_round_time(
                 t_block, dev.time_suffix(d + 1, exit_layer), dev.time_draft(branches), 0.0,
-                gamma, 1.0, dev.t_sync, dev.t_chan, f,
+                m, 1.0, dev.t_sync, dev.t_chan, f,
             )  # fmt: skip
         else:
             t_block += dev.t_sync
@@ -203,8 +204,8 @@ def simulate(results: dict, prof: Profile, exit_layer: int | None = None) -> dic
         "the timings change",
         "`<mirror method>@B=n`: the same rounds with the branch budget this profile favours; a "
         "round hits iff the verdict's recorded rank among all branches is < n (κ as in the run)",
-        "mirror rollouts take γ steps (a draft-length policy may stop a branch earlier: the "
-        "replay overestimates those rollouts)",
+        "mirror rollouts take the recorded batched steps per round (γ for runs before "
+        "`rollout_steps` was recorded, which overestimates rollouts under a draft-length policy)",
         f"overlap slowdown f = {prof.overlap_slowdown:g} (suffix and rollouts, while both run)",
         f"exit layer {layer} of {prof.num_layers} (same depth fraction as the measured run)",
         "target layers cost the same: t_pre = (ℓe/N)·t_T",

@@ -68,6 +68,7 @@ class RoundLog:
     # a budget B would have hit iff hit_rank < B. None: no ranking, or the verdict was not
     # among the exit head's top-κ. Lets a replay ask what another budget would have hit.
     hit_rank: int | None = None
+    rollout_steps: int = 0  # mirror: batched draft steps the branch rollouts took (≤ γ)
 
 
 @dataclass
@@ -284,6 +285,7 @@ class VerificationScheduler:
         except DraftFailed:
             return new, None
         r_start, r_end = rollout.span
+        log.rollout_steps = max((len(r.draft.tokens) for r in rollouts), default=0)
         log.t_draft += r_end - r_start
         log.exposed += max(0.0, r_end - suffix.span[1])
         t3 = max(r_end, t2)
