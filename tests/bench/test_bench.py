@@ -228,6 +228,12 @@ def test_simulation_replays_policy_methods_with_their_drafted_tokens():
     got = shared["aggregates"]["mirror"]["overall"]["predicted_speedup_vs_ar"]
     assert got == pytest.approx(2.0 / (0.04 + 4 * t_round))
     assert any("overlap slowdown f = 2" in a for a in shared["assumptions"])
+    # recorded rollout steps replace γ: 2 steps (30 ms) fit in the 50 ms suffix, nothing exposed
+    for r in res["records"]:
+        r["rollout_steps"] = [2] * 4
+    short = simulate(res, replace(HAND_PROFILE, overlap_slowdown=2.0, t_draft={1: 0.01, 4: 0.015}))
+    got = short["aggregates"]["mirror"]["overall"]["predicted_speedup_vs_ar"]
+    assert got == pytest.approx(2.0 / (0.04 + 4 * (0.1 + 0.05)))
 
 
 def test_simulation_rebudgets_mirror_from_the_recorded_hit_ranks():
