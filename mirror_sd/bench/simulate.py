@@ -26,12 +26,7 @@ from mirror_sd.bench.methods import PLAN_METHODS
 from mirror_sd.bench.report import OVERALL
 from mirror_sd.bench.specbench import TASKS
 from mirror_sd.devices.sim_device import SimDevice
-from mirror_sd.partition.cost_model import (
-    Profile,
-    mirror_round_time,
-    num_branches,
-    vanilla_round_time,
-)
+from mirror_sd.partition.cost_model import Profile, mirror_round_time, vanilla_round_time
 from mirror_sd.runtime.profiling import CALIBRATION_TEXT, profile
 
 PREDICTED = "PREDICTED"
@@ -132,7 +127,7 @@ def _formula(dev: SimDevice, mode: str, rows: list[dict], gamma: int, exit_layer
 def rebudgeted(dev: SimDevice, rows: list[dict], gamma: int, kappa: int, exit_layer: int,
                method: str) -> list[dict]:  # fmt: skip
     """`rows` (one mirror method's records) replayed with the branch budget this profile would
-    choose: for each B up to the branches (γ, κ) allow, a round hits iff its recorded
+    choose: for each B up to (γ + 1)·κ (every exit candidate a branch), a round hits iff its recorded
     `round_hit_ranks` entry is < B; B maximizes the closed-form speedup. Returns copies named
     `<method>@B=<B>`, or [] when the records carry no hit ranks (runs before they existed)."""
     if not rows or any(r.get("round_hit_ranks") is None for r in rows):
@@ -150,7 +145,7 @@ def rebudgeted(dev: SimDevice, rows: list[dict], gamma: int, kappa: int, exit_la
         return out
 
     best = max(
-        range(1, num_branches(gamma, kappa) + 1),
+        range(1, (gamma + 1) * kappa + 1),  # every candidate is a branch when d_j is not among them
         key=lambda b: (
             _formula(dev, "mirror", with_budget(b), gamma, exit_layer)["predicted_speedup_vs_ar"],
             -b,

@@ -238,15 +238,15 @@ def test_simulation_replays_policy_methods_with_their_drafted_tokens():
 
 def test_simulation_rebudgets_mirror_from_the_recorded_hit_ranks():
     res = _hand_results()
-    res["plan"]["spec"]["exit_top_k"] = 2  # γ = 4, κ = 2: 4·1 + 2 = 6 branches exist
+    res["plan"]["spec"]["exit_top_k"] = 2  # γ = 4, κ = 2: up to (4 + 1)·2 = 10 branches
     for r in res["records"]:
         if r["method"] == "mirror":  # measured with B = 1: rank 0 hits, ranks 2 and 5 would not
             r["round_branches"], r["round_hit_ranks"] = [1] * 4, [0, 2, 5, None]
             r["round_hits"] = [True, False, False, False]
     cheap = Profile(num_layers=4, t_target={1: 0.1, 5: 0.1}, t_draft={1: 0.01, 16: 0.01})
     sim = simulate(res, cheap)
-    # branch rows are free on this profile, so the budget that catches every rank wins: B = 6
-    # (rank None was never a candidate: that round still misses)
+    # branch rows are free on this profile, so the smallest budget that catches every rank
+    # wins: B = 6 (rank None was never a candidate: that round still misses)
     assert "mirror@B=6" in sim["aggregates"]
     assert sim["formula"]["mirror@B=6"]["hit_rate"] == pytest.approx(3 / 4)
     assert sim["formula"]["mirror"]["hit_rate"] == pytest.approx(1 / 4)
