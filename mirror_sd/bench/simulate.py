@@ -8,8 +8,12 @@ rolled out) and a cost `Profile` of other hardware. Each recorded round is re-ti
     speculative  every round: d·t_d(1) + t_T(d+1), d = the round's drafted tokens (γ, or
                  fewer after a draft-length policy stopped early; `+conf` methods replay too)
     mirror       every round: t_T(d+1) + t_exit + (f−1)·t_suf + t_sync
-                 + max(0, t_chan + (γ·t_d(B) − t_suf)·f) + d·t_d(1) when the round before
-                 missed (and before the first round); f = the profile's overlap slowdown
+                 + max(0, t_chan + (m·t_d(B) − t_suf)·f) + d·t_d(1) when the round before
+                 missed (and before the first round); f = the profile's overlap slowdown,
+                 m = the round's recorded rollout steps (γ in older results)
+
+Mirror methods whose records carry hit ranks are also replayed as `<method>@B=n`, with the
+budget n this profile favours: a round hits iff its verdict ranked < n among all branches.
 
 A closed-form prediction from the pooled averages (E[T_round] with the mean hit rate and
 branch count; speedup = L̄·t_T(1)/E[T_round]) is given beside the replay. Prefill is not
