@@ -478,7 +478,11 @@ def describe(plan: Plan) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.append("")
     if info.get("mode_asked") == "auto":
-        why = "the highest predicted speedup, below" if info.get("choice") else "no draft to run"
+        why = (
+            "the highest predicted speedup, below"
+            if info.get("choice")
+            else ("no draft to run" if plan.draft is None else "chosen when it was compiled")
+        )
         lines.append(f"mode: auto -> {spec.mode} ({why})")
     lines.append(f"speculation: {json.dumps(asdict(spec))}")
     if info.get("draft_placement"):

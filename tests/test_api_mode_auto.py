@@ -58,7 +58,7 @@ def test_auto_survives_save_and_load(folders, tmp_path):
     assert "mode_asked: auto" in (tmp_path / "plan" / "plan.yaml").read_text()
     with api.load(tmp_path / "plan") as again:
         assert again.spec.mode == "speculative"
-        assert "mode: auto -> speculative" in api.describe(again)
+        assert "mode: auto -> speculative (chosen when it was compiled)" in api.describe(again)
 
 
 def test_auto_without_a_draft_is_autoregressive(folders):

@@ -13,11 +13,13 @@ def test_compile_describe_generate(tmp_path, capsys, monkeypatch):
     plan_dir = tmp_path / "plan"
     assert main(["compile", str(t), "--draft", str(d), "-o", str(plan_dir), "--exit-layer", "2",
                  "--branch-budget", "4", "--max-len", "128", "--mode", "auto"]) == 0  # fmt: skip
-    assert "plan saved to" in capsys.readouterr().out
+    compiled = capsys.readouterr().out
+    assert "plan saved to" in compiled
+    assert "mode: auto -> " in compiled and "best mode:" in compiled  # profiled for the verdict
     assert main(["describe", str(plan_dir)]) == 0
     described = capsys.readouterr().out
     assert "target.layers.[0-2) prefix" in described
-    assert "mode: auto -> " in described and "best mode:" in described  # profiled for the verdict
+    assert "mode: auto -> " in described and "chosen when it was compiled" in described
     trace, stats = tmp_path / "trace.json", tmp_path / "stats.json"
     assert main(["generate", str(plan_dir), "--prompt", "w1 w2 w3", "--max-new-tokens", "6",
                  "--trace", str(trace), "--stats-json", str(stats)]) == 0  # fmt: skip
