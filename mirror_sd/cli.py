@@ -9,8 +9,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mirror_sd.partition.spec_config import CONFIG_MODES
-
 DEMO_TARGET, DEMO_DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number iteratively."
 SPEC_FLAGS = {  # CLI flag -> SpecConfig field
@@ -24,6 +22,12 @@ SPEC_FLAGS = {  # CLI flag -> SpecConfig field
 
 
 def _spec_overrides(args: argparse.Namespace) -> dict:
+    from mirror_sd.partition.spec_config import CONFIG_MODES  # lazy: `--help` stays fast
+
+    if getattr(args, "mode", None) not in (None, *CONFIG_MODES):
+        raise SystemExit(
+            f"mirror-sd: --mode {args.mode!r}: expected one of {', '.join(CONFIG_MODES)}"
+        )
     out = {}
     for flag, field in SPEC_FLAGS.items():
         value = getattr(args, flag, None)
@@ -180,9 +184,9 @@ def _add_plan_args(p: argparse.ArgumentParser, model_help: str) -> None:
     )
     p.add_argument(
         "--mode",
-        choices=CONFIG_MODES,
         default=None,
-        help="auto: the mode the cost model predicts fastest on these devices (profiled)",
+        help="mirror, speculative, autoregressive, or auto: the mode the cost model predicts "
+        "fastest on these devices (profiled)",
     )
     p.add_argument("--gamma", type=int, default=None, help="γ, draft tokens per round")
     p.add_argument("--kappa", type=int, default=None, help="κ, exit candidates per position")

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from mirror_sd.cli import main
 from tests.conftest import make_tiny, save_tiny_with_tokenizer
 
@@ -43,3 +45,8 @@ def test_quantize_check_reports_agreement(tmp_path, capsys, monkeypatch):
     report = json.loads(capsys.readouterr().out)
     assert 0.0 <= report["top1_agreement"] <= 1.0 and report["tokens"] > 10
     assert report["fp32_step_ms"] > 0 and report["int8_step_ms"] > 0
+
+
+def test_unknown_mode_is_rejected_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="--mode 'fastest': expected one of .*auto"):
+        main(["compile", str(tmp_path / "none"), "-o", str(tmp_path / "p"), "--mode", "fastest"])

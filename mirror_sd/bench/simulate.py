@@ -79,22 +79,27 @@ def _round_times(dev: SimDevice, mode: str, rec: dict, gamma: int, exit_layer: i
     drafted = _drafted(rec, gamma)
     if mode == "speculative":
         return [vanilla_round_time(dev.time_target(d + 1), dev.time_draft(1), d) for d in drafted]
-    f = dev.profile.overlap_slowdown
     times, missed_before = [], True  # the first round drafts a fresh chain
     steps = rec.get("rollout_steps") or [gamma] * len(drafted)
     rounds = zip(rec["round_hits"], rec["round_branches"], drafted, steps, strict=True)
     for hit, branches, d, m in rounds:
-        t_block = dev.time_target(d + 1) + dev.time_exit_head()
-        if branches:  # m rollout steps over the branches, overlapping the suffix (stretched by f)
-            t_block = mirror_round_time(
-                t_block, dev.time_suffix(d + 1, exit_layer), dev.time_draft(branches), 0.0,
-                m, 1.0, dev.t_sync, dev.t_chan, f,
-            )  # fmt: skip
-        else:
-            t_block += dev.t_sync
+        t_block = _verify_round(dev, d, m, branches, exit_layer)
         times.append(t_block + (d * dev.time_draft(1) if missed_before else 0.0))
         missed_before = hit is not True
     return times
+
+
+def _verify_round(dev: SimDevice, d: int, m: float, branches: float, exit_layer: int) -> float:
+    """A mirror round without its chain draft: the target block of d + 1 rows with the exit
+    head, and `m` rollout steps over `branches` rows overlapping the suffix (both stretched
+    by the profile's overlap slowdown f); no branches, no overlap."""
+    t_block = dev.time_target(d + 1) + dev.time_exit_head()
+    if not branches:
+        return t_block + dev.t_sync
+    return mirror_round_time(
+        t_block, dev.time_suffix(d + 1, exit_layer), dev.time_draft(branches), 0.0, m, 1.0,
+        dev.t_sync, dev.t_chan, dev.profile.overlap_slowdown,
+    )  # fmt: skip
 
 
 def _formula(dev: SimDevice, mode: str, rows: list[dict], gamma: int, exit_layer: int) -> dict:
@@ -111,18 +116,9 @@ def _formula(dev: SimDevice, mode: str, rows: list[dict], gamma: int, exit_layer
         branches = [x for r in rows for x in r["round_branches"] if x]
         h = sum(hits) / len(hits) if hits else 0.0
         b = sum(branches) / len(branches) if branches else 1.0
-        t_round = mirror_round_time(
-            t_block + dev.time_exit_head(),
-            dev.time_suffix(d + 1, exit_layer),
-            dev.time_draft(max(1.0, b)),
-            dev.time_draft(1),
-            gamma,
-            h,
-            dev.t_sync,
-            dev.t_chan,
-            dev.profile.overlap_slowdown,
-        ) - (1 - h) * (gamma - d) * dev.time_draft(1)  # a miss drafts the mean chain, not γ
-        # fmt: skip
+        steps = [x for r in rows for x in r.get("rollout_steps") or [] if x]
+        m = sum(steps) / len(steps) if steps else gamma
+        t_round = _verify_round(dev, d, m, b, exit_layer) + (1 - h) * d * dev.time_draft(1)
     return {"predicted_tokens_per_round": mean_len, "predicted_round_s": t_round,
             "mean_drafted": sum(drafted) / len(drafted), "hit_rate": h, "mean_branches": b,
             "predicted_speedup_vs_ar": mean_len * dev.time_target(1) / t_round}  # fmt: skip

@@ -139,6 +139,7 @@ class DraftEngine:
         `policy` bounds each branch independently: a branch that stops keeps its last token
         but is not fed again, so later steps run on the still-active branches only and the
         loop ends when none is left. Either way a branch of m tokens owns exactly m rows.
+        Returns one `Rollout` per branch, in the order of `branches` (the scheduler relies on it).
         """
         n, path = len(committed), committed + block
         self.sync(path)

@@ -138,13 +138,13 @@ class Plan:
         return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
     def _settings(self, spec: SpecConfig) -> RoundSettings:
-        has_draft = (self.draft is not None and spec.model_draft) or spec.retrieval != "none"
-        mode = spec.mode if has_draft else "autoregressive"
         if spec.mode == "auto":
             raise ValueError(
                 "mode 'auto' is resolved by compile() (the best predicted mode); a Plan built "
-                "by hand, or a generate() override, needs mirror, speculative or autoregressive"
+                "by hand needs mirror, speculative or autoregressive"
             )
+        has_draft = (self.draft is not None and spec.model_draft) or spec.retrieval != "none"
+        mode = spec.mode if has_draft else "autoregressive"
         if not isinstance(spec.branch_budget, int):
             raise ValueError(
                 "branch_budget 'auto' is resolved by compile(); a Plan built by hand needs "

@@ -289,14 +289,9 @@ class VerificationScheduler:
         log.t_draft += r_end - r_start
         log.exposed += max(0.0, r_end - suffix.span[1])
         t3 = max(r_end, t2)
-        hit = next(
-            (
-                r
-                for r in rollouts
-                if (r.branch.depth, r.branch.token) == (verdict.accepted, verdict.correction)
-            ),
-            None,
-        )
+        # rollouts come one per branch, in the order given: ranked[:budget]
+        rank = log.hit_rank
+        hit = rollouts[rank] if rank is not None and rank < len(rollouts) else None
         log.hit = hit is not None
         self.tracer.flow(
             "rendezvous", (self.dp.device, self.dp.name, t3), (self.tp.device, self.tp.name, t3)
