@@ -1,4 +1,5 @@
-"""`mirror-sd bench`: Spec-Bench over hf-ar, hf-assisted, hf-pld and our ar / speculative / mirror.
+"""`mirror-sd bench`: Spec-Bench over hf-ar, hf-assisted, hf-pld and our ar / speculative / mirror
+(+ the OpenVINO GenAI peers ov-ar, ov-sd, ov-pld with `pip install -e '.[peers]'`).
 
     mirror-sd bench --target T --draft D [--per-category N] [--max-new-tokens N]
                     [--methods hf-ar,...,mirror] [--out DIR]
@@ -87,10 +88,12 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if not args.target:
             raise SystemExit("mirror-sd bench: give --target (and --draft), or --from-results")
+        from mirror_sd.bench.peers import PeersUnavailableError, check_available
         from mirror_sd.bench.runner import BenchConfig, run_bench
 
         try:
             methods = parse_methods(args.methods)
+            check_available(methods)
         except ValueError as e:
             raise SystemExit(f"mirror-sd bench: --methods: {e}") from None
         cfg = BenchConfig(
@@ -98,9 +101,13 @@ def _run(args: argparse.Namespace) -> int:
             per_category=args.per_category, max_new_tokens=args.max_new_tokens, tasks=_tasks(args),
             methods=methods, out=out, questions=args.questions, stop_at_eos=args.stop_at_eos,
             hf_threads=args.hf_threads, hf_dtype=args.hf_dtype, cache=args.cache, speculation=_speculation(args),
-            progress=not args.quiet,
+            progress=not args.quiet, peer_target_format=args.peer_target_format,
+            peer_draft_format=args.peer_draft_format,
         )  # fmt: skip
-        results = run_bench(cfg)
+        try:
+            results = run_bench(cfg)
+        except PeersUnavailableError as e:  # conversion or the converter venv failed
+            raise SystemExit(f"mirror-sd bench: {e}") from None
         print((out / "results.md").read_text())
         print(f"written to {out}/: results.json results.md speedup.png answers/ trace_mirror.json")
     if args.simulate:
@@ -129,7 +136,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None,
                    help="comma-separated Spec-Bench tasks to run (default: all six)")  # fmt: skip
     p.add_argument("--methods", default="hf-ar,hf-assisted,hf-pld,ar,speculative,mirror",
-                   help="comma-separated subset of the default")  # fmt: skip
+                   help="comma-separated methods (default: the six shown; more: pld, sam, hd, "
+                        "mirror+sam, speculative+conf, ..., ov-ar, ov-sd, ov-pld)")  # fmt: skip
     p.add_argument("--out", default="bench_results", help="output folder")
     p.add_argument("--questions", default=None,
                    help="Spec-Bench question.jsonl (default $MIRROR_SD_SPEC_BENCH, then "
@@ -141,6 +149,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the transformers models (default float32)")  # fmt: skip
+    p.add_argument("--peer-target-format", default=None, choices=["fp32", "int8", "int4"],
+                   help="ov-* peers: the target IR's weights (default: as the plan's target)")  # fmt: skip
+    p.add_argument("--peer-draft-format", default=None, choices=["fp32", "int8", "int4"],
+                   help="ov-sd: the draft IR's weights (default: as the plan's draft, else int8)")  # fmt: skip
     p.add_argument("--gamma", default=None, help="γ for the plan")
     p.add_argument("--kappa", default=None, help="κ for the plan")
     p.add_argument("--exit-layer", default=None, help="ℓe for the plan, or 'auto'")

@@ -8,6 +8,7 @@
     mirror       our plan, mode="mirror"
     (+ pld, sam, hd, mirror+sam: model-free draft sources; speculative+conf, mirror+conf,
      speculative+entropy, mirror+entropy: draft-length policies)
+    ov-ar, ov-sd, ov-pld  OpenVINO GenAI peers on all cores (bench/peers.py; the `peers` extra)
 
 Every method gets the same prompt token ids and the same EOS ids (an empty list: EOS
 never stops a generation, so every method produces exactly `max_new_tokens`). The HF
@@ -25,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from mirror_sd.bench import peers
+from mirror_sd.bench.peers import PEER_METHODS
 
 HF_METHODS = ("hf-ar", "hf-assisted", "hf-pld")
 PLAN_MODES = {"ar": "autoregressive", "speculative": "speculative", "mirror": "mirror"}
@@ -48,7 +52,8 @@ PLAN_METHODS = {
     **POLICY_METHODS,
 }
 ALL_METHODS = HF_METHODS + tuple(PLAN_MODES)  # the default set
-KNOWN_METHODS = HF_METHODS + tuple(PLAN_METHODS)
+KNOWN_METHODS = HF_METHODS + tuple(PLAN_METHODS)  # everything the base install runs
+SELECTABLE_METHODS = KNOWN_METHODS + PEER_METHODS  # + the OpenVINO peers ('peers' extra)
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as Spec-Bench's PLD baseline
 NEAR_TIE = 1e-3  # a top-2 logit margin below this explains a mismatch by rounding
 
@@ -72,12 +77,15 @@ class Output:
 
 
 def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
-    """'hf-ar,mirror' -> ('hf-ar', 'mirror'). Raises ValueError naming unknown methods."""
+    """'hf-ar,mirror' -> ('hf-ar', 'mirror'). Raises ValueError naming unknown methods.
+
+    Any of SELECTABLE_METHODS parses; whether an ov-* peer can run is checked separately
+    (`peers.check_available`), so that its error names the missing extra."""
     names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text)]
     names = [m for m in names if m]
-    bad = [m for m in names if m not in KNOWN_METHODS]
+    bad = [m for m in names if m not in SELECTABLE_METHODS]
     if bad or not names:
-        raise ValueError(f"unknown method(s) {bad}; choose from {','.join(KNOWN_METHODS)}")
+        raise ValueError(f"unknown method(s) {bad}; choose from {','.join(SELECTABLE_METHODS)}")
     return tuple(dict.fromkeys(names))
 
 
@@ -205,9 +213,21 @@ def _ort_threads(plan) -> str:
 
 
 def build_methods(
-    names: Sequence[str], plan, eos: list[int], hf_threads: int, hf_dtype: str = "float32"
+    names: Sequence[str],
+    plan,
+    eos: list[int],
+    hf_threads: int,
+    hf_dtype: str = "float32",
+    peer_target_format: str | None = None,
+    peer_draft_format: str | None = None,
+    cache: str | None = None,
 ) -> dict:
-    """name -> method object. HF models are loaded from the plan's own model folders."""
+    """name -> method object, in the order of `names`. HF models are loaded from the plan's
+    own model folders; ov-* peers convert them to OpenVINO IR (`peers.build_peer_methods`,
+    weight formats `peer_*_format`, None: follow the plan) and run on `hf_threads` cores."""
+    peers.check_available(names)
+    ov = peers.build_peer_methods(names, plan, eos, hf_threads, peer_target_format,
+                                  peer_draft_format, cache)  # fmt: skip
     tok = plan.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     hf = [n for n in names if n in HF_METHODS]
@@ -221,6 +241,8 @@ def build_methods(
     for name in names:
         if name in HF_METHODS:
             out[name] = HFMethod(name, target, hf_threads, eos, assistant, hf_dtype)
+        elif name in ov:
+            out[name] = ov[name]
         else:
             if PLAN_METHODS.get(name, {}).get("model_draft", name != "ar") and plan.draft is None:
                 raise ValueError(f"method {name!r} needs a draft model: pass --draft")

@@ -19,6 +19,8 @@ from pathlib import Path
 from mirror_sd.bench.specbench import TASKS
 
 OVERALL = "overall"
+# baselines that are not ours: no heterogeneous speedup vs our `ar` (they use every core)
+PEER_PREFIXES = ("hf-", "ov-")
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -77,7 +79,7 @@ def aggregate(records: list[dict], methods: list[str]) -> dict:
     out: dict = {}
     for m in methods:
         rows = [r for r in records if r["method"] == m]
-        ours = not m.startswith("hf-")
+        ours = not m.startswith(PEER_PREFIXES)
         groups = {t: [r for r in rows if r["task"] == t] for t in TASKS}
         out[m] = {t: _stats(g, hf, ar, ours) for t, g in groups.items() if g}
         out[m][OVERALL] = _stats(rows, hf, ar, ours)
@@ -179,7 +181,7 @@ def markdown(results: dict) -> str:
     for title, key, which in (
         ("Whole-machine speedup vs hf-ar, per task", "whole_machine_speedup_vs_hf_ar", methods),
         ("Heterogeneous speedup vs ar, per task", "heterogeneous_speedup_vs_ar",
-         [m for m in methods if not m.startswith("hf-")]),
+         [m for m in methods if not m.startswith(PEER_PREFIXES)]),
         ("Tokens/s per task", "tokens_per_s", methods),
     ):  # fmt: skip
         body = [[f"`{m}`", *(_f(agg[m][t].get(key)) for t in tasks)] for m in which]
@@ -214,7 +216,7 @@ def plot_speedup(results: dict, path: Path) -> None:
         ("whole-machine speedup vs hf-ar (all cores)", "whole_machine_speedup_vs_hf_ar",
          [m for m in methods if m != "hf-ar"]),
         ("heterogeneous speedup vs ar (target's own device)", "heterogeneous_speedup_vs_ar",
-         [m for m in methods if not m.startswith("hf-") and m != "ar"]),
+         [m for m in methods if not m.startswith(PEER_PREFIXES) and m != "ar"]),
     ]  # fmt: skip
     colors = {m: f"C{i}" for i, m in enumerate(methods)}  # one color per method, both panels
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), squeeze=False)

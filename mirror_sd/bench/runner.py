@@ -56,6 +56,10 @@ class BenchConfig:
     stop_at_eos: bool = False
     hf_threads: int | None = None  # None: every core (os.cpu_count())
     hf_dtype: str = "float32"  # dtype of the transformers models (hf-* methods)
+    # OpenVINO IR weight formats of the ov-* peers (fp32 | int8 | int4); None: follow the
+    # plan's devices (`quantize`), else fp32 target and int8 draft (bench/peers.py)
+    peer_target_format: str | None = None
+    peer_draft_format: str | None = None
     cache: str | None = None
     onnx_dir: str | None = None
     speculation: dict = field(default_factory=dict)
@@ -86,7 +90,8 @@ def machine_info() -> dict:
 def versions() -> dict:
     """Installed versions of the libraries whose behaviour the numbers depend on."""
     out = {}
-    for dist in ("mirror-sd", "torch", "transformers", "onnxruntime", "tokenizers", "numpy"):
+    for dist in ("mirror-sd", "torch", "transformers", "onnxruntime", "tokenizers", "numpy",
+                 "openvino", "openvino-genai"):  # fmt: skip
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -187,6 +192,7 @@ def _settings(cfg: BenchConfig, eos: list[int], qpath: Path, hf_threads: int) ->
         "timing": "time.perf_counter around each generate call, prefill included",
         "order": "interleaved: every method on question 1, then question 2, ...",
         "questions_file": str(qpath), "speculation_overrides": cfg.speculation,
+        "peer_formats": {"target": cfg.peer_target_format, "draft": cfg.peer_draft_format},
     }  # fmt: skip
 
 
@@ -200,8 +206,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         `mirror_sd.compile` raises for the models and device map.
     """
     import mirror_sd.api as api
+    from mirror_sd.bench.peers import check_available
     from mirror_sd.runtime.prompts import encode_prompt, eos_token_ids
 
+    check_available(cfg.methods)  # before the plan compiles: a missing extra fails at once
     qpath = Path(cfg.questions) if cfg.questions else default_path()
     questions = load_questions(qpath, cfg.per_category, cfg.tasks)
     out_dir = Path(cfg.out)
@@ -215,7 +223,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         eos = (
             sorted(eos_token_ids(plan.tokenizer, plan.generation_config)) if cfg.stop_at_eos else []
         )
-        methods = build_methods(cfg.methods, plan, eos, hf_threads, cfg.hf_dtype)
+        methods = build_methods(cfg.methods, plan, eos, hf_threads, cfg.hf_dtype,
+                                cfg.peer_target_format, cfg.peer_draft_format, cfg.cache)  # fmt: skip
         prompts = [encode_prompt(plan.tokenizer, q.text, chat=True) for q in questions]
         if cfg.warmup:
             for m in methods.values():
