@@ -18,7 +18,8 @@ from typing import Any
 import torch
 import yaml
 
-from mirror_sd.devices.ort_device import OrtDevice, OrtRunner
+from mirror_sd.devices.ort_core import OrtDevice
+from mirror_sd.devices.ort_device import OrtRunner
 from mirror_sd.devices.ort_split import OrtSplitRunner
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.devices.trimmed import TrimmedVocabRunner
@@ -40,6 +41,7 @@ from mirror_sd.partition import (
     load_device_map,
     place,
 )
+from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.runtime.plan import DeviceSlot, Plan
 from mirror_sd.runtime.profiling import CALIBRATION_TEXT, profile
 from mirror_sd.training.exit_select import (
@@ -86,71 +88,72 @@ def _alias_of(dm: DeviceMap, assignment: dict[str, str], prefix: str) -> str:
     return aliases.pop()
 
 
-def _torch_device(spec) -> TorchDevice:
+def _torch_device(spec, threads: int | None = None) -> TorchDevice:
+    """The torch device of a map entry; `threads` is the thread budget's count when alone."""
     if not isinstance(spec, TorchSpec):
         raise DeviceMapError(
             f"devices.{spec.alias}",
             f"the target needs a torch device in this version, got backend {spec.backend!r}",
         )
-    return TorchDevice(spec.device, spec.threads, spec.dtype)
+    return TorchDevice(spec.device, threads or spec.threads, spec.dtype)
 
 
-def _ort_device(spec: OrtSpec) -> OrtDevice:
-    dev = OrtDevice(spec.providers, spec.intra_op_threads, spec.inter_op_threads,
-                    spec.optimization_level, spec.allow_fallback)  # fmt: skip
+def _ort_device(
+    spec: OrtSpec, budget: ThreadBudget | None = None, role: str = "target"
+) -> OrtDevice:
+    """The ORT device of a map entry, its sessions sized by the thread budget (the count a
+    pipeline gets when it runs alone; spinning off when target and draft share the cores)."""
+    threads = spec.intra_op_threads
+    if budget is not None:
+        threads = budget.target() if role == "target" else budget.draft()
+    dev = OrtDevice(spec.providers, threads, spec.inter_op_threads, spec.optimization_level,
+                    spec.allow_fallback, spinning=not (budget and budget.shared))  # fmt: skip
     dev.check()
     return dev
 
 
-def _ort_target(spec: OrtSpec, model, folder: Path, exit_layer: int, max_len: int, onnx_root: Path):
-    if spec.quantize != "none":
-        raise DeviceMapError(
-            f"devices.{spec.alias}.quantize",
-            "the target is never quantized (output must stay the target's own); quantize the draft's device instead",
-        )
+def _ort_target(spec: OrtSpec, model, folder: Path, exit_layer: int, max_len: int,
+                onnx_root: Path, budget: ThreadBudget | None = None):  # fmt: skip
     return OrtSplitRunner(
         model,
         source_identity(folder),
         onnx_root,
         exit_layer,
         max_len,
-        _ort_device(spec),
+        _ort_device(spec, budget, "target"),
         alias=spec.alias,
+        quantize=None if spec.quantize == "none" else spec.quantize,
     )
 
 
-def _target_runner(spec, folder: Path, exit_layer: int, max_len: int, onnx_root: Path):
-    """(torch model, runner, label, torch threads) for the target on its device."""
+def _target_runner(spec, folder: Path, exit_layer: int, max_len: int, onnx_root: Path,
+                   budget: ThreadBudget | None = None):  # fmt: skip
+    """(torch model, runner, label) for the target on its device."""
     if isinstance(spec, OrtSpec):
         model = load_model(folder, "float32")
-        runner = _ort_target(spec, model, folder, exit_layer, max_len, onnx_root)
-        return model, runner, f"onnxruntime {runner.prefix.get_providers()[0]}", None
-    dev = _torch_device(spec)
+        runner = _ort_target(spec, model, folder, exit_layer, max_len, onnx_root, budget)
+        precision = f" {spec.quantize} weights" if spec.quantize != "none" else ""
+        return model, runner, f"onnxruntime {runner.prefix.get_providers()[0]}{precision}"
+    dev = _torch_device(spec, budget.target() if budget else None)
     dev.check()
-    if dev.threads:
-        torch.set_num_threads(dev.threads)
     model = load_model(folder, dev.dtype)
-    return (
-        model,
-        TorchRunner(model, dev, max_len, exit_layer=exit_layer),
-        dev.describe(),
-        dev.threads,
-    )
+    return model, TorchRunner(model, dev, max_len, exit_layer=exit_layer), dev.describe()
 
 
-def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path, trim: VocabTrim | None = None):
+def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path, trim: VocabTrim | None = None,
+                  budget: ThreadBudget | None = None):  # fmt: skip
     """(runner, label, ONNX path) for the draft on its device; an ORT device gets the exported
     draft. With a `trim`, the draft's LM head keeps only the trim's K rows (exported under its
     own cache key) and `TrimmedVocabRunner` restores (T, V) logits, -inf outside the kept set."""
     if isinstance(spec, TorchSpec):
-        dev = _torch_device(spec)
+        dev = _torch_device(spec, budget.draft() if budget else None)
         model = load_model(folder, spec.dtype)
         if trim is None:
             return TorchRunner(model, dev, max_len, name="draft"), dev.describe(), None
         runner = TorchRunner(with_trimmed_head(model, trim), dev, max_len, name="draft")
         return TrimmedVocabRunner(runner, trim), dev.describe(), None
     if isinstance(spec, OrtSpec):
-        dev = _ort_device(spec)
+        dev = _ort_device(spec, budget, "draft")
         model = load_model(folder, "float32")
         quant = None if spec.quantize == "none" else spec.quantize
         if trim is None:
@@ -209,7 +212,9 @@ def compile(
     """Compile `target` (+ `draft`) into a dual-device `Plan`.
 
     Args:
-        target, draft: a known model name (`mirror-sd models list`) or a local HF folder.
+        target, draft: a known model name (`mirror-sd models list`) or a local HF folder;
+            draft None runs the target alone (the map's draft placement and the devices
+            only the draft uses are ignored).
         device_map: a YAML path/text, a dict, a `DeviceMap`, or None for the default
             (target and int8 draft in ONNX Runtime on the CPU, one core each).
         cache: the model cache folder (default $MIRROR_SD_CACHE or ~/.cache/mirror-sd).
@@ -228,6 +233,8 @@ def compile(
         if isinstance(device_map, DeviceMap)
         else (load_device_map(device_map) if device_map is not None else default_device_map())
     )
+    if draft is None:  # target only: the map's draft entries do not apply
+        dm = _without_draft(dm)
     spec = dm.speculation.with_(**speculation)
     mode_asked = spec.mode
     t_folder = zoo.resolve_model(target, cache=cache)
@@ -250,20 +257,24 @@ def compile(
     graph = _graph(t_cfg, d_cfg, exit_layer)
     placement = place(graph, _with_spec(dm, spec))  # validates the map before any heavy work
     t_alias = _alias_of(dm, placement.assignment, "target")
-    onnx_root = Path(onnx_dir) if onnx_dir else zoo.cache_dir(cache) / "onnx"
-    t_model, t_runner, t_label, t_threads = _target_runner(
-        dm.devices[t_alias], t_folder, exit_layer, spec.max_len, onnx_root
+    d_alias = _alias_of(dm, placement.assignment, "draft") if d_folder is not None else None
+    t_spec, d_spec = dm.devices[t_alias], dm.devices[d_alias] if d_alias else None
+    budget = ThreadBudget.for_devices(
+        t_spec, d_spec, spec.overlap, spec.overlap_target_cores or None
     )
-    d_runner = d_label = onnx_path = d_alias = d_trim = d_trim_cov = None
+    onnx_root = Path(onnx_dir) if onnx_dir else zoo.cache_dir(cache) / "onnx"
+    t_model, t_runner, t_label = _target_runner(
+        t_spec, t_folder, exit_layer, spec.max_len, onnx_root, budget
+    )
+    d_runner = d_label = onnx_path = d_trim = d_trim_cov = None
     if d_folder is not None:
-        d_alias = _alias_of(dm, placement.assignment, "draft")
         if spec.draft_vocab_size or draft_trim is not None:
             d_trim, d_trim_cov = _draft_trim(
                 spec.draft_vocab_size, draft_trim, t_folder, t_tok, t_model, cache
             )
             spec = spec.with_(draft_vocab_size=d_trim.size)
         d_runner, d_label, onnx_path = _draft_runner(
-            dm.devices[d_alias], d_folder, spec.max_len, onnx_root, d_trim
+            d_spec, d_folder, spec.max_len, onnx_root, d_trim, budget
         )
     e_trim = None
     if spec.exit_head == "lm_head" and spec.exit_vocab_size:
@@ -272,7 +283,7 @@ def compile(
     if d_runner is not None and auto:
         ids = t_tok(CALIBRATION_TEXT)["input_ids"]
         prof = profile_data or profile(t_runner, d_runner, t_model, ids, max_block=spec.num_draft_tokens + 1,
-                                       description=f"{target} <- {draft}")  # fmt: skip
+                                       description=f"{target} <- {draft}", budget=budget)  # fmt: skip
         if heads.files or e_trim is not None:  # the exit head in use, not the full lens
             probe = build_exit_head(spec, exit_layer, heads, t_model, e_trim)
             t_exit = time_exit_head(probe, spec.num_draft_tokens + 1)
@@ -297,7 +308,7 @@ def compile(
         else:  # exported prefix/suffix graphs fix ℓe: export the chosen split
             del t_runner  # free the provisional split's sessions before exporting the next
             t_runner = _ort_target(
-                dm.devices[t_alias], t_model, t_folder, spec.exit_layer, spec.max_len, onnx_root
+                t_spec, t_model, t_folder, spec.exit_layer, spec.max_len, onnx_root, budget
             )
         graph = _graph(t_cfg, d_cfg, spec.exit_layer)
         placement = place(graph, _with_spec(dm, spec))
@@ -318,7 +329,7 @@ def compile(
         tokenizer=t_tok,
         spec=spec,
         generation_config=json.loads(gen_cfg_file.read_text()) if gen_cfg_file.is_file() else None,
-        target_threads=t_threads,
+        device_specs=(t_spec, d_spec),
         info={**info, "exit_heads": heads},
         exit_head=exit_head,
     )
@@ -333,6 +344,15 @@ def _graph(t_cfg, d_cfg, exit_layer: int) -> ModelGraph:
 
 def _with_spec(dm: DeviceMap, spec: SpecConfig) -> DeviceMap:
     return DeviceMap(dm.devices, dm.placement, spec, dm.source)
+
+
+def _without_draft(dm: DeviceMap) -> DeviceMap:
+    """`dm` without its `draft` / `draft.*` placement keys and the devices only they use."""
+    placement = {k: a for k, a in dm.placement.items() if k.split(".")[0] != "draft"}
+    used = set(placement.values())
+    dropped = {a for k, a in dm.placement.items() if k.split(".")[0] == "draft"} - used
+    devices = {a: d for a, d in dm.devices.items() if a not in dropped}
+    return DeviceMap(devices, placement, dm.speculation, dm.source)
 
 
 def quantization_report(
@@ -485,6 +505,10 @@ def describe(plan: Plan) -> str:
         )
         lines.append(f"mode: auto -> {spec.mode} ({why})")
     lines.append(f"speculation: {json.dumps(asdict(spec))}")
+    lines.append(f"reference: {reference_precision(plan)}")
+    budget = plan.thread_budget()
+    if budget is not None:
+        lines.append(budget.describe())
     if info.get("draft_placement"):
         lines.append(f"draft placement: {info['draft_placement']}")
     if info.get("draft_trim") is not None:
@@ -502,6 +526,19 @@ def describe(plan: Plan) -> str:
     if plan.draft_disabled:
         lines.append(f"draft DISABLED: {plan.draft_disabled}")
     return "\n".join(lines)
+
+
+def reference_precision(plan: Plan) -> str:
+    """What lossless means for this plan: identical to which target's greedy decoding."""
+    t_spec = plan.device_specs[0] if plan.device_specs else None
+    quant = getattr(t_spec, "quantize", "none")
+    if quant != "none":
+        return (
+            f"the {quant}-weight target (its own greedy decoding, the plan's `ar`; the fp32 "
+            "model may choose other tokens)"
+        )
+    dtype = getattr(t_spec, "dtype", "float32")
+    return f"the {dtype} target (its own greedy decoding, the plan's `ar`)"
 
 
 def _describe_trim(trim: VocabTrim, coverage: float | None) -> str:

@@ -11,6 +11,14 @@ from pathlib import Path
 
 DEMO_TARGET, DEMO_DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number iteratively."
+DEBUG_HELP = "show the Python traceback of an error instead of one line"
+# The user's errors (one line, exit 2; see is_user_error), more in modules loaded lazily:
+USER_ERRORS = (ValueError, FileNotFoundError)
+LAZY_USER_ERRORS = {  # module -> exception class; when it raised, its module is loaded
+    "mirror_sd.devices.ort_core": "ProviderUnavailableError",
+    "mirror_sd.graphs.zoo": "ModelFetchError",
+    "mirror_sd.devices.torch_device": "DeviceUnavailableError",
+}
 SPEC_FLAGS = {  # CLI flag -> SpecConfig field
     "mode": "mode",
     "gamma": "num_draft_tokens",
@@ -25,9 +33,7 @@ def _spec_overrides(args: argparse.Namespace) -> dict:
     from mirror_sd.partition.spec_config import CONFIG_MODES  # lazy: `--help` stays fast
 
     if getattr(args, "mode", None) not in (None, *CONFIG_MODES):
-        raise SystemExit(
-            f"mirror-sd: --mode {args.mode!r}: expected one of {', '.join(CONFIG_MODES)}"
-        )
+        raise ValueError(f"--mode {args.mode!r}: expected one of {', '.join(CONFIG_MODES)}")
     out = {}
     for flag, field in SPEC_FLAGS.items():
         value = getattr(args, flag, None)
@@ -75,6 +81,10 @@ def _compile(args: argparse.Namespace) -> int:
 def _describe(args: argparse.Namespace) -> int:
     import mirror_sd.api as api
 
+    if not (Path(args.plan) / "plan.yaml").is_file():
+        raise FileNotFoundError(
+            f"{args.plan} has no plan.yaml: give a plan folder written by `mirror-sd compile -o`"
+        )
     with api.load(args.plan) as plan:
         print(api.describe(plan))
     return 0
@@ -108,25 +118,36 @@ def _demo(args: argparse.Namespace) -> int:
     import mirror_sd.api as api
 
     args.model = args.target
-    where = (
-        args.device_map
-        or "the default device map (target and int8 draft in ONNX Runtime on the CPU, one core each)"
+    where = args.device_map or (
+        "the default device map (target fp32 and int8 draft in ONNX Runtime on the CPU; every "
+        "core to whichever runs alone; mode auto)"
     )
     print(f"[compiling {args.target} <- {args.draft} on {where}]", file=sys.stderr)
     with _plan(args) as plan:
         print(api.describe(plan), file=sys.stderr)
+        print(f"[running mode {plan.spec.mode}: {_why_mode(plan)}]", file=sys.stderr)
         args.trace = args.trace or "mirror_sd_demo_trace.json"
         _run_generation(plan, args, args.prompt)
-        mirror = plan.last_result
+        run = plan.last_result
         if not args.skip_check:
             ar = plan.generate(
                 args.prompt, args.max_new_tokens, mode="autoregressive", chat=not args.no_chat
             )
-            same = "yes" if ar.tokens == mirror.tokens else "NO (see docs/runtime.md on near-ties)"
-            print(f"[target-only on the same plan: {ar.stats.tokens_per_s:.2f} tok/s; mirror speedup "
-                  f"{mirror.stats.tokens_per_s / ar.stats.tokens_per_s:.2f}x; identical tokens: {same}]",
-                  file=sys.stderr)  # fmt: skip
+            same = "yes" if ar.tokens == run.tokens else "NO (see docs/runtime.md on near-ties)"
+            print(f"[target-only on the same plan: {ar.stats.tokens_per_s:.2f} tok/s; "
+                  f"{plan.spec.mode} speedup {run.stats.tokens_per_s / ar.stats.tokens_per_s:.2f}x; "
+                  f"identical tokens: {same}]", file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _why_mode(plan) -> str:
+    """Why the plan runs its mode: the cost model's verdict under `mode: auto`, else the map."""
+    choice = plan.info.get("choice")
+    if plan.info.get("mode_asked") == "auto" and choice is not None:
+        return choice.mode_verdict()
+    if plan.info.get("mode_asked") == "auto":
+        return "mode auto without a draft to profile"
+    return "the mode the device map (or --mode) asks for"
 
 
 def _quant(args: argparse.Namespace) -> int:
@@ -163,11 +184,7 @@ def _cache(args: argparse.Namespace) -> int:
         print(f"{folder}:")
         print(export_cache.table(export_cache.entries(folder)))
         return 0
-    try:
-        gone = export_cache.prune(folder, args.max_gb, args.older_than_days, args.dry_run)
-    except ValueError as e:
-        print(f"mirror-sd cache prune: {e}", file=sys.stderr)
-        return 2
+    gone = export_cache.prune(folder, args.max_gb, args.older_than_days, args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} from {folder}:")
     print(export_cache.table(gone))
@@ -208,6 +225,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror-sd", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     models = sub.add_parser("models", help="list or fetch the known pretrained models")
@@ -296,12 +314,58 @@ def build_parser() -> argparse.ArgumentParser:
     from mirror_sd.training.cli import add_parser as add_training_parser
 
     add_training_parser(sub)
+    _debug_flag_everywhere(parser)
     return parser
 
 
+def _debug_flag_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`--debug` after any (sub)command too; unset there, it keeps the top-level value."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help=DEBUG_HELP)  # fmt: skip
+                _debug_flag_everywhere(p)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether `exc` is the user's to fix (printed as one line, exit 2) rather than a bug.
+
+    ValueError covers DeviceMapError and PlacementError (the map), UnknownModelError and
+    UnsupportedModelError (the model), TokenizerMismatchError (the draft),
+    PromptTooLongError and bad arguments; FileNotFoundError a missing file or folder;
+    ProviderUnavailableError an execution provider this onnxruntime lacks; ModelFetchError
+    a model that could not be fetched (network, disk space).
+    """
+    if isinstance(exc, USER_ERRORS):
+        return True
+    for module, name in LAZY_USER_ERRORS.items():
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return True
+    return False
+
+
+def _fail(message: str) -> int:
+    print(f"mirror-sd: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; a user error prints `mirror-sd: error: ...` and returns 2 (with
+    `--debug`, it raises with its traceback instead). Other exceptions propagate."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except SystemExit as exc:  # a subcommand's `raise SystemExit("mirror-sd bench: ...")`
+        if args.debug or not isinstance(exc.code, str):
+            raise
+        message = exc.code.removeprefix("mirror-sd").lstrip()
+        return _fail(message.removeprefix(":").lstrip())
+    except Exception as exc:
+        if args.debug or not is_user_error(exc):
+            raise
+        return _fail(str(exc))
 
 
 if __name__ == "__main__":

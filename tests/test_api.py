@@ -1,9 +1,11 @@
 """compile() / save() / load() / describe() end to end on tiny models with an ORT draft."""
 
+from pathlib import Path
+
 import pytest
 
 import mirror_sd.api as api
-from mirror_sd.devices.ort_device import ProviderUnavailableError
+from mirror_sd.devices.ort_core import ProviderUnavailableError
 from mirror_sd.runtime.prompts import PromptTooLongError
 from tests.conftest import TORCH_DRAFT_MAP, make_tiny, save_tiny_with_tokenizer, tiny_pair
 
@@ -121,10 +123,54 @@ def test_target_on_onnxruntime_split_at_the_chosen_exit_layer(folders):
             p.generate(prompt, 4, exit_layer=p.spec.exit_layer % 5 + 1)
 
 
-def test_quantized_target_is_refused(folders):
-    target, draft, _ = folders
-    bad = ORT_TARGET_MAP.replace(
-        "tgt: {backend: onnxruntime,", "tgt: {backend: onnxruntime, quantize: int8,"
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_target_is_lossless_against_its_own_decoding(folders, quant):
+    """`quantize` on the target's device: the quantized target is the plan's reference; every
+    mode equals its own greedy decoding (the plan's `ar`), and describe() says so."""
+    target, draft, root = folders
+    text = ORT_TARGET_MAP.replace(
+        "tgt: {backend: onnxruntime,", f"tgt: {{backend: onnxruntime, quantize: {quant},"
     )
-    with pytest.raises(api.DeviceMapError, match="the target is never quantized"):
-        api.compile(target, draft, bad, exit_layer=3, branch_budget=4)
+    with api.compile(target, draft, text, onnx_dir=root / "onnx", max_len=256) as p:
+        assert p.target.quantize == quant
+        assert f"{quant} weights" in p.target_device.label
+        assert f"reference: the {quant}-weight target" in api.describe(p)
+        for prompt in ("w7 w8 w9", "w3 w1 w4 w1 w5"):
+            ref = p.generate(prompt, 16, mode="autoregressive").tokens
+            for mode in ("speculative", "mirror"):
+                assert p.generate(prompt, 16, mode=mode).tokens == ref, (quant, mode)
+
+
+SHIPPED_MAPS = [
+    *sorted(Path(__file__).parents[1].joinpath("examples", "device_maps").glob("*.yaml")),
+    Path(api.__file__).parent / "device_maps" / "default.yaml",
+]
+
+
+def _runs_here(spec) -> bool:
+    """Whether this machine has the map entry's device (the CPU maps; not cuda, mps, NPUs)."""
+    if isinstance(spec, api.TorchSpec):
+        return spec.device == "cpu"
+    return spec.providers[0][0] == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize("map_file", SHIPPED_MAPS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_target_only_on_every_shipped_map(folders, map_file):
+    """No draft: the map's `draft` placement and its draft-only device are ignored, not a
+    PlacementError; where the target's device exists here, the plan generates target-only."""
+    target, _, root = folders
+    dm = api.load_device_map(map_file)
+    assert "draft" in dm.placement  # every shipped map places a draft
+    if not _runs_here(dm.devices[dm.placement["target"]]):
+        try:  # no CUDA / MPS here: the target's device is missing, but the map was accepted
+            api.compile(target, None, map_file, onnx_dir=root / "onnx", max_len=256).close()
+        except Exception as exc:  # anything but a map error
+            assert not isinstance(exc, api.DeviceMapError), exc
+        return
+    with api.compile(target, None, map_file, onnx_dir=root / "onnx", max_len=256) as p:
+        assert p.draft is None and p.draft_device is None
+        saved = p.info["device_map"]
+        assert set(saved["placement"]) == {"target"}
+        assert set(saved["devices"]) == {dm.placement["target"]}  # draft-only device dropped
+        res = p.generate("w1 w2 w3", 6)
+        assert len(res.tokens) == 6 and res.stats.mode == "autoregressive"

@@ -1,6 +1,8 @@
 """The command line, run in-process: compile -> describe -> generate with a trace."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -47,6 +49,150 @@ def test_quantize_check_reports_agreement(tmp_path, capsys, monkeypatch):
     assert report["fp32_step_ms"] > 0 and report["int8_step_ms"] > 0
 
 
-def test_unknown_mode_is_rejected_before_any_work(tmp_path):
-    with pytest.raises(SystemExit, match="--mode 'fastest': expected one of .*auto"):
-        main(["compile", str(tmp_path / "none"), "-o", str(tmp_path / "p"), "--mode", "fastest"])
+def _user_error(capsys, argv: list[str]) -> str:
+    """Run the CLI; assert the user-error contract (exit 2, one `mirror-sd: error:` line on
+    stderr, no traceback) and return the message."""
+    capsys.readouterr()  # drop what setting up wrote (e.g. saving a tiny model)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mirror-sd: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err.removeprefix("mirror-sd: error: ").rstrip("\n")
+
+
+def test_unknown_mode_is_rejected_before_any_work(tmp_path, capsys):
+    msg = _user_error(
+        capsys, ["compile", str(tmp_path / "none"), "-o", str(tmp_path / "p"), "--mode", "fastest"]
+    )
+    assert msg.startswith("--mode 'fastest': expected one of") and "auto" in msg
+
+
+def test_malformed_device_map_is_a_user_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ndevices:\n  a: {backend: torhc}\nplacement: {target: a}\n")
+    msg = _user_error(capsys, ["compile", "whatever", "--device-map", str(bad), "-o", "p"])
+    assert f"device map {bad}: devices.a.backend" in msg and "torch" in msg  # names the fix
+
+
+def test_missing_device_map_file_is_a_user_error(tmp_path, capsys):
+    msg = _user_error(
+        capsys, ["compile", "x", "--device-map", str(tmp_path / "no.yaml"), "-o", "p"]
+    )
+    assert "device map file not found" in msg and "no.yaml" in msg
+
+
+def test_unknown_model_is_a_user_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MIRROR_SD_CACHE", str(tmp_path))
+    msg = _user_error(capsys, ["generate", "no-such-model", "--prompt", "hi"])
+    assert "'no-such-model' is neither a local Hugging Face folder" in msg
+    assert "known models: " in msg and "smollm2-135m" in msg
+
+
+CUDA_TARGET_MAP = """
+version: 1
+devices:
+  gpu: {backend: onnxruntime, providers: [CUDAExecutionProvider: {}], allow_fallback: false}
+  drf: {backend: onnxruntime, providers: [CPUExecutionProvider: {}]}
+placement: {target: gpu, draft: drf}
+"""
+
+
+def test_missing_execution_provider_is_a_user_error(tmp_path, capsys, monkeypatch):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    monkeypatch.setenv("MIRROR_SD_CACHE", str(tmp_path / "cache"))
+    t = save_tiny_with_tokenizer(make_tiny("llama", seed=0, num_hidden_layers=2), tmp_path / "t")
+    dm = tmp_path / "cuda.yaml"
+    dm.write_text(CUDA_TARGET_MAP)
+    msg = _user_error(capsys, ["compile", str(t), "--device-map", str(dm), "-o", "p"])
+    assert "execution provider CUDAExecutionProvider is not available" in msg
+    assert "allow_fallback: true" in msg  # and how to fix it
+
+
+def test_describe_without_a_plan_says_what_to_give(tmp_path, capsys):
+    msg = _user_error(capsys, ["describe", str(tmp_path)])
+    assert (
+        msg == f"{tmp_path} has no plan.yaml: give a plan folder written by `mirror-sd compile -o`"
+    )
+
+
+def test_which_exceptions_are_user_errors():
+    from mirror_sd.api import TokenizerMismatchError
+    from mirror_sd.cli import is_user_error
+    from mirror_sd.devices.ort_core import ProviderUnavailableError
+    from mirror_sd.graphs.zoo import DiskSpaceError, UnknownModelError
+    from mirror_sd.partition.placement import PlacementError
+    from mirror_sd.runtime.prompts import PromptTooLongError
+
+    users = [PlacementError("placement", "x"), UnknownModelError("x"), FileNotFoundError("x"),
+             ProviderUnavailableError("x"), DiskSpaceError("x"), TokenizerMismatchError("x"),
+             PromptTooLongError("x")]  # fmt: skip
+    assert all(is_user_error(e) for e in users)
+    assert not any(is_user_error(e) for e in (RuntimeError("x"), KeyError("x"), TypeError("x")))
+
+
+def test_subcommand_exit_messages_take_the_same_form(capsys):
+    msg = _user_error(capsys, ["bench"])  # bench/cli.py: SystemExit("mirror-sd bench: ...")
+    assert msg.startswith("bench: give --target")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_raises_the_error_itself(tmp_path, where):
+    argv = ["compile", str(tmp_path / "none"), "-o", "p", "--mode", "fastest"]
+    argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
+    with pytest.raises(ValueError, match="--mode 'fastest'"):
+        main(argv)
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch, tmp_path):
+    def broken(args):
+        raise KeyError("a bug, not the user's input")
+
+    monkeypatch.setattr("mirror_sd.cli._describe", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["describe", str(tmp_path)])
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_console_exit_status_and_traceback(tmp_path, debug):
+    """The real process: exit 2 and one line; with --debug, Python's traceback (exit 1)."""
+    argv = ["compile", str(tmp_path / "none"), "-o", "p", "--mode", "bogus"]
+    run = subprocess.run(
+        [sys.executable, "-m", "mirror_sd.cli", *(["--debug"] if debug else []), *argv],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ("Traceback" in run.stderr) is debug
+    if debug:
+        assert run.returncode == 1 and "ValueError: --mode 'bogus'" in run.stderr
+    else:
+        assert run.returncode == 2
+        assert run.stderr == (
+            "mirror-sd: error: --mode 'bogus': expected one of mirror, speculative, "
+            "autoregressive, auto\n"
+        )
+
+
+def test_generate_without_a_draft_on_the_default_map(tmp_path, capsys, monkeypatch):
+    """`mirror-sd generate MODEL --prompt ...`: the default map places a draft; with none
+    given, the target runs alone instead of failing with a PlacementError."""
+    monkeypatch.setenv("MIRROR_SD_CACHE", str(tmp_path / "cache"))
+    t = save_tiny_with_tokenizer(make_tiny("llama", seed=0, num_hidden_layers=2), tmp_path / "t")
+    argv = ["generate", str(t), "--prompt", "w1 w2", "--max-new-tokens", "5", "--max-len", "256",
+            "--stats-json", str(tmp_path / "stats.json")]  # fmt: skip
+    assert main(argv) == 0
+    assert "autoregressive" in capsys.readouterr().err
+    assert json.loads((tmp_path / "stats.json").read_text())["new_tokens"] == 5
+
+
+def test_missing_torch_gpu_is_a_user_error(tmp_path, capsys, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    monkeypatch.setenv("MIRROR_SD_CACHE", str(tmp_path / "cache"))
+    t = save_tiny_with_tokenizer(make_tiny("llama", seed=0, num_hidden_layers=2), tmp_path / "t")
+    dm = "examples/device_maps/cuda_ortcuda.yaml"
+    msg = _user_error(capsys, ["compile", str(t), "--device-map", dm, "-o", str(tmp_path / "p")])
+    assert "torch sees no CUDA GPU here" in msg and "device: cpu" in msg

@@ -172,7 +172,9 @@ class PlanMethod:
         self.mode = self.settings["mode"]
 
     def describe(self) -> dict:
-        target = f"target: {self.plan.target_device.label}"
+        budget = self.plan.thread_budget() if hasattr(self.plan, "thread_budget") else None
+        t_threads = f", {budget.target()} thread(s) alone" if budget and budget.target() else ""
+        target = f"target: {self.plan.target_device.label}{t_threads}"
         runs = "plan " + ", ".join(f"{k}={v}" for k, v in self.settings.items())
         if (
             self.mode == "autoregressive"
@@ -206,10 +208,10 @@ class PlanMethod:
 
 
 def _ort_threads(plan) -> str:
-    dev = plan.info.get("device_map", {}).get("devices", {}).get(plan.draft_device.alias, {})
-    if "intra_op_threads" in dev:
-        return f", intra_op_threads {dev['intra_op_threads']}"
-    return f", threads {dev['threads']}" if dev.get("threads") else ""
+    budget = plan.thread_budget() if hasattr(plan, "thread_budget") else None
+    if budget is None:
+        return ""
+    return f", {budget.draft()} thread(s) alone, {budget.draft(overlapped=True)} overlapped"
 
 
 def build_methods(

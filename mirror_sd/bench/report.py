@@ -21,6 +21,7 @@ from mirror_sd.bench.specbench import TASKS
 OVERALL = "overall"
 # baselines that are not ours: no heterogeneous speedup vs our `ar` (they use every core)
 PEER_PREFIXES = ("hf-", "ov-")
+PEER_REFERENCES = ("ov-ar", "ov-sd")  # the fastest peers a CPU user would run: × vs each
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -37,8 +38,9 @@ def _pooled(rows: list[dict], key: str) -> list:
     return [x for r in rows for x in r[key]]
 
 
-def _stats(rows: list[dict], hf: dict, ar: dict, ours: bool) -> dict:
-    """Aggregates of one method over `rows`; `hf` / `ar`: question_id -> baseline record."""
+def _stats(rows: list[dict], hf: dict, ar: dict, ours: bool, peers: dict | None = None) -> dict:
+    """Aggregates of one method over `rows`; `hf` / `ar`: question_id -> baseline record;
+    `peers`: peer method -> its question_id -> record (× vs each, same questions)."""
     tps = [r["tokens_per_s"] for r in rows]
     s = {
         "questions": len(rows),
@@ -50,6 +52,10 @@ def _stats(rows: list[dict], hf: dict, ar: dict, ours: bool) -> dict:
         base = [hf[r["question_id"]]["tokens_per_s"] for r in rows]
         s["whole_machine_speedup_vs_hf_ar"] = _ratio(_mean(tps), _mean(base))
         s["mean_of_ratios_vs_hf_ar"] = _mean([t / b for t, b in zip(tps, base, strict=True)])
+    for name, index in (peers or {}).items():
+        if index and all(r["question_id"] in index for r in rows):
+            base = [index[r["question_id"]]["tokens_per_s"] for r in rows]
+            s[f"speedup_vs_{name.replace('-', '_')}"] = _ratio(_mean(tps), _mean(base))
     if ar and ours:
         s["heterogeneous_speedup_vs_ar"] = _ratio(
             _mean(tps), _mean([ar[r["question_id"]]["tokens_per_s"] for r in rows])
@@ -76,13 +82,14 @@ def aggregate(records: list[dict], methods: list[str]) -> dict:
     whole-machine speedup among non-baseline methods)."""
     index = {m: {r["question_id"]: r for r in records if r["method"] == m} for m in methods}
     hf, ar = index.get("hf-ar", {}), index.get("ar", {})
+    peers = {p: index[p] for p in PEER_REFERENCES if index.get(p)}
     out: dict = {}
     for m in methods:
         rows = [r for r in records if r["method"] == m]
         ours = not m.startswith(PEER_PREFIXES)
         groups = {t: [r for r in rows if r["task"] == t] for t in TASKS}
-        out[m] = {t: _stats(g, hf, ar, ours) for t, g in groups.items() if g}
-        out[m][OVERALL] = _stats(rows, hf, ar, ours)
+        out[m] = {t: _stats(g, hf, ar, ours, peers) for t, g in groups.items() if g}
+        out[m][OVERALL] = _stats(rows, hf, ar, ours, peers)
     ranked = [
         (out[m][OVERALL].get("whole_machine_speedup_vs_hf_ar") or 0, m)
         for m in methods
@@ -162,19 +169,30 @@ def markdown(results: dict) -> str:
         "baseline mean tok/s). Heterogeneous speedup = vs our `ar`, the target alone on its own "
         "device (the paper's setting, where the draft device is extra hardware).", "",
     ]  # fmt: skip
-    header = ["method", "threads", "tok/s", "whole-machine speedup (vs hf-ar)",
+    peer_cols = [p for p in PEER_REFERENCES if p in methods]
+    header = ["method", "threads", "tok/s", *(f"× vs {p}" for p in peer_cols),
+              "whole-machine speedup (vs hf-ar)",
               "mean of per-question ratios", "heterogeneous speedup (vs ar)",
               "tokens/round", "hit rate", "exposed draft", "identical to hf-ar", "identical to ar"]  # fmt: skip
     rows = []
     for m in methods:
         s = agg[m][OVERALL]
-        rows.append([f"`{m}`", results["threads"][m]["threads"], _f(s["tokens_per_s"]),
+        vs_peers = [_f(s.get(f"speedup_vs_{p.replace('-', '_')}"), ".2f", "×") for p in peer_cols]
+        rows.append([f"`{m}`", results["threads"][m]["threads"], _f(s["tokens_per_s"]), *vs_peers,
                      _f(s.get("whole_machine_speedup_vs_hf_ar"), ".2f", "×"),
                      _f(s.get("mean_of_ratios_vs_hf_ar"), ".2f", "×"),
                      _f(s.get("heterogeneous_speedup_vs_ar"), ".2f", "×"), _f(s["mean_accepted"]),
                      _f(s["hit_rate"], ".0%"), _f(s["exposed_draft_fraction"], ".0%"),
                      _f(s["identical_to_hf_ar"], ".0%"), _f(s["identical_to_ar"], ".0%")])  # fmt: skip
     lines += ["## Overall", "", *_table(header, rows), ""]
+    mem = results.get("memory")
+    if mem:
+        lines += [
+            f"Memory (resident, GiB): after compiling our plan {mem.get('after_compile_gib')}, "
+            f"after loading every method's models {mem.get('after_building_methods_gib')}, "
+            f"process peak {mem.get('process_peak_gib')} ({mem.get('note', '')}).",
+            "",
+        ]
     if agg.get("best_whole_machine"):
         lines += [f"Best on this whole machine: `{agg['best_whole_machine']}`.", ""]
     tasks = [t for t in (*TASKS, OVERALL) if t in agg[methods[0]]]

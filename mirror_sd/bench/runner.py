@@ -87,6 +87,22 @@ def machine_info() -> dict:
             "load_average_at_start": list(load) if load else None}  # fmt: skip
 
 
+def rss_gib() -> float | None:
+    """This process's resident memory now (GiB), mapped weight files included; None off Linux."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return None
+    kb = int(status.read_text().split("VmRSS:")[1].split()[0])
+    return round(kb / 2**20, 2)
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (GiB; ru_maxrss is in KiB on Linux)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
 def versions() -> dict:
     """Installed versions of the libraries whose behaviour the numbers depend on."""
     out = {}
@@ -223,12 +239,15 @@ def run_bench(cfg: BenchConfig) -> dict:
         eos = (
             sorted(eos_token_ids(plan.tokenizer, plan.generation_config)) if cfg.stop_at_eos else []
         )
+        memory = {"after_compile_gib": rss_gib()}
         methods = build_methods(cfg.methods, plan, eos, hf_threads, cfg.hf_dtype,
                                 cfg.peer_target_format, cfg.peer_draft_format, cfg.cache)  # fmt: skip
+        memory["after_building_methods_gib"] = rss_gib()
         prompts = [encode_prompt(plan.tokenizer, q.text, chat=True) for q in questions]
         if cfg.warmup:
             for m in methods.values():
                 m.generate(prompts[0], cfg.max_new_tokens)
+        memory["after_warmup_gib"] = rss_gib()
         records = _run_all(questions, prompts, methods, plan, cfg)
         trace = None
         if "mirror" in methods:  # untimed: one traced mirror run on the first question
@@ -247,6 +266,10 @@ def run_bench(cfg: BenchConfig) -> dict:
             "questions": [{**asdict(q), "prompt_tokens": len(p)}
                           for q, p in zip(questions, prompts, strict=True)],
             "records": records, "trace": trace,
+            "memory": {**memory, "process_peak_gib": peak_rss_gib(),
+                       "note": "one process holds every method's models: the plan's share is "
+                               "after_compile (target + draft + tokenizer); the peers' and "
+                               "transformers' models come on top of it"},
         }  # fmt: skip
     if plan.info.get("profile") is not None:  # what the partitioner measured: --sweep reads it
         plan.info["profile"].save(out_dir / "profile.json")

@@ -8,6 +8,7 @@ hundred bytes of ids in, logits out); everything else stays on the device.
         -> logits (T, V) float32; the T rows' K/V are appended (length += T)
     rollback(n)          forget rows from n on (O(1))
     keep(start, rows)    compact rows[i] -> start + i; length = start + len(rows)
+    set_threads(n)       (optional) run the next forwards on n intra-op threads
 
 `SplitRunner` adds the target's split at the exit layer ℓe:
     forward_prefix(ids, position_ids, mask) -> hidden (1, T, D) after layer ℓe-1
@@ -21,6 +22,14 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
+
+
+def set_threads(runner: object, threads: int | None) -> None:
+    """Run `runner`'s next forwards on `threads` threads (the thread budget's call, made while
+    the runner is idle). None, or a runner without threads (a simulated device), is a no-op."""
+    apply = getattr(runner, "set_threads", None)
+    if threads is not None and apply is not None:
+        apply(threads)
 
 
 class DeviceError(RuntimeError):

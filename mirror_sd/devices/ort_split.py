@@ -4,7 +4,9 @@ Why: verifying a block of γ + 1 rows is what speculative decoding buys, so the 
 must grow slowly with rows. On CPUs without AMX, torch's fp32 GEMM (MKL on AMD) grows
 almost linearly with rows while ORT's MLAS kernels stay nearly flat up to ~8 rows.
 
-Three exported graphs (cached by `graphs.export`), one session each:
+Three exported graphs (cached by `graphs.export`; fp32, or int8 / int4 weights with
+`quantize`: then the plan's reference is this quantized target's own greedy decoding), one
+`SessionPool` each (a session per intra-op thread count, see `ort_core`):
 
     prefix   input_ids (1, T) -> embed, layers [0, ℓe)       -> hidden_out (1, T, D)
     suffix   hidden (1, T, D) -> layers [ℓe, N)             -> hidden_out (1, T, D)
@@ -26,10 +28,10 @@ allowed, any other raises); a different ℓe needs a new runner.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import warnings
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,23 +41,29 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from mirror_sd.devices.ort_device import (
-    _NUMPY_DTYPES,
+from mirror_sd.devices.ort_core import (
+    NUMPY_DTYPES,
     OrtDevice,
-    RowCacheMixin,
-    _DeviceKV,
-    _HostKV,
-    _records_assignment_api,
-    node_placement,
+    RowCache,
+    SessionPool,
+    bind_kv,
+    host,
+    kv_interface,
+    make_kv,
+    merged_placement,
     placement_summary,
-    session_memory,
+    records_assignment_api,
 )
 from mirror_sd.graphs.export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_BYTES,
+    QUANT_BITS,
+    QUANTIZATIONS,
     cache_key,
     export_cached,
     publish,
+    quantize_weights,
+    quiet_exporter,
 )
 from mirror_sd.graphs.model import CausalLM
 
@@ -93,7 +101,7 @@ def export_head(model: CausalLM, path: str | Path, opset: int = DEFAULT_OPSET) -
     example = torch.zeros(1, 3, c.hidden_size, dtype=dtype)  # (1, T, D), T = 3: stays dynamic
     params = [*model.model.norm.parameters(), *model.lm_head.parameters()]
     large = sum(p.numel() * p.element_size() for p in params) >= EXTERNAL_DATA_BYTES
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+    with warnings.catch_warnings(), quiet_exporter(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore", UserWarning)  # the exporter's notes on axis names
         warnings.simplefilter("ignore", FutureWarning)  # and on torch's own deprecations
         program = torch.onnx.export(
@@ -111,18 +119,32 @@ def export_head(model: CausalLM, path: str | Path, opset: int = DEFAULT_OPSET) -
 
 
 def export_head_cached(
-    model: CausalLM, folder: str | Path, key_info: Mapping[str, Any], opset: int = DEFAULT_OPSET
+    model: CausalLM,
+    folder: str | Path,
+    key_info: Mapping[str, Any],
+    opset: int = DEFAULT_OPSET,
+    quantize: str | None = None,
 ) -> Path:
-    """`export_head` into `folder`, reusing an earlier identical export (as `export_cached`:
-    `folder/<type>-head-<hash>/model.onnx`, written in a temporary directory, then renamed)."""
-    digest = cache_key(model, key_info, stage="norm+lm_head", opset=opset)[:16]
-    entry = Path(folder) / f"{model.config.model_type}-head-{digest}"
+    """`export_head` into `folder` (+ `quantize_weights` for int8 / int4), reusing an earlier
+    identical export (as `export_cached`: `folder/<type>-head[-q]-<hash>/model.onnx`, written
+    in a temporary directory, renamed into place, its mtime touched on reuse for `cache prune`).
+    """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZATIONS}")
+    digest = cache_key(model, key_info, stage="norm+lm_head", opset=opset, quantize=quantize)
+    quant = f"-{quantize}" if quantize else ""
+    entry = Path(folder) / f"{model.config.model_type}-head{quant}-{digest[:16]}"
     if (entry / "model.onnx").is_file():
+        os.utime(entry)  # last use, for `mirror-sd cache prune` (graphs.export_cache)
         return entry / "model.onnx"
+    src = export_head_cached(model, folder, key_info, opset) if quantize else None
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
     try:
-        export_head(model, tmp / "model.onnx", opset)
+        if src is not None:
+            quantize_weights(src, tmp / "model.onnx", QUANT_BITS[quantize])
+        else:
+            export_head(model, tmp / "model.onnx", opset)
         publish(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -130,9 +152,14 @@ def export_head_cached(
 
 
 def export_split(
-    model: CausalLM, folder: str | Path, key_info: Mapping[str, Any], exit_layer: int
+    model: CausalLM,
+    folder: str | Path,
+    key_info: Mapping[str, Any],
+    exit_layer: int,
+    quantize: str | None = None,
 ) -> SplitGraphs:
-    """Export (or find in the cache `folder`) the prefix, suffix and head graphs for ℓe.
+    """Export (or find in the cache `folder`) the prefix, suffix and head graphs for ℓe, with
+    `quantize` (None | "int8" | "int4") weights.
 
     `key_info` is the weights' identity, e.g. `export.source_identity(model_folder)`.
 
@@ -143,14 +170,14 @@ def export_split(
     if not 1 <= exit_layer < n:
         raise ValueError(f"exit_layer {exit_layer} outside [1, {n - 1}]")
     return SplitGraphs(
-        prefix=export_cached(model, folder, key_info, 0, exit_layer, True, False),
-        suffix=export_cached(model, folder, key_info, exit_layer, n, False, False),
-        head=export_head_cached(model, folder, key_info),
+        prefix=export_cached(model, folder, key_info, 0, exit_layer, True, False, quantize),
+        suffix=export_cached(model, folder, key_info, exit_layer, n, False, False, quantize),
+        head=export_head_cached(model, folder, key_info, quantize=quantize),
     )
 
 
 # --- runner ---------------------------------------------------------------------------------
-class OrtSplitRunner(RowCacheMixin):
+class OrtSplitRunner(RowCache):
     """`SplitRunner` for a target on an `OrtDevice`, split at ℓe (see module doc).
 
     `model` is used only to export (or find) the graphs; the runner keeps no reference to it,
@@ -167,26 +194,49 @@ class OrtSplitRunner(RowCacheMixin):
 
     def __init__(self, model: CausalLM, key_info: Mapping[str, Any], cache_dir: str | Path,
                  exit_layer: int, max_len: int, device: OrtDevice, name: str = "target",
-                 alias: str | None = None, kv_on_device: bool | None = None):  # fmt: skip
-        graphs = export_split(model, cache_dir, key_info, exit_layer)
+                 alias: str | None = None, kv_on_device: bool | None = None,
+                 quantize: str | None = None):  # fmt: skip
+        graphs = export_split(model, cache_dir, key_info, exit_layer, quantize)
+        self.quantize = quantize
         self.graphs, self.device = graphs, device
-        self.prefix = device.session(graphs.prefix)
-        self.suffix = device.session(graphs.suffix)
-        self.head = device.session(graphs.head)
+        self.pools = {
+            "prefix": SessionPool(device, graphs.prefix),
+            "suffix": SessionPool(device, graphs.suffix),
+            "head": SessionPool(device, graphs.head),
+        }
         self._exit_layer, self.n_layers = exit_layer, model.num_layers
         self.max_len, self.length = max_len, 0
-        kv_shape, self.dtype = _kv_interface(self.prefix, graphs.prefix)
+        kv_shape, self.dtype = kv_interface(self.prefix, graphs.prefix)
         self.hidden_size = model.config.hidden_size
         self.vocab_size = int(self.head.get_outputs()[0].shape[2])
-        self.logits_dtype = np.dtype(_NUMPY_DTYPES[self.head.get_outputs()[0].type])
-        shape = (1, max_len, *kv_shape)  # per layer: (1, max_len, nkv, hd)
-        if kv_on_device or (kv_on_device is None and session_memory(self.prefix)[0] != "cpu"):
-            self.kv: _HostKV | _DeviceKV = _DeviceKV(self.n_layers, shape, self.dtype, self.prefix)
-        else:
-            self.kv = _HostKV(self.n_layers, shape, self.dtype)
+        self.logits_dtype = np.dtype(NUMPY_DTYPES[self.head.get_outputs()[0].type])
+        self.kv = make_kv(self.n_layers, max_len, kv_shape, self.dtype, self.prefix, kv_on_device)
         where = f"{alias} ({device.describe()})" if alias else device.describe()
         self.name = f"{name} on {where}"
         self.placement = self._placement()
+
+    # --- sessions and threads -----------------------------------------------------------------
+    @property
+    def prefix(self) -> ort.InferenceSession:
+        return self.pools["prefix"].session
+
+    @property
+    def suffix(self) -> ort.InferenceSession:
+        return self.pools["suffix"].session
+
+    @property
+    def head(self) -> ort.InferenceSession:
+        return self.pools["head"].session
+
+    @property
+    def threads(self) -> int | None:
+        """Intra-op threads of the next stage runs (None: ORT's default, every core)."""
+        return self.pools["prefix"].threads
+
+    def set_threads(self, threads: int | None) -> None:
+        """Run the next stages on `threads` intra-op threads (the thread budget's call)."""
+        for pool in self.pools.values():
+            pool.set_threads(threads)
 
     # --- ℓe ---------------------------------------------------------------------------------
     @property
@@ -222,7 +272,7 @@ class OrtSplitRunner(RowCacheMixin):
 
     def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Exit head (final norm + LM head) on hidden (1, T, D) -> logits (T, V) fp32."""
-        return self._logits(_host(hidden, self.dtype))
+        return self._logits(host(hidden, self.dtype))
 
     def forward_suffix(
         self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
@@ -231,14 +281,14 @@ class OrtSplitRunner(RowCacheMixin):
 
         Writes these layers' K/V rows and advances the cache (length += T).
         """
-        return self._logits(self._run_suffix(_host(hidden, self.dtype), position_ids, mask))
+        return self._logits(self._run_suffix(host(hidden, self.dtype), position_ids, mask))
 
     # --- stages -----------------------------------------------------------------------------
     def _run_prefix(self, ids, position_ids, mask) -> np.ndarray:
         """Prefix session on ids (1, T) -> hidden (1, T, D); K/V rows of layers [0, ℓe)."""
         t = self._check(ids.shape[1], mask)
         binding = self.prefix.io_binding()
-        binding.bind_cpu_input("input_ids", _host(ids, np.int64))
+        binding.bind_cpu_input("input_ids", host(ids, np.int64))
         layers = range(self._exit_layer)
         return self._run_layers(self.prefix, binding, layers, t, position_ids, mask)
 
@@ -256,23 +306,13 @@ class OrtSplitRunner(RowCacheMixin):
     def _run_layers(self, session: ort.InferenceSession, binding: _Binding, layers: range,
                     t: int, position_ids, mask) -> np.ndarray:  # fmt: skip
         """Bind positions, mask and the layers' K/V in place; run; return hidden (1, T, D)."""
-        binding.bind_cpu_input("position_ids", _host(position_ids, np.int64))
-        binding.bind_cpu_input("mask", _host(mask, np.bool_))
-        self._bind_kv(binding, layers, t)
+        binding.bind_cpu_input("position_ids", host(position_ids, np.int64))
+        binding.bind_cpu_input("mask", host(mask, np.bool_))
+        bind_kv(binding, self.kv, layers, self.length, t)
         out = np.empty((1, t, self.hidden_size), self.dtype)  # (1, T, D)
         binding.bind_output("hidden_out", "cpu", 0, self.dtype, out.shape, out.ctypes.data)
         session.run_with_iobinding(binding)
         return out
-
-    def _bind_kv(self, binding: _Binding, layers: range, t: int) -> None:
-        """past_*_i -> rows [0, length) and new_*_i -> rows [length, length + T) of layer i."""
-        n, mem = self.length, self.kv.memory  # (device type, id)
-        past, new = (1, n, *self.kv.row_shape), (1, t, *self.kv.row_shape)
-        for layer in layers:
-            for kind, base in self.kv.pointers(layer):
-                binding.bind_input(f"past_{kind}_{layer}", *mem, self.dtype, past, base)
-                end = base + n * self.kv.row_bytes
-                binding.bind_output(f"new_{kind}_{layer}", *mem, self.dtype, new, end)
 
     def _logits(self, hidden: np.ndarray) -> torch.Tensor:
         """Head session on hidden (1, T, D) -> logits (T, V) float32."""
@@ -286,31 +326,9 @@ class OrtSplitRunner(RowCacheMixin):
 
     def _placement(self) -> str:
         """Which providers run the three graphs' nodes (a summary; warns on fallbacks)."""
-        if not _records_assignment_api():  # older ORT: the profile needs one run of each
+        if not records_assignment_api():  # older ORT: the profile needs one run of each
             one = torch.zeros(1, 1, dtype=torch.long)
             self.forward(one, one, torch.ones(1, 1, 1, dtype=torch.bool))  # writes row 0 only
             self.length = 0
-        merged: dict[str, Counter[str]] = {}
-        for session in (self.prefix, self.suffix, self.head):
-            for ep, ops in node_placement(session).items():
-                merged.setdefault(ep, Counter()).update(ops)
-        placement = {ep: dict(ops) for ep, ops in merged.items()}
+        placement = merged_placement((self.prefix, self.suffix, self.head))
         return placement_summary(placement, self.prefix.get_providers()[0], self.name)
-
-
-def _host(t: torch.Tensor | np.ndarray, dtype: Any) -> np.ndarray:
-    """A C-contiguous numpy array of `dtype` (no copy when it already is one)."""
-    if isinstance(t, torch.Tensor):
-        t = t.detach().cpu().numpy()
-    return np.ascontiguousarray(t, dtype=dtype)
-
-
-def _kv_interface(session: ort.InferenceSession, path: Path) -> tuple[tuple[int, int], np.dtype]:
-    """((nkv, hd), cache dtype) of an exported prefix graph; a clear error otherwise."""
-    inputs = {i.name: i for i in session.get_inputs()}
-    if "past_k_0" not in inputs or "input_ids" not in inputs:
-        raise ValueError(f"{path} is not a prefix graph (inputs {sorted(inputs)[:6]}...)")
-    past = inputs["past_k_0"]
-    if past.type not in _NUMPY_DTYPES:
-        raise ValueError(f"{path}: KV cache type {past.type} is not supported (float, float16)")
-    return (int(past.shape[2]), int(past.shape[3])), np.dtype(_NUMPY_DTYPES[past.type])

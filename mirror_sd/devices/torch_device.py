@@ -10,6 +10,10 @@ import torch
 from mirror_sd.graphs.model import CausalLM
 
 
+class DeviceUnavailableError(RuntimeError):
+    """The torch device a map names (cuda:N, mps) is not present on this machine."""
+
+
 @dataclass(frozen=True)
 class TorchDevice:
     """A torch device by configuration: `device` is 'cpu', 'cuda:N' or 'mps'."""
@@ -22,9 +26,14 @@ class TorchDevice:
         """Raise a clear error when this device is not present here."""
         kind = self.device.split(":")[0]
         if kind == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {self.device!r}: torch sees no CUDA GPU here; use 'cpu'")
+            raise DeviceUnavailableError(
+                f"device {self.device!r}: torch sees no CUDA GPU here; use a map with "
+                "device: cpu (e.g. examples/device_maps/ort_ort_cpu.yaml)"
+            )
         if kind == "mps" and not torch.backends.mps.is_available():
-            raise RuntimeError(f"device {self.device!r}: MPS is not available here; use 'cpu'")
+            raise DeviceUnavailableError(
+                f"device {self.device!r}: MPS is not available here; use device: cpu"
+            )
         if kind not in ("cpu", "cuda", "mps"):
             raise ValueError(f"torch device {self.device!r}: expected cpu, cuda:N or mps")
 
@@ -36,8 +45,8 @@ class TorchDevice:
 class TorchRunner:
     """`SplitRunner` over a `CausalLM` and its `StaticKVCache` on one torch device.
 
-    Call `apply_threads()` from the thread that will run it: torch's intra-op thread
-    count is per process, so the plan sets it once for the torch pipeline.
+    `set_threads(n)` makes the next forwards set torch's intra-op thread count to n first
+    (torch's count is per process; the forward runs on the device's pipeline thread).
     """
 
     def __init__(self, model: CausalLM, device: TorchDevice, max_len: int, exit_layer: int = 0,
@@ -50,12 +59,19 @@ class TorchRunner:
         self.vocab_size = model.config.vocab_size
         self.exit_layer = exit_layer
         self.name = f"{name} on {device.describe()}"
+        self.threads = device.threads
 
     @property
     def length(self) -> int:
         return self.cache.length
 
+    def set_threads(self, threads: int | None) -> None:
+        """Run the next forwards on `threads` torch intra-op threads (None: leave torch's)."""
+        self.threads = threads
+
     def _to(self, *ts: torch.Tensor) -> list[torch.Tensor]:
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         return [t.to(self.device.device) for t in ts]
 
     @torch.inference_mode()

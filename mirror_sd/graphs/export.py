@@ -26,7 +26,8 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,9 @@ EXPORT_FORMAT_VERSION = 2  # bump when the exported interface or wrapper changes
 EXTERNAL_DATA_BYTES = 1 << 30  # weights at least this large go to one `<file>.data` beside it
 QUANTIZATIONS = (None, "int8", "int4")
 QUANT_BITS = {"int8": 8, "int4": 4}
+# torch's ONNX exporter warns through this logger, on every export, about each torchvision op
+# it cannot register ("torchvision is not installed. Skipping torchvision::nms"): noise here
+EXPORTER_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
 
 
 class _Stages(nn.Module):
@@ -143,7 +147,7 @@ def export_stages(
         external_data = (
             _weight_bytes(model, first, last, with_embed, with_head) >= EXTERNAL_DATA_BYTES
         )
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+    with warnings.catch_warnings(), quiet_exporter(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore", UserWarning)  # the exporter's notes on axis names
         warnings.simplefilter("ignore", FutureWarning)  # and on torch's own deprecations
         program = torch.onnx.export(
@@ -158,6 +162,25 @@ def export_stages(
         )
     program.save(str(path), external_data=external_data)
     return path
+
+
+@contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Drop the WARNING records of torch's exporter op registry (`EXPORTER_REGISTRY_LOGGER`)
+    while the block runs: its "torchvision is not installed. Skipping torchvision::nms" lines
+    on every export. Only that logger and only its warnings; its errors still show."""
+    logger = logging.getLogger(EXPORTER_REGISTRY_LOGGER)
+    drop = _DropWarnings()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+class _DropWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno != logging.WARNING
 
 
 def model_files(path: str | Path) -> list[Path]:

@@ -271,6 +271,15 @@ class Choice:
         )
         return best[1]
 
+    def mode_verdict(self) -> str:
+        """One line: why `mode: auto` picks `best_mode` (the predicted speedups and f)."""
+        return (
+            f"mode auto chose the highest predicted speedup over autoregressive: mirror "
+            f"{self.speedup_mirror:.2f}x, speculative {self.speedup_vanilla:.2f}x "
+            f"(overlap slowdown f = {self.overlap_slowdown:.2f}: 1 when the draft's device "
+            f"shares nothing with the target's, higher when they share cores and memory)"
+        )
+
     def explain(self) -> str:
         """A human-readable account of the choice with every number that led to it."""
         ms = lambda t: f"{t * 1e3:.1f} ms"  # noqa: E731

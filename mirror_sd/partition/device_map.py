@@ -58,7 +58,12 @@ class DeviceMapError(ValueError):
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    """One device of the map; `alias` is its name in `devices:`. Subclasses add options."""
+    """One device of the map; `alias` is its name in `devices:`. Subclasses add options.
+
+    `physical` names the hardware whose cores and memory the device computes on; devices with
+    the same name share it (the thread budget, partition/threads.py). None derives it: "cpu"
+    for the host CPU (torch cpu, ORT's CPU provider, OpenVINO on CPU), "cuda:N", else the alias.
+    """
 
     backend: ClassVar[str] = ""
     alias: str
@@ -75,7 +80,8 @@ class TorchSpec(DeviceSpec):
     backend: ClassVar[str] = "torch"
     device: str = "cpu"
     dtype: str = "float32"
-    threads: int | None = None
+    threads: int | None = None  # None: the thread budget decides (all cores when alone)
+    physical: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,10 @@ class OrtSpec(DeviceSpec):
 
     `allow_fallback=False` asks the devices layer to fail when a listed provider is not
     available instead of silently running on the next one; `quantize="int8"` / `"int4"` exports
-    the draft with 8- / 4-bit weights (output stays lossless: only the acceptance rate changes).
+    the model on this device with 8- / 4-bit weights: a draft's acceptance rate changes, never
+    the output; a quantized target is the plan's reference (lossless = identical to that
+    quantized target's own greedy decoding). `intra_op_threads` None lets the thread budget
+    decide (every core of the physical device whenever the other pipeline is idle).
     """
 
     backend: ClassVar[str] = "onnxruntime"
@@ -94,6 +103,7 @@ class OrtSpec(DeviceSpec):
     optimization_level: str = "all"
     allow_fallback: bool = False
     quantize: str = "none"
+    physical: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -311,7 +321,9 @@ def _torch(alias: str, o: dict, path: str) -> TorchSpec:
             f"{device!r} is not a torch device; valid: cpu, cuda, cuda:N (N = 0, 1, ...), mps",
         )
     dtype = _choice(o, "dtype", TorchSpec.dtype, TORCH_DTYPES, path)
-    return TorchSpec(alias, device, dtype, _opt_int(o, "threads", path))
+    return TorchSpec(
+        alias, device, dtype, _opt_int(o, "threads", path), _opt_name(o, "physical", path)
+    )
 
 
 def _ort(alias: str, o: dict, path: str) -> OrtSpec:
@@ -331,6 +343,17 @@ def _ort(alias: str, o: dict, path: str) -> OrtSpec:
         ),
         allow_fallback=fallback,
         quantize=_choice(o, "quantize", OrtSpec.quantize, ORT_QUANTIZE, path),
+        physical=_opt_name(o, "physical", path),
+    )
+
+
+def _opt_name(o: dict, key: str, path: str) -> str | None:
+    v = o.get(key)
+    if v is None or (isinstance(v, str) and _ALIAS.match(v.replace(":", "_"))):
+        return v
+    raise DeviceMapError(
+        f"{path}.{key}",
+        f"must be a name like cpu, cuda:0 or npu0 (devices with the same name share it), got {v!r}",
     )
 
 

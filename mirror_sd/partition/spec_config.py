@@ -12,6 +12,7 @@ MODES = ("mirror", "speculative", "autoregressive")  # what a plan runs
 CONFIG_MODES = (*MODES, "auto")  # "auto": compile() picks the mode with the best predicted speedup
 RETRIEVAL_SOURCES = ("none", "pld", "sam", "hd")  # model-free draft sources (runtime.drafters)
 DRAFT_STOPS = ("none", "confidence", "entropy")  # draft-length policies (runtime.draft_policy)
+OVERLAPS = ("share", "split")  # threads in mirror's overlap on one physical device (threads.py)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,11 @@ class SpecConfig:
     retrieval: str = "none"  # model-free draft source tried before the model draft each round
     retrieval_min_match: int = 3  # use its proposal when the suffix match is at least this long
     retrieval_max_ngram: int = 4  # longest n-gram the pld / hd sources index
+    # target and draft on one physical device (one CPU): while mirror overlaps them, "share"
+    # keeps every core for both (the OS shares them; work-conserving), "split" gives the target
+    # overlap_target_cores (0 = half) and the draft the rest. Alone, a pipeline has every core.
+    overlap: str = "share"
+    overlap_target_cores: int = 0
     temperature: float = 0.0  # default sampling settings for generate(); 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
@@ -57,6 +63,16 @@ class SpecConfig:
                 raise ValueError(
                     f"speculation.{name} must be 0 (full vocabulary) or a positive integer, got {v!r}"
                 )
+        if self.overlap not in OVERLAPS:
+            raise ValueError(
+                f"speculation.overlap {self.overlap!r}: expected one of {', '.join(OVERLAPS)}"
+            )
+        v = self.overlap_target_cores
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(
+                f"speculation.overlap_target_cores must be 0 (half the cores) or a positive "
+                f"integer, got {v!r}"
+            )
         if self.retrieval not in RETRIEVAL_SOURCES:
             raise ValueError(
                 f"speculation.retrieval {self.retrieval!r}: expected one of {', '.join(RETRIEVAL_SOURCES)}"

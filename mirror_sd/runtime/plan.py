@@ -16,13 +16,21 @@ from dataclasses import dataclass
 import torch
 
 from mirror_sd.devices.base import ModelRunner, SplitRunner
+from mirror_sd.partition.device_map import DeviceSpec
 from mirror_sd.partition.spec_config import SpecConfig
+from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.runtime.acceptance import Sampling
 from mirror_sd.runtime.draft_engine import DraftEngine
 from mirror_sd.runtime.draft_policy import DraftPolicy
 from mirror_sd.runtime.drafters.sources import make_source
 from mirror_sd.runtime.pipelines import Pipeline
-from mirror_sd.runtime.prompts import Prompt, check_fits, encode_prompt, eos_token_ids
+from mirror_sd.runtime.prompts import (
+    Prompt,
+    check_fits,
+    check_max_new_tokens,
+    encode_prompt,
+    eos_token_ids,
+)
 from mirror_sd.runtime.results import GenerationResult, GenerationStats
 from mirror_sd.runtime.scheduler import RoundSettings, VerificationScheduler
 from mirror_sd.runtime.tracing import Tracer
@@ -49,7 +57,7 @@ class Plan:
         draft: ModelRunner | None = None,
         draft_device: DeviceSlot | None = None,
         generation_config: dict | None = None,
-        target_threads: int | None = None,
+        device_specs: tuple[DeviceSpec, DeviceSpec | None] | None = None,
         info: dict | None = None,
         exit_head=None,
     ):
@@ -60,8 +68,8 @@ class Plan:
         self.generation_config = generation_config or {}
         self.info = info or {}  # compile-time facts for describe() and save()
         self.exit_head = exit_head  # graphs.heads.ExitHead, or None: the runner's own head
-        init = (lambda: torch.set_num_threads(target_threads)) if target_threads else None
-        self.target_pipe = Pipeline(target_device.alias, "verification", init=init)
+        self.device_specs = device_specs  # (target's, draft's) map entries: the thread budget
+        self.target_pipe = Pipeline(target_device.alias, "verification")
         self.draft_pipe = Pipeline(draft_device.alias, "draft streaming") if draft_device else None
         self._busy = threading.Lock()
         self._sources: dict[
@@ -80,6 +88,10 @@ class Plan:
     def stream(self, prompt: Prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[str]:
         """Yield the text each verified round adds. Closing the iterator stops both pipelines
         after the round in flight. The full result is in `plan.last_result` afterwards.
+
+        `prompt`: text, a list of {"role", "content"} chat messages, or a list of token ids in
+        [0, the target's vocab_size); `max_new_tokens`: a positive int. Anything else raises
+        ValueError naming the argument (when the first piece is asked for).
 
         Keyword args: temperature, top_k, top_p (defaults from SpecConfig), seed (int),
         stop_strings (list of str), eos_token_id (int or list), chat (apply the chat
@@ -109,6 +121,7 @@ class Plan:
         trace: str | None = None,
         **overrides,
     ) -> Iterator[None]:
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
         if overrides.get("mode") == "auto":  # the mode compile() chose for this plan
             overrides["mode"] = self.spec.mode
         spec = self.spec.with_(**overrides)
@@ -137,6 +150,18 @@ class Plan:
             return eos_token_ids(self.tokenizer, self.generation_config)
         return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
+    def thread_budget(self, spec: SpecConfig | None = None) -> ThreadBudget | None:
+        """Threads per pipeline and phase for `spec`'s overlap policy (None: a plan built
+        without device specs keeps its runners' threads)."""
+        if self.device_specs is None:
+            return None
+        spec = spec or self.spec
+        target, draft = self.device_specs
+        return ThreadBudget.for_devices(
+            target, draft if self.draft is not None else None, spec.overlap,
+            spec.overlap_target_cores or None,
+        )  # fmt: skip
+
     def _settings(self, spec: SpecConfig) -> RoundSettings:
         if spec.mode == "auto":
             raise ValueError(
@@ -160,12 +185,15 @@ class Plan:
             retrieval_min_match=spec.retrieval_min_match,
             draft_stop=DraftPolicy(spec.draft_stop, spec.draft_stop_threshold),
             accept_rate=getattr(self.info.get("profile"), "accept_rate", None),
+            threads=self.thread_budget(spec),
         )
 
     def _generate(
         self, prompt, max_new_tokens, spec, seed, stop_strings, eos_token_id, chat, trace
     ):
-        ids = encode_prompt(self.tokenizer, prompt, chat=chat)
+        # the target's embedding rows bound the ids it can take (len(tokenizer) may be smaller)
+        vocab = getattr(self.target, "vocab_size", None)
+        ids = encode_prompt(self.tokenizer, prompt, chat=chat, vocab_size=vocab)
         settings = self._settings(spec)
         slack = (1 + settings.budget) * (settings.gamma + 1) + 1
         check_fits(len(ids), max_new_tokens, spec.max_len, slack=slack)

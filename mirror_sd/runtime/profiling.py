@@ -15,10 +15,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mirror_sd.devices.base import ModelRunner, SplitRunner
+from mirror_sd.devices.base import ModelRunner, SplitRunner, set_threads
 from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.graphs.model import CausalLM
 from mirror_sd.partition.cost_model import Profile
+from mirror_sd.partition.threads import ThreadBudget
 
 CALIBRATION_TEXT = (
     'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
@@ -62,10 +63,18 @@ def _time_rows(runner: ModelRunner, context: int, rows: int, reps: int) -> float
 
 
 def overlap_slowdown(
-    target: ModelRunner, draft: ModelRunner, context: int, rows: int, draft_rows: int, reps: int
+    target: ModelRunner,
+    draft: ModelRunner,
+    context: int,
+    rows: int,
+    draft_rows: int,
+    reps: int,
+    budget: ThreadBudget | None = None,
 ) -> float:
     """How much longer a target forward of `rows` takes while the draft steps over
     `draft_rows` rows in a loop on another thread (>= 1; both runners are left empty).
+    With a thread `budget`, alone is timed at the target's solo threads and the overlap at
+    the budget's overlap threads (as mirror rounds run them).
 
     Two devices that share nothing give ~1. Two "devices" on one CPU package share its memory
     bus and caches: a mirror round's suffix and rollouts then slow each other down, which
@@ -84,6 +93,9 @@ def overlap_slowdown(
             draft.forward(ids, pos, mask)
             started.set()
 
+    if budget is not None:
+        set_threads(target, budget.target(overlapped=True))
+        set_threads(draft, budget.draft(overlapped=True))
     worker = threading.Thread(target=spin, name="overlap-probe", daemon=True)
     worker.start()
     try:
@@ -93,6 +105,9 @@ def overlap_slowdown(
         stop.set()
         worker.join()
         draft.rollback(0)
+        if budget is not None:
+            set_threads(target, budget.target())
+            set_threads(draft, budget.draft())
     return max(1.0, busy / alone)
 
 
@@ -139,13 +154,18 @@ def profile(
     reps: int = 3,
     candidate_layers: Sequence[int] | None = None,
     description: str = "",
+    budget: ThreadBudget | None = None,
 ) -> Profile:
-    """Measure a `Profile` on the runners' real devices (each runner is left empty).
+    """Measure a `Profile` on the runners' real devices (each runner is left empty), each
+    runner at its solo threads of `budget`, the overlap slowdown at the overlap threads.
 
     `lens_model` is the target as a torch `CausalLM` (any device), used for the exit head's
     logit-lens agreement per candidate exit layer.
     """
     n_layers = lens_model.num_layers
+    if budget is not None:
+        set_threads(target, budget.target())
+        set_threads(draft, budget.draft())
     context = min(context, target.max_len - max_block, draft.max_len - max(draft_rows))
     t_target = {n: _time_rows(target, context, n, reps) for n in range(1, max_block + 1)}
     t_draft = {b: _time_rows(draft, context, b, reps) for b in draft_rows}
@@ -155,7 +175,9 @@ def profile(
     hidden = torch.zeros(1, max_block, lens_model.config.hidden_size, dtype=dtype)
     t_exit = _median_time(lambda: target.exit_logits(hidden), reps)
     layers = candidate_layers or range(max(1, n_layers // 4), n_layers)
-    slowdown = overlap_slowdown(target, draft, context, max_block, min(4, max(draft_rows)), reps)
+    slowdown = overlap_slowdown(
+        target, draft, context, max_block, min(4, max(draft_rows)), reps, budget
+    )
     target.rollback(0)
     return Profile(
         num_layers=n_layers,

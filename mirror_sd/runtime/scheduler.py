@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mirror_sd.devices.base import SplitRunner
+from mirror_sd.devices.base import SplitRunner, set_threads
 from mirror_sd.graphs.masks import causal_mask
+from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.runtime.acceptance import Sampling, Verdict, probs, verify_greedy, verify_sampling
 from mirror_sd.runtime.branches import exit_candidates, plan_branches
 from mirror_sd.runtime.draft_engine import Draft, DraftEngine, Rollout
@@ -50,6 +51,7 @@ class RoundSettings:
     retrieval_min_match: int = 3
     draft_stop: DraftPolicy = NEVER_STOP  # bounds chain drafts and each branch's rollout
     accept_rate: float | None = None  # the plan's measured α: prior for ranking branches
+    threads: ThreadBudget | None = None  # threads per pipeline and phase; None: leave as built
 
 
 @dataclass
@@ -113,6 +115,7 @@ class VerificationScheduler:
     ) -> Iterator[list[int]]:
         """Yield the tokens committed by each round until `done(new_tokens)` or the budget."""
         committed = list(prompt)
+        self._threads(overlapped=False)
         self._prefill(committed)
         if self.retrieval is not None:
             self.retrieval.reset(committed)
@@ -131,6 +134,17 @@ class VerificationScheduler:
                 return
 
     # --- phases -------------------------------------------------------------------------
+    def _threads(self, overlapped: bool) -> None:
+        """Apply the thread budget for the next phase: every core of a physical device to the
+        pipeline that runs alone; the budget's overlap counts while mirror overlaps the two.
+        Called only while both runners are idle."""
+        b = self.s.threads
+        if b is None:
+            return
+        set_threads(self.target, b.target(overlapped))
+        if self.draft is not None:
+            set_threads(self.draft.runner, b.draft(overlapped))
+
     def _prefill(self, committed: list[int]) -> None:
         """Target caches x_1..x_{n-1}; x_n opens the first block."""
         self.target.rollback(0)
@@ -183,6 +197,7 @@ class VerificationScheduler:
 
     def _round(self, committed: list[int], block: Draft | None) -> tuple[list[int], Draft | None]:
         log = RoundLog(0, 0, None)
+        self._threads(overlapped=False)
         if block is None:
             block = self._retrieve()
         if self._draft_alive() and block is None:
@@ -260,6 +275,7 @@ class VerificationScheduler:
         ranked = plan_branches(d, cand_ids, cand_p, cand_ids.numel(), self._accept_rate())
         branches = ranked[: self.s.budget]
         log.branches = len(branches)
+        self._threads(overlapped=True)
         suffix = self.tp.submit(
             self.tracer, "target.suffix", self.target.forward_suffix, hidden, pos, mask
         )

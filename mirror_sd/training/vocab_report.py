@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from mirror_sd.devices.ort_device import OrtDevice, OrtRunner
+from mirror_sd.devices.ort_core import OrtDevice
+from mirror_sd.devices.ort_device import OrtRunner
 from mirror_sd.devices.trimmed import TrimmedVocabRunner
 from mirror_sd.graphs import zoo
 from mirror_sd.graphs.export import export_cached, source_identity

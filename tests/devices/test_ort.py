@@ -14,9 +14,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from mirror_sd.devices import ort_device as od
+from mirror_sd.devices import ort_core as od
+from mirror_sd.devices import ort_device
 from mirror_sd.devices.base import ModelRunner
-from mirror_sd.devices.ort_device import OrtDevice, OrtRunner, ProviderUnavailableError
+from mirror_sd.devices.ort_core import OrtDevice, ProviderUnavailableError
+from mirror_sd.devices.ort_device import OrtRunner
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.graphs import load_model
 from mirror_sd.graphs.export import export_cached
@@ -171,7 +173,8 @@ def test_actual_providers_from_the_assignment_record(draft):
 
 def test_actual_providers_from_a_profile_on_older_onnxruntime(draft, monkeypatch):
     model, path = draft
-    monkeypatch.setattr(od, "_records_assignment_api", lambda: False)
+    monkeypatch.setattr(od, "records_assignment_api", lambda: False)
+    monkeypatch.setattr(ort_device, "records_assignment_api", lambda: False)
     runner = OrtRunner(path, CPU, 8)  # profiles its first (warm-up) run
     assert runner.length == 0
     assert runner.placement.startswith("CPUExecutionProvider: ")

@@ -8,6 +8,7 @@ plan with the ORT target decodes exactly like the torch target in every mode.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from mirror_sd.devices.base import SplitRunner
-from mirror_sd.devices.ort_device import OrtDevice
+from mirror_sd.devices.ort_core import OrtDevice
 from mirror_sd.devices.ort_split import OrtSplitRunner
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.graphs import load_model
@@ -24,6 +25,7 @@ from mirror_sd.graphs.export import source_identity
 from mirror_sd.graphs.kv_cache import CacheFullError
 from mirror_sd.graphs.masks import causal_mask, tree_mask
 from mirror_sd.graphs.model import CausalLM
+from mirror_sd.partition.device_map import OrtSpec, TorchSpec
 from mirror_sd.partition.spec_config import SpecConfig
 from mirror_sd.runtime.autoregressive import greedy_decode, positions
 from mirror_sd.runtime.plan import DeviceSlot, Plan
@@ -188,5 +190,68 @@ def test_plan_with_ort_target_equals_greedy(target, tmp_path):
             ref = greedy_decode(target.model, prompt, 20)
             for mode in ("mirror", "speculative", "autoregressive"):
                 assert plan.generate(prompt, 20, mode=mode).tokens == ref, mode
+    finally:
+        plan.close()
+
+
+class _Recording(OrtSplitRunner):
+    """Records (stage, the stage session's intra-op threads) at every call."""
+
+    log: list
+
+    def _run_prefix(self, ids, position_ids, mask):
+        self.log.append(("prefix", self.prefix.get_session_options().intra_op_num_threads))
+        return super()._run_prefix(ids, position_ids, mask)
+
+    def _run_suffix(self, hidden, position_ids, mask):
+        self.log.append(("suffix", self.suffix.get_session_options().intra_op_num_threads))
+        return super()._run_suffix(hidden, position_ids, mask)
+
+
+class _RecordingDraft(TorchRunner):
+    log: list
+
+    def forward(self, ids, position_ids, mask):
+        self.log.append(("draft", self.threads))
+        return super().forward(ids, position_ids, mask)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a split needs two cores")
+@pytest.mark.parametrize("target", ["qwen2"], indirect=True)  # qwen2's exports, reused
+def test_thread_budget_per_phase(target, tmp_path):
+    """Alone, each pipeline runs on every core; only mirror's suffix || rollouts split them."""
+    cores = os.cpu_count()
+    draft_model = tiny_model(tmp_path, "qwen2", seed=1, num_hidden_layers=2)
+    t = _Recording(*target, EXIT, 256, OrtDevice(intra_op_threads=cores, spinning=False))
+    d = _RecordingDraft(draft_model, TorchDevice(threads=cores), 256, name="draft")
+    t.log = d.log = log = []
+    plan = Plan(
+        target=t,
+        target_device=DeviceSlot("cpu", "onnxruntime CPU"),
+        draft=d,
+        draft_device=DeviceSlot("cpu2", "torch cpu"),
+        tokenizer=IdTokenizer(),
+        spec=SpecConfig(
+            exit_layer=EXIT,
+            max_len=256,
+            branch_budget=4,
+            num_draft_tokens=3,
+            overlap="split",
+            overlap_target_cores=1,
+        ),  # fmt: skip
+        device_specs=(OrtSpec("cpu"), TorchSpec("cpu2", "cpu")),  # one physical CPU
+    )
+    try:
+        ref = greedy_decode(target.model, [5, 17, 3, 88, 41], 12)
+        assert plan.generate([5, 17, 3, 88, 41], 12, mode="mirror").tokens == ref
+        assert ("prefix", cores) in log and ("suffix", cores) in log  # prefill: alone
+        assert ("suffix", 1) in log  # overlapped with the rollouts
+        assert ("draft", cores) in log and ("draft", cores - 1) in log  # chain / rollouts
+        assert not any(s == "prefix" and n != cores for s, n in log)  # prefix: draft idle
+        log.clear()
+        assert plan.generate([5, 17, 3, 88, 41], 12, mode="speculative").tokens == ref
+        assert {n for s, n in log if s in ("prefix", "suffix")} == {cores}
+        assert {n for s, n in log if s == "draft"} == {cores}
+        assert t.pools["suffix"].thread_counts == (cores, 1)
     finally:
         plan.close()

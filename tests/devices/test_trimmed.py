@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mirror_sd.devices.base import DeviceError, ModelRunner
-from mirror_sd.devices.ort_device import OrtDevice, OrtRunner
+from mirror_sd.devices.ort_core import OrtDevice
+from mirror_sd.devices.ort_device import OrtRunner
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.devices.trimmed import TrimmedVocabRunner
 from mirror_sd.graphs.loader import load_model

@@ -174,6 +174,36 @@ def test_bad_layer_range_is_a_clear_error(qwen2, tmp_path):
         ex.export_stages(qwen2, tmp_path / "x.onnx", 2, 9, False, False)
 
 
+def test_export_is_quiet_about_torchvision_only_during_our_exports(qwen2, tmp_path, monkeypatch):
+    """torch's exporter logs "torchvision is not installed. Skipping torchvision::nms" (and
+    roi_align, roi_pool) on every export; `quiet_exporter` drops that logger's warnings during
+    our exports only: its errors pass, and the filter is gone afterwards."""
+    import contextlib
+    import logging
+
+    logger = logging.getLogger(ex.EXPORTER_REGISTRY_LOGGER)
+    seen: list[logging.LogRecord] = []
+    sink = logging.Handler(logging.DEBUG)  # on the logger itself: torch's own handler sits on
+    sink.emit = seen.append  # `torch.onnx` (no propagation to pytest's), bound to one stream
+    logger.addHandler(sink)
+    try:
+        with monkeypatch.context() as m:  # control: the unfiltered exporter does warn
+            m.setattr(ex, "quiet_exporter", contextlib.nullcontext)
+            ex.export_stages(qwen2, tmp_path / "loud.onnx", 1, 2, False, False)
+        assert any("torchvision" in r.getMessage() for r in seen)
+        seen.clear()
+        ex.export_stages(qwen2, tmp_path / "quiet.onnx", 1, 2, False, False)
+        assert not [r.getMessage() for r in seen if r.levelno == logging.WARNING]
+        assert logger.filters == []
+        with ex.quiet_exporter():
+            logger.warning("a warning inside")
+            logger.error("an error inside")
+        logger.warning("a warning after")
+        assert [r.getMessage() for r in seen] == ["an error inside", "a warning after"]
+    finally:
+        logger.removeHandler(sink)
+
+
 # --- the export cache (the exporter itself is faked: these test naming and reuse) ----------
 @pytest.fixture
 def fake_export(monkeypatch):

@@ -212,7 +212,7 @@ MALFORMED = [
     ),
     (
         _with("speculation/exit_layr", 3),
-        "speculation.exit_layr: unknown key; did you mean 'exit_layer'? valid keys (SpecConfig fields): mode, num_draft_tokens, exit_layer, exit_top_k, branch_budget, reuse, exit_head, exit_vocab_size, draft_vocab_size, draft_stop, draft_stop_threshold, max_len, draft_timeout_s, model_draft, retrieval, retrieval_min_match, retrieval_max_ngram, temperature, top_k, top_p",
+        "speculation.exit_layr: unknown key; did you mean 'exit_layer'? valid keys (SpecConfig fields): mode, num_draft_tokens, exit_layer, exit_top_k, branch_budget, reuse, exit_head, exit_vocab_size, draft_vocab_size, draft_stop, draft_stop_threshold, max_len, draft_timeout_s, model_draft, retrieval, retrieval_min_match, retrieval_max_ngram, overlap, overlap_target_cores, temperature, top_k, top_p",
     ),
     (
         _with("speculation/exit_layer", 0),
@@ -302,9 +302,9 @@ def test_examples_are_all_present():
         "mps_coreml.yaml",
     }
     cpu = load_device_map(EXAMPLES / "cpu_cpu.yaml")
-    assert cpu.devices["cpu"] == TorchSpec("cpu", "cpu", "float32", 1)
+    assert cpu.devices["cpu"] == TorchSpec("cpu", "cpu", "float32", None)
     assert cpu.devices["ortcpu"].providers == (("CPUExecutionProvider", {}),)
-    assert cpu.devices["ortcpu"].intra_op_threads == 1
+    assert cpu.devices["ortcpu"].intra_op_threads is None  # the thread budget decides
     assert cpu.devices["ortcpu"].quantize == "int8"
     # the packaged default map (what compile() uses without a map) is ort_ort_cpu.yaml
     packaged = EXAMPLES.parents[1] / "mirror_sd" / "device_maps" / "default.yaml"
