@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_ARGS ?=
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean gpu-check gpu-check-deps
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,18 @@ lint: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# gpu-check: the prepared CUDA check (docs/gpu_check.md): the `cuda` tests, then ar /
+# speculative / mirror timed on Qwen2-shaped random models, in at most 8 minutes; no install,
+# no network. Without a CUDA GPU it says so and exits 0. gpu-check-deps copies the pure-Python
+# dependencies a bare GPU machine may lack into build/gpu_check_deps (carry it along).
+GPU_CHECK_OUT ?= out/gpu_check
+
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_CHECK_OUT)
+
+gpu-check-deps: $(BIN)/.installed
+	bash scripts/gpu_check.sh --vendor-deps
 
 # test-ep: the execution-provider tests in a venv of their own, because an EP build of
 # onnxruntime (onnxruntime-openvino, onnxruntime-qnn, ...) replaces the `onnxruntime` module.

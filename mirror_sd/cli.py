@@ -142,10 +142,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _why_mode(plan) -> str:
     """Why the plan runs its mode: the cost model's verdict under `mode: auto`, else the map."""
-    choice = plan.info.get("choice")
-    if plan.info.get("mode_asked") == "auto" and choice is not None:
+    choice = plan.report.choice
+    if plan.report.mode_asked == "auto" and choice is not None:
         return choice.mode_verdict()
-    if plan.info.get("mode_asked") == "auto":
+    if plan.report.mode_asked == "auto":
         return "mode auto without a draft to profile"
     return "the mode the device map (or --mode) asks for"
 

@@ -60,8 +60,8 @@ def test_save_load_round_trip(plan, tmp_path):
     }
     with api.load(tmp_path / "plan") as again:
         assert again.spec == plan.spec
-        assert again.info["graph"] == plan.info["graph"]
-        assert again.info["placement"] == plan.info["placement"]
+        assert again.report.graph == plan.report.graph
+        assert again.report.placement == plan.report.placement
         prompt = [5, 6, 7, 8]
         assert again.generate(prompt, 16).tokens == plan.generate(prompt, 16).tokens
 
@@ -169,7 +169,7 @@ def test_target_only_on_every_shipped_map(folders, map_file):
         return
     with api.compile(target, None, map_file, onnx_dir=root / "onnx", max_len=256) as p:
         assert p.draft is None and p.draft_device is None
-        saved = p.info["device_map"]
+        saved = p.report.device_map
         assert set(saved["placement"]) == {"target"}
         assert set(saved["devices"]) == {dm.placement["target"]}  # draft-only device dropped
         res = p.generate("w1 w2 w3", 6)

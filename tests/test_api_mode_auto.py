@@ -43,7 +43,7 @@ def _compile(folders, f: float, **kw):
 @pytest.mark.parametrize(("f", "expected"), [(1.0, "mirror"), (3.0, "speculative")])
 def test_auto_keeps_the_predicted_best_mode(folders, f, expected):
     with _compile(folders, f) as plan:
-        choice = plan.info["choice"]
+        choice = plan.report.choice
         assert choice.best_mode == expected and plan.spec.mode == expected
         assert f"mode: auto -> {expected}" in api.describe(plan)
         ref = plan.generate("w1 w2 w3", 20, mode="autoregressive")

@@ -55,29 +55,29 @@ def _lossless(p, prompt="w1 w2 w3 w4 w5", n=20):
 
 
 def test_trimmed_draft_in_a_compiled_plan_is_lossless(plan):
-    trim = plan.info["draft_trim"]
+    trim = plan.report.draft_trim
     assert isinstance(plan.draft, TrimmedVocabRunner) and plan.draft.trim is trim
     assert plan.spec.draft_vocab_size == trim.size == 24 and plan.draft.vocab_size == V
     assert 1 in trim.keep  # the tokenizer's EOS (<|end|>) is always kept
-    assert "-v24-" in plan.info["onnx"]
+    assert "-v24-" in plan.report.onnx
     _lossless(plan)
 
 
 def test_describe_mentions_the_trim(plan):
     text = api.describe(plan)
     assert "draft vocabulary: VocabTrim, 24 of 97 tokens" in text
-    assert f"{plan.info['draft_trim_coverage']:.1%} of the target's calibration tokens" in text
+    assert f"{plan.report.draft_trim_coverage:.1%} of the target's calibration tokens" in text
 
 
 def test_save_load_keeps_the_trim_without_recalibrating(plan, tmp_path, monkeypatch):
     api.save(plan, tmp_path / "plan")
-    assert VocabTrim.load(tmp_path / "plan" / "vocab_trim.json") == plan.info["draft_trim"]
+    assert VocabTrim.load(tmp_path / "plan" / "vocab_trim.json") == plan.report.draft_trim
     doc = yaml.safe_load((tmp_path / "plan" / "plan.yaml").read_text())
     assert doc["draft_vocab_trim"]["file"] == "vocab_trim.json"
     monkeypatch.setattr(vocab, "vocab_counts", lambda *a, **k: pytest.fail("recalibrated"))
     with api.load(tmp_path / "plan") as again:
-        assert again.info["draft_trim"] == plan.info["draft_trim"]
-        assert again.info["draft_trim_coverage"] == plan.info["draft_trim_coverage"]
+        assert again.report.draft_trim == plan.report.draft_trim
+        assert again.report.draft_trim_coverage == plan.report.draft_trim_coverage
         assert again.spec == plan.spec
         assert again.generate([5, 6, 7], 12).tokens == plan.generate([5, 6, 7], 12).tokens
 
@@ -95,7 +95,7 @@ def test_int4_draft_in_a_compiled_plan_is_lossless(folders):
     target, draft, root = folders
     with api.compile(target, draft, ORT_DRAFT_MAP % "int4", cache=root,
                      onnx_dir=root / "onnx", **FIXED) as p:  # fmt: skip
-        assert "-int4-" in p.info["onnx"] and not isinstance(p.draft, TrimmedVocabRunner)
+        assert "-int4-" in p.report.onnx and not isinstance(p.draft, TrimmedVocabRunner)
         _lossless(p, "w4 w2")
 
 

@@ -130,7 +130,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--target", default=None, help="target model (known name or HF folder)")
     p.add_argument("--draft", default=None, help="draft model (known name or HF folder)")
-    p.add_argument("--device-map", default=None, help="YAML device map (default: one core each)")
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help="YAML device map (default: the packaged ort_ort_cpu.yaml)",
+    )
     p.add_argument("--per-category", type=int, default=1, help="questions per Spec-Bench task")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--tasks", default=None,

@@ -233,12 +233,12 @@ def build_methods(
     tok = plan.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     hf = [n for n in names if n in HF_METHODS]
-    target = load_hf_model(plan.info["target"], pad, hf_dtype) if hf else None
+    target = load_hf_model(plan.report.target, pad, hf_dtype) if hf else None
     assistant = None
     if "hf-assisted" in names:
-        if not plan.info.get("draft"):
+        if not plan.report.draft:
             raise ValueError("hf-assisted needs a draft model: pass --draft")
-        assistant = load_hf_model(plan.info["draft"], pad, hf_dtype)
+        assistant = load_hf_model(plan.report.draft, pad, hf_dtype)
     out = {}
     for name in names:
         if name in HF_METHODS:

@@ -129,7 +129,7 @@ def quantize_to_format(quantize: str | None, default: str) -> str:
 def plan_formats(plan) -> tuple[str, str]:
     """(target format, draft format) that match the plan's own weights: a device's `quantize`
     in the plan's device map, else TARGET_FORMAT / DRAFT_FORMAT."""
-    devices = (plan.info.get("device_map") or {}).get("devices", {})
+    devices = (plan.report.device_map or {}).get("devices", {})
 
     def of(device, default: str) -> str:
         alias = getattr(device, "alias", None)
@@ -455,12 +455,12 @@ def build_peer_methods(
     if not chosen:
         return {}
     check_available(chosen)
-    if "ov-sd" in chosen and not plan.info.get("draft"):
+    if "ov-sd" in chosen and not plan.report.draft:
         raise ValueError("ov-sd needs a draft model: pass --draft")
     t_default, d_default = plan_formats(plan)
     t_fmt, d_fmt = target_format or t_default, draft_format or d_default
-    target_ir = convert(plan.info["target"], t_fmt, cache, progress)
-    draft_ir = convert(plan.info["draft"], d_fmt, cache, progress) if "ov-sd" in chosen else None
+    target_ir = convert(plan.report.target, t_fmt, cache, progress)
+    draft_ir = convert(plan.report.draft, d_fmt, cache, progress) if "ov-sd" in chosen else None
     gamma = plan.spec.num_draft_tokens
     out = {}
     for n in chosen:

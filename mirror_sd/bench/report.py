@@ -1,6 +1,6 @@
 """Benchmark numbers -> aggregates, results.json, results.md, speedup.png, answers/*.jsonl.
 
-Speedups, both measured in the same run (PERFORMANCE.md "core split facts"):
+Speedups, both measured in the same run (docs/benchmarks.md "The machine"):
   - whole-machine speedup: a method vs `hf-ar` (transformers on every core). This is
     Spec-Bench's speedup: mean tokens/s over questions ÷ the baseline's mean tokens/s
     (`evaluation/speed.py`); the mean of per-question ratios is reported beside it.

@@ -178,10 +178,10 @@ def _plan_info(plan) -> dict:
 
     return {
         "spec": asdict(plan.spec),
-        "device_map": plan.info.get("device_map"),
+        "device_map": plan.report.device_map,
         "target_device": plan.target_device.label,
         "draft_device": plan.draft_device.label if plan.draft_device else None,
-        "num_layers": sum(1 for s in plan.info["graph"].names() if s.startswith("target.layers.")),
+        "num_layers": sum(1 for s in plan.report.graph.names() if s.startswith("target.layers.")),
         "exit_layer": plan.target.exit_layer,
         "describe": api.describe(plan),
         "draft_step_ms": _draft_step_ms(plan),
@@ -191,7 +191,7 @@ def _plan_info(plan) -> dict:
 
 def _draft_step_ms(plan) -> float | None:
     """The draft's measured one-row step (the compile-time profile), in ms."""
-    prof = plan.info.get("profile")
+    prof = plan.report.profile
     return round(prof.draft(1) * 1e3, 1) if prof is not None and plan.draft is not None else None
 
 
@@ -259,8 +259,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         results = {
             "schema": SCHEMA, "date": started, "command": command, "machine": machine,
             "versions": versions(),
-            "models": {"target": cfg.target, "target_folder": plan.info["target"],
-                       "draft": cfg.draft, "draft_folder": plan.info.get("draft")},
+            "models": {"target": cfg.target, "target_folder": plan.report.target,
+                       "draft": cfg.draft, "draft_folder": plan.report.draft},
             "settings": _settings(cfg, eos, qpath, hf_threads), "plan": _plan_info(plan),
             "threads": {name: m.describe() for name, m in methods.items()},
             "questions": [{**asdict(q), "prompt_tokens": len(p)}
@@ -271,8 +271,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                                "after_compile (target + draft + tokenizer); the peers' and "
                                "transformers' models come on top of it"},
         }  # fmt: skip
-    if plan.info.get("profile") is not None:  # what the partitioner measured: --sweep reads it
-        plan.info["profile"].save(out_dir / "profile.json")
+    if plan.report.profile is not None:  # what the partitioner measured: --sweep reads it
+        plan.report.profile.save(out_dir / "profile.json")
     results["aggregates"] = report.aggregate(records, list(cfg.methods))
     results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     report.write_all(results, out_dir)

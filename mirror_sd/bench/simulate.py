@@ -2,7 +2,7 @@
 
 Input: a benchmark's `results.json` (per round: tokens committed, hit or miss, branches
 rolled out) and a cost `Profile` of other hardware. Each recorded round is re-timed on a
-`SimDevice` with MIRROR_SD.md's latency model, keeping the measured acceptance and hits:
+`SimDevice` with docs/algorithm.md's latency model, keeping the measured acceptance and hits:
 
     ar           every token: t_T(1)
     speculative  every round: d·t_d(1) + t_T(d+1), d = the round's drafted tokens (γ, or
@@ -51,7 +51,7 @@ def measure_profile(plan, text: str = CALIBRATION_TEXT, max_block: int = 16,
     if lens is None:
         from mirror_sd.graphs.loader import load_model
 
-        lens = load_model(plan.info["target"], "float32")
+        lens = load_model(plan.report.target, "float32")
     ids = plan.tokenizer(text)["input_ids"]
     return profile(plan.target, plan.draft, lens_model=lens, calibration_ids=ids,
                    max_block=max_block, description=description)  # fmt: skip
@@ -243,7 +243,7 @@ def markdown(sim: dict) -> str:
     for m, by_task in agg.items():
         cells = [f"{by_task[t]['predicted_speedup_vs_ar']:.2f}× {PREDICTED}" for t in tasks]
         lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
-    lines += ["", f"## {PREDICTED} closed form (pooled averages, MIRROR_SD.md latency model)", "",
+    lines += ["", f"## {PREDICTED} closed form (pooled averages, docs/algorithm.md latency model)", "",
               f"| method | drafted/round | tokens/round | hit rate | mean branches | "
               f"{PREDICTED} round | {PREDICTED} speedup vs ar |",
               "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip

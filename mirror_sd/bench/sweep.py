@@ -2,7 +2,7 @@
 
 Evaluated from a profile measured on the real devices (the one `compile()` measured, saved
 beside a benchmark's results as profile.json), so the table shows *why* the partitioner
-chose its settings: every figure is a PREDICTION of the latency model in MIRROR_SD.md, with
+chose its settings: every figure is a PREDICTION of the latency model in docs/algorithm.md, with
 the branch budget B chosen per cell as `choose()` would.
 """
 

@@ -88,6 +88,7 @@ class TorchRunner:
 
     @torch.inference_mode()
     def exit_logits(self, hidden):
+        (hidden,) = self._to(hidden)  # the profiler times the head on a host tensor
         return self.model.head(hidden)[0].float().cpu()
 
     @torch.inference_mode()

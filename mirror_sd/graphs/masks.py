@@ -35,14 +35,3 @@ def tree_mask(
         if p >= 0:
             mask[0, i, : past_len + t] |= mask[0, p, : past_len + t]
     return mask
-
-
-def rows_mask(total_past: int, visible: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Mask (1, T, S + T) from explicit column lists: row i sees visible[i] (indices into
-    the S cached rows and T new rows, new row i at column S + i) and always itself."""
-    t = len(visible)
-    mask = torch.zeros(1, t, total_past + t, dtype=torch.bool)
-    for i, cols in enumerate(visible):
-        mask[0, i, list(cols)] = True
-        mask[0, i, total_past + i] = True
-    return mask

@@ -186,7 +186,7 @@ class CausalLM(nn.Module):
         return self.head(x)
 
     def new_cache(self, max_len: int, batch: int = 1) -> StaticKVCache:
-        """A preallocated cache for this model (same dtype as its weights).
+        """A preallocated cache for this model (same dtype and device as its weights).
 
         Raises:
             UnsupportedModelError: max_len exceeds the model's sliding attention window
@@ -199,5 +199,6 @@ class CausalLM(nn.Module):
                 "tokens, which this runtime does not implement; use max_len <= "
                 f"{c.sliding_window}"
             )
-        dtype = self.model.embed_tokens.weight.dtype
-        return StaticKVCache(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, dtype)
+        w = self.model.embed_tokens.weight  # the cache lives where the weights do (cuda:N)
+        return StaticKVCache(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, w.dtype,
+                             w.device)  # fmt: skip

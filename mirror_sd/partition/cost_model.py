@@ -1,6 +1,6 @@
 """Cost model: measured timings (`Profile`), the Mirror-SD latency model, and `choose()`.
 
-The formulas are MIRROR_SD.md's "Latency model", one function each (times in seconds):
+The formulas are docs/algorithm.md's "Latency model", one function each (times in seconds):
 
     t_pre = (ℓe / N) · t_T(γ+1)            t_suf = t_T(γ+1) − t_pre
     vanilla round = γ·t_d(1) + t_T(γ+1)
@@ -30,7 +30,7 @@ DEFAULT_ACCEPT_RATE = 0.6
 # ASSUMED exit-head top-1 agreement with the target's token vs depth fraction ℓe/N, used when
 # a profile has no measurement: the shape the logit-lens literature reports for an untrained
 # exit head (final norm + LM head applied early): near zero in the first quarter, rising
-# steeply over the last third. PERFORMANCE.md has no measurement for our models yet.
+# steeply over the last third. docs/training.md has measurements for trained heads.
 ASSUMED_AGREEMENT_BY_DEPTH = {0.0: 0.0, 0.25: 0.10, 0.5: 0.30, 0.75: 0.60, 1.0: 1.0}
 
 
@@ -141,7 +141,7 @@ def _interp(table: dict[int, float], x: float, name: str) -> float:
     return table[lo] + (table[hi] - table[lo]) * (x - lo) / (hi - lo)
 
 
-# --- the latency model (MIRROR_SD.md), one formula per function ---------------------------
+# --- the latency model (docs/algorithm.md), one formula per function ---------------------------
 
 
 def prefix_time(t_block: float, exit_layer: int, num_layers: int) -> float:
@@ -201,7 +201,7 @@ def branch_masses(alpha: float, gamma: int, kappa: int, agreement: float) -> lis
     Model (ASSUMED): the correction's rank among the exit candidates is geometric,
     P(rank r) = a·(1−a)^{r−1} with a = top-1 `agreement`. At depth j < γ one of the κ
     candidates is the draft's own token, so κ−1 branches (ranks 1..κ−1); at depth γ
-    (bonus) κ branches. Branch value = P(stop at j) · P(rank r), as MIRROR_SD.md orders them.
+    (bonus) κ branches. Branch value = P(stop at j) · P(rank r), as docs/algorithm.md orders them.
     """
     masses = []
     for j, p_stop in enumerate(stop_probs(alpha, gamma)):
@@ -325,7 +325,7 @@ def choose(
       - γ, κ: the given tuple (pass `gammas=GAMMA_RANGE` / `top_ks=TOP_K_RANGE` to search),
         else the value in `spec` (GAMMA_RANGE / TOP_K_RANGE if it is ever "auto").
     With `prefer_hidden`, only combinations with γ·t_d(B) <= t_suf compete when any exists
-    (MIRROR_SD.md's regime; it may cost predicted speedup). Ties go to the smaller B, γ, κ,
+    (docs/algorithm.md's regime; it may cost predicted speedup). Ties go to the smaller B, γ, κ,
     then the larger ℓe, so the result is deterministic.
 
     Returns:

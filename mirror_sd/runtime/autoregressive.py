@@ -18,11 +18,12 @@ def positions(start: int, n: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def extend(model: CausalLM, cache: StaticKVCache, ids: Sequence[int]) -> torch.Tensor:
-    """Append tokens causally after the cache's valid rows; returns their logits (T, V)."""
-    t = torch.tensor([list(ids)])
-    return model(
-        t, positions(cache.length, t.shape[1]), causal_mask(cache.length, t.shape[1]), cache
-    )[0]
+    """Append tokens causally after the cache's valid rows; returns their logits (T, V) on
+    the model's device."""
+    dev = model.lm_head.weight.device
+    n = len(ids)
+    pos, mask = positions(cache.length, n).to(dev), causal_mask(cache.length, n).to(dev)
+    return model(torch.tensor([list(ids)], device=dev), pos, mask, cache)[0]
 
 
 @torch.inference_mode()

@@ -20,6 +20,7 @@ from mirror_sd.partition.device_map import DeviceSpec
 from mirror_sd.partition.spec_config import SpecConfig
 from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.runtime.acceptance import Sampling
+from mirror_sd.runtime.compile_report import CompileReport
 from mirror_sd.runtime.draft_engine import DraftEngine
 from mirror_sd.runtime.draft_policy import DraftPolicy
 from mirror_sd.runtime.drafters.sources import make_source
@@ -58,7 +59,8 @@ class Plan:
         draft_device: DeviceSlot | None = None,
         generation_config: dict | None = None,
         device_specs: tuple[DeviceSpec, DeviceSpec | None] | None = None,
-        info: dict | None = None,
+        report: CompileReport | None = None,
+        accept_rate: float | None = None,
         exit_head=None,
     ):
         self.target, self.draft = target, draft
@@ -66,7 +68,8 @@ class Plan:
         self.tokenizer = tokenizer
         self.spec = spec
         self.generation_config = generation_config or {}
-        self.info = info or {}  # compile-time facts for describe() and save()
+        self.report = report  # what compile() decided and measured (describe(), save())
+        self.accept_rate = accept_rate  # the measured α: the prior for ranking branches
         self.exit_head = exit_head  # graphs.heads.ExitHead, or None: the runner's own head
         self.device_specs = device_specs  # (target's, draft's) map entries: the thread budget
         self.target_pipe = Pipeline(target_device.alias, "verification")
@@ -184,7 +187,7 @@ class Plan:
             spec.draft_timeout_s,
             retrieval_min_match=spec.retrieval_min_match,
             draft_stop=DraftPolicy(spec.draft_stop, spec.draft_stop_threshold),
-            accept_rate=getattr(self.info.get("profile"), "accept_rate", None),
+            accept_rate=self.accept_rate,
             threads=self.thread_budget(spec),
         )
 

@@ -1,4 +1,4 @@
-"""The verification scheduler: the round state machine of MIRROR_SD.md.
+"""The verification scheduler: the round state machine of docs/algorithm.md.
 
 Single-threaded and deterministic: it owns the committed sequence, submits stage runs
 to the two pipelines, and decides. One round (mirror mode):
@@ -26,6 +26,7 @@ import torch
 
 from mirror_sd.devices.base import SplitRunner, set_threads
 from mirror_sd.graphs.masks import causal_mask
+from mirror_sd.partition.cost_model import DEFAULT_ACCEPT_RATE
 from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.runtime.acceptance import Sampling, Verdict, probs, verify_greedy, verify_sampling
 from mirror_sd.runtime.branches import exit_candidates, plan_branches
@@ -226,8 +227,9 @@ class VerificationScheduler:
 
     def _accept_rate(self) -> float:
         """Running estimate of the per-token acceptance α of this generation's draft tokens,
-        with a prior worth PRIOR_TOKENS tokens at the plan's α (its profile, else 0.7)."""
-        prior = self.s.accept_rate if self.s.accept_rate is not None else 0.7
+        with a prior worth PRIOR_TOKENS tokens at the plan's α (its profile, else the cost
+        model's DEFAULT_ACCEPT_RATE: one default for both)."""
+        prior = self.s.accept_rate if self.s.accept_rate is not None else DEFAULT_ACCEPT_RATE
         return (self._taken + prior * PRIOR_TOKENS) / (self._judged + PRIOR_TOKENS)
 
     def _block_inputs(self, committed: list[int], d: list[int]):

@@ -4,7 +4,7 @@
     print(summarize(trace).table())         # busy %, overlap, exposed draft time, hits, ...
     plot_timeline(trace, "timeline.png")    # the first rounds as a PNG (needs matplotlib)
 
-The summary follows the latency model of MIRROR_SD.md: a device is busy while one of its
+The summary follows the latency model of docs/algorithm.md: a device is busy while one of its
 "X" slices runs; overlap is the time both devices are busy over the time any is busy;
 exposed draft time is all `draft.chain` time (chain drafting always stalls the target)
 plus, per mirror round, how long `draft.rollout` ran past the end of that round's

@@ -120,7 +120,7 @@ def test_weight_formats_follow_the_plan_devices():
         dm = {
             "devices": {"t": {"quantize": target_q} if target_q else {}, "d": {"quantize": draft_q}}
         }
-        return SimpleNamespace(info={"device_map": dm}, target_device=SimpleNamespace(alias="t"),
+        return SimpleNamespace(report=SimpleNamespace(device_map=dm), target_device=SimpleNamespace(alias="t"),
                                draft_device=SimpleNamespace(alias="d"))  # fmt: skip
 
     assert peers.plan_formats(plan(None, "int8")) == ("fp32", "int8")
@@ -242,9 +242,9 @@ def test_with_eos_the_peers_stop_and_count_what_they_generated(smollm2_peers):
     ours = plan.generate(ids, N_NEW, eos_token_id=eos, mode="autoregressive").tokens
     assert len(ours) < N_NEW and ours[-1] in eos  # the premise: an early EOS
     ar = methods["ov-ar"]
-    stop = peers.OVMethod("ov-sd", peers.convert(plan.info["target"], "fp32"), eos,
+    stop = peers.OVMethod("ov-sd", peers.convert(plan.report.target, "fp32"), eos,
                           plan.spec.num_draft_tokens, ar.properties["INFERENCE_NUM_THREADS"],
-                          draft_ir=peers.convert(plan.info["draft"], "int8"))  # fmt: skip
+                          draft_ir=peers.convert(plan.report.draft, "int8"))  # fmt: skip
     out = stop.generate(ids, N_NEW)
     assert out.tokens[-1] in eos and len(out.tokens) < N_NEW
     assert out.tokens == ours  # draft = target's own weights (int8): greedy output unchanged

@@ -23,7 +23,7 @@ from mirror_sd.partition.cost_model import (
     vanilla_round_time,
 )
 
-FLAT = {1: 1.0, 16: 1.0}  # t_T(n) = 1 s for every n (the bf16-on-AMX shape of PERFORMANCE.md)
+FLAT = {1: 1.0, 16: 1.0}  # t_T(n) = 1 s for every n (the bf16-on-AMX shape of docs/benchmarks.md)
 
 
 def _profile(**kw) -> Profile:
@@ -180,7 +180,7 @@ def test_choose_takes_the_longest_gamma_when_verification_is_flat():
 
 
 def test_choose_stops_before_a_verification_cost_cliff():
-    # fp32-like cliff (PERFORMANCE.md): verifying 4+ rows costs twice as much as 1..3
+    # fp32-like cliff (docs/benchmarks.md): verifying 4+ rows costs twice as much as 1..3
     p = _profile(accept_rate=0.6, t_target={1: 1.0, 3: 1.0, 4: 2.0, 16: 2.0})
     c = choose(p, SpecConfig(exit_layer=2), gammas=GAMMA_RANGE)
     assert c.num_draft_tokens == 2

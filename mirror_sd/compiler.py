@@ -1,0 +1,406 @@
+"""`compile()`: a Hugging Face causal LM (+ draft) and a device map into a dual-device `Plan`.
+
+compile = resolve models -> check tokenizers -> graph -> placement (device map) -> thread
+budget -> devices (torch or ONNX Runtime target, ONNX Runtime or torch draft; exports cached)
+-> profile + choose (ℓe, κ, γ, branch budget, mode) when the map says `auto` -> Plan with
+its `CompileReport`. Also `quantization_report()` (int8 / int4 vs fp32 of one model).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mirror_sd.devices.ort_core import OrtDevice
+from mirror_sd.devices.ort_device import OrtRunner
+from mirror_sd.devices.ort_split import OrtSplitRunner
+from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
+from mirror_sd.devices.trimmed import TrimmedVocabRunner
+from mirror_sd.graphs import zoo
+from mirror_sd.graphs.config import load_config
+from mirror_sd.graphs.export import export_cached, source_identity
+from mirror_sd.graphs.loader import load_model, load_tokenizer
+from mirror_sd.graphs.model_graph import ModelGraph
+from mirror_sd.graphs.trimmed_head import export_trimmed, with_trimmed_head
+from mirror_sd.graphs.vocab_trim import VocabTrim
+from mirror_sd.partition import (
+    DeviceMap,
+    DeviceMapError,
+    OrtSpec,
+    Profile,
+    SpecConfig,
+    TorchSpec,
+    choose,
+    load_device_map,
+    place,
+)
+from mirror_sd.partition.threads import ThreadBudget
+from mirror_sd.runtime.compile_report import CompileReport
+from mirror_sd.runtime.plan import DeviceSlot, Plan
+from mirror_sd.runtime.profiling import CALIBRATION_TEXT, profile
+from mirror_sd.training.exit_select import (
+    build_exit_head,
+    exit_head_files,
+    time_exit_head,
+    with_trained_agreement,
+)
+
+DEFAULT_BUDGET_WITHOUT_PROFILE = 8  # branch budget when there is no draft to profile
+
+
+class TokenizerMismatchError(ValueError):
+    """The draft does not share the target's tokenizer, so its tokens mean something else."""
+
+
+def default_device_map() -> DeviceMap:
+    """The packaged default (examples/device_maps/ort_ort_cpu.yaml): target and int8 draft in
+    ONNX Runtime on the CPU, sharing its cores by the thread budget, mode auto."""
+    text = resources.files("mirror_sd.device_maps").joinpath("default.yaml").read_text()
+    return load_device_map(text)
+
+
+def _check_tokenizers(t_tok, d_tok, target: str, draft: str) -> None:
+    tv, dv = t_tok.get_vocab(), d_tok.get_vocab()
+    if tv != dv:
+        diff = sorted(set(tv.items()) ^ set(dv.items()))[:3]
+        raise TokenizerMismatchError(
+            f"draft {draft!r} has a different tokenizer than target {target!r} "
+            f"(vocab {len(dv)} vs {len(tv)} entries; e.g. {diff}); speculative decoding needs "
+            "the same tokenizer: pick a draft from the target's model family"
+        )
+
+
+def _alias_of(dm: DeviceMap, assignment: dict[str, str], prefix: str) -> str:
+    aliases = {a for n, a in assignment.items() if n.startswith(prefix + ".")}
+    if len(aliases) != 1:
+        raise DeviceMapError(
+            "placement",
+            f"all {prefix}.* nodes must be on one device in schema v1, got {sorted(aliases)}",
+            dm.source,
+        )
+    return aliases.pop()
+
+
+def _torch_device(spec, threads: int | None = None) -> TorchDevice:
+    """The torch device of a map entry; `threads` is the thread budget's count when alone."""
+    if not isinstance(spec, TorchSpec):
+        raise DeviceMapError(
+            f"devices.{spec.alias}",
+            f"the target needs a torch device in this version, got backend {spec.backend!r}",
+        )
+    return TorchDevice(spec.device, threads or spec.threads, spec.dtype)
+
+
+def _ort_device(
+    spec: OrtSpec, budget: ThreadBudget | None = None, role: str = "target"
+) -> OrtDevice:
+    """The ORT device of a map entry, its sessions sized by the thread budget (the count a
+    pipeline gets when it runs alone; spinning off when target and draft share the cores)."""
+    threads = spec.intra_op_threads
+    if budget is not None:
+        threads = budget.target() if role == "target" else budget.draft()
+    dev = OrtDevice(spec.providers, threads, spec.inter_op_threads, spec.optimization_level,
+                    spec.allow_fallback, spinning=not (budget and budget.shared))  # fmt: skip
+    dev.check()
+    return dev
+
+
+def _ort_target(spec: OrtSpec, model, folder: Path, exit_layer: int, max_len: int,
+                onnx_root: Path, budget: ThreadBudget | None = None):  # fmt: skip
+    return OrtSplitRunner(
+        model,
+        source_identity(folder),
+        onnx_root,
+        exit_layer,
+        max_len,
+        _ort_device(spec, budget, "target"),
+        alias=spec.alias,
+        quantize=None if spec.quantize == "none" else spec.quantize,
+    )
+
+
+def _target_runner(spec, folder: Path, exit_layer: int, max_len: int, onnx_root: Path,
+                   budget: ThreadBudget | None = None):  # fmt: skip
+    """(torch model, runner, label) for the target on its device."""
+    if isinstance(spec, OrtSpec):
+        model = load_model(folder, "float32")
+        runner = _ort_target(spec, model, folder, exit_layer, max_len, onnx_root, budget)
+        precision = f" {spec.quantize} weights" if spec.quantize != "none" else ""
+        return model, runner, f"onnxruntime {runner.prefix.get_providers()[0]}{precision}"
+    dev = _torch_device(spec, budget.target() if budget else None)
+    dev.check()
+    model = load_model(folder, dev.dtype)
+    return model, TorchRunner(model, dev, max_len, exit_layer=exit_layer), dev.describe()
+
+
+def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path, trim: VocabTrim | None = None,
+                  budget: ThreadBudget | None = None):  # fmt: skip
+    """(runner, label, ONNX path) for the draft on its device; an ORT device gets the exported
+    draft. With a `trim`, the draft's LM head keeps only the trim's K rows (exported under its
+    own cache key) and `TrimmedVocabRunner` restores (T, V) logits, -inf outside the kept set."""
+    if isinstance(spec, TorchSpec):
+        dev = _torch_device(spec, budget.draft() if budget else None)
+        model = load_model(folder, spec.dtype)
+        if trim is None:
+            return TorchRunner(model, dev, max_len, name="draft"), dev.describe(), None
+        runner = TorchRunner(with_trimmed_head(model, trim), dev, max_len, name="draft")
+        return TrimmedVocabRunner(runner, trim), dev.describe(), None
+    if isinstance(spec, OrtSpec):
+        dev = _ort_device(spec, budget, "draft")
+        model = load_model(folder, "float32")
+        quant = None if spec.quantize == "none" else spec.quantize
+        if trim is None:
+            path = export_cached(model, onnx_dir, source_identity(folder), quantize=quant)
+        else:
+            path = export_trimmed(model, onnx_dir, source_identity(folder), trim, quant)
+        del model
+        runner = OrtRunner(path, dev, max_len, name="draft", alias=spec.alias)
+        label = f"onnxruntime {runner.session.get_providers()[0]}"
+        return (TrimmedVocabRunner(runner, trim) if trim else runner), label, path
+    raise DeviceMapError(
+        f"devices.{spec.alias}",
+        f"backend {spec.backend!r} cannot run a draft in a live plan; sim devices are for `mirror-sd bench --simulate`",
+    )
+
+
+def _draft_trim(k: int, given: VocabTrim | str | Path | None, t_folder: Path, t_tok, t_model,
+                cache) -> tuple[VocabTrim, float | None]:  # fmt: skip
+    """(VocabTrim, in-sample coverage or None) for the draft's head: `given` (an object or a
+    `vocab_trim.json`), else the target's K most frequent own choices over the calibration
+    corpus (counted once per target and cached) plus its EOS ids.
+
+    Raises:
+        ValueError: `given` does not match K or the target's vocabulary.
+    """
+    v = load_config(t_folder).vocab_size
+    if given is not None:
+        trim = given if isinstance(given, VocabTrim) else VocabTrim.load(given)
+        if (k and trim.size != k) or trim.vocab_size != v:
+            raise ValueError(
+                f"draft_trim keeps {trim.size} of {trim.vocab_size} tokens, but the plan asks "
+                f"for speculation.draft_vocab_size {k} of the target's {v}; pass a matching "
+                "trim or set draft_vocab_size to its size"
+            )
+        return trim, None
+    from mirror_sd.runtime.prompts import eos_token_ids
+    from mirror_sd.training.vocab import make_trim, vocab_counts
+
+    counts, source = vocab_counts(t_folder, cache, model=t_model)
+    gen_cfg = t_folder / "generation_config.json"
+    eos = eos_token_ids(t_tok, json.loads(gen_cfg.read_text()) if gen_cfg.is_file() else None)
+    return make_trim(counts, source, k, eos)
+
+
+def compile(
+    target: str | Path,
+    draft: str | Path | None = None,
+    device_map: str | Path | dict | DeviceMap | None = None,
+    *,
+    cache: str | Path | None = None,
+    onnx_dir: str | Path | None = None,
+    profile_data: Profile | None = None,
+    draft_trim: VocabTrim | str | Path | None = None,
+    **speculation: Any,
+) -> Plan:
+    """Compile `target` (+ `draft`) into a dual-device `Plan`.
+
+    Args:
+        target, draft: a known model name (`mirror-sd models list`) or a local HF folder;
+            draft None runs the target alone (the map's draft placement and the devices
+            only the draft uses are ignored).
+        device_map: a YAML path/text, a dict, a `DeviceMap`, or None for the default
+            (target and int8 draft in ONNX Runtime on the CPU, mode auto).
+        cache: the model cache folder (default $MIRROR_SD_CACHE or ~/.cache/mirror-sd).
+        onnx_dir: where exported draft stages are cached (default <cache>/onnx).
+        profile_data: a measured `Profile` to use instead of profiling now.
+        draft_trim: the `VocabTrim` (or its JSON file) for the draft's head instead of
+            calibrating one for `speculation.draft_vocab_size` (what `load()` passes).
+        **speculation: `SpecConfig` fields overriding the map's `speculation:` section.
+    Raises:
+        DeviceMapError / PlacementError: the map is malformed or does not fit the models.
+        TokenizerMismatchError: the draft's tokenizer differs from the target's.
+        ProviderUnavailableError: an execution provider is missing here.
+    """
+    dm = (
+        device_map
+        if isinstance(device_map, DeviceMap)
+        else (load_device_map(device_map) if device_map is not None else default_device_map())
+    )
+    if draft is None:  # target only: the map's draft entries do not apply
+        dm = _without_draft(dm)
+    spec = dm.speculation.with_(**speculation)
+    mode_asked = spec.mode
+    t_folder = zoo.resolve_model(target, cache=cache)
+    d_folder = zoo.resolve_model(draft, cache=cache) if draft is not None else None
+    t_tok, t_cfg, d_cfg = load_tokenizer(t_folder), load_config(t_folder), None
+    if d_folder is not None:
+        _check_tokenizers(t_tok, load_tokenizer(d_folder), str(target), str(draft))
+        d_cfg = load_config(d_folder)
+    heads = exit_head_files(spec, t_folder, cache)  # trained exit heads (none for lm_head)
+    if len(heads.layers) == 1:
+        spec = spec.with_(exit_layer=heads.layers[0])
+    auto = "auto" in (spec.exit_layer, spec.branch_budget, spec.mode)
+    exit_layer = (
+        spec.exit_layer
+        if isinstance(spec.exit_layer, int)
+        else (
+            heads.layers[len(heads.layers) // 2] if heads.files else max(1, t_cfg.num_layers // 2)
+        )
+    )
+    graph = _graph(t_cfg, d_cfg, exit_layer)
+    placement = place(graph, _with_spec(dm, spec))  # validates the map before any heavy work
+    t_alias = _alias_of(dm, placement.assignment, "target")
+    d_alias = _alias_of(dm, placement.assignment, "draft") if d_folder is not None else None
+    t_spec, d_spec = dm.devices[t_alias], dm.devices[d_alias] if d_alias else None
+    budget = ThreadBudget.for_devices(
+        t_spec, d_spec, spec.overlap, spec.overlap_target_cores or None
+    )
+    onnx_root = Path(onnx_dir) if onnx_dir else zoo.cache_dir(cache) / "onnx"
+    t_model, t_runner, t_label = _target_runner(
+        t_spec, t_folder, exit_layer, spec.max_len, onnx_root, budget
+    )
+    d_runner = d_label = onnx_path = d_trim = d_trim_cov = None
+    if d_folder is not None:
+        if spec.draft_vocab_size or draft_trim is not None:
+            d_trim, d_trim_cov = _draft_trim(
+                spec.draft_vocab_size, draft_trim, t_folder, t_tok, t_model, cache
+            )
+            spec = spec.with_(draft_vocab_size=d_trim.size)
+        d_runner, d_label, onnx_path = _draft_runner(
+            d_spec, d_folder, spec.max_len, onnx_root, d_trim, budget
+        )
+    e_trim = None
+    if spec.exit_head == "lm_head" and spec.exit_vocab_size:
+        e_trim, _ = _draft_trim(spec.exit_vocab_size, None, t_folder, t_tok, t_model, cache)
+    choice = prof = None
+    if d_runner is not None and auto:
+        ids = t_tok(CALIBRATION_TEXT)["input_ids"]
+        prof = profile_data or profile(t_runner, d_runner, t_model, ids, max_block=spec.num_draft_tokens + 1,
+                                       description=f"{target} <- {draft}", budget=budget)  # fmt: skip
+        if heads.files or e_trim is not None:  # the exit head in use, not the full lens
+            probe = build_exit_head(spec, exit_layer, heads, t_model, e_trim)
+            t_exit = time_exit_head(probe, spec.num_draft_tokens + 1)
+            prof = (
+                with_trained_agreement(prof, heads, t_exit)
+                if heads.files
+                else replace(prof, t_exit_head=t_exit)
+            )
+        # maximize predicted speedup: a hidden draft with a near-zero hit rate (an early ℓe
+        # whose exit head rarely contains the verdict) loses to a later ℓe that hits
+        choice = choose(prof, spec, exit_layers=heads.layers or None, prefer_hidden=False)
+        spec = choice.spec
+        if spec.mode == "auto":  # the cost model's verdict for this machine, kept in the plan
+            spec = spec.with_(mode=choice.best_mode)
+    elif auto:  # no draft: nothing to tune
+        spec = spec.with_(exit_layer=exit_layer, branch_budget=DEFAULT_BUDGET_WITHOUT_PROFILE)
+        if spec.mode == "auto":
+            spec = spec.with_(mode="autoregressive")
+    if spec.exit_layer != exit_layer:
+        if isinstance(t_runner, TorchRunner):
+            t_runner.exit_layer = spec.exit_layer
+        else:  # exported prefix/suffix graphs fix ℓe: export the chosen split
+            del t_runner  # free the provisional split's sessions before exporting the next
+            t_runner = _ort_target(
+                t_spec, t_model, t_folder, spec.exit_layer, spec.max_len, onnx_root, budget
+            )
+        graph = _graph(t_cfg, d_cfg, spec.exit_layer)
+        placement = place(graph, _with_spec(dm, spec))
+    exit_head = build_exit_head(spec, spec.exit_layer, heads, t_model, e_trim)
+    gen_cfg_file = t_folder / "generation_config.json"
+    report = CompileReport(
+        target=str(t_folder), draft=str(d_folder) if d_folder else None,
+        device_map=_with_spec(dm, spec).to_dict(), graph=graph, placement=placement,
+        mode_asked=mode_asked, choice=choice, profile=prof,
+        onnx=str(onnx_path) if onnx_path else None,
+        draft_placement=getattr(d_runner, "placement", None), draft_trim=d_trim,
+        draft_trim_coverage=d_trim_cov, exit_heads=heads,
+    )  # fmt: skip
+    return Plan(
+        target=t_runner,
+        target_device=DeviceSlot(t_alias, t_label),
+        draft=d_runner,
+        draft_device=DeviceSlot(d_alias, d_label) if d_runner is not None else None,
+        tokenizer=t_tok,
+        spec=spec,
+        generation_config=json.loads(gen_cfg_file.read_text()) if gen_cfg_file.is_file() else None,
+        device_specs=(t_spec, d_spec),
+        report=report,
+        accept_rate=prof.accept_rate if prof is not None else None,
+        exit_head=exit_head,
+    )
+
+
+def _graph(t_cfg, d_cfg, exit_layer: int) -> ModelGraph:
+    graphs = [ModelGraph.from_config(t_cfg, "target", exit_layer=exit_layer)]
+    if d_cfg is not None:
+        graphs.append(ModelGraph.from_config(d_cfg, "draft"))
+    return ModelGraph.compose(*graphs)
+
+
+def _with_spec(dm: DeviceMap, spec: SpecConfig) -> DeviceMap:
+    return DeviceMap(dm.devices, dm.placement, spec, dm.source)
+
+
+def _without_draft(dm: DeviceMap) -> DeviceMap:
+    """`dm` without its `draft` / `draft.*` placement keys and the devices only they use."""
+    placement = {k: a for k, a in dm.placement.items() if k.split(".")[0] != "draft"}
+    used = set(placement.values())
+    dropped = {a for k, a in dm.placement.items() if k.split(".")[0] == "draft"} - used
+    devices = {a: d for a, d in dm.devices.items() if a not in dropped}
+    return DeviceMap(devices, placement, dm.speculation, dm.source)
+
+
+def quantization_report(
+    model: str | Path,
+    text: str = CALIBRATION_TEXT,
+    cache: str | Path | None = None,
+    onnx_dir: str | Path | None = None,
+    threads: int = 1,
+    quantizations: tuple[str, ...] = ("int8", "int4"),
+) -> dict:
+    """Export `model` in fp32 and each of `quantizations` (cached) and report each quantized
+    model's teacher-forced top-1 agreement with fp32 over `text` (`<q>_top1_agreement`;
+    `top1_agreement` is int8's) plus the median step time of each on one token (`<q>_step_ms`).
+
+    This is what quantizing a draft risks: only its acceptance rate, never the output.
+    """
+    import time
+
+    from mirror_sd.runtime.profiling import teacher_forced_agreement
+
+    bad = [q for q in quantizations if q not in ("int8", "int4")]
+    if bad:
+        raise ValueError(f"quantizations {bad}: expected int8 and/or int4")
+    folder = zoo.resolve_model(model, cache=cache)
+    onnx_root = Path(onnx_dir) if onnx_dir else zoo.cache_dir(cache) / "onnx"
+    torch_model = load_model(folder, "float32")
+    dev = OrtDevice(intra_op_threads=threads, inter_op_threads=1)
+    runners = {}
+    for q in (None, *quantizations):
+        path = export_cached(torch_model, onnx_root, source_identity(folder), quantize=q)
+        runners[q or "fp32"] = OrtRunner(path, dev, 4096, name=q or "fp32")
+    del torch_model
+    ids = load_tokenizer(folder)(text)["input_ids"]
+    out: dict[str, Any] = {"model": str(model), "tokens": len(ids)}
+    for q in quantizations:
+        out[f"{q}_top1_agreement"] = teacher_forced_agreement(runners["fp32"], runners[q], ids)
+    if "int8" in quantizations:
+        out["top1_agreement"] = out["int8_top1_agreement"]  # the key before int4 existed
+    for name, r in runners.items():
+        times = []
+        for _ in range(5):
+            r.rollback(0)
+            t0 = time.perf_counter()
+            r.forward(
+                torch.tensor([[ids[0]]]),
+                torch.zeros(1, 1, dtype=torch.long),
+                torch.ones(1, 1, 1, dtype=torch.bool),
+            )
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_step_ms"] = round(sorted(times)[2] * 1e3, 1)
+    return out

@@ -1,0 +1,74 @@
+"""`save()` a compiled plan into a folder and `load()` it back (no export, no profiling)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from mirror_sd.compiler import _with_spec, compile
+from mirror_sd.partition import Profile, load_device_map
+from mirror_sd.runtime.plan import Plan
+
+PLAN_VERSION = 1
+
+
+def save(plan: Plan, folder: str | Path) -> Path:
+    """Write plan.yaml (fully expanded), graph.json, profile.json and the ONNX draft files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = plan.report
+    onnx_rel = None
+    if info.onnx:
+        src = Path(info.onnx).parent
+        dst = folder / "onnx" / src.name
+        if not dst.exists():
+            shutil.copytree(src, dst)
+        onnx_rel = str(Path("onnx") / src.name / "model.onnx")
+    doc = {
+        "version": PLAN_VERSION,
+        "target": info.target,
+        "draft": info.draft,
+        "onnx": onnx_rel,
+        "device_map": _with_spec(load_device_map(info.device_map), plan.spec).to_dict(),
+    }
+    if info.mode_asked == "auto":  # the map said auto; plan.yaml keeps the verdict
+        doc["mode_asked"] = "auto"
+    if info.draft_trim is not None:  # the draft's head as exported: never recalibrated
+        info.draft_trim.save(folder / "vocab_trim.json")
+        doc["draft_vocab_trim"] = {"file": "vocab_trim.json",
+                                   "coverage": info.draft_trim_coverage}  # fmt: skip
+    if plan.exit_head is not None and plan.exit_head.trained:  # the head file travels along
+        plan.exit_head.save(folder / "exit_head.pt")
+        doc["device_map"]["speculation"]["exit_head"] = "exit_head.pt"
+    (folder / "plan.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    info.graph.save(folder / "graph.json")
+    if info.profile:
+        info.profile.save(folder / "profile.json")
+    if info.choice:
+        (folder / "choice.txt").write_text(info.choice.explain() + "\n")
+    return folder
+
+
+def load(folder: str | Path) -> Plan:
+    """Rebuild a plan saved with `save()`: same models, device map and chosen settings, the
+    saved ONNX files reused (no export, no profiling)."""
+    folder = Path(folder)
+    doc = yaml.safe_load((folder / "plan.yaml").read_text())
+    if not isinstance(doc, dict) or doc.get("version") != PLAN_VERSION:
+        raise ValueError(f"{folder}/plan.yaml: not a mirror-sd plan of version {PLAN_VERSION}")
+    spec_doc = doc["device_map"].get("speculation", {})
+    if spec_doc.get("exit_head") not in (None, "lm_head", "trained"):  # saved beside plan.yaml
+        spec_doc["exit_head"] = str(folder / spec_doc["exit_head"])
+    trim_doc = doc.get("draft_vocab_trim") or {}
+    extra = {"draft_trim": folder / trim_doc["file"]} if trim_doc else {}
+    plan = compile(doc["target"], doc["draft"], doc["device_map"], onnx_dir=folder / "onnx",
+                   **extra)  # fmt: skip
+    plan.report.mode_asked = doc.get("mode_asked", plan.spec.mode)
+    if trim_doc:
+        plan.report.draft_trim_coverage = trim_doc.get("coverage")
+    plan.report.profile = (
+        Profile.load(folder / "profile.json") if (folder / "profile.json").is_file() else None
+    )
+    return plan

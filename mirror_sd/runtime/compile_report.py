@@ -1,0 +1,47 @@
+"""`CompileReport`: what compile() resolved, measured and decided, as a typed record.
+
+`describe()`, `save()` and the benchmark read it; the runtime does not (what a generation
+needs, such as the acceptance-rate prior, is passed to the `Plan` explicitly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mirror_sd.graphs.model_graph import ModelGraph
+    from mirror_sd.graphs.vocab_trim import VocabTrim
+    from mirror_sd.partition.cost_model import Choice, Profile
+    from mirror_sd.partition.placement import Placement
+
+
+@dataclass
+class CompileReport:
+    """One compiled plan's facts.
+
+    target, draft: the model folders used (draft None: target-only)
+    device_map: the map with the chosen speculation values, as a YAML mapping
+    graph, placement: the dataflow graph and where each node runs
+    mode_asked: the mode the map / call asked for ("auto": `choice` picked the plan's mode)
+    choice, profile: the cost model's choice and the measurements behind it (None when
+        nothing was `auto`, or after `load()` without a saved profile)
+    onnx: the draft's exported ONNX file (None for a torch draft)
+    draft_placement: which execution providers run the draft's nodes
+    draft_trim, draft_trim_coverage: the draft head's VocabTrim and its calibration coverage
+    exit_heads: the trained exit heads found for the target (training.exit_select)
+    """
+
+    target: str
+    draft: str | None
+    device_map: dict[str, Any]
+    graph: ModelGraph
+    placement: Placement
+    mode_asked: str
+    choice: Choice | None = None
+    profile: Profile | None = None
+    onnx: str | None = None
+    draft_placement: str | None = None
+    draft_trim: VocabTrim | None = None
+    draft_trim_coverage: float | None = None
+    exit_heads: Any = None
