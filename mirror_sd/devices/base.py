@@ -9,6 +9,10 @@ hundred bytes of ids in, logits out); everything else stays on the device.
     rollback(n)          forget rows from n on (O(1))
     keep(start, rows)    compact rows[i] -> start + i; length = start + len(rows)
     set_threads(n)       (optional) run the next forwards on n intra-op threads
+    fill(ids, position_ids, mask)
+                         (optional) append the T rows' K/V without computing logits: a
+                         prefill, which needs none (the LM head over a long prompt's rows
+                         costs as much as several decode steps)
 
 `SplitRunner` adds the target's split at the exit layer ℓe:
     forward_prefix(ids, position_ids, mask) -> hidden (1, T, D) after layer ℓe-1
@@ -22,6 +26,16 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
+
+
+def fill(runner: ModelRunner, ids: torch.Tensor, position_ids: torch.Tensor,
+         mask: torch.Tensor) -> None:  # fmt: skip
+    """Append rows to `runner`'s cache, without logits where the runner can skip them."""
+    skip_head = getattr(runner, "fill", None)
+    if skip_head is not None:
+        skip_head(ids, position_ids, mask)
+    else:
+        runner.forward(ids, position_ids, mask)
 
 
 def set_threads(runner: object, threads: int | None) -> None:

@@ -74,6 +74,18 @@ class OrtRunner(RowCache):
 
         Appends the T rows' K/V to the cache (length += T).
         """
+        logits = np.empty((1, ids.shape[1], self.vocab_size), self.dtype)  # (1, T, V)
+        self._run(ids, position_ids, mask, logits)
+        return torch.from_numpy(logits[0]).float()  # (T, V)
+
+    def fill(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Append the rows' K/V without computing logits (a prefill): the LM head, whose cost
+        grows with the rows (151936 x 896 per row for Qwen2.5-0.5B), is not run at all."""
+        self._run(ids, position_ids, mask, None)
+
+    def _run(self, ids, position_ids, mask, logits: np.ndarray | None) -> None:
+        """Bind inputs, the K/V rows in place and `logits` (None: not fetched, and ORT runs only
+        the nodes the fetched K/V outputs need); run; length += T."""
         t, n = self._check(ids.shape[1], mask), self.length
         session = self.session
         binding = session.io_binding()
@@ -81,11 +93,17 @@ class OrtRunner(RowCache):
         binding.bind_cpu_input("position_ids", host(position_ids, np.int64))
         binding.bind_cpu_input("mask", host(mask, np.bool_))
         bind_kv(binding, self.kv, range(self.n_layers), n, t)
-        logits = np.empty((1, t, self.vocab_size), self.dtype)  # (1, T, V)
-        binding.bind_output("logits", "cpu", 0, self.dtype, logits.shape, logits.ctypes.data)
-        session.run_with_iobinding(binding)
+        if logits is not None:
+            out = ("cpu", 0, self.dtype, logits.shape, logits.ctypes.data)
+            binding.bind_output("logits", *out)
+            session.run_with_iobinding(binding)
+        else:
+            session.run_with_iobinding(binding, _KV_ONLY)
         self.length = n + t
-        return torch.from_numpy(logits[0]).float()  # (T, V)
+
+
+_KV_ONLY = ort.RunOptions()
+_KV_ONLY.only_execute_path_to_fetches = True  # fill(): the head's nodes lead to no fetch
 
 
 def _interface(session: ort.InferenceSession, path: str | Path) -> tuple[int, tuple, np.dtype]:

@@ -264,6 +264,10 @@ class OrtSplitRunner(RowCache):
         hidden = self._run_prefix(ids, position_ids, mask)
         return self._logits(self._run_suffix(hidden, position_ids, mask))
 
+    def fill(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Prefix -> suffix on new rows without the head: their K/V only (length += T)."""
+        self._run_suffix(self._run_prefix(ids, position_ids, mask), position_ids, mask)
+
     def forward_prefix(
         self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:

@@ -80,6 +80,14 @@ class TorchRunner:
         return self.model(ids, position_ids, mask, self.cache)[0].float().cpu()
 
     @torch.inference_mode()
+    def fill(self, ids, position_ids, mask) -> None:
+        """All layers on new rows without the head: their K/V only (length += T)."""
+        ids, position_ids, mask = self._to(ids, position_ids, mask)
+        n = self.model.num_layers
+        self.model.run_layers(0, n, self.model.embed(ids), position_ids, mask, self.cache)
+        self.cache.advance(ids.shape[1])
+
+    @torch.inference_mode()
     def forward_prefix(self, ids, position_ids, mask):
         ids, position_ids, mask = self._to(ids, position_ids, mask)
         return self.model.run_layers(

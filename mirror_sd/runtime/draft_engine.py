@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mirror_sd.devices.base import DeviceError, ModelRunner
+from mirror_sd.devices.base import DeviceError, ModelRunner, fill
 from mirror_sd.runtime.acceptance import Sampling, probs, sample
 from mirror_sd.runtime.branches import Branch
 from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy
@@ -36,6 +36,14 @@ class Rollout:
     branch: Branch
     draft: Draft  # the m ≤ γ tokens r_1..r_m after the branch token
     rows: list[int]  # cache rows holding [c, r_1, .., r_{m-1}]: one per token of `draft`
+
+
+def _causal_inputs(tokens: list[int], start: int):
+    """ids, positions (1, T) and the causal mask (1, T, start + T) of rows after `start`."""
+    t = len(tokens)
+    rows = torch.arange(start, start + t)
+    mask = (torch.arange(start + t)[None, :] <= rows[:, None]).unsqueeze(0)
+    return torch.tensor([tokens]), rows.unsqueeze(0), mask
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -88,13 +96,19 @@ class DraftEngine:
     def _feed(self, tokens: list[int]) -> torch.Tensor:
         """Append tokens causally after the valid rows; returns their logits (T, V)."""
         start, t = self.runner.length, len(tokens)
-        ids = torch.tensor([tokens])
-        pos = torch.arange(start, start + t).unsqueeze(0)
-        cols = torch.arange(start + t)
-        mask = (cols[None, :] <= torch.arange(start, start + t)[:, None]).unsqueeze(0)
+        ids, pos, mask = _causal_inputs(tokens, start)
         logits = self._check(self.runner.forward(ids, pos, mask), t)
         self.rows.extend(tokens)
         return logits
+
+    def _feed_last(self, tokens: list[int]) -> torch.Tensor:
+        """`_feed`, returning only the last row's logits (1, V): the rows before it (a prompt,
+        after a prefill) go through `fill`, which skips the LM head where the runner can."""
+        if len(tokens) > 1:
+            head = tokens[:-1]
+            fill(self.runner, *_causal_inputs(head, self.runner.length))
+            self.rows.extend(head)
+        return self._feed(tokens[-1:])
 
     def sync(self, committed: list[int]) -> None:
         """Roll back to the longest prefix of `committed` the cache holds, keeping at least the
@@ -113,7 +127,7 @@ class DraftEngine:
         proposed but not fed, so the cache holds committed + d_1..d_{m-1} for m tokens.
         """
         self.sync(committed)
-        logits = self._feed(committed[len(self.rows) :])[-1:]
+        logits = self._feed_last(committed[len(self.rows) :])
         tokens, qs = [], []
         for step in range(gamma):
             tok, q = self._pick(logits)

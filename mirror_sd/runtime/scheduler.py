@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mirror_sd.devices.base import SplitRunner, set_threads
+from mirror_sd.devices.base import SplitRunner, fill, set_threads
 from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.partition.cost_model import DEFAULT_ACCEPT_RATE
 from mirror_sd.partition.threads import ThreadBudget
@@ -152,7 +152,7 @@ class VerificationScheduler:
         if len(committed) > 1:
             ids = torch.tensor([committed[:-1]])
             pos = torch.arange(len(committed) - 1).unsqueeze(0)
-            self.tp.submit(self.tracer, "target.prefill", self.target.forward, ids, pos,
+            self.tp.submit(self.tracer, "target.prefill", fill, self.target, ids, pos,
                            causal_mask(0, ids.shape[1])).result()  # fmt: skip
 
     def _draft_alive(self) -> bool:

@@ -255,3 +255,20 @@ def test_thread_budget_per_phase(target, tmp_path):
         assert t.pools["suffix"].thread_counts == (cores, 1)
     finally:
         plan.close()
+
+
+@pytest.mark.parametrize("target", ["qwen2"], indirect=True)  # qwen2's exports, reused
+def test_fill_writes_the_same_rows_as_forward_without_logits(target):
+    """A prefill needs no logits: fill() skips the head and leaves the same cache behind."""
+    prompt, nxt = torch.tensor([[5, 17, 3, 88, 41, 9]]), torch.tensor([[13]])
+    outs = []
+    for r in (runner(target), TorchRunner(target.model, TorchDevice(), 32, exit_layer=EXIT)):
+        for how in ("forward", "fill"):
+            r.rollback(0)
+            assert getattr(r, how)(prompt, positions(0, 6), causal_mask(0, 6)) is None or (
+                how == "forward"
+            )
+            assert r.length == 6
+            outs.append(r.forward(nxt, positions(6, 1), causal_mask(6, 1)))
+    for out in outs[1:]:
+        close(out, outs[0])
