@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_ARGS ?=
 
-.PHONY: demo test lint install clean gpu-check gpu-check-deps
+.PHONY: demo test test-fast lint install clean gpu-check gpu-check-deps
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,14 @@ test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -ra
+
+# test-fast: the edit loop (< 2 min): the pure layers, the runtime on tiny torch models and
+# the CLI's error contract; `make test` (CI) stays the complete suite.
+FAST_TESTS ?= tests/partition tests/runtime tests/graphs/test_model.py tests/graphs/test_model_graph.py tests/devices/test_ort_core.py
+
+test-fast: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -x -m "not slow and not real_model" $(FAST_TESTS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check --fix .

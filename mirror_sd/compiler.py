@@ -300,6 +300,15 @@ def compile(
         spec = spec.with_(exit_layer=exit_layer, branch_budget=DEFAULT_BUDGET_WITHOUT_PROFILE)
         if spec.mode == "auto":
             spec = spec.with_(mode="autoregressive")
+    kept_split = None
+    if (
+        spec.exit_layer != exit_layer
+        and not isinstance(t_runner, TorchRunner)
+        and spec.mode != "mirror"
+        and mode_asked == "auto"
+    ):  # ℓe matters only to mirror rounds: keep the exported split instead of a second export
+        kept_split = (exit_layer, spec.exit_layer)
+        spec = spec.with_(exit_layer=exit_layer)
     if spec.exit_layer != exit_layer:
         if isinstance(t_runner, TorchRunner):
             t_runner.exit_layer = spec.exit_layer
@@ -318,7 +327,7 @@ def compile(
         mode_asked=mode_asked, choice=choice, profile=prof,
         onnx=str(onnx_path) if onnx_path else None,
         draft_placement=getattr(d_runner, "placement", None), draft_trim=d_trim,
-        draft_trim_coverage=d_trim_cov, exit_heads=heads,
+        draft_trim_coverage=d_trim_cov, exit_heads=heads, kept_split=kept_split,
     )  # fmt: skip
     return Plan(
         target=t_runner,

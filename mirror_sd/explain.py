@@ -68,6 +68,13 @@ def describe(plan: Plan) -> str:
         lines.append(info.exit_heads.table())
     if info.choice:
         lines.append(info.choice.explain())
+    if info.kept_split:
+        kept, best = info.kept_split
+        lines.append(
+            f"exit layer: kept ℓe={kept}, the split compiled first, because mode auto chose "
+            f"{spec.mode} (no mirror rounds, where ℓe matters); for mirror the cost model "
+            f"chose ℓe={best}: compile with mode: mirror to export that split"
+        )
     if plan.draft_disabled:
         lines.append(f"draft DISABLED: {plan.draft_disabled}")
     return "\n".join(lines)

@@ -74,3 +74,36 @@ def test_auto_mode_is_a_config_value_not_a_runtime_mode():
         ValueError, match="expected one of mirror, speculative, autoregressive, auto"
     ):
         SpecConfig(mode="fastest")
+
+
+ORT_MAP = """
+version: 1
+devices:
+  tgt: {backend: onnxruntime, providers: [CPUExecutionProvider: {}]}
+  drf: {backend: onnxruntime, providers: [CPUExecutionProvider: {}]}
+placement: {target: tgt, draft: drf}
+"""
+
+
+def test_auto_without_mirror_keeps_the_first_exported_split(folders, tmp_path):
+    """ℓe matters only to mirror rounds: when mode auto picks speculative, an exported target
+    keeps the split compiled first (no second export) and describe() says which ℓe mirror
+    would want; with mode auto picking mirror, the chosen split is exported."""
+    target, draft, _ = folders
+    prof = Profile(
+        num_layers=6, t_target=FLAT, t_draft={1: 0.05, 16: 0.8}, accept_rate=0.8,
+        hit_rate_by_exit_layer={1: 0.1, 2: 0.1, 3: 0.1, 4: 0.2, 5: 0.9}, overlap_slowdown=3.0,
+    )  # fmt: skip
+    onnx = tmp_path / "onnx"
+    with api.compile(target, draft, ORT_MAP, mode="auto", max_len=128, profile_data=prof,
+                     onnx_dir=onnx) as plan:  # fmt: skip
+        assert plan.spec.mode == "speculative"
+        kept, best = plan.report.kept_split
+        assert plan.target.exit_layer == plan.spec.exit_layer == kept == 3  # 6 layers // 2
+        assert best == plan.report.choice.exit_layer != kept
+        assert f"kept ℓe={kept}" in api.describe(plan)
+        ref = plan.generate("w1 w2 w3", 16, mode="autoregressive").tokens
+        assert plan.generate("w1 w2 w3", 16).tokens == ref
+    names = [p.name for p in onnx.iterdir()]
+    assert any(n.startswith(f"qwen2-{kept}-6-") for n in names)  # the kept split's suffix
+    assert not any(n.startswith(f"qwen2-{best}-6-") for n in names)  # no second export

@@ -1,7 +1,6 @@
 """A failing draft device never changes or loses output; threads never leak."""
 
 import threading
-import time
 
 import pytest
 import torch
@@ -15,17 +14,18 @@ from tests.runtime.conftest import tiny_model
 class FaultyRunner(TorchRunner):
     """A real draft runner that misbehaves from its `after`-th forward on."""
 
-    def __init__(self, model, fault, after=3, hang_s=1.0):
+    def __init__(self, model, fault, after=3, hang_s=30.0):
         super().__init__(model, TorchDevice(), 512, name="draft")
         self.fault, self.after, self.calls, self.hang_s = fault, after, 0, hang_s
+        self.release = threading.Event()  # set: a "hung" call returns at once
 
     def forward(self, ids, position_ids, mask):
         self.calls += 1
         if self.calls >= self.after:
             if self.fault == "raise":
                 raise RuntimeError("NPU driver lost the device")
-            if self.fault == "hang":
-                time.sleep(self.hang_s)
+            if self.fault == "hang":  # hangs until the test releases it (at most hang_s)
+                self.release.wait(self.hang_s)
             if self.fault == "malformed":
                 return torch.full((ids.shape[1], self.vocab_size), float("nan"))
         return super().forward(ids, position_ids, mask)
@@ -55,7 +55,7 @@ def test_draft_failure_falls_back_to_target_only(models, plan_factory, tmp_path,
         assert plan.draft_disabled
         again = plan.generate(prompt, 8)
         assert again.tokens == greedy_decode(target, prompt, 8) and again.stats.draft_device is None
-        time.sleep(runner.hang_s)
+    runner.release.set()  # let an abandoned worker finish
 
 
 def test_no_thread_leak_over_100_generations(models, plan_factory):
@@ -78,7 +78,8 @@ def test_cancelled_stream_stops_both_pipelines(models, plan_factory):
     assert first
     stream.close()  # the round in flight completes; no further work is queued
     busy = plan.target_pipe.busy_s, plan.draft_pipe.busy_s
-    time.sleep(0.2)
+    for pipe in (plan.target_pipe, plan.draft_pipe):  # FIFO workers: once a no-op queued now
+        pipe.pool.submit(lambda: None).result(timeout=30)  # has run, nothing else is pending
     assert (plan.target_pipe.busy_s, plan.draft_pipe.busy_s) == busy
     assert plan.last_result.tokens and len(plan.last_result.tokens) < 200
     # the plan is free again and produces the same tokens as before
