@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -199,20 +199,6 @@ def is_converted(folder: Path) -> bool:
     return (folder / IR_MARKER).is_file() and all((folder / f).is_file() for f in IR_FILES)
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive lock file (serializes two processes converting the same thing)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _say(progress: bool, message: str) -> None:
     if progress:
         print(f"[mirror-sd peers] {message}", file=sys.stderr, flush=True)
@@ -247,7 +233,9 @@ def ensure_converter(cache: str | Path | None = None, progress: bool = True) -> 
     pins = converter_pins()
     marker = venv / CONVERTER_MARKER
     cli = venv / "bin" / "optimum-cli"
-    with _lock(venv.parent / "converter.lock"):
+    from mirror_sd.graphs.zoo import locked
+
+    with locked(venv.parent / "converter.lock"):
         if marker.is_file() and cli.is_file():
             with contextlib.suppress(ValueError):
                 done = json.loads(marker.read_text())
@@ -294,7 +282,9 @@ def convert(
     out = ir_dir(src, weight_format, cache)
     if is_converted(out):
         return out
-    with _lock(out.parent / f"{out.name}.lock"):
+    from mirror_sd.graphs.zoo import locked
+
+    with locked(out.parent / f"{out.name}.lock"):
         if is_converted(out):
             return out
         cli = ensure_converter(cache, progress)

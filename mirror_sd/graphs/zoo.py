@@ -570,7 +570,7 @@ def _convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: str) -> None:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def locked(lock_path: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``lock_path`` (no-op where fcntl is missing)."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -642,7 +642,7 @@ def fetch_model(
     if not force and _is_complete(final, spec):
         return final
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / "locks" / f"{spec.name}.lock"):
+    with locked(root / "locks" / f"{spec.name}.lock"):
         if not force and _is_complete(final, spec):  # another process finished meanwhile
             return final
         return _fetch_locked(spec, root, final, progress, dtype, keep_gguf)
