@@ -131,8 +131,10 @@ def export_head_cached(
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZATIONS}")
-    digest = cache_key(model, key_info, stage="norm+lm_head", opset=opset, quantize=quantize)
-    quant = f"-{quantize}" if quantize else ""
+    exact = {"exact": True} if quantize else {}  # weights only (see quantize_weights)
+    digest = cache_key(model, key_info, stage="norm+lm_head", opset=opset, quantize=quantize,
+                       **exact)  # fmt: skip
+    quant = f"-{quantize}-exact" if quantize else ""
     entry = Path(folder) / f"{model.config.model_type}-head{quant}-{digest[:16]}"
     if (entry / "model.onnx").is_file():
         os.utime(entry)  # last use, for `mirror-sd cache prune` (graphs.export_cache)
@@ -142,7 +144,7 @@ def export_head_cached(
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
     try:
         if src is not None:
-            quantize_weights(src, tmp / "model.onnx", QUANT_BITS[quantize])
+            quantize_weights(src, tmp / "model.onnx", QUANT_BITS[quantize], exact=True)
         else:
             export_head(model, tmp / "model.onnx", opset)
         publish(tmp, entry)
@@ -170,8 +172,12 @@ def export_split(
     if not 1 <= exit_layer < n:
         raise ValueError(f"exit_layer {exit_layer} outside [1, {n - 1}]")
     return SplitGraphs(
-        prefix=export_cached(model, folder, key_info, 0, exit_layer, True, False, quantize),
-        suffix=export_cached(model, folder, key_info, exit_layer, n, False, False, quantize),
+        prefix=export_cached(
+            model, folder, key_info, 0, exit_layer, True, False, quantize, exact=True
+        ),
+        suffix=export_cached(
+            model, folder, key_info, exit_layer, n, False, False, quantize, exact=True
+        ),
         head=export_head_cached(model, folder, key_info, quantize=quantize),
     )
 

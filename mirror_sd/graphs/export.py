@@ -190,22 +190,32 @@ def model_files(path: str | Path) -> list[Path]:
     return [path, data] if data.is_file() else [path]
 
 
-def quantize_int8(src: str | Path, dst: str | Path) -> Path:
+def quantize_int8(src: str | Path, dst: str | Path, exact: bool = False) -> Path:
     """int8 weights for an exported model (`quantize_weights` with 8 bits). Returns `dst`."""
-    return quantize_weights(src, dst, 8)
+    return quantize_weights(src, dst, 8, exact)
 
 
-def quantize_int4(src: str | Path, dst: str | Path) -> Path:
+def quantize_int4(src: str | Path, dst: str | Path, exact: bool = False) -> Path:
     """int4 MatMul weights for an exported model (`quantize_weights` with 4 bits). Returns `dst`."""
-    return quantize_weights(src, dst, 4)
+    return quantize_weights(src, dst, 4, exact)
 
 
-def quantize_weights(src: str | Path, dst: str | Path, bits: int) -> Path:
+ACCURACY_FAST, ACCURACY_EXACT = 4, 0  # MatMulNBits accuracy_level: int8 vs fp32 activations
+
+
+def quantize_weights(src: str | Path, dst: str | Path, bits: int, exact: bool = False) -> Path:
     """`bits`-bit weights (8 or 4) for every MatMul of an exported model, int8 embedding table.
 
-    MatMuls become `MatMulNBits` (symmetric, one scale per 32 weights) with accuracy_level 4:
-    ORT quantizes activations to int8 per block too and runs integer kernels (VNNI / AMX-INT8
-    on x86; 4-bit weights are unpacked to int8 inside the kernel). Per-block scales keep Qwen's
+    MatMuls become `MatMulNBits` (symmetric, one scale per 32 weights). Without `exact`
+    (drafts) accuracy_level is 4: ORT quantizes activations to int8 per block too and runs
+    integer kernels (VNNI / AMX-INT8 on x86; 4-bit weights are unpacked to int8 inside the
+    kernel). That is fast, but a row's result then depends on how many rows run together
+    (one-row and several-row calls take different kernels): measured on Qwen2.5-Coder-1.5B,
+    a token decoded alone and the same token verified in a block of 5 disagreed (top-2 margin
+    0.06) in 7 of 18 Spec-Bench prompts. A quantized *target* must give every row the same
+    logits however many rows are verified, or speculative decoding is not lossless against
+    its own `ar`: with `exact` the activations stay fp32 (accuracy_level 0; the int8 / int4
+    weights are dequantized in the kernel), so only the weights are quantized. Per-block scales keep Qwen's
     outlier channels: on the 0.5B draft the int8 top-1 token agrees with fp32 on ~98% of code
     positions, where per-tensor dynamic quantization (`quantize_dynamic` on MatMuls) agrees on
     ~69%. int4 halves the weight bytes again (the memory-bound decode step reads fewer), at a
@@ -221,8 +231,9 @@ def quantize_weights(src: str | Path, dst: str | Path, bits: int) -> Path:
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     large = sum(f.stat().st_size for f in model_files(src)) // 4 >= EXTERNAL_DATA_BYTES
+    level = ACCURACY_EXACT if exact else ACCURACY_FAST
     config = nbits.DefaultWeightOnlyQuantConfig(
-        block_size=32, is_symmetric=True, accuracy_level=4, bits=bits
+        block_size=32, is_symmetric=True, accuracy_level=level, bits=bits
     )
     quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
     quantizer.process()
@@ -308,9 +319,11 @@ def export_cached(
     quantize: str | None = None,
     opset: int = DEFAULT_OPSET,
     label: str = "",
+    exact: bool = False,
 ) -> Path:
     """`export_stages` (+ `quantize_int8` / `quantize_int4`) into `folder`, reusing an earlier
-    identical export.
+    identical export. `exact` quantizes only the weights (fp32 activations: a row's logits do
+    not depend on how many rows run together; what a quantized target needs).
 
     A quantized entry is made from the unquantized entry of the same range, itself cached.
     `label` only makes the folder name readable (e.g. "-v16384" for a trimmed head); whatever
@@ -330,8 +343,12 @@ def export_cached(
     last = model.num_layers if last is None else last
     settings = dict(first=first, last=last, with_embed=with_embed, with_head=with_head,
                     quantize=quantize, opset=opset)  # fmt: skip
+    exact = bool(exact and quantize)
+    if exact:  # only then in the key: earlier entries keep their hashes
+        settings["exact"] = True
     digest = cache_key(model, key_info, **settings)[:16]
     quant = f"-{quantize}" if quantize else ""  # int8 entries keep their pre-int4 names and hashes
+    quant += "-exact" if exact else ""
     name = f"{model.config.model_type}{label}-{first}-{last}{quant}-{digest}"
     entry = Path(folder) / name
     if (entry / "model.onnx").is_file():
@@ -345,7 +362,8 @@ def export_cached(
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=entry.parent))
     try:
         if quantize:  # looked up at call time, so tests can replace either function
-            {"int8": quantize_int8, "int4": quantize_int4}[quantize](src, tmp / "model.onnx")
+            fn = {"int8": quantize_int8, "int4": quantize_int4}[quantize]
+            fn(src, tmp / "model.onnx", exact=True) if exact else fn(src, tmp / "model.onnx")
         else:
             export_stages(model, tmp / "model.onnx", first, last, with_embed, with_head, opset)
         publish(tmp, entry)

@@ -272,3 +272,21 @@ def test_fill_writes_the_same_rows_as_forward_without_logits(target):
             outs.append(r.forward(nxt, positions(6, 1), causal_mask(6, 1)))
     for out in outs[1:]:
         close(out, outs[0])
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("target", ["qwen2"], indirect=True)  # qwen2's exports, reused
+def test_quantized_target_rows_do_not_depend_on_the_block(target, quant):
+    """A quantized target must score a row the same whether it is decoded alone or verified
+    in a block of several rows (else speculative != its own ar): weights-only quantization."""
+    r = runner(target, quantize=quant)
+    assert "-exact-" in str(r.graphs.prefix.parent.name) and "-exact-" in r.graphs.head.parent.name
+    prompt, block = [5, 17, 3, 88], [41, 9, 13, 2, 60]
+    r.fill(torch.tensor([prompt]), positions(0, 4), causal_mask(0, 4))
+    together = r.forward(torch.tensor([block]), positions(4, 5), causal_mask(4, 5))  # (5, V)
+    r.rollback(4)
+    alone = torch.cat([
+        r.forward(torch.tensor([[tok]]), positions(4 + i, 1), causal_mask(4 + i, 1))
+        for i, tok in enumerate(block)
+    ])  # fmt: skip
+    assert (alone - together).abs().max().item() <= 1e-4
