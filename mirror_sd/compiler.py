@@ -305,7 +305,6 @@ def compile(
         spec.exit_layer != exit_layer
         and not isinstance(t_runner, TorchRunner)
         and spec.mode != "mirror"
-        and mode_asked == "auto"
     ):  # ℓe matters only to mirror rounds: keep the exported split instead of a second export
         kept_split = (exit_layer, spec.exit_layer)
         spec = spec.with_(exit_layer=exit_layer)

@@ -71,7 +71,7 @@ def describe(plan: Plan) -> str:
     if info.kept_split:
         kept, best = info.kept_split
         lines.append(
-            f"exit layer: kept ℓe={kept}, the split compiled first, because mode auto chose "
+            f"exit layer: kept ℓe={kept}, the split compiled first, because the plan's mode is "
             f"{spec.mode} (no mirror rounds, where ℓe matters); for mirror the cost model "
             f"chose ℓe={best}: compile with mode: mirror to export that split"
         )

@@ -206,22 +206,23 @@ ACCURACY_FAST, ACCURACY_EXACT = 4, 0  # MatMulNBits accuracy_level: int8 vs fp32
 def quantize_weights(src: str | Path, dst: str | Path, bits: int, exact: bool = False) -> Path:
     """`bits`-bit weights (8 or 4) for every MatMul of an exported model, int8 embedding table.
 
-    MatMuls become `MatMulNBits` (symmetric, one scale per 32 weights). Without `exact`
-    (drafts) accuracy_level is 4: ORT quantizes activations to int8 per block too and runs
-    integer kernels (VNNI / AMX-INT8 on x86; 4-bit weights are unpacked to int8 inside the
-    kernel). That is fast, but a row's result then depends on how many rows run together
-    (one-row and several-row calls take different kernels): measured on Qwen2.5-Coder-1.5B,
-    a token decoded alone and the same token verified in a block of 5 disagreed (top-2 margin
-    0.06) in 7 of 18 Spec-Bench prompts. A quantized *target* must give every row the same
-    logits however many rows are verified, or speculative decoding is not lossless against
-    its own `ar`: with `exact` the activations stay fp32 (accuracy_level 0; the int8 / int4
-    weights are dequantized in the kernel), so only the weights are quantized. Per-block scales keep Qwen's
-    outlier channels: on the 0.5B draft the int8 top-1 token agrees with fp32 on ~98% of code
-    positions, where per-tensor dynamic quantization (`quantize_dynamic` on MatMuls) agrees on
-    ~69%. int4 halves the weight bytes again (the memory-bound decode step reads fewer), at a
-    lower agreement (measure it: `mirror-sd quantize-check`). The embedding Gather gets
-    per-tensor int8 in both cases (a lookup: no kernel to speed up, only bytes to save).
-    Returns `dst`.
+        MatMuls become `MatMulNBits` (symmetric, one scale per 32 weights). Without `exact`
+        (drafts) accuracy_level is 4: ORT quantizes activations to int8 per block too and runs
+        integer kernels (VNNI / AMX-INT8 on x86; 4-bit weights are unpacked to int8 inside the
+        kernel). That is fast, and fine for a draft. A quantized *target* uses `exact`: fp32
+        activations (accuracy_level 0; the int8 / int4 weights dequantized in the kernel), so only
+        the weights are quantized. Why: with accuracy_level 4 on the Qwen2.5-Coder-1.5B target,
+        speculative output differed from the same target's `ar` in 11 of 18 Spec-Bench prompts
+        (top-2 margins 0.04-0.2), and with accuracy_level 0 the prompts checked agree. The cause
+        is not located: a lone MatMulNBits (with or without bias) gives the same rows for a block
+        of 5 as for single rows at either level (measured), so it lies in the rest of the graph.
+    Per-block scales keep Qwen's
+        outlier channels: on the 0.5B draft the int8 top-1 token agrees with fp32 on ~98% of code
+        positions, where per-tensor dynamic quantization (`quantize_dynamic` on MatMuls) agrees on
+        ~69%. int4 halves the weight bytes again (the memory-bound decode step reads fewer), at a
+        lower agreement (measure it: `mirror-sd quantize-check`). The embedding Gather gets
+        per-tensor int8 in both cases (a lookup: no kernel to speed up, only bytes to save).
+        Returns `dst`.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

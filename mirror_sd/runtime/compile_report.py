@@ -30,8 +30,8 @@ class CompileReport:
     draft_placement: which execution providers run the draft's nodes
     draft_trim, draft_trim_coverage: the draft head's VocabTrim and its calibration coverage
     exit_heads: the trained exit heads found for the target (training.exit_select)
-    kept_split: (ℓe kept, ℓe the cost model chose for mirror) when `mode: auto` chose a mode
-        without mirror rounds on an exported target: the split compiled first is kept (ℓe
+    kept_split: (ℓe kept, ℓe the cost model chose for mirror) when the plan's mode has no
+        mirror rounds (asked, or chosen by `mode: auto`) and the target is exported: the split compiled first is kept (ℓe
         only matters to mirror rounds; a second export costs minutes and gigabytes)
     """
 

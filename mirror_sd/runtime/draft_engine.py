@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from mirror_sd.devices.base import DeviceError, ModelRunner, fill
+from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.runtime.acceptance import Sampling, probs, sample
+from mirror_sd.runtime.autoregressive import positions
 from mirror_sd.runtime.branches import Branch
 from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy
 
@@ -40,10 +42,7 @@ class Rollout:
 
 def _causal_inputs(tokens: list[int], start: int):
     """ids, positions (1, T) and the causal mask (1, T, start + T) of rows after `start`."""
-    t = len(tokens)
-    rows = torch.arange(start, start + t)
-    mask = (torch.arange(start + t)[None, :] <= rows[:, None]).unsqueeze(0)
-    return torch.tensor([tokens]), rows.unsqueeze(0), mask
+    return torch.tensor([tokens]), positions(start, len(tokens)), causal_mask(start, len(tokens))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -245,17 +245,3 @@ def test_qnn_htp_runs_the_draft_in_fp16(draft):
         torch.tensor([ids]), positions(0, 6), causal_mask(0, 6)
     )
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.8  # fp16 HTP
-
-
-def test_fill_appends_the_rows_without_fetching_logits(draft):
-    """fill() leaves the same cache as forward() (the next step's logits agree) without
-    running the LM head."""
-    _, path = draft
-    outs = []
-    for how in ("forward", "fill"):
-        r = OrtRunner(path, CPU, 16)
-        ids = torch.tensor([[3, 1, 4, 1, 5]])
-        out = getattr(r, how)(ids, torch.arange(5)[None], causal_mask(0, 5))
-        assert (out is None) == (how == "fill") and r.length == 5
-        outs.append(r.forward(torch.tensor([[9]]), torch.tensor([[5]]), causal_mask(5, 1)))
-    torch.testing.assert_close(outs[0], outs[1])
