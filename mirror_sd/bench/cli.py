@@ -102,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
             methods=methods, out=out, questions=args.questions, stop_at_eos=args.stop_at_eos,
             hf_threads=args.hf_threads, hf_dtype=args.hf_dtype, cache=args.cache, speculation=_speculation(args),
             progress=not args.quiet, peer_target_format=args.peer_target_format,
-            peer_draft_format=args.peer_draft_format,
+            peer_draft_format=args.peer_draft_format, peer_residency=args.peer_residency,
         )  # fmt: skip
         try:
             results = run_bench(cfg)
@@ -157,6 +157,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="ov-* peers: the target IR's weights (default: as the plan's target)")  # fmt: skip
     p.add_argument("--peer-draft-format", default=None, choices=["fp32", "int8", "int4"],
                    help="ov-sd: the draft IR's weights (default: as the plan's draft, else int8)")  # fmt: skip
+    p.add_argument("--peer-residency", default="auto", choices=["auto", "all", "one"],
+                   help="ov-* peers: keep every pipeline loaded (all), load each for its turn "
+                   "only (one), or decide by free memory (auto, the default)")  # fmt: skip
     p.add_argument("--gamma", default=None, help="γ for the plan")
     p.add_argument("--kappa", default=None, help="κ for the plan")
     p.add_argument("--exit-layer", default=None, help="ℓe for the plan, or 'auto'")

@@ -223,13 +223,15 @@ def build_methods(
     peer_target_format: str | None = None,
     peer_draft_format: str | None = None,
     cache: str | None = None,
+    peer_residency: str = "auto",
 ) -> dict:
     """name -> method object, in the order of `names`. HF models are loaded from the plan's
     own model folders; ov-* peers convert them to OpenVINO IR (`peers.build_peer_methods`,
-    weight formats `peer_*_format`, None: follow the plan) and run on `hf_threads` cores."""
+    weight formats `peer_*_format`, None: follow the plan; `peer_residency`: whether they stay
+    loaded) and run on `hf_threads` cores."""
     peers.check_available(names)
     ov = peers.build_peer_methods(names, plan, eos, hf_threads, peer_target_format,
-                                  peer_draft_format, cache)  # fmt: skip
+                                  peer_draft_format, cache, resident=peer_residency)  # fmt: skip
     tok = plan.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     hf = [n for n in names if n in HF_METHODS]

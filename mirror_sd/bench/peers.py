@@ -26,6 +26,7 @@ Every default is in the constants block below.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -81,6 +82,11 @@ CONVERTER_PACKAGES = ("optimum-intel[openvino]",)  # + torch / openvino / tokeni
 # does not exist"), which breaks `import transformers`; text models never use it
 CONVERTER_REMOVE = ("torchvision",)
 IR_FILES = ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
+RESIDENCY = ("auto", "all", "one")  # how many peer pipelines stay loaded (see `residency`)
+# `auto` keeps every peer loaded only while their weights fit in this share of the memory
+# available when they are built; beyond it the OS evicts mapped weight pages (ours included)
+# and every method in the run slows down: peers then load for their turn only
+RESIDENT_SHARE = 0.6
 MISSING = (
     "OpenVINO GenAI peers ({names}) need the `openvino-genai` package: "
     "pip install -e '.[peers]' (or pip install openvino-genai next to torch==2.13.0)"
@@ -331,6 +337,9 @@ class OVMethod:
         threads: INFERENCE_NUM_THREADS for the target (and the draft); None: all cores.
         draft_ir: the draft's IR folder (ov-sd only).
         formats: (target, draft) weight formats, for describe().
+        resident: keep the pipeline loaded between calls; False: load it for each `generate`
+            and free it after (the load is not timed), so that peers that do not fit in memory
+            together never run side by side.
     """
 
     def __init__(
@@ -342,6 +351,7 @@ class OVMethod:
         threads: int | None = None,
         draft_ir: str | Path | None = None,
         formats: tuple[str, str | None] = (TARGET_FORMAT, None),
+        resident: bool = True,
     ):
         if name not in PEER_METHODS:
             raise ValueError(f"{name!r} is not an OpenVINO peer ({', '.join(PEER_METHODS)})")
@@ -354,13 +364,21 @@ class OVMethod:
         self.scheduler = genai.SchedulerConfig()
         for key, value in SCHEDULER.items():
             setattr(self.scheduler, key, value)
-        kwargs: dict = {"scheduler_config": self.scheduler, **self.properties}
-        if name == "ov-sd":
-            kwargs["draft_model"] = genai.draft_model(str(draft_ir), OV_DEVICE, **self.properties)
-        elif name == "ov-pld":
-            kwargs["prompt_lookup"] = True
         self._genai = genai
-        self.pipe = genai.LLMPipeline(str(target_ir), OV_DEVICE, **kwargs)
+        self.target_ir, self.draft_ir, self.resident = target_ir, draft_ir, resident
+        self.pipe = self.load() if resident else None
+
+    def load(self):
+        """A new openvino_genai.LLMPipeline for this method."""
+        genai = self._genai
+        kwargs: dict = {"scheduler_config": self.scheduler, **self.properties}
+        if self.name == "ov-sd":
+            kwargs["draft_model"] = genai.draft_model(
+                str(self.draft_ir), OV_DEVICE, **self.properties
+            )
+        elif self.name == "ov-pld":
+            kwargs["prompt_lookup"] = True
+        return genai.LLMPipeline(str(self.target_ir), OV_DEVICE, **kwargs)
 
     def settings(self) -> dict:
         """The GenerationConfig fields this method sets beyond the EOS policy."""
@@ -404,6 +422,8 @@ class OVMethod:
             "threads": f"OpenVINO INFERENCE_NUM_THREADS {threads}"
             + (" (all cores)" if threads == os.cpu_count() else "")
             + ("; draft the same" if self.name == "ov-sd" else ""),
+            "residency": "loaded for the whole run" if self.resident
+            else "loaded for each generation and freed after (load not timed)",
         }
 
     def generate(self, ids: list[int], max_new_tokens: int, trace: str | None = None):
@@ -416,14 +436,47 @@ class OVMethod:
         x = np.asarray([ids], dtype=np.int64)
         inputs = self._genai.TokenizedInputs(ov.Tensor(x), ov.Tensor(np.ones_like(x)))
         cfg = self.config(max_new_tokens)
-        t0 = time.perf_counter()
-        res = self.pipe.generate(inputs, cfg)
-        wall = time.perf_counter() - t0
+        pipe = self.pipe if self.resident else self.load()
+        try:
+            t0 = time.perf_counter()
+            res = pipe.generate(inputs, cfg)
+            wall = time.perf_counter() - t0
+        finally:
+            if not self.resident:
+                del pipe
+                gc.collect()
         tokens = [int(t) for t in res.tokens[0]]
         if tokens[: len(ids)] == list(ids) and len(tokens) > max_new_tokens:
             tokens = tokens[len(ids) :]  # a result that echoes the prompt
         lengths = [1] * len(tokens) if self.name == "ov-ar" else None
         return Output(tokens, wall, accept_lengths=lengths)
+
+
+def weights_gib(*folders: str | Path | None) -> float:
+    """The IR weight files' size (GiB) of `folders`: about what their pipelines hold in RAM."""
+    total = sum(f.stat().st_size for d in folders if d for f in Path(d).glob("*.bin"))
+    return total / 2**30
+
+
+def available_gib() -> float | None:
+    """MemAvailable now (GiB; the page cache counts as available); None off Linux."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return None
+
+
+def residency(mode: str, need_gib: float, available: float | None) -> bool:
+    """Whether the peers stay loaded for the whole run (True) or load for their turn only.
+
+    `mode`: 'all' (stay), 'one' (one at a time) or 'auto': stay while `need_gib` (every
+    peer's weights) is at most RESIDENT_SHARE of `available` (unknown: stay)."""
+    if mode not in RESIDENCY:
+        raise ValueError(f"peer residency {mode!r}: choose from {', '.join(RESIDENCY)}")
+    if mode != "auto":
+        return mode == "all"
+    return available is None or need_gib <= RESIDENT_SHARE * available
 
 
 def build_peer_methods(
@@ -435,11 +488,13 @@ def build_peer_methods(
     draft_format: str | None = None,
     cache: str | Path | None = None,
     progress: bool = True,
+    resident: str = "auto",
 ) -> dict:
     """name -> OVMethod for the ov-* names in `names`, converting the plan's model folders.
 
     `target_format` / `draft_format`: IR weight formats (WEIGHT_FORMATS); None follows the
     plan (`plan_formats`: its devices' `quantize`, else fp32 target / int8 draft).
+    `resident`: RESIDENCY mode (see `residency`).
     """
     chosen = [n for n in names if is_peer(n)]
     if not chosen:
@@ -452,9 +507,12 @@ def build_peer_methods(
     target_ir = convert(plan.report.target, t_fmt, cache, progress)
     draft_ir = convert(plan.report.draft, d_fmt, cache, progress) if "ov-sd" in chosen else None
     gamma = plan.spec.num_draft_tokens
+    need = sum(weights_gib(target_ir, draft_ir if n == "ov-sd" else None) for n in chosen)
+    stay = residency(resident, need, available_gib())
+    _say(progress and not stay, f"peers need ~{need:.1f} GiB together: each loads for its turn")
     out = {}
     for n in chosen:
         sd = n == "ov-sd"
         out[n] = OVMethod(n, target_ir, eos, gamma, threads, draft_ir if sd else None,
-                          (t_fmt, d_fmt if sd else None))  # fmt: skip
+                          (t_fmt, d_fmt if sd else None), resident=stay)  # fmt: skip
     return out

@@ -60,6 +60,8 @@ class BenchConfig:
     # plan's devices (`quantize`), else fp32 target and int8 draft (bench/peers.py)
     peer_target_format: str | None = None
     peer_draft_format: str | None = None
+    # ov-* peers: 'all' stay loaded, 'one' load for their turn only, 'auto' decides by memory
+    peer_residency: str = "auto"
     cache: str | None = None
     onnx_dir: str | None = None
     speculation: dict = field(default_factory=dict)
@@ -209,6 +211,7 @@ def _settings(cfg: BenchConfig, eos: list[int], qpath: Path, hf_threads: int) ->
         "order": "interleaved: every method on question 1, then question 2, ...",
         "questions_file": str(qpath), "speculation_overrides": cfg.speculation,
         "peer_formats": {"target": cfg.peer_target_format, "draft": cfg.peer_draft_format},
+        "peer_residency": cfg.peer_residency,
     }  # fmt: skip
 
 
@@ -241,7 +244,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         )
         memory = {"after_compile_gib": rss_gib()}
         methods = build_methods(cfg.methods, plan, eos, hf_threads, cfg.hf_dtype,
-                                cfg.peer_target_format, cfg.peer_draft_format, cfg.cache)  # fmt: skip
+                                cfg.peer_target_format, cfg.peer_draft_format, cfg.cache,
+                                cfg.peer_residency)  # fmt: skip
         memory["after_building_methods_gib"] = rss_gib()
         prompts = [encode_prompt(plan.tokenizer, q.text, chat=True) for q in questions]
         if cfg.warmup:

@@ -248,3 +248,35 @@ def test_with_eos_the_peers_stop_and_count_what_they_generated(smollm2_peers):
     out = stop.generate(ids, N_NEW)
     assert out.tokens[-1] in eos and len(out.tokens) < N_NEW
     assert out.tokens == ours  # draft = target's own weights (int8): greedy output unchanged
+
+
+def test_residency_keeps_peers_loaded_only_while_they_fit():
+    assert peers.residency("all", 100.0, 1.0) and not peers.residency("one", 0.1, 100.0)
+    share = peers.RESIDENT_SHARE
+    assert peers.residency("auto", share * 20 - 0.1, 20.0)
+    assert not peers.residency("auto", share * 20 + 0.1, 20.0)
+    assert peers.residency("auto", 1e6, None)  # memory unknown (not Linux): stay
+    with pytest.raises(ValueError, match="residency 'some'"):
+        peers.residency("some", 1.0, 1.0)
+
+
+def test_weights_gib_sums_the_ir_weight_files(tmp_path):
+    (tmp_path / "openvino_model.bin").write_bytes(b"\0" * 2**20)
+    (tmp_path / "openvino_model.xml").write_text("<net/>")
+    assert peers.weights_gib(tmp_path, None) == pytest.approx(1 / 1024)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_a_peer_that_loads_for_its_turn_gives_the_same_tokens(smollm2_peers):
+    """residency 'one': the pipeline is built for the call and freed after (no pipeline kept),
+    and it produces the tokens the resident pipeline does."""
+    from mirror_sd.runtime.prompts import encode_prompt
+
+    plan, methods = smollm2_peers
+    ids = encode_prompt(plan.tokenizer, PROMPT, chat=True)
+    kept = methods["ov-ar"]
+    turn = peers.OVMethod("ov-ar", kept.target_ir, [], kept.gamma, resident=False)
+    assert turn.pipe is None
+    assert turn.generate(ids, N_NEW).tokens == kept.generate(ids, N_NEW).tokens
+    assert turn.pipe is None and "freed after" in turn.describe()["residency"]
