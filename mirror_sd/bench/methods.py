@@ -8,7 +8,11 @@
     mirror       our plan, mode="mirror"
     (+ pld, sam, hd, mirror+sam: model-free draft sources; speculative+conf, mirror+conf,
      speculative+entropy, mirror+entropy: draft-length policies)
-    ov-ar, ov-sd, ov-pld  OpenVINO GenAI peers on all cores (bench/peers.py; the `peers` extra)
+    speculative+conf+sam  SAM-Decoding's hybrid: a suffix-automaton match long enough is the
+                 block, else the draft model drafts until its confidence drops (at most
+                 HYBRID_MAX_DRAFT tokens: with a confidence stop γ is only a ceiling)
+    ov-ar, ov-sd, ov-sd+conf, ov-pld  OpenVINO GenAI peers on all cores (bench/peers.py; the
+                 `peers` extra)
 
 Every method gets the same prompt token ids and the same EOS ids (an empty list: EOS
 never stops a generation, so every method produces exactly `max_new_tokens`). The HF
@@ -46,10 +50,17 @@ POLICY_METHODS = {
     for mode in ("speculative", "mirror")
     for tag, stop, threshold in (("conf", "confidence", 0.6), ("entropy", "entropy", 1.0))
 }
+HYBRID_MAX_DRAFT = 8  # speculative+conf+sam's γ ceiling (ov-sd+conf's confidence stop has none)
+HYBRID_METHODS = {
+    "speculative+conf+sam": {"mode": "speculative", "retrieval": "sam",
+                             "draft_stop": "confidence", "draft_stop_threshold": 0.6,
+                             "num_draft_tokens": HYBRID_MAX_DRAFT},
+}  # fmt: skip
 PLAN_METHODS = {
     **{k: {"mode": v} for k, v in PLAN_MODES.items()},
     **RETRIEVAL_METHODS,
     **POLICY_METHODS,
+    **HYBRID_METHODS,
 }
 ALL_METHODS = HF_METHODS + tuple(PLAN_MODES)  # the default set
 KNOWN_METHODS = HF_METHODS + tuple(PLAN_METHODS)  # everything the base install runs

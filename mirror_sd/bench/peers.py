@@ -1,8 +1,12 @@
-"""OpenVINO GenAI as benchmark peers: `ov-ar`, `ov-sd`, `ov-pld` (greedy, batch 1, CPU).
+"""OpenVINO GenAI as benchmark peers: `ov-ar`, `ov-sd`, `ov-sd+conf`, `ov-pld` (greedy,
+batch 1, CPU).
 
     ov-ar   LLMPipeline(target IR): autoregressive greedy decoding
     ov-sd   LLMPipeline(target IR, draft_model=draft_model(draft IR, "CPU")): speculative
             decoding with `num_assistant_tokens` = the plan's γ (SpecConfig.num_draft_tokens)
+    ov-sd+conf  the same pipeline drafting while the draft's top-1 probability is at least
+            `assistant_confidence_threshold` = PEER_CONFIDENCE (OpenVINO's own dynamic draft
+            length, the counterpart of our `+conf` methods)
     ov-pld  LLMPipeline(target IR, prompt_lookup=True): prompt lookup decoding with
             `num_assistant_tokens` = PLD_ASSISTANT_TOKENS, `max_ngram_size` = PLD_MAX_NGRAM
 
@@ -41,7 +45,9 @@ from pathlib import Path
 
 # --- defaults (all of them) ---------------------------------------------------------------
 
-PEER_METHODS = ("ov-ar", "ov-sd", "ov-pld")
+PEER_METHODS = ("ov-ar", "ov-sd", "ov-sd+conf", "ov-pld")
+DRAFT_PEERS = ("ov-sd", "ov-sd+conf")  # the peers that load the draft model
+PEER_CONFIDENCE = 0.6  # ov-sd+conf: as our speculative+conf's draft_stop_threshold
 OV_DEVICE = "CPU"
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
 TARGET_FORMAT = "fp32"  # the target IR's weights unless the plan's target is quantized
@@ -330,12 +336,12 @@ class OVMethod:
     """One openvino_genai.LLMPipeline on OV_DEVICE, greedy, batch 1.
 
     Args:
-        name: 'ov-ar' | 'ov-sd' | 'ov-pld'.
+        name: one of PEER_METHODS.
         target_ir: the target's IR folder (see `convert`).
         eos: the runner's EOS ids; [] disables EOS (exactly max_new_tokens tokens).
         gamma: draft tokens per step for ov-sd (`num_assistant_tokens`).
         threads: INFERENCE_NUM_THREADS for the target (and the draft); None: all cores.
-        draft_ir: the draft's IR folder (ov-sd only).
+        draft_ir: the draft's IR folder (DRAFT_PEERS only).
         formats: (target, draft) weight formats, for describe().
         resident: keep the pipeline loaded between calls; False: load it for each `generate`
             and free it after (the load is not timed), so that peers that do not fit in memory
@@ -355,8 +361,8 @@ class OVMethod:
     ):
         if name not in PEER_METHODS:
             raise ValueError(f"{name!r} is not an OpenVINO peer ({', '.join(PEER_METHODS)})")
-        if name == "ov-sd" and draft_ir is None:
-            raise ValueError("ov-sd needs a draft model: pass --draft")
+        if name in DRAFT_PEERS and draft_ir is None:
+            raise ValueError(f"{name} needs a draft model: pass --draft")
         genai = import_genai()
         self.name, self.eos, self.gamma = name, list(eos), int(gamma)
         self.formats = formats
@@ -372,7 +378,7 @@ class OVMethod:
         """A new openvino_genai.LLMPipeline for this method."""
         genai = self._genai
         kwargs: dict = {"scheduler_config": self.scheduler, **self.properties}
-        if self.name == "ov-sd":
+        if self.name in DRAFT_PEERS:
             kwargs["draft_model"] = genai.draft_model(
                 str(self.draft_ir), OV_DEVICE, **self.properties
             )
@@ -384,6 +390,8 @@ class OVMethod:
         """The GenerationConfig fields this method sets beyond the EOS policy."""
         if self.name == "ov-sd":
             return {"num_assistant_tokens": self.gamma}
+        if self.name == "ov-sd+conf":
+            return {"assistant_confidence_threshold": PEER_CONFIDENCE}
         if self.name == "ov-pld":
             return {"num_assistant_tokens": PLD_ASSISTANT_TOKENS, "max_ngram_size": PLD_MAX_NGRAM}
         return {}
@@ -409,9 +417,10 @@ class OVMethod:
     def describe(self) -> dict:
         extra = "".join(f", {k}={v}" for k, v in self.settings().items())
         what = {"ov-ar": "LLMPipeline", "ov-sd": "LLMPipeline(draft_model=draft)",
+                "ov-sd+conf": "LLMPipeline(draft_model=draft)",
                 "ov-pld": "LLMPipeline(prompt_lookup=True)"}[self.name]  # fmt: skip
         weights = f"target {self.formats[0]}"
-        if self.name == "ov-sd":
+        if self.name in DRAFT_PEERS:
             weights += f", draft {self.formats[1]}"
         props = ", ".join(f"{k}={v}" for k, v in self.properties.items())
         sched = ", ".join(f"{k}={v}" for k, v in SCHEDULER.items())
@@ -421,7 +430,7 @@ class OVMethod:
             f"greedy{extra}; {weights} IR; properties {props}; scheduler {sched}",
             "threads": f"OpenVINO INFERENCE_NUM_THREADS {threads}"
             + (" (all cores)" if threads == os.cpu_count() else "")
-            + ("; draft the same" if self.name == "ov-sd" else ""),
+            + ("; draft the same" if self.name in DRAFT_PEERS else ""),
             "residency": "loaded for the whole run" if self.resident
             else "loaded for each generation and freed after (load not timed)",
         }
@@ -500,19 +509,20 @@ def build_peer_methods(
     if not chosen:
         return {}
     check_available(chosen)
-    if "ov-sd" in chosen and not plan.report.draft:
-        raise ValueError("ov-sd needs a draft model: pass --draft")
+    drafted = [n for n in chosen if n in DRAFT_PEERS]
+    if drafted and not plan.report.draft:
+        raise ValueError(f"{', '.join(drafted)} need(s) a draft model: pass --draft")
     t_default, d_default = plan_formats(plan)
     t_fmt, d_fmt = target_format or t_default, draft_format or d_default
     target_ir = convert(plan.report.target, t_fmt, cache, progress)
-    draft_ir = convert(plan.report.draft, d_fmt, cache, progress) if "ov-sd" in chosen else None
+    draft_ir = convert(plan.report.draft, d_fmt, cache, progress) if drafted else None
     gamma = plan.spec.num_draft_tokens
-    need = sum(weights_gib(target_ir, draft_ir if n == "ov-sd" else None) for n in chosen)
+    need = sum(weights_gib(target_ir, draft_ir if n in DRAFT_PEERS else None) for n in chosen)
     stay = residency(resident, need, available_gib())
     _say(progress and not stay, f"peers need ~{need:.1f} GiB together: each loads for its turn")
     out = {}
     for n in chosen:
-        sd = n == "ov-sd"
+        sd = n in DRAFT_PEERS
         out[n] = OVMethod(n, target_ir, eos, gamma, threads, draft_ir if sd else None,
                           (t_fmt, d_fmt if sd else None), resident=stay)  # fmt: skip
     return out

@@ -21,7 +21,8 @@ from mirror_sd.bench.specbench import TASKS
 OVERALL = "overall"
 # baselines that are not ours: no heterogeneous speedup vs our `ar` (they use every core)
 PEER_PREFIXES = ("hf-", "ov-")
-PEER_REFERENCES = ("ov-ar", "ov-sd")  # the fastest peers a CPU user would run: × vs each
+# the fastest peers a CPU user would run: × vs each (ov-sd+conf: OpenVINO's dynamic draft length)
+PEER_REFERENCES = ("ov-ar", "ov-sd", "ov-sd+conf")
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -217,7 +217,7 @@ def test_ov_sd_and_ov_pld_report_the_tokens_they_generated(smollm2_peers):
     plan, methods = smollm2_peers
     ids = encode_prompt(plan.tokenizer, PROMPT, chat=True)
     vocab = len(plan.tokenizer)
-    for name in ("ov-sd", "ov-pld"):
+    for name in ("ov-sd", "ov-sd+conf", "ov-pld"):
         out = methods[name].generate(ids, N_NEW)
         assert 0 < len(out.tokens) <= N_NEW, name
         assert all(isinstance(t, int) and 0 <= t < vocab for t in out.tokens), name
@@ -225,6 +225,8 @@ def test_ov_sd_and_ov_pld_report_the_tokens_they_generated(smollm2_peers):
         assert out.wall_s > 0
     sd = methods["ov-sd"].describe()["runs"]
     assert f"num_assistant_tokens={plan.spec.num_draft_tokens}" in sd and "draft int8" in sd
+    conf = methods["ov-sd+conf"].describe()["runs"]
+    assert f"assistant_confidence_threshold={peers.PEER_CONFIDENCE}" in conf
     pld = methods["ov-pld"].describe()["runs"]
     assert f"max_ngram_size={peers.PLD_MAX_NGRAM}" in pld
 
