@@ -1,0 +1,152 @@
+"""`PackedCache`: several sequences in one runner's KV cache, told apart by the mask.
+
+A batch runs through the *same* graphs and runners as batch 1 (`ModelRunner.forward` on
+ids (1, T)): the new rows of every live sequence are packed one after the other into one
+block of T = Σ t_s rows, and each cache column belongs to one sequence (`owner`) or to none
+(a hole). The boolean mask lets a row see only its own sequence's columns and, among the new
+rows, its own sequence's earlier rows; positions are per sequence (the sequence's own token
+count), so RoPE, attention and therefore each sequence's logits are those of batch 1 up to
+float rounding. No realignment per round: a rejected draft row or a departed sequence just
+becomes a hole; `compact` (the cache's own `keep`) squeezes holes out only when they fill
+more than half of the written columns or a block would not fit. See docs/runtime.md, *Batches*.
+
+All methods run on the owning pipeline's worker thread (one writer at a time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Mapping, Sequence
+
+import torch
+
+from mirror_sd.devices.base import ModelRunner, fill
+from mirror_sd.graphs.kv_cache import CacheFullError
+
+HOLE = -1  # owner of a column no sequence holds (rejected row, departed sequence)
+MAX_HOLE_SHARE = 0.5  # compact before a forward when holes exceed this share of the columns
+
+
+class PackedCache:
+    """Per-sequence columns of one runner's cache (see module doc). Sequences are keyed by
+    any hashable id; `tokens[sid][k]` is the token held in column `cols[sid][k]`, at
+    position k of that sequence."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.owner = torch.full((runner.max_len,), HOLE, dtype=torch.long)  # column -> slot
+        self.cols: dict[Hashable, list[int]] = {}
+        self.tokens: dict[Hashable, list[int]] = {}
+        self._slot: dict[Hashable, int] = {}  # sequence id -> integer owner id
+        self.compactions = 0  # realignments (a `keep` over the cache) and the rows they moved
+        self.moved_rows = 0
+        self.compact_s = 0.0  # seconds spent compacting
+        runner.rollback(0)
+
+    # --- sequences -------------------------------------------------------------------------
+    def add(self, sid: Hashable) -> None:
+        """Start tracking a sequence with no cached rows."""
+        if sid in self._slot:
+            raise ValueError(f"sequence {sid!r} is already in this cache")
+        self._slot[sid] = len(self._slot)
+        self.cols[sid], self.tokens[sid] = [], []
+
+    def drop(self, sid: Hashable) -> None:
+        """The sequence left the batch: all its columns become holes."""
+        self.truncate(sid, 0)
+        del self.cols[sid], self.tokens[sid]
+
+    def truncate(self, sid: Hashable, n: int) -> None:
+        """Keep the sequence's first n cached tokens; its later columns become holes, and the
+        written length shrinks past any trailing holes (a rollback: a pointer move)."""
+        cols = self.cols[sid]
+        if not 0 <= n <= len(cols):
+            raise ValueError(f"truncate sequence {sid!r} to {n} outside [0, {len(cols)}]")
+        if n == len(cols):
+            return
+        self.owner[cols[n:]] = HOLE
+        del cols[n:], self.tokens[sid][n:]
+        held = (self.owner[: self.runner.length] != HOLE).nonzero()
+        self.runner.rollback(int(held[-1]) + 1 if held.numel() else 0)
+
+    @property
+    def holes(self) -> int:
+        """Written columns that no sequence holds."""
+        return self.runner.length - sum(len(c) for c in self.cols.values())
+
+    # --- running rows ----------------------------------------------------------------------
+    def inputs(
+        self, new: Mapping[Hashable, Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids, position_ids (1, T) and mask (1, T, S + T) for the new tokens of each sequence,
+        packed in `new`'s order after the S written columns."""
+        s = self.runner.length
+        ids = [t for toks in new.values() for t in toks]
+        who = torch.tensor([self._slot[sid] for sid, toks in new.items() for _ in toks])  # (T,)
+        pos = [len(self.tokens[sid]) + i for sid, toks in new.items() for i in range(len(toks))]
+        past = self.owner[:s][None, :] == who[:, None]  # (T, S): own columns only
+        t = len(ids)
+        own = (who[:, None] == who[None, :]) & torch.ones(t, t, dtype=torch.bool).tril()
+        mask = torch.cat([past, own], dim=1)[None]  # (1, T, S + T)
+        return torch.tensor([ids]), torch.tensor([pos]), mask
+
+    def forward(self, new: Mapping[Hashable, Sequence[int]]) -> dict[Hashable, torch.Tensor]:
+        """Append each sequence's new tokens in one forward; returns its logits (t_s, V)."""
+        new = {sid: list(toks) for sid, toks in new.items() if toks}
+        self._room(sum(len(t) for t in new.values()))
+        start = self.runner.length
+        logits = self.runner.forward(*self.inputs(new))  # (T, V)
+        out, row = {}, 0
+        for sid, toks in new.items():
+            out[sid] = logits[row : row + len(toks)]
+            self._record(sid, toks, start + row)
+            row += len(toks)
+        return out
+
+    def fill(self, sid: Hashable, tokens: Sequence[int]) -> None:
+        """Append one sequence's tokens without logits (a prefill)."""
+        tokens = list(tokens)
+        if not tokens:
+            return
+        self._room(len(tokens))
+        start = self.runner.length
+        fill(self.runner, *self.inputs({sid: tokens}))
+        self._record(sid, tokens, start)
+
+    def _record(self, sid: Hashable, tokens: list[int], start: int) -> None:
+        cols = range(start, start + len(tokens))
+        self.owner[start : start + len(tokens)] = self._slot[sid]
+        self.cols[sid] += cols
+        self.tokens[sid] += tokens
+
+    # --- holes -----------------------------------------------------------------------------
+    def _room(self, t: int) -> None:
+        """Compact first when T more rows would not fit, or holes are over MAX_HOLE_SHARE."""
+        n = self.runner.length
+        if n + t > self.runner.max_len or (n and self.holes > MAX_HOLE_SHARE * n):
+            self.compact()
+        if self.runner.length + t > self.runner.max_len:
+            held = self.runner.length - self.holes
+            raise CacheFullError(
+                f"{self.runner.name}: the batch holds {held} rows and needs {t} more, over "
+                f"the cache's {self.runner.max_len}: raise max_len or run fewer sequences"
+            )
+
+    def compact(self) -> None:
+        """Move every held column down over the holes (the cache's `keep`, one gather per
+        layer); positions are untouched, so no sequence's logits change."""
+        n = self.runner.length
+        held = (self.owner[:n] != HOLE).nonzero().flatten().tolist()
+        first = next((i for i, c in enumerate(held) if c != i), len(held))
+        if first == len(held) and len(held) == n:
+            return
+        t0 = time.perf_counter()
+        self.runner.keep(first, held[first:])
+        self.compact_s += time.perf_counter() - t0
+        self.compactions += 1
+        self.moved_rows += len(held) - first
+        remap = {c: i for i, c in enumerate(held)}
+        self.owner[: len(held)] = self.owner[held].clone()
+        self.owner[len(held) : n] = HOLE
+        for sid, cols in self.cols.items():
+            self.cols[sid] = [remap[c] for c in cols]
