@@ -20,6 +20,7 @@ from mirror_sd.partition.device_map import DeviceSpec
 from mirror_sd.partition.spec_config import SpecConfig
 from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.runtime.acceptance import Sampling
+from mirror_sd.runtime.batch import BatchJob, is_batch
 from mirror_sd.runtime.compile_report import CompileReport
 from mirror_sd.runtime.draft_engine import DraftEngine
 from mirror_sd.runtime.draft_policy import DraftPolicy
@@ -34,11 +35,18 @@ from mirror_sd.runtime.prompts import (
 )
 from mirror_sd.runtime.results import GenerationResult, GenerationStats
 from mirror_sd.runtime.scheduler import RoundSettings, VerificationScheduler
+from mirror_sd.runtime.stops import truncate as _truncate
 from mirror_sd.runtime.tracing import Tracer
 
 
 class PlanBusyError(RuntimeError):
     """generate()/stream() was called while another generation runs on the same plan."""
+
+
+BUSY = (
+    "this plan is already generating; plans run one generation at a time — "
+    "wait for it, or compile a second plan for concurrent requests"
+)
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,25 @@ class Plan:
         self.draft_disabled: str | None = None  # set when the draft hung: never used again
 
     # --- generation -----------------------------------------------------------------------
-    def generate(self, prompt: Prompt, max_new_tokens: int = 128, **kwargs) -> GenerationResult:
-        """Generate from text, chat messages or token ids. See `stream` for the arguments."""
+    def generate(
+        self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 128, **kwargs
+    ) -> GenerationResult | list[GenerationResult]:
+        """Generate from text, chat messages or token ids. See `stream` for the arguments.
+
+        A list of prompts (strings, message lists or id lists) runs as one batch, one target
+        forward per round over every live sequence, and returns one result per prompt in
+        order, each equal to its batch-1 result's tokens (`runtime/batch.py`: modes
+        speculative and autoregressive; `seed` + i seeds prompt i). Every prompt is checked
+        before any work starts; an invalid one raises ValueError naming `prompts[i]`.
+        """
+        if is_batch(prompt):
+            job = BatchJob.prepare(self, prompt, max_new_tokens, **kwargs)
+            if not self._busy.acquire(blocking=False):
+                raise PlanBusyError(BUSY)
+            try:
+                return job.run()
+            finally:
+                self._busy.release()
         gen = self._run(prompt, max_new_tokens, **kwargs)
         for _ in gen:
             pass
@@ -129,10 +154,7 @@ class Plan:
             overrides["mode"] = self.spec.mode
         spec = self.spec.with_(**overrides)
         if not self._busy.acquire(blocking=False):
-            raise PlanBusyError(
-                "this plan is already generating; plans run one generation at a time — "
-                "wait for it, or compile a second plan for concurrent requests"
-            )
+            raise PlanBusyError(BUSY)
         try:
             yield from self._generate(
                 prompt, max_new_tokens, spec, seed, stop_strings, eos_token_id, chat, trace
@@ -261,16 +283,3 @@ class Plan:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _truncate(produced: list[int], eos: set[int], stop_strings: Sequence[str], tok) -> list[int]:
-    """Cut after the first EOS token, or after the token that completes a stop string."""
-    for i, t in enumerate(produced):
-        if t in eos:
-            return produced[: i + 1]
-    if stop_strings:
-        for i in range(len(produced)):
-            text = tok.decode(produced[: i + 1], skip_special_tokens=True)
-            if any(s in text for s in stop_strings):
-                return produced[: i + 1]
-    return produced

@@ -73,6 +73,20 @@ def _by_source(rounds: list[RoundLog]) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
+class BatchStats:
+    """What a batched `generate` did as a whole (the same record on every result of a batch)."""
+
+    size: int  # sequences in the batch
+    new_tokens: int  # over all sequences
+    wall_s: float  # until the last sequence finished
+    tokens_per_s: float  # total throughput
+    rounds: int  # target forwards after the prefills (one per round, all live sequences)
+    compactions: int  # realignments of the target's and the draft's packed caches
+    moved_rows: int  # cache rows those compactions moved (per layer)
+    realign_s: float  # time the rounds spent in them
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     tokens: list[int]  # new tokens only
     text: str
@@ -80,3 +94,4 @@ class GenerationResult:
     stats: GenerationStats
     rounds: list[RoundLog]
     trace_path: str | None = None
+    batch: BatchStats | None = None  # set on each result of a batched generate

@@ -1,0 +1,188 @@
+"""Batched generation: every sequence of a batch equals its batch-1 output, token for token.
+
+Sequences of a batch share one packed KV cache per device (`runtime/packing.py`); these tests
+run prompts of different lengths, force different accept lengths per sequence (a draft that is
+the target except at some positions), force compactions with a small cache, and check that
+finished sequences leave, that bad input is refused before any work, and that sampling keeps
+each sequence's distribution.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
+from mirror_sd.runtime.autoregressive import extend, greedy_decode
+from mirror_sd.runtime.batch import is_batch
+from mirror_sd.runtime.prompts import PromptTooLongError
+from tests.runtime.conftest import CHI2_99_9, chi2, target_dists, tiny_model
+
+MODES = ["autoregressive", "speculative"]
+NEAR_TIE = 1e-3  # a top-2 logit margin below this is a floating-point near-tie (runtime.md)
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    return torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+PROMPTS = [_prompt(1, 5), _prompt(2, 11), _prompt(3, 1), _prompt(4, 17), _prompt(5, 3)]
+
+
+class PositionNoisyDraft(TorchRunner):
+    """The target as its own draft, except that rows at positions p with p² % 7 == 2 get their
+    logits rolled by one token: those drafts are rejected, so sequences at different positions
+    accept different lengths in the same round."""
+
+    def forward(self, ids, position_ids, mask):
+        logits = super().forward(ids, position_ids, mask)  # (T, V)
+        noisy = ((position_ids[0] * position_ids[0]) % 7 == 2).tolist()
+        return torch.stack([r.roll(1) if n else r for r, n in zip(logits, noisy, strict=True)])
+
+
+def assert_same(model, prompt: list[int], out: list[int], ref: list[int], what: str) -> None:
+    """out == ref, or a failure that says whether the first difference is a near-tie."""
+    if out == ref:
+        return
+    i = next(
+        (k for k, (a, b) in enumerate(zip(out, ref, strict=False)) if a != b),
+        min(len(out), len(ref)),
+    )
+    logits = extend(model, model.new_cache(512), prompt + ref[:i])[-1]
+    top = logits.topk(2).values
+    margin = float(top[0] - top[1])
+    kind = "a floating-point near-tie" if margin < NEAR_TIE else "a bug"
+    pytest.fail(f"{what}: differs at token {i} (top-2 margin {margin:.2e}: {kind})")
+
+
+@pytest.fixture
+def models(tmp_path):
+    target = tiny_model(tmp_path, "qwen2", seed=0, num_hidden_layers=4)
+    draft = tiny_model(tmp_path, "qwen2", seed=1, num_hidden_layers=2)
+    return target, draft
+
+
+def test_is_batch_tells_prompts_from_one_prompt():
+    assert is_batch(["a", "b"]) and is_batch([[1, 2], [3]]) and is_batch([[{"role": "user"}]])
+    assert not is_batch([1, 2, 3]) and not is_batch("text") and not is_batch([])
+    assert not is_batch([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+@pytest.mark.parametrize("mode", MODES)
+def test_every_sequence_equals_its_batch1_output(models, plan_factory, mode, size):
+    target, _ = models
+    noisy = PositionNoisyDraft(target, TorchDevice(), 512, name="draft")
+    plan = plan_factory(target, None, draft_runner=noisy, mode=mode, num_draft_tokens=3)
+    prompts = PROMPTS[:size]
+    results = plan.generate(prompts, 20)
+    assert isinstance(results, list) and len(results) == size
+    for i, (prompt, res) in enumerate(zip(prompts, results, strict=True)):
+        single = plan.generate(prompt, 20)
+        assert_same(target, prompt, res.tokens, single.tokens, f"{mode} B={size} prompts[{i}]")
+        assert_same(target, prompt, res.tokens, greedy_decode(target, prompt, 20), "greedy")
+        assert res.prompt_tokens == len(prompt) and res.batch.size == size
+    if mode == "speculative" and size > 1:  # the noisy draft makes accept lengths ragged
+        by_round = zip(*(r.rounds for r in results), strict=False)
+        assert any(len({r.accepted for r in rnd}) > 1 for rnd in by_round)
+        assert any(r.accepted > 0 for res in results for r in res.rounds)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_with_a_model_draft_and_a_small_cache_compacts(models, plan_factory, mode):
+    """A random draft (mostly rejected: many holes) and a cache just big enough for the batch:
+    holes are squeezed out (compactions) and every sequence still equals greedy."""
+    target, draft = models
+    need = sum(len(p) + 24 + 5 for p in PROMPTS)
+    plan = plan_factory(target, draft, mode=mode, num_draft_tokens=4, max_len=need)
+    results = plan.generate(PROMPTS, 24)
+    for i, (prompt, res) in enumerate(zip(PROMPTS, results, strict=True)):
+        assert_same(target, prompt, res.tokens, greedy_decode(target, prompt, 24), f"[{i}]")
+    if mode == "speculative":
+        assert results[0].batch.compactions > 0 and results[0].batch.moved_rows > 0
+
+
+def test_self_speculation_in_a_batch_accepts_everything(models, plan_factory):
+    target, _ = models
+    plan = plan_factory(target, target, mode="speculative", num_draft_tokens=3)
+    results = plan.generate(PROMPTS[:3], 16)
+    for prompt, res in zip(PROMPTS[:3], results, strict=True):
+        assert res.tokens == greedy_decode(target, prompt, 16)
+        assert res.stats.rounds == 4 and res.stats.mean_accepted == 4.0
+
+
+def test_finished_sequences_leave_the_batch(models, plan_factory):
+    """Each sequence stops at its own EOS; it leaves (no more rounds) and the rest go on."""
+    target, draft = models
+    plan = plan_factory(target, draft, mode="speculative", num_draft_tokens=3)
+    refs = [greedy_decode(target, p, 30) for p in PROMPTS[:3]]
+    eos = refs[1][4]  # the middle sequence ends early
+    results = plan.generate(PROMPTS[:3], 30, eos_token_id=eos)
+    for ref, res in zip(refs, results, strict=True):
+        expect = ref[: ref.index(eos) + 1] if eos in ref else ref
+        assert res.tokens == expect
+    short = results[1]
+    assert len(short.tokens) == refs[1].index(eos) + 1 < 30
+    assert len(short.rounds) < max(len(r.rounds) for r in results)
+    assert short.stats.wall_s <= results[0].batch.wall_s  # its latency ends when it leaves
+    assert plan.target.length <= sum(len(p) + 30 + 4 for p in PROMPTS[:3])
+
+
+def test_stop_strings_end_each_sequence(models, plan_factory):
+    target, _ = models
+    plan = plan_factory(target, None, mode="autoregressive")
+    refs = [greedy_decode(target, p, 20) for p in PROMPTS[:2]]
+    stop = f" {refs[0][2]}"  # IdTokenizer decodes ids as " <id>"
+    results = plan.generate(PROMPTS[:2], 20, stop_strings=[stop])
+    for ref, res in zip(refs, results, strict=True):
+        text = ""
+        for k, t in enumerate(ref):
+            text += f" {t}"
+            if stop in text:
+                ref = ref[: k + 1]
+                break
+        assert res.tokens == ref
+
+
+def test_invalid_prompt_is_named_before_any_work(models, plan_factory):
+    target, draft = models
+    plan = plan_factory(target, draft, mode="speculative")
+    with pytest.raises(ValueError, match=r"prompts\[1\]: .*token id 500 is outside"):
+        plan.generate([[1, 2], [3, 500], [4]], 8)
+    with pytest.raises(ValueError, match=r"prompts\[2\]: .*empty"):
+        plan.generate([[1, 2], [3], []], 8)
+    assert plan.target.length == 0 and plan.draft.length == 0  # nothing ran
+    with pytest.raises(PromptTooLongError, match="batch of 3 prompts"):
+        plan.generate([[1] * 100] * 3, 100, max_len=512)
+    with pytest.raises(ValueError, match="seed"):
+        plan.generate([[1], [2]], 4, seed=[1])
+
+
+def test_mirror_batch_names_the_fix(models, plan_factory):
+    target, draft = models
+    plan = plan_factory(target, draft, mode="mirror")
+    with pytest.raises(ValueError, match="mode='speculative'"):
+        plan.generate([[1, 2], [3]], 4)
+    assert plan.generate([1, 2], 4).stats.mode == "mirror"  # one prompt: one result, as before
+
+
+def test_sampling_keeps_each_sequence_distribution(tmp_path, plan_factory):
+    """χ² over batched samples: each sequence of a batch of 3 follows the target's law."""
+    v = 6
+    small = dict(vocab_size=v, hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    target = tiny_model(tmp_path, "llama", seed=0, num_hidden_layers=3, **small)
+    draft = tiny_model(tmp_path, "llama", seed=9, num_hidden_layers=1, **small)
+    plan = plan_factory(target, draft, mode="speculative", num_draft_tokens=2, temperature=1.0)
+    prompt = [1, 2, 3]
+    joint, third = target_dists(target, prompt, v)
+    pairs = torch.zeros(v, v, dtype=torch.double)
+    thirds = torch.zeros(v, dtype=torch.double)
+    for k in range(500):
+        for res in plan.generate([prompt] * 3, 3, seed=3 * k):
+            a, b, c = res.tokens
+            pairs[a, b] += 1
+            thirds[c] += 1
+    assert chi2(pairs.flatten(), joint.flatten()) < CHI2_99_9[35]
+    assert chi2(thirds, third) < CHI2_99_9[5]
+    d_joint, _ = target_dists(draft, prompt, v)  # power: the draft's law is rejected
+    assert chi2(pairs.flatten(), d_joint.flatten()) > CHI2_99_9[35]
