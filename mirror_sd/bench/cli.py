@@ -6,6 +6,7 @@
     mirror-sd bench --from-results DIR/results.json --simulate PROFILE.json [--out DIR]
     mirror-sd bench --from-results DIR/results.json        # re-render results.md / speedup.png
     mirror-sd bench --ablation RUN1=int8 --ablation RUN2=int4 --out DIR   # one table over runs
+    mirror-sd bench --target T --draft D --batch 1,2,4 [--methods ar,speculative]  # batches
 
 Imports stay light here: torch and transformers load only when a command runs.
 """
@@ -22,6 +23,9 @@ import yaml
 
 SPEC_FLAGS = {"gamma": "num_draft_tokens", "kappa": "exit_top_k", "exit_layer": "exit_layer",
               "branch_budget": "branch_budget", "max_len": "max_len"}  # fmt: skip
+
+
+DEFAULT_METHODS = "hf-ar,hf-assisted,hf-pld,ar,speculative,mirror"
 
 
 def _speculation(args: argparse.Namespace) -> dict:
@@ -49,6 +53,8 @@ def _run(args: argparse.Namespace) -> int:
     from mirror_sd.bench.methods import parse_methods
 
     out = Path(args.out)
+    if args.batch:
+        return _run_batch(args, out)
     if args.sweep:
         from mirror_sd.bench import sweep
         from mirror_sd.partition import Profile
@@ -120,6 +126,40 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_batch(args: argparse.Namespace, out: Path) -> int:
+    """`--batch 1,2,4`: batched ar / speculative over the Spec-Bench prompts (bench/batch_bench)."""
+    from mirror_sd.bench import batch_bench
+
+    if not args.target:
+        raise SystemExit("mirror-sd bench --batch: give --target (and --draft)")
+    try:
+        sizes = batch_bench.parse_sizes(args.batch)
+    except ValueError as e:
+        raise SystemExit(f"mirror-sd bench: {e}") from None
+    given = args.methods.split(",") if args.methods != DEFAULT_METHODS else ["ar", "speculative"]
+    methods = [m.strip() for m in given if m.strip()]
+    import mirror_sd.api as api
+    from mirror_sd.bench.specbench import default_path, load_questions
+    from mirror_sd.runtime.prompts import encode_prompt, eos_token_ids
+
+    qpath = Path(args.questions) if args.questions else default_path()
+    questions = load_questions(qpath, args.per_category, _tasks(args))
+    with api.compile(args.target, args.draft, args.device_map, cache=args.cache,
+                     **_speculation(args)) as plan:  # fmt: skip
+        prompts = [encode_prompt(plan.tokenizer, q.text, chat=True) for q in questions]
+        eos = eos_token_ids(plan.tokenizer, plan.generation_config) if args.stop_at_eos else ()
+        try:
+            rows = batch_bench.run(plan, prompts, sizes, args.max_new_tokens, methods, eos)
+        except ValueError as e:
+            raise SystemExit(f"mirror-sd bench --batch: {e}") from None
+    text = batch_bench.markdown(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "batch.json").write_text(json.dumps(batch_bench.to_json(rows), indent=1) + "\n")
+    (out / "batch.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `bench` subcommand to a `mirror-sd` subparsers object."""
     p = subparsers.add_parser(
@@ -139,7 +179,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--tasks", default=None,
                    help="comma-separated Spec-Bench tasks to run (default: all six)")  # fmt: skip
-    p.add_argument("--methods", default="hf-ar,hf-assisted,hf-pld,ar,speculative,mirror",
+    p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated methods (default: the six shown; more: pld, sam, hd, "
                         "mirror+sam, speculative+conf, ..., ov-ar, ov-sd, ov-pld)")  # fmt: skip
     p.add_argument("--out", default="bench_results", help="output folder")
@@ -180,6 +220,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="tabulate finished runs (one per draft variant) into OUT/ablation.md")  # fmt: skip
     p.add_argument("--sim-exit-layer", type=int, default=None,
                    help="ℓe on the simulated target (default: same depth fraction)")  # fmt: skip
+    p.add_argument("--batch", default=None, metavar="SIZES",
+                   help="batch sizes, e.g. 1,2,4: batched ar / speculative (--methods picks "
+                        "among them) into OUT/batch.md and batch.json")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
     return p
