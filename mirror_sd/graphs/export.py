@@ -213,9 +213,16 @@ def quantize_weights(src: str | Path, dst: str | Path, bits: int, exact: bool = 
         activations (accuracy_level 0; the int8 / int4 weights dequantized in the kernel), so only
         the weights are quantized. Why: with accuracy_level 4 on the Qwen2.5-Coder-1.5B target,
         speculative output differed from the same target's `ar` in 11 of 18 Spec-Bench prompts
-        (top-2 margins 0.04-0.2), and with accuracy_level 0 the prompts checked agree. The cause
-        is not located: a lone MatMulNBits (with or without bias) gives the same rows for a block
-        of 5 as for single rows at either level (measured), so it lies in the rest of the graph.
+        (top-2 margins 0.04-0.2). The cause (located by dumping every node of the 1.5B's int8
+        prefix graph for a 5-row block and for its first row alone): each MatMulNBits is
+        row-exact, but the attention's fp32 GEMMs differ in the last bits between 5 rows and 1
+        (1e-7, as in any fp32 graph); int8 activation quantization is a step function, so such
+        a difference that crosses a rounding boundary becomes a whole quantization step, and
+        28 layers carry it to the logits (0.03 in the prefix's hidden state, 0.14 in logits).
+        With fp32 activations the same noise stays at 1e-5 (tested on one MatMul:
+        tests/graphs/test_export.py). The catch: ORT 1.32 on AVX2 has no fast fp32-activation
+        int8 kernel (a 1536x8960 int8 MatMul takes 52 ms at level 0, 0.9 ms at level 4,
+        2.6 ms in fp32); int4 at level 0 takes 2.0 ms for one row but 6.8 ms for five.
     Per-block scales keep Qwen's
         outlier channels: on the 0.5B draft the int8 top-1 token agrees with fp32 on ~98% of code
         positions, where per-tensor dynamic quantization (`quantize_dynamic` on MatMuls) agrees on

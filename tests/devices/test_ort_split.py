@@ -279,8 +279,9 @@ def test_fill_writes_the_same_rows_as_forward_without_logits(target):
 def test_quantized_target_rows_do_not_depend_on_the_block(target, quant):
     """A quantized target scores a row the same whether it is decoded alone or verified in a
     block (else speculative != its own ar), from weights-only (`-exact`) exports. On these
-    tiny models this also holds with int8 activations, so it does not reproduce the 1.5B
-    mismatch of docs/benchmarks.md; it guards the invariant and the export naming."""
+    tiny models it also holds with int8 activations (no rounding boundary happens to be
+    crossed), so the mechanism behind the 1.5B mismatch is tested on one MatMul in
+    tests/graphs/test_export.py; this test guards the invariant and the export naming."""
     r = runner(target, quantize=quant)
     assert "-exact-" in str(r.graphs.prefix.parent.name) and "-exact-" in r.graphs.head.parent.name
     prompt, block = [5, 17, 3, 88], [41, 9, 13, 2, 60]

@@ -288,3 +288,42 @@ def test_source_identity_changes_with_the_weights(tmp_path):
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert ex.source_identity(folder) != before
+
+
+def _one_matmul(path: Path, k: int = 64, n: int = 16) -> Path:
+    """A graph of one MatMul (weights ~ N(0, 1), seed 0): the smallest thing to quantize."""
+    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "one_matmul",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, "T", k])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, "T", n])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.save(model, path)
+    return path
+
+
+def test_int8_activations_turn_rounding_noise_into_jumps(tmp_path):
+    """Why a quantized *target* is weights-only (docs/benchmarks.md, the int8-target bug): with
+    int8 activations (accuracy_level 4) the MatMul is a step function of its input. Sweeping one
+    input value over a fine grid, the output jumps by a whole quantization step where the
+    value crosses a rounding boundary, far more than the grid step moves a weights-only
+    (fp32-activation) MatMul. On the 1.5B, last-bit differences between a block's attention
+    and a single row's (fp32 GEMM order) crossed such boundaries and reached the logits."""
+    src = _one_matmul(tmp_path / "mm.onnx")
+    grid = np.linspace(0.0, 1.0, 2001, dtype=np.float32)  # step 5e-4
+    x = np.zeros((1, grid.size, 64), np.float32)
+    x[0, :, 0] = 8.0  # the block's max: one int8 step is 8 / 127 ≈ 0.063 of the input
+    x[0, :, 1] = grid  # the swept value
+
+    def max_jump(exact: bool) -> float:
+        dst = ex.quantize_weights(src, tmp_path / f"q-{exact}.onnx", 8, exact=exact)
+        y = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x}
+        )[0][0]
+        return float(np.abs(np.diff(y, axis=0)).max())
+
+    fast, exact = max_jump(exact=False), max_jump(exact=True)
+    assert exact < 5e-4 * 4  # weights-only: the output moves with the input (|w| ≲ 3)
+    assert fast > 20 * exact  # int8 activations: a rounding boundary moves it a whole step
