@@ -1,0 +1,115 @@
+"""Running the app on uvicorn: `serve()` blocks (the CLI), `ServerThread` runs it on a thread
+(tests, or a Python program that serves a plan it compiled)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import uvicorn
+
+from mirror_sd.serve.app import Routes
+from mirror_sd.serve.config import ServeConfig
+from mirror_sd.serve.engine import Engine, SerialEngine
+from mirror_sd.serve.metrics import ServeMetrics
+
+LOG_LEVEL = "info"
+STARTUP_TIMEOUT_S = 60.0  # ServerThread waits this long for uvicorn to listen
+
+
+def build(plan, config: ServeConfig) -> tuple[Routes, Engine]:
+    """The routes over a `SerialEngine` that owns `plan`, with metrics bound to it."""
+    metrics = ServeMetrics()
+    engine = SerialEngine(plan, config.max_queue, observer=metrics)
+    metrics.bind_engine(engine)
+    return Routes(engine, metrics, config), engine
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0: a free one); OSError says when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(
+            f"--host {host} --port {port}: cannot listen there ({exc.strerror}); "
+            "pick another --port, or 0 for a free one"
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _uvicorn(routes: Routes, log_level: str) -> uvicorn.Server:
+    config = uvicorn.Config(routes.app(), log_level=log_level, lifespan="off", access_log=False)
+    return uvicorn.Server(config)
+
+
+def serve(
+    plan,
+    config: ServeConfig,
+    sock: socket.socket | None = None,
+    on_ready=print,
+    log_level: str = LOG_LEVEL,
+) -> None:
+    """Serve `plan` until SIGINT / SIGTERM on `sock` (default: `listen(config.host,
+    config.port)`; the CLI listens before it compiles, so a taken port fails at once);
+    `on_ready` gets a line with the base URL once listening."""
+    routes, engine = build(plan, config)
+    sock = sock or listen(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    on_ready(f"serving {config.model_name!r} at http://{_url_host(host)}:{port}/v1 "
+             f"(metrics at /metrics, queue of {config.max_queue})")  # fmt: skip
+    try:
+        _uvicorn(routes, log_level).run(sockets=[sock])
+    finally:
+        engine.close()
+        sock.close()
+
+
+class ServerThread:
+    """The server on a background thread: `start()` returns once it listens; `stop()` ends it.
+
+    `url` is the OpenAI base URL (`http://host:port/v1`); `routes` exposes the engine and the
+    metrics to tests.
+    """
+
+    def __init__(self, plan, config: ServeConfig, log_level: str = "warning"):
+        self.routes, self.engine = build(plan, config)
+        self._sock = listen(config.host, config.port)
+        host, self.port = self._sock.getsockname()[:2]
+        self.url = f"http://{_url_host(host)}:{self.port}/v1"
+        self._server = _uvicorn(self.routes, log_level)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]},
+            name="mirror-sd-serve-http", daemon=True,
+        )  # fmt: skip
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        for _ in range(int(STARTUP_TIMEOUT_S / 0.05)):
+            if self._server.started:
+                return self
+            if not self._thread.is_alive():
+                break
+            threading.Event().wait(0.05)
+        raise RuntimeError(f"the server on {self.url} did not start; see its log")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join()
+        self.engine.close()
+        self._sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
