@@ -126,6 +126,8 @@ class Plan:
         template to a string prompt, default True), trace (path for a Chrome trace JSON),
         mode and other SpecConfig fields to override for this call.
         """
+        if is_batch(prompt):
+            raise ValueError("stream() takes one prompt; generate([...]) runs a batch of prompts")
         prev = ""
         for _ in self._run(prompt, max_new_tokens, **kwargs):
             text = self.tokenizer.decode(self._produced, skip_special_tokens=True)

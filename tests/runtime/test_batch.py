@@ -186,3 +186,25 @@ def test_sampling_keeps_each_sequence_distribution(tmp_path, plan_factory):
     assert chi2(thirds, third) < CHI2_99_9[5]
     d_joint, _ = target_dists(draft, prompt, v)  # power: the draft's law is rejected
     assert chi2(pairs.flatten(), d_joint.flatten()) > CHI2_99_9[35]
+
+
+@pytest.mark.parametrize("fault", ["raise", "hang", "malformed"])
+def test_draft_failure_in_a_batch_keeps_every_output(models, plan_factory, fault):
+    """A draft that fails mid-batch drops the whole batch to target-only, tokens unchanged."""
+    from tests.runtime.test_faults import FaultyRunner
+
+    target, draft = models
+    runner = FaultyRunner(draft, fault, after=4)
+    plan = plan_factory(target, None, draft_runner=runner, mode="speculative", draft_timeout_s=0.3)
+    with pytest.warns(UserWarning, match="target-only"):
+        results = plan.generate(PROMPTS[:3], 16)
+    for prompt, res in zip(PROMPTS[:3], results, strict=True):
+        assert res.tokens == greedy_decode(target, prompt, 16) and res.stats.fallback
+    assert bool(plan.draft_disabled) == (fault == "hang")
+    runner.release.set()  # let an abandoned worker finish
+
+
+def test_stream_takes_one_prompt(models, plan_factory):
+    plan = plan_factory(models[0], None, mode="autoregressive")
+    with pytest.raises(ValueError, match=r"generate\(\[\.\.\.\]\)"):
+        next(plan.stream([[1, 2], [3]], 4))
