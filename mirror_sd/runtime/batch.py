@@ -5,9 +5,10 @@ mode runs batches and that the whole batch fits in the plan's caches); `run` dri
 `BatchScheduler` and returns the results in the prompts' order. Every sequence's greedy
 output equals its batch-1 output; see docs/runtime.md, *Batches*.
 
-Stage 1 limits (each raises ValueError naming the fix): modes `speculative` and
-`autoregressive` only; one set of sampling settings, stop strings and EOS ids for the whole
-batch; no retrieval draft sources; no streaming form.
+Per prompt: `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop_strings` and `seed` take
+either one value for the whole batch or a list with one value per prompt (`stop_strings`: a
+list of lists). Stage 1 limits (each raises ValueError naming the fix): modes `speculative` and
+`autoregressive` only; no retrieval draft sources; no streaming form.
 """
 
 from __future__ import annotations
@@ -51,11 +52,12 @@ class BatchJob:
 
     plan: object  # runtime.plan.Plan (not imported: plan imports this module)
     ids: list[list[int]]
-    max_new_tokens: int
+    max_new_tokens: list[int]  # per prompt, as every list below
+    samplings: list[Sampling]
+    seeds: list[int]
+    stop_strings: list[Sequence[str]]
     spec: SpecConfig
     settings: RoundSettings
-    seeds: list[int]
-    stop_strings: Sequence[str]
     eos: set[int]
     trace: str | None
 
@@ -64,26 +66,44 @@ class BatchJob:
         cls,
         plan,
         prompts: Sequence[Prompt],
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         *,
         seed: int | Sequence[int] = 0,
-        stop_strings: Sequence[str] = (),
+        stop_strings: Sequence[str] | Sequence[Sequence[str]] = (),
         eos_token_id: int | Sequence[int] | None = None,
         chat: bool = True,
         trace: str | None = None,
         **overrides,
     ) -> BatchJob:
-        """Check a batch; the keyword arguments are `Plan.stream`'s. `seed` is an int (prompt i
-        gets seed + i: the generators batch 1 uses with that seed) or one int per prompt.
+        """Check a batch; the keyword arguments are `Plan.stream`'s, and those named in the
+        module doc may give one value per prompt. An int `seed` gives prompt i seed + i (the
+        generators batch 1 uses with that seed).
 
         Raises:
             ValueError: naming the argument, or `prompts[i]` and why, before any work starts;
                 PromptTooLongError when a prompt or the whole batch does not fit in max_len.
         """
-        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        n = len(prompts)
+        news = [check_max_new_tokens(m) for m in _per_prompt("max_new_tokens", max_new_tokens, n)]
+        seeds = [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
+        if len(seeds) != n or not all(isinstance(s, int) for s in seeds):
+            raise ValueError(f"seed: an int or one int per prompt ({n}), got {seed!r}")
+        per_seq = {k: _per_prompt(k, overrides.pop(k), n)
+                   for k in SAMPLING_FIELDS if isinstance(overrides.get(k), list | tuple)}  # fmt: skip
+        stops = (
+            [list(x) for x in stop_strings]
+            if stop_strings and all(isinstance(x, list | tuple) for x in stop_strings)
+            else [list(stop_strings)] * n
+        )
+        if len(stops) != n:
+            raise ValueError(f"stop_strings: a list of str, or one list per prompt ({n})")
         if overrides.get("mode") == "auto":
             overrides["mode"] = plan.spec.mode
         spec = plan.spec.with_(**overrides)
+        samplings = []
+        for i in range(n):  # SpecConfig checks each prompt's values
+            one = spec.with_(**{k: v[i] for k, v in per_seq.items()})
+            samplings.append(Sampling(one.temperature, one.top_k, one.top_p))
         settings = plan._settings(spec)
         if settings.mode == "mirror":
             raise ValueError(
@@ -95,50 +115,47 @@ class BatchJob:
                 f"retrieval {spec.retrieval!r} does not run in batches yet: pass "
                 "retrieval='none' for a batch, or generate the prompts one at a time"
             )
-        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
-        if len(seeds) != len(prompts) or not all(isinstance(s, int) for s in seeds):
-            raise ValueError(f"seed: an int or one int per prompt ({len(prompts)}), got {seed!r}")
         vocab = getattr(plan.target, "vocab_size", None)
         ids, slack = [], settings.gamma + 1 if settings.mode == "speculative" else 1
         for i, prompt in enumerate(prompts):
             try:
                 ids.append(encode_prompt(plan.tokenizer, prompt, chat=chat, vocab_size=vocab))
-                check_fits(len(ids[-1]), max_new_tokens, spec.max_len, slack=slack)
+                check_fits(len(ids[-1]), news[i], spec.max_len, slack=slack)
             except ValueError as e:
                 raise type(e)(f"prompts[{i}]: {e}") from None
-        need = sum(len(x) + max_new_tokens + slack for x in ids)
+        need = sum(len(x) + m + slack for x, m in zip(ids, news, strict=True))
         if need > spec.max_len:
             raise PromptTooLongError(
-                f"the batch of {len(ids)} prompts ({sum(map(len, ids))} tokens) + "
-                f"max_new_tokens {max_new_tokens} each + {slack} rows each = {need} exceeds "
-                f"the context of {spec.max_len} tokens, which one batch shares: raise max_len, "
-                "lower max_new_tokens, or split the batch"
+                f"the batch of {n} prompts ({sum(map(len, ids))} tokens) + their max_new_tokens "
+                f"({sum(news)}) + {slack} rows each = {need} exceeds the context of "
+                f"{spec.max_len} tokens, which one batch shares: raise max_len, lower "
+                "max_new_tokens, or split the batch"
             )
-        return cls(plan, ids, max_new_tokens, spec, settings, seeds, stop_strings,
+        return cls(plan, ids, news, samplings, seeds, stops, spec, settings,
                    plan._eos(eos_token_id), trace)  # fmt: skip
 
     def run(self) -> list[GenerationResult]:
         """Generate every sequence (the caller holds the plan's busy lock)."""
         plan, spec, settings = self.plan, self.spec, self.settings
-        sampling = Sampling(spec.temperature, spec.top_k, spec.top_p)
         tracer = Tracer()
         tracer.add_device(plan.target_device.alias, plan.target_device.label)
         draft = None
         use_draft = plan.draft is not None and spec.model_draft and plan.draft_disabled is None
         if use_draft and settings.mode != "autoregressive":
             tracer.add_device(plan.draft_device.alias, plan.draft_device.label)
-            draft = BatchDraft(plan.draft, sampling)
+            draft = BatchDraft(plan.draft)
         seqs = []
         for i, (ids, seed) in enumerate(zip(self.ids, self.seeds, strict=True)):
-            seqs.append(SeqState(i, list(ids), torch.Generator().manual_seed(seed)))
+            gen = torch.Generator().manual_seed(seed)
+            seqs.append(SeqState(i, list(ids), self.max_new_tokens[i], self.samplings[i], gen))
             if draft is not None:
-                draft.add(i, torch.Generator().manual_seed(seed + 1))
+                draft.add(i, self.samplings[i], torch.Generator().manual_seed(seed + 1))
         sched = BatchScheduler(plan.target, plan.target_pipe, draft, plan.draft_pipe, settings,
-                               sampling, tracer)  # fmt: skip
+                               tracer)  # fmt: skip
         t0, start = time.perf_counter(), tracer.now()
         rounds = 0
         try:
-            for _ in sched.run(seqs, self.max_new_tokens, self._done):
+            for _ in sched.run(seqs, self._done):
                 rounds += 1
         finally:
             wall = time.perf_counter() - t0
@@ -146,7 +163,7 @@ class BatchJob:
                 plan.draft_disabled = sched.fallback
             path = str(tracer.save(self.trace)) if self.trace else None
         caches = [sched.target] + ([draft.cache] if draft is not None else [])
-        produced = [self._cut(s.produced) for s in seqs]
+        produced = [self._cut(s) for s in seqs]
         batch = BatchStats(
             size=len(seqs), new_tokens=sum(map(len, produced)), wall_s=wall,
             tokens_per_s=sum(map(len, produced)) / wall if wall > 0 else 0.0, rounds=rounds,
@@ -166,13 +183,28 @@ class BatchJob:
                                             seq.rounds, path, batch))  # fmt: skip
         return results
 
-    def _cut(self, produced: list[int]) -> list[int]:
-        return truncate(produced, self.eos, self.stop_strings, self.plan.tokenizer)
+    def _cut(self, seq: SeqState) -> list[int]:
+        stops = self.stop_strings[seq.index]
+        return truncate(seq.produced, self.eos, stops, self.plan.tokenizer)
 
     def _done(self, seq: SeqState) -> bool:
         if self.eos & set(seq.produced):
             return True
-        decode = self.plan.tokenizer.decode
-        return bool(self.stop_strings) and any(
-            s in decode(seq.produced, skip_special_tokens=True) for s in self.stop_strings
+        stops, decode = self.stop_strings[seq.index], self.plan.tokenizer.decode
+        return bool(stops) and any(
+            s in decode(seq.produced, skip_special_tokens=True) for s in stops
         )
+
+
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p")  # SpecConfig fields a prompt may set
+
+
+def _per_prompt(name: str, value: object, n: int) -> list:
+    """`value` for each of n prompts: a list of n values as given, anything else repeated."""
+    if not isinstance(value, list | tuple):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(
+            f"{name}: one value for the batch or one per prompt ({n}), got {len(value)}"
+        )
+    return list(value)

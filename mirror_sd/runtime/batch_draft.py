@@ -2,8 +2,8 @@
 
 The batch form of `DraftEngine.draft_chain`: the draft cache is a `PackedCache`, so each step
 feeds one token per still-drafting sequence in a single forward. Each sequence has its own
-random generator and its own draft-length decision (`DraftPolicy`), so its proposals are drawn
-exactly as batch 1 draws them. Runs on the draft pipeline's worker thread.
+sampling settings, random generator and draft-length decision (`DraftPolicy`), so its
+proposals are drawn as batch 1 draws them. Runs on the draft pipeline's worker thread.
 """
 
 from __future__ import annotations
@@ -20,21 +20,21 @@ from mirror_sd.runtime.packing import PackedCache
 
 
 class BatchDraft:
-    def __init__(self, runner: ModelRunner, sampling: Sampling):
+    def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self.sampling = sampling
         self.cache = PackedCache(runner)
         self.gens: dict[Hashable, torch.Generator] = {}
+        self.samplings: dict[Hashable, Sampling] = {}
 
-    def add(self, sid: Hashable, gen: torch.Generator) -> None:
-        """A sequence joins; `gen` draws its draft tokens when sampling."""
+    def add(self, sid: Hashable, sampling: Sampling, gen: torch.Generator) -> None:
+        """A sequence joins; its tokens are picked under `sampling`, drawn with `gen`."""
         self.cache.add(sid)
-        self.gens[sid] = gen
+        self.samplings[sid], self.gens[sid] = sampling, gen
 
     def drop(self, sid: Hashable) -> None:
         """A sequence left: its draft rows become holes."""
         self.cache.drop(sid)
-        del self.gens[sid]
+        del self.gens[sid], self.samplings[sid]
 
     def _check(self, logits: torch.Tensor) -> torch.Tensor:
         """Malformed logits (shape, NaN, +inf, no finite value) are a device failure."""
@@ -77,10 +77,11 @@ class BatchDraft:
             still = []
             for sid in active:
                 last = self._check(logits[sid])[-1:]  # (1, V)
-                if self.sampling.greedy:
+                sampling = self.samplings[sid]
+                if sampling.greedy:
                     tok, q = int(last.argmax()), None
                 else:
-                    q = probs(last, self.sampling)
+                    q = probs(last, sampling)
                     tok = sample(q[0], self.gens[sid])
                     qs[sid].append(q)
                 tokens[sid].append(tok)

@@ -10,9 +10,10 @@ The batch form of `VerificationScheduler` for `speculative` and `autoregressive`
     LEAVE     sequences that hit EOS, a stop string or their budget leave the batch: their
               columns become holes on both devices, reused after the next compaction
 
-Every sequence has its own verification generator, so with sampling each draws as batch 1
-does with its seed. Single-threaded and deterministic like the batch-1 scheduler; a draft
-failure drops the whole batch to target-only decoding with the same tokens.
+Every sequence has its own budget, sampling settings and verification generator, so with
+sampling each draws as batch 1 does with its seed. Single-threaded and deterministic like the
+batch-1 scheduler; a draft failure drops the whole batch to target-only decoding with the
+same tokens.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class SeqState:
 
     index: int  # its place in the caller's list of prompts
     committed: list[int]  # prompt + new tokens
+    max_new_tokens: int
+    sampling: Sampling  # its own logits processing (greedy when temperature is 0)
     verify_gen: torch.Generator
     produced: list[int] = field(default_factory=list)
     rounds: list[RoundLog] = field(default_factory=list)
@@ -54,7 +57,6 @@ class BatchScheduler:
         draft: BatchDraft | None,
         draft_pipe: Pipeline | None,
         settings: RoundSettings,
-        sampling: Sampling,
         tracer: Tracer,
     ):
         if settings.mode == "mirror":
@@ -64,13 +66,13 @@ class BatchScheduler:
             )
         self.target, self.tp = PackedCache(target), target_pipe
         self.draft, self.dp = draft, draft_pipe
-        self.s, self.sampling, self.tracer = settings, sampling, tracer
+        self.s, self.tracer = settings, tracer
         self.fallback: str | None = None  # why the draft was dropped, if it was
         self.draft_hung = False
 
     # --- public -------------------------------------------------------------------------
     def run(
-        self, seqs: list[SeqState], max_new_tokens: int, done: Callable[[SeqState], bool]
+        self, seqs: list[SeqState], done: Callable[[SeqState], bool]
     ) -> Iterator[dict[int, list[int]]]:
         """Yield {sequence index: tokens committed} per round until every sequence is done
         (`done(seq)` after a round, or its budget); finished sequences leave the batch."""
@@ -83,12 +85,12 @@ class BatchScheduler:
         while live:
             new = self._round(live)
             for seq in live:
-                tokens = new[seq.index][: max_new_tokens - len(seq.produced)]
+                tokens = new[seq.index][: seq.max_new_tokens - len(seq.produced)]
                 seq.committed += tokens
                 seq.produced += tokens
                 new[seq.index] = tokens
             yield new
-            for seq in [s for s in live if len(s.produced) >= max_new_tokens or done(s)]:
+            for seq in [s for s in live if len(s.produced) >= s.max_new_tokens or done(s)]:
                 self._leave(seq)
                 live.remove(seq)
 
@@ -140,10 +142,10 @@ class BatchScheduler:
         for seq in live:
             block = blocks[seq.index]
             d, lg = block.tokens, logits[seq.index]  # lg: (len(d) + 1, V)
-            if self.sampling.greedy:
+            if seq.sampling.greedy:
                 v = verify_greedy(d, lg)
             else:
-                v = verify_sampling(d, block.q, probs(lg, self.sampling), seq.verify_gen)
+                v = verify_sampling(d, block.q, probs(lg, seq.sampling), seq.verify_gen)
             self.target.truncate(seq.index, len(seq.committed) + v.accepted)  # x_n, d_1..d_a
             new[seq.index] = [*d[: v.accepted], v.correction]
             seq.rounds.append(RoundLog(

@@ -208,3 +208,24 @@ def test_stream_takes_one_prompt(models, plan_factory):
     plan = plan_factory(models[0], None, mode="autoregressive")
     with pytest.raises(ValueError, match=r"generate\(\[\.\.\.\]\)"):
         next(plan.stream([[1, 2], [3]], 4))
+
+
+def test_per_prompt_budgets_sampling_and_stops(models, plan_factory):
+    """max_new_tokens, temperature and stop_strings per prompt: the greedy sequences equal
+    greedy decoding, the sampled one equals batch 1 with its seed (seed + i), draw for draw."""
+    target, draft = models
+    plan = plan_factory(target, draft, mode="speculative", num_draft_tokens=3)
+    prompts = PROMPTS[:3]
+    refs = [greedy_decode(target, p, 12) for p in prompts]
+    stop = f" {refs[2][3]}"
+    results = plan.generate(prompts, [5, 12, 12], temperature=[0.0, 1.0, 0.0],
+                            stop_strings=[[], [], [stop]], seed=7)  # fmt: skip
+    assert results[0].tokens == refs[0][:5]
+    sampled = plan.generate(prompts[1], 12, temperature=1.0, seed=8)
+    assert results[1].tokens == sampled.tokens
+    cut = next(k for k in range(12) if stop in "".join(f" {t}" for t in refs[2][: k + 1]))
+    assert results[2].tokens == refs[2][: cut + 1]
+    with pytest.raises(ValueError, match=r"max_new_tokens: .*one per prompt \(3\), got 2"):
+        plan.generate(prompts, [5, 6])
+    with pytest.raises(ValueError, match="temperature"):
+        plan.generate(prompts, 4, temperature=[0.0, -1.0, 0.0])
