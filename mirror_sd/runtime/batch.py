@@ -146,10 +146,8 @@ class BatchJob:
             draft = BatchDraft(plan.draft)
         seqs = []
         for i, (ids, seed) in enumerate(zip(self.ids, self.seeds, strict=True)):
-            gen = torch.Generator().manual_seed(seed)
-            seqs.append(SeqState(i, list(ids), self.max_new_tokens[i], self.samplings[i], gen))
-            if draft is not None:
-                draft.add(i, self.samplings[i], torch.Generator().manual_seed(seed + 1))
+            gens = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+            seqs.append(SeqState(i, list(ids), self.max_new_tokens[i], self.samplings[i], *gens))
         sched = BatchScheduler(plan.target, plan.target_pipe, draft, plan.draft_pipe, settings,
                                tracer)  # fmt: skip
         t0, start = time.perf_counter(), tracer.now()

@@ -44,6 +44,7 @@ class SeqState:
     max_new_tokens: int
     sampling: Sampling  # its own logits processing (greedy when temperature is 0)
     verify_gen: torch.Generator
+    draft_gen: torch.Generator  # draws its draft tokens when sampling
     produced: list[int] = field(default_factory=list)
     rounds: list[RoundLog] = field(default_factory=list)
     finished_at: float | None = None  # tracer time when it left the batch
@@ -72,17 +73,28 @@ class BatchScheduler:
 
     # --- public -------------------------------------------------------------------------
     def run(
-        self, seqs: list[SeqState], done: Callable[[SeqState], bool]
+        self,
+        seqs: list[SeqState],
+        done: Callable[[SeqState], bool],
+        admit: Callable[[], list[SeqState]] | None = None,
     ) -> Iterator[dict[int, list[int]]]:
         """Yield {sequence index: tokens committed} per round until every sequence is done
-        (`done(seq)` after a round, or its budget); finished sequences leave the batch."""
-        self._threads()
-        for seq in seqs:
-            self.target.add(seq.index)
-            self.tp.submit(self.tracer, "target.prefill", self.target.fill, seq.index,
-                           seq.committed[:-1]).result()  # fmt: skip
-        live = list(seqs)
-        while live:
+        (`done(seq)` after a round, or its budget); finished sequences leave the batch.
+
+        `admit`, when given, is asked before every round for sequences that join now (their
+        prompts are prefilled into free columns; indices must be new): continuous batching.
+        The loop ends when no sequence is live after asking.
+        """
+        pending = list(seqs)
+        live: list[SeqState] = []
+        while True:
+            pending += admit() if admit is not None else []
+            for seq in pending:
+                self._join(seq)
+                live.append(seq)
+            pending = []
+            if not live:
+                return
             new = self._round(live)
             for seq in live:
                 tokens = new[seq.index][: seq.max_new_tokens - len(seq.produced)]
@@ -154,6 +166,16 @@ class BatchScheduler:
             ))  # fmt: skip
         self.tracer.counter("batch", t2, live=len(live))
         return new
+
+    def _join(self, seq: SeqState) -> None:
+        """A sequence joins: its prompt (but the last token) is prefilled on the target; the
+        draft feeds it at its first drafting step."""
+        self._threads()
+        self.target.add(seq.index)
+        self.tp.submit(self.tracer, "target.prefill", self.target.fill, seq.index,
+                       seq.committed[:-1]).result()  # fmt: skip
+        if self.draft is not None and not self.draft_hung:
+            self.draft.add(seq.index, seq.sampling, seq.draft_gen)
 
     def _leave(self, seq: SeqState) -> None:
         """The sequence is done: its rows on both devices become holes."""

@@ -229,3 +229,32 @@ def test_per_prompt_budgets_sampling_and_stops(models, plan_factory):
         plan.generate(prompts, [5, 6])
     with pytest.raises(ValueError, match="temperature"):
         plan.generate(prompts, 4, temperature=[0.0, -1.0, 0.0])
+
+
+def test_sequences_join_a_running_batch(models, plan_factory):
+    """Continuous batching at the scheduler: sequences admitted after rounds 2 and 5 are
+    prefilled into free columns and decode exactly like batch 1 beside the running ones."""
+    from mirror_sd.runtime.acceptance import Sampling
+    from mirror_sd.runtime.batch_draft import BatchDraft
+    from mirror_sd.runtime.batch_scheduler import BatchScheduler, SeqState
+    from mirror_sd.runtime.tracing import Tracer
+
+    target, draft = models
+    plan = plan_factory(target, draft, mode="speculative", num_draft_tokens=3)
+
+    def seq(i: int) -> SeqState:
+        gens = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i + 1)
+        return SeqState(i, list(PROMPTS[i]), 12, Sampling(), *gens)
+
+    sched = BatchScheduler(plan.target, plan.target_pipe, BatchDraft(plan.draft),
+                           plan.draft_pipe, plan._settings(plan.spec.with_(mode="speculative")),
+                           Tracer())  # fmt: skip
+    arrivals = {2: [seq(2)], 5: [seq(3), seq(4)]}
+    calls = iter(range(100))
+    seqs = [seq(0), seq(1)]
+    everyone = seqs + arrivals[2] + arrivals[5]
+    for _ in sched.run(seqs, lambda s: False, admit=lambda: arrivals.get(next(calls), [])):
+        pass
+    for s in everyone:
+        assert s.produced == greedy_decode(target, PROMPTS[s.index], 12), f"sequence {s.index}"
+    assert everyone[4].finished_at > max(s.finished_at for s in everyone[:2])  # joined late
