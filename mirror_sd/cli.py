@@ -1,5 +1,5 @@
-"""`mirror-sd` command line: models, compile, describe, generate, demo, trace, bench, train,
-calibrate."""
+"""`mirror-sd` command line: models, compile, describe, generate, serve, demo, trace, bench,
+train, calibrate."""
 
 from __future__ import annotations
 
@@ -140,6 +140,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from mirror_sd.serve.config import ServeConfig  # no third-party imports: checks run first
+
+    config = ServeConfig(
+        model_name=args.served_model_name or Path(args.model).name,
+        host=args.host,
+        port=args.port,
+        max_queue=args.max_queue,
+    )
+    try:
+        from mirror_sd.serve.server import listen, serve
+    except ImportError as exc:
+        raise ValueError(
+            f"mirror-sd serve needs the 'serve' extra ({exc.name} is not installed): "
+            "pip install -e '.[serve]'"
+        ) from None
+    sock = listen(config.host, config.port)  # before compiling: a taken port fails at once
+    with _plan(args) as plan:
+        serve(plan, config, sock, on_ready=lambda line: print(line, file=sys.stderr, flush=True))
+    return 0
+
+
 def _why_mode(plan) -> str:
     """Why the plan runs its mode: the cost model's verdict under `mode: auto`, else the map."""
     choice = plan.report.choice
@@ -223,6 +245,17 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-json", default=None, help="write the generation stats here")
 
 
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from mirror_sd.serve.config import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT
+
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on ({DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"{DEFAULT_PORT}; 0: a free port")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="requests that may wait; one more gets 429")  # fmt: skip
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the plan or model's folder name)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror-sd", description=__doc__)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -261,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_args(demo, "target")
     _add_generation_args(demo)
     demo.set_defaults(func=_demo, draft=DEMO_DRAFT, max_new_tokens=64)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (docs/serving.md)")
+    srv.add_argument("model", help="a saved plan folder, a known model name or a local HF folder")
+    _add_plan_args(srv, "target")
+    _add_serve_args(srv)
+    srv.set_defaults(func=_serve)
 
     quant = sub.add_parser(
         "quantize-check",

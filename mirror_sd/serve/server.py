@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 
@@ -63,11 +64,29 @@ def serve(
     host, port = sock.getsockname()[:2]
     on_ready(f"serving {config.model_name!r} at http://{_url_host(host)}:{port}/v1 "
              f"(metrics at /metrics, queue of {config.max_queue})")  # fmt: skip
+    previous = _sigterm_interrupts()
     try:
         _uvicorn(routes, log_level).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised SIGINT / SIGTERM
+        pass
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         engine.close()
         sock.close()
+
+
+def _sigterm_interrupts():
+    """Make SIGTERM raise KeyboardInterrupt like SIGINT (uvicorn re-raises the signal after its
+    graceful shutdown; the default SIGTERM action would skip closing the plan). Returns the
+    previous handler, or None off the main thread (where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 class ServerThread:

@@ -1,0 +1,91 @@
+"""Serve fixtures: a tiny compiled plan, servers on a free loopback port, the openai client."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import mirror_sd.api as api
+from mirror_sd.serve.config import ServeConfig
+from mirror_sd.serve.server import ServerThread
+from tests.conftest import TORCH_DRAFT_MAP, tiny_pair
+
+MODEL = "tiny"
+WAIT_S = 60.0  # liveness bound of `wait_for` (a hung server fails the test, nothing is timed)
+
+
+@pytest.fixture(scope="package")
+def plan():
+    """A mirror-mode plan over a 6-layer tiny Qwen2 target and a 2-layer draft (torch, CPU)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as root:
+        target, draft, _ = tiny_pair(Path(root))
+        with api.compile(
+            target, draft, TORCH_DRAFT_MAP, exit_layer=3, branch_budget=4, max_len=256
+        ) as p:
+            yield p
+
+
+@contextmanager
+def running(plan, **config) -> Iterator[ServerThread]:
+    """A server for `plan` on 127.0.0.1 and a free port, stopped afterwards."""
+    with ServerThread(plan, ServeConfig(MODEL, port=0, **config)) as server:
+        yield server
+
+
+@pytest.fixture(scope="package")
+def server(plan):
+    """One server shared by the tests that leave the plan as they found it."""
+    with running(plan) as s:
+        yield s
+
+
+def client(server: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+
+
+def metrics(server: ServerThread) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed with prometheus_client's parser: (sample name, sorted labels) -> value."""
+    text = httpx.get(server.url.removesuffix("/v1") + "/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    """Poll `condition` until true; fail after WAIT_S (a liveness bound, not a timing)."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+class GatedPlan:
+    """A real plan whose stream pauses after each piece until `gate` is set: lets a test hold
+    a generation mid-way (to queue others behind it, or to disconnect from it)."""
+
+    def __init__(self, plan):
+        self._plan = plan
+        self.gate = threading.Event()
+        self.started = threading.Event()  # the held generation streamed its first piece
+
+    def __getattr__(self, name):
+        return getattr(self._plan, name)
+
+    def stream(self, *args, **kwargs):
+        for piece in self._plan.stream(*args, **kwargs):
+            self.started.set()
+            yield piece
+            self.gate.wait(WAIT_S)
