@@ -8,6 +8,7 @@ its `CompileReport`. Also `quantization_report()` (int8 / int4 vs fp32 of one mo
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import replace
 from importlib import resources
@@ -18,7 +19,7 @@ import torch
 
 from mirror_sd.devices.ort_core import OrtDevice
 from mirror_sd.devices.ort_device import OrtRunner
-from mirror_sd.devices.ort_split import OrtSplitRunner
+from mirror_sd.devices.ort_split import OrtSplitRunner, export_split
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.devices.trimmed import TrimmedVocabRunner
 from mirror_sd.graphs import zoo
@@ -42,7 +43,12 @@ from mirror_sd.partition import (
 from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.runtime.compile_report import CompileReport
 from mirror_sd.runtime.plan import DeviceSlot, Plan
-from mirror_sd.runtime.profiling import CALIBRATION_TEXT, profile
+from mirror_sd.runtime.profiling import (
+    CALIBRATION_TEXT,
+    agreement_by_layer,
+    lens_layers,
+    profile,
+)
 from mirror_sd.training.exit_select import (
     build_exit_head,
     exit_head_files,
@@ -110,32 +116,39 @@ def _ort_device(
     return dev
 
 
-def _ort_target(spec: OrtSpec, model, folder: Path, exit_layer: int, max_len: int,
-                onnx_root: Path, budget: ThreadBudget | None = None):  # fmt: skip
-    return OrtSplitRunner(
-        model,
-        source_identity(folder),
-        onnx_root,
-        exit_layer,
-        max_len,
-        _ort_device(spec, budget, "target"),
-        alias=spec.alias,
-        quantize=None if spec.quantize == "none" else spec.quantize,
-    )
-
-
 def _target_runner(spec, folder: Path, exit_layer: int, max_len: int, onnx_root: Path,
-                   budget: ThreadBudget | None = None):  # fmt: skip
-    """(torch model, runner, label) for the target on its device."""
+                   budget: ThreadBudget | None = None, lens_ids: list[int] | None = None,
+                   keep_model: bool = True):  # fmt: skip
+    """(torch model or None, runner, label, lens agreement or None) for the target.
+
+    An ORT target is exported (or found in the cache) while the torch model is loaded; with
+    `lens_ids` the logit-lens agreement per ℓe candidate is measured on it then. Without
+    `keep_model` the torch model is freed *before* the sessions load, so the target's weights
+    are in memory once at a time (compile's peak RSS), and None is returned for it."""
     if isinstance(spec, OrtSpec):
         model = load_model(folder, "float32")
-        runner = _ort_target(spec, model, folder, exit_layer, max_len, onnx_root, budget)
+        quant = None if spec.quantize == "none" else spec.quantize
+        graphs = export_split(model, onnx_root, source_identity(folder), exit_layer, quant)
+        lens = (
+            agreement_by_layer(model, lens_ids, list(lens_layers(model.num_layers)))
+            if lens_ids
+            else None
+        )
+        n_layers, width = model.num_layers, model.config.hidden_size
+        if not keep_model:
+            del model
+            gc.collect()
+            model = None
+        runner = OrtSplitRunner.from_graphs(
+            graphs, n_layers, width, exit_layer, max_len, _ort_device(spec, budget, "target"),
+            alias=spec.alias, quantize=quant,
+        )  # fmt: skip
         precision = f" {spec.quantize} weights" if spec.quantize != "none" else ""
-        return model, runner, f"onnxruntime {runner.prefix.get_providers()[0]}{precision}"
+        return model, runner, f"onnxruntime {runner.prefix.get_providers()[0]}{precision}", lens
     dev = _torch_device(spec, budget.target() if budget else None)
     dev.check()
     model = load_model(folder, dev.dtype)
-    return model, TorchRunner(model, dev, max_len, exit_layer=exit_layer), dev.describe()
+    return model, TorchRunner(model, dev, max_len, exit_layer=exit_layer), dev.describe(), None
 
 
 def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path, trim: VocabTrim | None = None,
@@ -261,8 +274,15 @@ def compile(
         t_spec, d_spec, spec.overlap, spec.overlap_target_cores or None
     )
     onnx_root = Path(onnx_dir) if onnx_dir else zoo.cache_dir(cache) / "onnx"
-    t_model, t_runner, t_label = _target_runner(
-        t_spec, t_folder, exit_layer, spec.max_len, onnx_root, budget
+    # the torch model of an ORT target is needed after the export only by the logit lens
+    # (measured before the sessions load) and by exit heads / vocabulary trims built from it
+    keep_model = bool(
+        heads.files or spec.draft_vocab_size or draft_trim is not None or spec.exit_vocab_size
+    )
+    profiling = d_folder is not None and auto and profile_data is None
+    lens_ids = t_tok(CALIBRATION_TEXT)["input_ids"] if profiling else None
+    t_model, t_runner, t_label, lens = _target_runner(
+        t_spec, t_folder, exit_layer, spec.max_len, onnx_root, budget, lens_ids, keep_model
     )
     d_runner = d_label = onnx_path = d_trim = d_trim_cov = None
     if d_folder is not None:
@@ -280,7 +300,8 @@ def compile(
     choice = prof = None
     if d_runner is not None and auto:
         ids = t_tok(CALIBRATION_TEXT)["input_ids"]
-        prof = profile_data or profile(t_runner, d_runner, t_model, ids, max_block=spec.num_draft_tokens + 1,
+        prof = profile_data or profile(t_runner, d_runner, lens if lens is not None else t_model,
+                                       ids, max_block=spec.num_draft_tokens + 1,
                                        description=f"{target} <- {draft}", budget=budget)  # fmt: skip
         if heads.files or e_trim is not None:  # the exit head in use, not the full lens
             probe = build_exit_head(spec, exit_layer, heads, t_model, e_trim)
@@ -313,9 +334,10 @@ def compile(
             t_runner.exit_layer = spec.exit_layer
         else:  # exported prefix/suffix graphs fix ℓe: export the chosen split
             del t_runner  # free the provisional split's sessions before exporting the next
-            t_runner = _ort_target(
-                t_spec, t_model, t_folder, spec.exit_layer, spec.max_len, onnx_root, budget
-            )
+            t_model, t_runner, _, _ = _target_runner(
+                t_spec, t_folder, spec.exit_layer, spec.max_len, onnx_root, budget,
+                keep_model=keep_model,
+            )  # fmt: skip
         graph = _graph(t_cfg, d_cfg, spec.exit_layer)
         placement = place(graph, _with_spec(dm, spec))
     exit_head = build_exit_head(spec, spec.exit_layer, heads, t_model, e_trim)

@@ -107,3 +107,43 @@ def test_auto_without_mirror_keeps_the_first_exported_split(folders, tmp_path):
     names = [p.name for p in onnx.iterdir()]
     assert any(n.startswith(f"qwen2-{kept}-6-") for n in names)  # the kept split's suffix
     assert not any(n.startswith(f"qwen2-{best}-6-") for n in names)  # no second export
+
+
+def test_an_ort_target_is_profiled_with_its_torch_model_freed(folders, tmp_path, monkeypatch):
+    """compile()'s peak memory: an exported target's torch model measures the logit lens and
+    is freed *before* the target's ONNX Runtime sessions load, so the weights are in memory
+    once at a time; the lens agreement it measured is the profile's, unchanged."""
+    import gc
+    import weakref
+
+    import mirror_sd.compiler as compiler
+    from mirror_sd.devices.ort_split import OrtSplitRunner
+    from mirror_sd.runtime.profiling import CALIBRATION_TEXT, agreement_by_layer, lens_layers
+
+    target, draft, _ = folders
+    loaded, alive_at_open = [], []
+    load = compiler.load_model
+
+    def recording_load(folder, *args, **kw):
+        model = load(folder, *args, **kw)
+        loaded.append((str(folder), weakref.ref(model)))
+        return model
+
+    opened = OrtSplitRunner.from_graphs.__func__
+
+    def checking_open(cls, *args, **kw):
+        gc.collect()
+        alive_at_open.append([f for f, ref in loaded if ref() is not None and f == str(target)])
+        return opened(cls, *args, **kw)
+
+    monkeypatch.setattr(compiler, "load_model", recording_load)
+    monkeypatch.setattr(OrtSplitRunner, "from_graphs", classmethod(checking_open))
+    with api.compile(target, draft, ORT_MAP, mode="auto", max_len=128,
+                     onnx_dir=tmp_path / "onnx") as plan:  # fmt: skip
+        assert alive_at_open == [[]]  # one split opened, with no torch copy of the target left
+        lens = plan.report.profile.hit_rate_by_exit_layer
+        ref = plan.generate("w1 w2 w3", 16, mode="autoregressive").tokens
+        assert plan.generate("w1 w2 w3", 16).tokens == ref
+    model = load(target, "float32")
+    ids = plan.tokenizer(CALIBRATION_TEXT)["input_ids"]
+    assert lens == agreement_by_layer(model, ids, list(lens_layers(model.num_layers)))

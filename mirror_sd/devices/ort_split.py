@@ -203,6 +203,27 @@ class OrtSplitRunner(RowCache):
                  alias: str | None = None, kv_on_device: bool | None = None,
                  quantize: str | None = None):  # fmt: skip
         graphs = export_split(model, cache_dir, key_info, exit_layer, quantize)
+        self._open(graphs, model.num_layers, model.config.hidden_size, exit_layer, max_len,
+                   device, name, alias, kv_on_device, quantize)  # fmt: skip
+
+    @classmethod
+    def from_graphs(cls, graphs: SplitGraphs, n_layers: int, hidden_size: int, exit_layer: int,
+                    max_len: int, device: OrtDevice, name: str = "target",
+                    alias: str | None = None, kv_on_device: bool | None = None,
+                    quantize: str | None = None) -> OrtSplitRunner:  # fmt: skip
+        """A runner over graphs already exported (`export_split`), so that the torch model
+        can be freed before the sessions load: compile() keeps only one copy of the target's
+        weights in memory at a time."""
+        runner = cls.__new__(cls)
+        runner._open(graphs, n_layers, hidden_size, exit_layer, max_len, device, name, alias,
+                     kv_on_device, quantize)  # fmt: skip
+        return runner
+
+    def _open(self, graphs: SplitGraphs, n_layers: int, hidden_size: int, exit_layer: int,
+              max_len: int, device: OrtDevice, name: str, alias: str | None,
+              kv_on_device: bool | None, quantize: str | None) -> None:  # fmt: skip
+        if not 1 <= exit_layer < n_layers:
+            raise ValueError(f"exit_layer {exit_layer} outside [1, {n_layers - 1}]")
         self.quantize = quantize
         self.graphs, self.device = graphs, device
         self.pools = {
@@ -210,10 +231,10 @@ class OrtSplitRunner(RowCache):
             "suffix": SessionPool(device, graphs.suffix),
             "head": SessionPool(device, graphs.head),
         }
-        self._exit_layer, self.n_layers = exit_layer, model.num_layers
+        self._exit_layer, self.n_layers = exit_layer, n_layers
         self.max_len, self.length = max_len, 0
         kv_shape, self.dtype = kv_interface(self.prefix, graphs.prefix)
-        self.hidden_size = model.config.hidden_size
+        self.hidden_size = hidden_size
         self.vocab_size = int(self.head.get_outputs()[0].shape[2])
         self.logits_dtype = np.dtype(NUMPY_DTYPES[self.head.get_outputs()[0].type])
         self.kv = make_kv(self.n_layers, max_len, kv_shape, self.dtype, self.prefix, kv_on_device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -143,10 +143,15 @@ def teacher_forced_agreement(target: ModelRunner, draft: ModelRunner, ids: Seque
     return float((a == b).float().mean())
 
 
+def lens_layers(n_layers: int) -> range:
+    """The ℓe candidates whose logit-lens agreement a profile measures: [N/4, N)."""
+    return range(max(1, n_layers // 4), n_layers)
+
+
 def profile(
     target: SplitRunner,
     draft: ModelRunner,
-    lens_model: CausalLM,
+    lens_model: CausalLM | Mapping[int, float],
     calibration_ids: Sequence[int],
     max_block: int = 9,
     draft_rows: Sequence[int] = (1, 2, 4, 8, 16),
@@ -160,9 +165,12 @@ def profile(
     runner at its solo threads of `budget`, the overlap slowdown at the overlap threads.
 
     `lens_model` is the target as a torch `CausalLM` (any device), used for the exit head's
-    logit-lens agreement per candidate exit layer.
+    logit-lens agreement per candidate exit layer, or that agreement already measured
+    (`agreement_by_layer` over `lens_layers`): compile() measures it first and frees the
+    torch model before the ONNX Runtime sessions load.
     """
-    n_layers = lens_model.num_layers
+    lens = lens_model if isinstance(lens_model, Mapping) else None
+    n_layers = target.n_layers if lens is not None else lens_model.num_layers
     if budget is not None:
         set_threads(target, budget.target())
         set_threads(draft, budget.draft())
@@ -171,10 +179,13 @@ def profile(
     t_draft = {b: _time_rows(draft, context, b, reps) for b in draft_rows}
     target.rollback(0)
     draft.rollback(0)
-    dtype = lens_model.lm_head.weight.dtype
-    hidden = torch.zeros(1, max_block, lens_model.config.hidden_size, dtype=dtype)
+    if lens is None:
+        dtype, width = lens_model.lm_head.weight.dtype, lens_model.config.hidden_size
+    else:
+        dtype, width = torch.float32, target.hidden_size
+    hidden = torch.zeros(1, max_block, width, dtype=dtype)
     t_exit = _median_time(lambda: target.exit_logits(hidden), reps)
-    layers = candidate_layers or range(max(1, n_layers // 4), n_layers)
+    layers = candidate_layers or lens_layers(n_layers)
     slowdown = overlap_slowdown(
         target, draft, context, max_block, min(4, max(draft_rows)), reps, budget
     )
@@ -185,7 +196,11 @@ def profile(
         t_draft=t_draft,
         t_exit_head=t_exit,
         accept_rate=teacher_forced_agreement(target, draft, calibration_ids),
-        hit_rate_by_exit_layer=agreement_by_layer(lens_model, calibration_ids, list(layers)),
+        hit_rate_by_exit_layer=(
+            {k: v for k, v in lens.items() if k in layers}
+            if lens is not None
+            else agreement_by_layer(lens_model, calibration_ids, list(layers))
+        ),
         description=description,
         overlap_slowdown=round(slowdown, 3),
     )
