@@ -8,6 +8,7 @@ rejected rather than ignored; fields that do not change the output (`user`, `met
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from mirror_sd.serve.config import MAX_STOP_STRINGS
 from mirror_sd.serve.errors import ApiError, invalid
 
 CHAT, COMPLETION = "chat", "completion"
+SEED_RANGE = 2**31  # seeds drawn for requests without one lie in [0, SEED_RANGE)
 # field -> the value that means "off"; anything else is a 400 (the plan cannot honour it)
 UNSUPPORTED = {
     "logprobs": (None, False),
@@ -38,7 +40,8 @@ class GenRequest:
     """One generation as the engine runs it (the same record for a batched engine).
 
     `prompt` is what `Plan.stream` takes: text, chat messages or token ids; `chat` applies
-    the chat template to text. `temperature` / `top_p` None keep the plan's defaults.
+    the chat template to text. `temperature` / `top_p` None keep the plan's defaults; `seed`
+    is the request's, or a fresh random one when it named none.
     """
 
     kind: str  # CHAT or COMPLETION: which response shape the client gets
@@ -116,11 +119,19 @@ def parse(kind: str, body: object, default_max_tokens: int) -> GenRequest:
         max_tokens=int(max_tokens),
         temperature=None if temperature is None else float(temperature),
         top_p=None if top_p is None else float(top_p),
-        seed=int(_optional(body, "seed", Integral, 0)),
+        seed=int(
+            seed if (seed := _optional(body, "seed", Integral, None)) is not None else _fresh_seed()
+        ),
         stop=_stop(body.get("stop")),
         stream=stream,
         include_usage=include_usage,
     )
+
+
+def _fresh_seed() -> int:
+    """A seed for a request that names none: samples differ between such requests, as with
+    OpenAI's API (greedy decoding does not depend on it)."""
+    return secrets.randbelow(SEED_RANGE)
 
 
 def _optional(body: dict, field: str, typ: type, default, name: str | None = None):

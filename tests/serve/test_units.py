@@ -36,6 +36,7 @@ def test_parse_maps_openai_fields_onto_plan_kwargs():
                                  "temperature": 0.5, "top_p": 0.9}  # fmt: skip
     comp = parse(COMPLETION, {"model": "m", "prompt": [[1, 2, 3]]}, default_max_tokens=100)
     assert comp.prompt == [1, 2, 3] and not comp.chat and comp.max_tokens == 100
+    assert parse(COMPLETION, {"model": "m", "prompt": "a", "seed": 0}, 1).seed == 0
 
 
 @pytest.mark.parametrize(
