@@ -55,19 +55,21 @@ class Routes:
                 "owned_by": OWNED_BY}  # fmt: skip
 
     async def models(self, request: Request) -> Response:
-        return self._count(request, JSONResponse({"object": "list", "data": [self._model_card()]}))
+        return self._count(
+            "/v1/models", JSONResponse({"object": "list", "data": [self._model_card()]})
+        )
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
         if name != self.config.model_name:
-            return self._count(request, self._unknown_model(name).response())
-        return self._count(request, JSONResponse(self._model_card()))
+            return self._count("/v1/models/{model}", self._unknown_model(name).response())
+        return self._count("/v1/models/{model}", JSONResponse(self._model_card()))
 
     async def health(self, request: Request) -> Response:
         s = self.engine.stats()
         body = {"status": "ok", "model": self.config.model_name, "queued": s.queued,
                 "running": s.running, "draft_disabled": s.draft_disabled}  # fmt: skip
-        return self._count(request, JSONResponse(body))
+        return self._count("/health", JSONResponse(body))
 
     async def prometheus(self, request: Request) -> Response:
         self.metrics.requests.labels("/metrics", "200").inc()
@@ -75,14 +77,13 @@ class Routes:
 
     # --- generation -----------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
-        return await self._generate(request, CHAT)
+        return await self._generate(request, CHAT, "/v1/chat/completions")
 
     async def completion(self, request: Request) -> Response:
-        return await self._generate(request, COMPLETION)
+        return await self._generate(request, COMPLETION, "/v1/completions")
 
-    async def _generate(self, request: Request, kind: str) -> Response:
+    async def _generate(self, request: Request, kind: str, endpoint: str) -> Response:
         t0 = time.perf_counter()
-        endpoint = request.url.path
         headers = None
         try:
             req = parse(kind, await _json_body(request), self.config.default_max_tokens)
@@ -177,8 +178,9 @@ class Routes:
                         f"{self.config.model_name!r} (GET /v1/models lists it)",
                         param="model", code="model_not_found")  # fmt: skip
 
-    def _count(self, request: Request, response: Response) -> Response:
-        self.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+    def _count(self, endpoint: str, response: Response) -> Response:
+        """Count `response` under `endpoint`, the route's template (bounded label values)."""
+        self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
 

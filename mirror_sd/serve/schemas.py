@@ -31,6 +31,7 @@ UNSUPPORTED = {
     "suffix": (None, ""),
     "best_of": (None, 1),
     "presence_penalty": (None, 0, 0.0),
+    "response_format": (None, {"type": "text"}),
     "frequency_penalty": (None, 0, 0.0),
 }
 

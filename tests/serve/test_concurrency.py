@@ -1,5 +1,7 @@
 """Many clients at once, a client that leaves mid-stream, a full queue."""
 
+import json
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -109,3 +111,34 @@ def test_full_queue_answers_429_with_retry_after(plan):
             == 1
         )
         assert m[("mirror_sd_generations_total", (("outcome", "completed"),))] == 2
+
+
+def test_non_streaming_client_that_leaves_cancels_its_generation(plan):
+    gated = GatedPlan(plan)
+    with running(gated) as server:
+        body = json.dumps({"model": MODEL, "prompt": "w10 w11", "max_tokens": 200}).encode()
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(head + body)
+            assert gated.started.wait(60)  # generating, held mid-way; then the client leaves
+        wait_for(
+            lambda: metrics(server)[("mirror_sd_client_disconnects_total", ())] == 1,
+            "the server to see the client leave",
+        )
+        gated.gate.set()
+        wait_for(
+            lambda: (
+                metrics(server).get(("mirror_sd_generations_total", (("outcome", "cancelled"),)))
+                == 1
+            ),
+            "the generation to be cancelled",
+        )
+        m = metrics(server)
+        assert (
+            m[("mirror_sd_requests_total", (("endpoint", "/v1/completions"), ("status", "499")))]
+            == 1
+        )
+        assert m[("mirror_sd_generated_tokens_total", ())] < 200
