@@ -34,6 +34,7 @@ from mirror_sd.partition import (
     DeviceMapError,
     OrtSpec,
     Profile,
+    SimSpec,
     SpecConfig,
     TorchSpec,
     choose,
@@ -49,6 +50,7 @@ from mirror_sd.runtime.profiling import (
     lens_layers,
     profile,
 )
+from mirror_sd.simulated import host_spec, sim_label, sim_profile, with_absolute_profiles
 from mirror_sd.training.exit_select import (
     build_exit_head,
     exit_head_files,
@@ -145,10 +147,12 @@ def _target_runner(spec, folder: Path, exit_layer: int, max_len: int, onnx_root:
         )  # fmt: skip
         precision = f" {spec.quantize} weights" if spec.quantize != "none" else ""
         return model, runner, f"onnxruntime {runner.prefix.get_providers()[0]}{precision}", lens
-    dev = _torch_device(spec, budget.target() if budget else None)
+    host = host_spec(spec) if isinstance(spec, SimSpec) else spec
+    dev = _torch_device(host, budget.target() if budget else None)
     dev.check()
     model = load_model(folder, dev.dtype)
-    return model, TorchRunner(model, dev, max_len, exit_layer=exit_layer), dev.describe(), None
+    label = sim_label(spec) if isinstance(spec, SimSpec) else dev.describe()
+    return model, TorchRunner(model, dev, max_len, exit_layer=exit_layer), label, None
 
 
 def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path, trim: VocabTrim | None = None,
@@ -156,13 +160,15 @@ def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path, trim: VocabT
     """(runner, label, ONNX path) for the draft on its device; an ORT device gets the exported
     draft. With a `trim`, the draft's LM head keeps only the trim's K rows (exported under its
     own cache key) and `TrimmedVocabRunner` restores (T, V) logits, -inf outside the kept set."""
-    if isinstance(spec, TorchSpec):
-        dev = _torch_device(spec, budget.draft() if budget else None)
-        model = load_model(folder, spec.dtype)
+    if isinstance(spec, TorchSpec | SimSpec):
+        host = host_spec(spec) if isinstance(spec, SimSpec) else spec
+        dev = _torch_device(host, budget.draft() if budget else None)
+        model = load_model(folder, host.dtype)
+        label = sim_label(spec) if isinstance(spec, SimSpec) else dev.describe()
         if trim is None:
-            return TorchRunner(model, dev, max_len, name="draft"), dev.describe(), None
+            return TorchRunner(model, dev, max_len, name="draft"), label, None
         runner = TorchRunner(with_trimmed_head(model, trim), dev, max_len, name="draft")
-        return TrimmedVocabRunner(runner, trim), dev.describe(), None
+        return TrimmedVocabRunner(runner, trim), label, None
     if isinstance(spec, OrtSpec):
         dev = _ort_device(spec, budget, "draft")
         model = load_model(folder, "float32")
@@ -175,10 +181,7 @@ def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path, trim: VocabT
         runner = OrtRunner(path, dev, max_len, name="draft", alias=spec.alias)
         label = f"onnxruntime {runner.session.get_providers()[0]}"
         return (TrimmedVocabRunner(runner, trim) if trim else runner), label, path
-    raise DeviceMapError(
-        f"devices.{spec.alias}",
-        f"backend {spec.backend!r} cannot run a draft in a live plan; sim devices are for `mirror-sd bench --simulate`",
-    )
+    raise DeviceMapError(f"devices.{spec.alias}", f"backend {spec.backend!r} cannot run a draft")
 
 
 def _draft_trim(k: int, given: VocabTrim | str | Path | None, t_folder: Path, t_tok, t_model,
@@ -246,6 +249,7 @@ def compile(
     )
     if draft is None:  # target only: the map's draft entries do not apply
         dm = _without_draft(dm)
+    dm = with_absolute_profiles(dm)
     spec = dm.speculation.with_(**speculation)
     mode_asked = spec.mode
     t_folder = zoo.resolve_model(target, cache=cache)
@@ -274,6 +278,8 @@ def compile(
         t_spec, d_spec, spec.overlap, spec.overlap_target_cores or None
     )
     onnx_root = Path(onnx_dir) if onnx_dir else zoo.cache_dir(cache) / "onnx"
+    # sim devices: plan from their profiles (no measuring), run on the host (simulated.py)
+    profile_data = profile_data or sim_profile(dm, t_spec, d_spec, t_cfg.num_layers)
     # the torch model of an ORT target is needed after the export only by the logit lens
     # (measured before the sessions load) and by exit heads / vocabulary trims built from it
     keep_model = bool(
