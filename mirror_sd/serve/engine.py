@@ -157,6 +157,8 @@ class SerialEngine:
 
     def close(self) -> None:
         self._closed = True
+        if (running := self._running) is not None:  # stop it at its next round boundary
+            running.cancel()
         while True:  # queued tickets will never run
             try:
                 ticket = self._queue.get_nowait()

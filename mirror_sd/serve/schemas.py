@@ -52,6 +52,7 @@ class GenRequest:
     max_tokens: int
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None  # an extension (vLLM's too): OpenAI's API has no top_k
     seed: int = 0
     stop: tuple[str, ...] = ()
     stream: bool = False
@@ -71,6 +72,8 @@ class GenRequest:
             kwargs["temperature"] = self.temperature
         if self.top_p is not None:
             kwargs["top_p"] = self.top_p
+        if self.top_k is not None:
+            kwargs["top_k"] = self.top_k
         return kwargs
 
 
@@ -112,6 +115,9 @@ def parse(kind: str, body: object, default_max_tokens: int) -> GenRequest:
     top_p = _optional(body, "top_p", Real, None)
     if top_p is not None and not 0 < top_p <= 1:
         raise invalid("top_p", f"expected a number in (0, 1], got {top_p}")
+    top_k = _optional(body, "top_k", Integral, None)
+    if top_k is not None and top_k < 0:
+        raise invalid("top_k", f"expected an integer >= 0 (0: no top-k), got {top_k}")
     return GenRequest(
         kind=kind,
         model=model,
@@ -120,6 +126,7 @@ def parse(kind: str, body: object, default_max_tokens: int) -> GenRequest:
         max_tokens=int(max_tokens),
         temperature=None if temperature is None else float(temperature),
         top_p=None if top_p is None else float(top_p),
+        top_k=None if top_k is None else int(top_k),
         seed=int(
             seed if (seed := _optional(body, "seed", Integral, None)) is not None else _fresh_seed()
         ),

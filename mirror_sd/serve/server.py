@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import socket
 import threading
+import time
 
 import uvicorn
 
@@ -16,6 +17,7 @@ from mirror_sd.serve.metrics import ServeMetrics
 
 LOG_LEVEL = "info"
 STARTUP_TIMEOUT_S = 60.0  # ServerThread waits this long for uvicorn to listen
+STARTUP_POLL_S = 0.05
 
 
 def build(plan, config: ServeConfig) -> tuple[Routes, Engine]:
@@ -109,12 +111,12 @@ class ServerThread:
 
     def start(self) -> ServerThread:
         self._thread.start()
-        for _ in range(int(STARTUP_TIMEOUT_S / 0.05)):
+        for _ in range(int(STARTUP_TIMEOUT_S / STARTUP_POLL_S)):
             if self._server.started:
                 return self
             if not self._thread.is_alive():
                 break
-            threading.Event().wait(0.05)
+            time.sleep(STARTUP_POLL_S)
         raise RuntimeError(f"the server on {self.url} did not start; see its log")
 
     def stop(self) -> None:

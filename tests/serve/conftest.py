@@ -22,17 +22,13 @@ WAIT_S = 60.0  # liveness bound of `wait_for` (a hung server fails the test, not
 
 
 @pytest.fixture(scope="package")
-def plan():
+def plan(tmp_path_factory):
     """A mirror-mode plan over a 6-layer tiny Qwen2 target and a 2-layer draft (torch, CPU)."""
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as root:
-        target, draft, _ = tiny_pair(Path(root))
-        with api.compile(
-            target, draft, TORCH_DRAFT_MAP, exit_layer=3, branch_budget=4, max_len=256
-        ) as p:
-            yield p
+    target, draft, _ = tiny_pair(tmp_path_factory.mktemp("serve-models"))
+    with api.compile(
+        target, draft, TORCH_DRAFT_MAP, exit_layer=3, branch_budget=4, max_len=256
+    ) as p:
+        yield p
 
 
 @contextmanager

@@ -67,6 +67,11 @@ def test_sampling_parameters_reach_the_plan(plan, server):
     assert r.choices[0].text == ref.text
     greedy = plan.generate("w3 w4", 16, chat=False)
     assert ref.tokens != greedy.tokens  # the sample is not the greedy answer
+    ref_k = plan.generate("w3 w4", 16, chat=False, temperature=1.0, top_k=3, seed=5)
+    r = client(server).completions.create(
+        model=MODEL, prompt="w3 w4", max_tokens=16, temperature=1.0, seed=5, extra_body={"top_k": 3}
+    )
+    assert r.choices[0].text == ref_k.text
 
 
 def test_stop_string_ends_the_text_before_it(plan, server):
