@@ -41,8 +41,11 @@ from mirror_sd.partition import (
     load_device_map,
     place,
 )
+from mirror_sd.partition.stages import model_aliases
 from mirror_sd.partition.threads import ThreadBudget
+from mirror_sd.pipelined import PipelineRunner, first_alias, pipeline_runner, spans_devices
 from mirror_sd.runtime.compile_report import CompileReport
+from mirror_sd.runtime.drafters.sources import check_source
 from mirror_sd.runtime.plan import DeviceSlot, Plan
 from mirror_sd.runtime.profiling import (
     CALIBRATION_TEXT,
@@ -251,6 +254,10 @@ def compile(
         dm = _without_draft(dm)
     dm = with_absolute_profiles(dm)
     spec = dm.speculation.with_(**speculation)
+    try:
+        check_source(spec.retrieval)
+    except ValueError as e:
+        raise DeviceMapError("speculation.retrieval", str(e), dm.source) from None
     mode_asked = spec.mode
     t_folder = zoo.resolve_model(target, cache=cache)
     d_folder = zoo.resolve_model(draft, cache=cache) if draft is not None else None

@@ -201,8 +201,10 @@ class SerialEngine:
                 if ticket.cancelled:
                     cancelled = True
                     break
-        except ValueError as exc:  # the plan's input checks (prompt, context, max_tokens)
-            ticket.emit(Failed(from_plan_error(exc, req.prompt_param)))
+        except ValueError as exc:
+            if streamed:  # the plan checks its input before the first piece: this is a bug
+                raise
+            ticket.emit(Failed(from_plan_error(exc, req.prompt_param)))  # prompt, context, ...
             return
         finally:
             pieces.close()
