@@ -33,14 +33,14 @@ import torch
 
 from mirror_sd.bench import peers
 from mirror_sd.bench.peers import PEER_METHODS
+from mirror_sd.runtime.drafters.sources import sources
 
 HF_METHODS = ("hf-ar", "hf-assisted", "hf-pld")
 PLAN_MODES = {"ar": "autoregressive", "speculative": "speculative", "mirror": "mirror"}
 # model-free draft sources (SpecConfig.retrieval): alone on the target device, or with mirror
+# (one method per registered source: runtime/drafters/sources.py)
 RETRIEVAL_METHODS = {
-    "pld": {"mode": "speculative", "retrieval": "pld", "model_draft": False},
-    "sam": {"mode": "speculative", "retrieval": "sam", "model_draft": False},
-    "hd": {"mode": "speculative", "retrieval": "hd", "model_draft": False},
+    **{n: {"mode": "speculative", "retrieval": n, "model_draft": False} for n in sources()},
     "mirror+sam": {"mode": "mirror", "retrieval": "sam"},
 }
 # draft-length policies (SpecConfig.draft_stop): Kangaroo's confidence exit at its paper's

@@ -266,8 +266,8 @@ class Plan:
                 self.draft_device.label if engine else None, sched.state.fallback,
             )  # fmt: skip
             path = str(tracer.save(trace)) if trace else None
-            if hasattr(retrieval, "remember"):
-                retrieval.remember(self._produced)
+            if hasattr(retrieval, "finish"):  # sources that learn from finished generations
+                retrieval.finish(ids, self._produced)
             text = self.tokenizer.decode(self._produced, skip_special_tokens=True)
             self._last = GenerationResult(
                 list(self._produced), text, len(ids), stats, sched.state.rounds, path

@@ -2,7 +2,9 @@
 
 A draft source follows one sequence at a time: `reset(prompt)` starts it, `extend(tokens)`
 reports tokens the target committed, and `propose(max_tokens)` returns a deterministic
-guess at what comes next. Model-free sources (suffix automaton, n-gram tables, a reference
+guess at what comes next. A source that learns from finished generations also has
+`finish(prompt, output)`, which the plan calls after each generation. Sources register
+their `speculation.retrieval` names in sources.py. Model-free sources (suffix automaton, n-gram tables, a reference
 output) and, later, the model draft all implement this protocol, so `Combined` can choose
 between them by match length. Sources are called every round, so `propose` and `extend`
 cost O(1) amortized per token (or O(n-gram size)), never a rescan of the whole sequence.

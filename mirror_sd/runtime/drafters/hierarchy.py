@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 
 from mirror_sd.runtime.drafters.base import Proposal, check_max_tokens
 from mirror_sd.runtime.drafters.prompt_lookup import NgramIndex
+from mirror_sd.runtime.drafters.sources import RECENT_OUTPUTS, SourceSettings, register
 
 
 class HierarchyDrafter:
@@ -60,6 +61,10 @@ class HierarchyDrafter:
         self._corpus = NgramIndex(min_ngram=min_ngram, max_ngram=max_ngram)
         for doc in corpus:
             self._corpus.add(doc)
+
+    def finish(self, prompt: Sequence[int], output: Sequence[int]) -> None:
+        """A generation ended: its output joins the recent-outputs level (`remember`)."""
+        self.remember(output)
 
     def remember(self, tokens: Sequence[int]) -> None:
         """Add a finished generation to the recent-outputs level as its most recent entry.
@@ -106,3 +111,8 @@ class HierarchyDrafter:
                 if len(tokens) == max_tokens:
                     break
         return best
+
+
+@register("hd", "Hierarchy Drafting: context, this plan's recent outputs, a corpus")
+def _hd(settings: SourceSettings) -> HierarchyDrafter:
+    return HierarchyDrafter(max_ngram=settings.max_ngram, capacity=RECENT_OUTPUTS, name="hd")

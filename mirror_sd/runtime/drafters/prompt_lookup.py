@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from mirror_sd.runtime.drafters.base import Proposal, check_max_tokens
+from mirror_sd.runtime.drafters.sources import SourceSettings, register
 
 
 class NgramIndex:
@@ -122,3 +123,8 @@ class PromptLookup:
         check_max_tokens(max_tokens)
         tokens, n = self._index.find(self._index.segment(self._seg), max_tokens)
         return Proposal(tokens, n, self.name) if tokens else Proposal.empty(self.name)
+
+
+@register("pld", "prompt lookup: what followed the last n-gram's earlier occurrence")
+def _pld(settings: SourceSettings) -> PromptLookup:
+    return PromptLookup(max_ngram=settings.max_ngram, name="pld")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from mirror_sd.runtime.drafters.base import Proposal, check_max_tokens
+from mirror_sd.runtime.drafters.sources import SourceSettings, register
 from mirror_sd.runtime.drafters.suffix_automaton import SuffixAutomaton, SuffixMatch
 
 
@@ -47,6 +48,10 @@ class ReferenceSource:
         self._match: SuffixMatch | None = None
         self._pos: int | None = None
         self._aligned = 0
+
+    def finish(self, prompt: Sequence[int], output: Sequence[int]) -> None:
+        """A generation ended: its output is the reference for the next one from `prompt`."""
+        self.remember(prompt, output)
 
     def remember(self, prompt: Sequence[int], output: Sequence[int]) -> None:
         """Use `output` as the reference for later generations from `prompt` (replaces any)."""
@@ -97,3 +102,8 @@ class ReferenceSource:
             return Proposal.empty(self.name)
         tokens = self._reference[self._pos : self._pos + max_tokens]
         return Proposal(tokens, self._aligned, self.name) if tokens else Proposal.empty(self.name)
+
+
+@register("reference", "this plan's last output for the same prompt (SPEC-RL's reuse)")
+def _reference(settings: SourceSettings) -> ReferenceSource:
+    return ReferenceSource(name="reference")

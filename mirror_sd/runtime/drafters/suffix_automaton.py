@@ -28,6 +28,7 @@ from os import PathLike
 import numpy as np
 
 from mirror_sd.runtime.drafters.base import Proposal, check_max_tokens
+from mirror_sd.runtime.drafters.sources import SourceSettings, register
 
 SEPARATOR = -1
 """Token placed after each corpus document; never in a query, so no match spans documents."""
@@ -306,3 +307,8 @@ class SamDrafter:
                 if tokens:
                     return Proposal(tokens, match_len, source)
         return Proposal.empty(self.name)
+
+
+@register("sam", "suffix automaton over the prompt and output (SAM-Decoding)")
+def _sam(settings: SourceSettings) -> SamDrafter:
+    return SamDrafter(name="sam")
