@@ -41,9 +41,7 @@ from mirror_sd.partition import (
     load_device_map,
     place,
 )
-from mirror_sd.partition.stages import model_aliases
 from mirror_sd.partition.threads import ThreadBudget
-from mirror_sd.pipelined import PipelineRunner, first_alias, pipeline_runner, spans_devices
 from mirror_sd.runtime.compile_report import CompileReport
 from mirror_sd.runtime.drafters.sources import check_source
 from mirror_sd.runtime.plan import DeviceSlot, Plan
