@@ -431,7 +431,8 @@ class OVMethod:
             "threads": f"OpenVINO INFERENCE_NUM_THREADS {threads}"
             + (" (all cores)" if threads == os.cpu_count() else "")
             + ("; draft the same" if self.name in DRAFT_PEERS else ""),
-            "residency": "loaded for the whole run" if self.resident
+            "residency": "loaded for the whole run"
+            if self.resident
             else "loaded for each generation and freed after (load not timed)",
         }
 

@@ -319,9 +319,9 @@ def test_int8_activations_turn_rounding_noise_into_jumps(tmp_path):
 
     def max_jump(exact: bool) -> float:
         dst = ex.quantize_weights(src, tmp_path / f"q-{exact}.onnx", 8, exact=exact)
-        y = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(
-            None, {"x": x}
-        )[0][0]
+        y = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
+            0
+        ][0]
         return float(np.abs(np.diff(y, axis=0)).max())
 
     fast, exact = max_jump(exact=False), max_jump(exact=True)
