@@ -7,8 +7,8 @@ output equals its batch-1 output; see docs/runtime.md, *Batches*.
 
 Per prompt: `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop_strings` and `seed` take
 either one value for the whole batch or a list with one value per prompt (`stop_strings`: a
-list of lists). Stage 1 limits (each raises ValueError naming the fix): modes `speculative` and
-`autoregressive` only; no retrieval draft sources; no streaming form.
+list of lists). Modes `mirror`, `speculative` and `autoregressive`. Limits (each raises
+ValueError naming the fix): no retrieval draft sources; no streaming form.
 """
 
 from __future__ import annotations
@@ -105,18 +105,13 @@ class BatchJob:
             one = spec.with_(**{k: v[i] for k, v in per_seq.items()})
             samplings.append(Sampling(one.temperature, one.top_k, one.top_p))
         settings = plan._settings(spec)
-        if settings.mode == "mirror":
-            raise ValueError(
-                "mode 'mirror' does not run batches yet: pass mode='speculative' (or "
-                "'autoregressive') for a batch, or generate the prompts one at a time"
-            )
         if spec.retrieval != "none":
             raise ValueError(
                 f"retrieval {spec.retrieval!r} does not run in batches yet: pass "
                 "retrieval='none' for a batch, or generate the prompts one at a time"
             )
         vocab = getattr(plan.target, "vocab_size", None)
-        ids, slack = [], settings.gamma + 1 if settings.mode == "speculative" else 1
+        ids, slack = [], _slack(settings)
         for i, prompt in enumerate(prompts):
             try:
                 ids.append(encode_prompt(plan.tokenizer, prompt, chat=chat, vocab_size=vocab))
@@ -148,8 +143,11 @@ class BatchJob:
         for i, (ids, seed) in enumerate(zip(self.ids, self.seeds, strict=True)):
             gens = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
             seqs.append(SeqState(i, list(ids), self.max_new_tokens[i], self.samplings[i], *gens))
+        if spec.exit_layer != "auto" and hasattr(plan.target, "exit_layer"):
+            plan.target.exit_layer = int(spec.exit_layer)
+        exit_head = plan.exit_head.exit_logits if plan.exit_head is not None else None
         sched = BatchScheduler(plan.target, plan.target_pipe, draft, plan.draft_pipe, settings,
-                               tracer)  # fmt: skip
+                               tracer, exit_head)  # fmt: skip
         t0, start = time.perf_counter(), tracer.now()
         rounds = 0
         try:
@@ -192,6 +190,14 @@ class BatchJob:
         return bool(stops) and any(
             s in decode(seq.produced, skip_special_tokens=True) for s in stops
         )
+
+
+def _slack(settings: RoundSettings) -> int:
+    """Rows a sequence may hold beyond prompt + new tokens: a block, and in mirror mode its
+    branch rows (batch 1's figure)."""
+    if settings.mode == "mirror":
+        return (1 + settings.budget) * (settings.gamma + 1) + 1
+    return settings.gamma + 1 if settings.mode == "speculative" else 1
 
 
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p")  # SpecConfig fields a prompt may set

@@ -3,7 +3,11 @@
 The batch form of `DraftEngine.draft_chain`: the draft cache is a `PackedCache`, so each step
 feeds one token per still-drafting sequence in a single forward. Each sequence has its own
 sampling settings, random generator and draft-length decision (`DraftPolicy`), so its
-proposals are drawn as batch 1 draws them. Runs on the draft pipeline's worker thread.
+proposals are drawn as batch 1 draws them. `rollout` is the batch form of
+`DraftEngine.rollout` (mirror mode): every sequence's branches in one tree-masked forward per
+step; a branch's rows belong to a per-sequence branch owner until `commit_branch` hands the
+winner's rows to the sequence (no copy) and `end_rollouts` turns the rest into holes.
+Runs on the draft pipeline's worker thread (commit and end: while it is idle).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import torch
 
 from mirror_sd.devices.base import DeviceError, ModelRunner
 from mirror_sd.runtime.acceptance import Sampling, probs, sample
-from mirror_sd.runtime.draft_engine import Draft, _common_prefix
+from mirror_sd.runtime.branches import Branch
+from mirror_sd.runtime.draft_engine import Draft, Rollout, _common_prefix
 from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy
 from mirror_sd.runtime.packing import PackedCache
 
@@ -96,3 +101,113 @@ class BatchDraft:
                 break
         return {sid: Draft(tokens[sid], torch.cat(qs[sid]) if qs[sid] else None)
                 for sid in committed}  # fmt: skip
+
+    # --- mirror: branch rollouts -----------------------------------------------------------
+    def rollout(
+        self,
+        work: Mapping[Hashable, tuple[list[int], list[int], list[Branch]]],
+        gamma: int,
+        policy: DraftPolicy = NEVER_STOP,
+    ) -> dict[Hashable, list[Rollout]]:
+        """{sequence: (committed, block, branches)} -> {sequence: one Rollout per branch, in
+        order}. As batch 1: branch (j, c) sees committed + block[:j] and its own rows, at
+        positions n + j + step; missing path rows (usually d_γ) go first as causal rows;
+        `policy` stops each branch on its own. `Rollout.rows` index the sequence's branch rows.
+        """
+        cache, n_of, chain = self.cache, {}, {}
+        for sid, (committed, block, _) in work.items():
+            path = committed + block
+            held = cache.tokens[sid]
+            cache.truncate(sid, min(_common_prefix(held, path), len(path) - 1))
+            n_of[sid], chain[sid] = len(committed), path[len(cache.tokens[sid]) :]
+            cache.add(_branches(sid))
+        keys = [(sid, k) for sid, (_, _, brs) in work.items() for k in range(len(brs))]
+        br = {(sid, k): work[sid][2][k] for sid, k in keys}
+        own = {key: [] for key in keys}
+        outs: dict = {key: [] for key in keys}
+        qs: dict = {key: [] for key in keys}
+        feed = {key: br[key].token for key in keys}
+        active = list(keys)
+        for step in range(gamma):
+            if not active:
+                break
+            lead = chain if step == 0 else {}
+            t = sum(map(len, lead.values())) + len(active)
+            cache.reserve(t)
+            owners, ids, pos, mask = self._tree_rows(lead, active, br, own, feed, n_of, step, t)
+            nxt = {sid: len(cache.cols[_branches(sid)]) for sid in work}  # next branch row index
+            logits = self._check(cache.run_rows(owners, ids, pos, mask))
+            mine = logits[len(ids) - len(active) :]
+            still = []
+            for slot, key in enumerate(active):
+                sampling = self.samplings[key[0]]
+                row = mine[slot : slot + 1]  # (1, V)
+                if sampling.greedy:
+                    tok, q = int(row.argmax()), None
+                else:
+                    q = probs(row, sampling)
+                    tok = sample(q[0], self.gens[key[0]])
+                    qs[key].append(q)
+                own[key].append(nxt[key[0]])
+                nxt[key[0]] += 1
+                outs[key].append(tok)
+                stop = policy.active and bool(
+                    (policy.stops_logits(row) if q is None else policy.stops(q))[0]
+                )
+                if not stop:
+                    feed[key] = tok
+                    still.append(key)
+            active = still
+        return {
+            sid: [Rollout(b, Draft(outs[(sid, k)], torch.cat(qs[(sid, k)]) if qs[(sid, k)]
+                                   else None), own[(sid, k)])
+                  for k, b in enumerate(brs)]
+            for sid, (_, _, brs) in work.items()
+        }  # fmt: skip
+
+    def _tree_rows(self, lead, active, br, own, feed, n_of, step, t):
+        """Owners, ids, positions and the tree mask (1, T, S + T) of one rollout step: each
+        sequence's missing path rows (causal), then one row per active branch."""
+        cache, s = self.cache, self.runner.length
+        mask = torch.zeros(1, t, s + t, dtype=torch.bool)
+        owners, ids, pos = [], [], []
+        path_cols = {}
+        for sid, rows in lead.items():
+            base = cache.cols[sid]
+            new_cols = []
+            for tok in rows:
+                i = len(ids)
+                mask[0, i, base + new_cols] = True
+                mask[0, i, s + i] = True
+                owners.append(sid), ids.append(tok), pos.append(len(base) + len(new_cols))
+                new_cols.append(s + i)
+            path_cols[sid] = base + new_cols
+        for key in active:
+            sid, i = key[0], len(ids)
+            n, depth = n_of[sid], br[key].depth
+            visible = path_cols.get(sid, cache.cols[sid])[: n + depth]
+            mine = [cache.cols[_branches(sid)][k] for k in own[key]]
+            mask[0, i, visible + mine] = True
+            mask[0, i, s + i] = True
+            owners.append(_branches(sid)), ids.append(feed[key]), pos.append(n + depth + step)
+        return owners, ids, pos, mask
+
+    def commit_branch(self, sid: Hashable, committed_len_before: int, accepted: int,
+                      rollout: Rollout) -> None:  # fmt: skip
+        """Keep the accepted path and the winning branch's rows (they change owner, no copy):
+        the sequence's draft rows are then committed + d_1..d_a + c + r_1..r_{m-1}."""
+        self.cache.truncate(sid, committed_len_before + accepted)
+        self.cache.adopt(sid, _branches(sid), rollout.rows)
+
+    def end_rollouts(self) -> None:
+        """Every sequence's remaining branch rows become holes."""
+        for key in [k for k in self.cache.cols if isinstance(k, _BranchKey)]:
+            self.cache.drop(key)
+
+
+class _BranchKey(tuple):
+    """The owner of a sequence's branch rows in the packed draft cache."""
+
+
+def _branches(sid: Hashable) -> _BranchKey:
+    return _BranchKey(("branches", sid))

@@ -38,6 +38,7 @@ class PackedCache:
         self.cols: dict[Hashable, list[int]] = {}
         self.tokens: dict[Hashable, list[int]] = {}
         self._slot: dict[Hashable, int] = {}  # sequence id -> integer owner id
+        self._slots = 0  # owner ids handed out (never reused)
         self.compactions = 0  # realignments (a `keep` over the cache) and the rows they moved
         self.moved_rows = 0
         self.compact_s = 0.0  # seconds spent compacting
@@ -48,13 +49,13 @@ class PackedCache:
         """Start tracking a sequence with no cached rows."""
         if sid in self._slot:
             raise ValueError(f"sequence {sid!r} is already in this cache")
-        self._slot[sid] = len(self._slot)
+        self._slot[sid], self._slots = self._slots, self._slots + 1
         self.cols[sid], self.tokens[sid] = [], []
 
     def drop(self, sid: Hashable) -> None:
         """The sequence left the batch: all its columns become holes."""
         self.truncate(sid, 0)
-        del self.cols[sid], self.tokens[sid]
+        del self.cols[sid], self.tokens[sid], self._slot[sid]
 
     def truncate(self, sid: Hashable, n: int) -> None:
         """Keep the sequence's first n cached tokens; its later columns become holes, and the
@@ -95,13 +96,64 @@ class PackedCache:
         new = {sid: list(toks) for sid, toks in new.items() if toks}
         self._room(sum(len(t) for t in new.values()))
         start = self.runner.length
-        logits = self.runner.forward(*self.inputs(new))  # (T, V)
+        return self._split(new, self.runner.forward(*self.inputs(new)), start)  # (T, V) rows
+
+    def forward_prefix(self, new: Mapping[Hashable, Sequence[int]]) -> torch.Tensor:
+        """A `SplitRunner`'s prefix on the packed new tokens -> hidden (1, T, D); the rows are
+        recorded by the `forward_suffix` that must follow (no compaction in between)."""
+        new = {sid: list(toks) for sid, toks in new.items() if toks}
+        self._room(sum(len(t) for t in new.values()))
+        inputs = self.inputs(new)
+        self._pending = (new, self.runner.length, inputs)
+        return self.runner.forward_prefix(*inputs)
+
+    def forward_suffix(self, hidden: torch.Tensor) -> dict[Hashable, torch.Tensor]:
+        """The suffix after `forward_prefix`: each sequence's logits (t_s, V)."""
+        new, start, (_, pos, mask) = self._pending
+        logits = self.runner.forward_suffix(hidden, pos, mask)  # (T, V)
+        return self._split(new, logits, start)
+
+    def split(self, new: Mapping[Hashable, Sequence[int]], rows: torch.Tensor) -> dict:
+        """Rows (T, ...) of a packed block -> {sequence: its rows}, in `new`'s order."""
+        out, r = {}, 0
+        for sid, toks in new.items():
+            if toks:
+                out[sid], r = rows[r : r + len(toks)], r + len(toks)
+        return out
+
+    def _split(self, new: dict, logits: torch.Tensor, start: int) -> dict:
         out, row = {}, 0
         for sid, toks in new.items():
             out[sid] = logits[row : row + len(toks)]
             self._record(sid, toks, start + row)
             row += len(toks)
         return out
+
+    # --- explicit rows (tree-masked branch rollouts) ---------------------------------------
+    def reserve(self, t: int) -> None:
+        """Make room for t rows now (compacting if needed): column numbers read after this
+        stay valid for the `run_rows` that follows."""
+        self._room(t)
+
+    def run_rows(self, owners: Sequence[Hashable], ids: Sequence[int], pos: Sequence[int],
+                 mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """T rows with explicit positions and mask (1, T, S + T), after `reserve(T)`; row i is
+        appended to sequence owners[i]'s columns. Returns logits (T, V)."""
+        start = self.runner.length
+        logits = self.runner.forward(torch.tensor([list(ids)]), torch.tensor([list(pos)]), mask)
+        for i, (sid, tok) in enumerate(zip(owners, ids, strict=True)):
+            self._record(sid, [tok], start + i)
+        return logits
+
+    def adopt(self, sid: Hashable, donor: Hashable, picks: Sequence[int]) -> None:
+        """Move the donor's picks-th columns (and tokens) to the end of `sid`'s, in order:
+        a branch's rows become path rows with no copy."""
+        cols = [self.cols[donor][k] for k in picks]
+        self.owner[cols] = self._slot[sid]
+        self.cols[sid] += cols
+        self.tokens[sid] += [self.tokens[donor][k] for k in picks]
+        for k in sorted(picks, reverse=True):
+            del self.cols[donor][k], self.tokens[donor][k]
 
     def fill(self, sid: Hashable, tokens: Sequence[int]) -> None:
         """Append one sequence's tokens without logits (a prefill)."""

@@ -20,7 +20,7 @@ from tests.runtime.conftest import IdTokenizer
 from tests.runtime.test_batch import assert_same
 
 CPU = OrtDevice(intra_op_threads=1)
-MAX_LEN = 256
+MAX_LEN = 512  # mirror holds (1 + budget)·(γ + 1) + 1 rows per sequence beyond its tokens
 
 
 @pytest.fixture(scope="module", params=[None, True], ids=["host-kv", "ortvalue-kv"])
@@ -52,7 +52,7 @@ def _prompt(seed: int, n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5])
-@pytest.mark.parametrize("mode", ["autoregressive", "speculative"])
+@pytest.mark.parametrize("mode", ["autoregressive", "speculative", "mirror"])
 def test_ort_batch_equals_batch1(ort_plan, mode, size):
     plan, target = ort_plan
     prompts = [_prompt(s, n) for s, n in zip(range(size), (6, 2, 13, 1, 9), strict=False)]

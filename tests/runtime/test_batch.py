@@ -18,7 +18,7 @@ from mirror_sd.runtime.batch import is_batch
 from mirror_sd.runtime.prompts import PromptTooLongError
 from tests.runtime.conftest import CHI2_99_9, chi2, target_dists, tiny_model
 
-MODES = ["autoregressive", "speculative"]
+MODES = ["autoregressive", "speculative", "mirror"]
 NEAR_TIE = 1e-3  # a top-2 logit margin below this is a floating-point near-tie (runtime.md)
 
 
@@ -93,7 +93,8 @@ def test_batch_with_a_model_draft_and_a_small_cache_compacts(models, plan_factor
     """A random draft (mostly rejected: many holes) and a cache just big enough for the batch:
     holes are squeezed out (compactions) and every sequence still equals greedy."""
     target, draft = models
-    need = sum(len(p) + 24 + 5 for p in PROMPTS)
+    slack = {"autoregressive": 1, "speculative": 5, "mirror": (1 + 8) * 5 + 1}[mode]  # rows
+    need = sum(len(p) + 24 + slack for p in PROMPTS)
     plan = plan_factory(target, draft, mode=mode, num_draft_tokens=4, max_len=need)
     results = plan.generate(PROMPTS, 24)
     for i, (prompt, res) in enumerate(zip(PROMPTS, results, strict=True)):
@@ -158,12 +159,31 @@ def test_invalid_prompt_is_named_before_any_work(models, plan_factory):
         plan.generate([[1], [2]], 4, seed=[1])
 
 
-def test_mirror_batch_names_the_fix(models, plan_factory):
-    target, draft = models
-    plan = plan_factory(target, draft, mode="mirror")
-    with pytest.raises(ValueError, match="mode='speculative'"):
-        plan.generate([[1, 2], [3]], 4)
+def test_mirror_batch_self_speculation_hits_and_accepts_everything(models, plan_factory):
+    """draft = target in mirror mode: every draft token is accepted only if each hit branch's
+    rows, handed to its sequence without a copy, are exactly the draft cache batch 1 would
+    hold; rounds that start from a reused branch must occur."""
+    target, _ = models
+    plan = plan_factory(target, target, mode="mirror", num_draft_tokens=3, exit_top_k=8)
+    results = plan.generate(PROMPTS[:3], 16)
+    for prompt, res in zip(PROMPTS[:3], results, strict=True):
+        assert res.tokens == greedy_decode(target, prompt, 16)
+        assert res.stats.rounds == 4 and res.stats.mean_accepted == 4.0
+    assert sum(r.hit is True for res in results for r in res.rounds) >= 3
+    assert any(r.source == "branch" for res in results for r in res.rounds)
     assert plan.generate([1, 2], 4).stats.mode == "mirror"  # one prompt: one result, as before
+
+
+def test_mirror_batch_full_candidate_set_hits_every_round(models, plan_factory):
+    """κ = V and a budget covering every branch: each sequence's verdict is always a rolled-out
+    branch (batch 1's property), with a random draft and ragged accept lengths."""
+    target, draft = models
+    plan = plan_factory(target, draft, mode="mirror", num_draft_tokens=2, exit_top_k=97,
+                        branch_budget=3 * 97, max_len=4096)  # fmt: skip
+    results = plan.generate(PROMPTS[:3], 12)
+    for prompt, res in zip(PROMPTS[:3], results, strict=True):
+        assert res.tokens == greedy_decode(target, prompt, 12)
+        assert res.stats.hit_rate == 1.0 and all(r.hit for r in res.rounds)
 
 
 def test_sampling_keeps_each_sequence_distribution(tmp_path, plan_factory):
@@ -189,13 +209,14 @@ def test_sampling_keeps_each_sequence_distribution(tmp_path, plan_factory):
 
 
 @pytest.mark.parametrize("fault", ["raise", "hang", "malformed"])
-def test_draft_failure_in_a_batch_keeps_every_output(models, plan_factory, fault):
+@pytest.mark.parametrize("mode", ["speculative", "mirror"])
+def test_draft_failure_in_a_batch_keeps_every_output(models, plan_factory, fault, mode):
     """A draft that fails mid-batch drops the whole batch to target-only, tokens unchanged."""
     from tests.runtime.test_faults import FaultyRunner
 
     target, draft = models
     runner = FaultyRunner(draft, fault, after=4)
-    plan = plan_factory(target, None, draft_runner=runner, mode="speculative", draft_timeout_s=0.3)
+    plan = plan_factory(target, None, draft_runner=runner, mode=mode, draft_timeout_s=0.3)
     with pytest.warns(UserWarning, match="target-only"):
         results = plan.generate(PROMPTS[:3], 16)
     for prompt, res in zip(PROMPTS[:3], results, strict=True):
