@@ -1,6 +1,6 @@
 """`mirror-sd bench --batch 1,2,4`: throughput and latency of batched generation per method.
 
-For each method (`ar`, `speculative`) and batch size B the prompts run in consecutive groups of
+For each method (`ar`, `speculative`, `mirror`) and batch size B the prompts run in consecutive groups of
 B (the last group may be smaller). Per (method, B): total tokens/s (all new tokens over the
 summed group wall times), mean and worst per-sequence latency (a sequence's time until it left
 its batch), the share of the time spent realigning (compactions) and how many sequences are
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-METHOD_MODES = {"ar": "autoregressive", "speculative": "speculative"}
+METHOD_MODES = {"ar": "autoregressive", "speculative": "speculative", "mirror": "mirror"}
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def parse_sizes(text: str) -> list[int]:
 
 def run(
     plan, prompts: Sequence[list[int]], sizes: Sequence[int], max_new_tokens: int,
-    methods: Sequence[str] = ("ar", "speculative"), eos: Sequence[int] = (),
+    methods: Sequence[str] = ("ar", "speculative", "mirror"), eos: Sequence[int] = (),
 ) -> list[BatchRow]:  # fmt: skip
     """Run every (method, batch size) over `prompts` (token ids) on `plan`.
 

@@ -6,7 +6,7 @@
     mirror-sd bench --from-results DIR/results.json --simulate PROFILE.json [--out DIR]
     mirror-sd bench --from-results DIR/results.json        # re-render results.md / speedup.png
     mirror-sd bench --ablation RUN1=int8 --ablation RUN2=int4 --out DIR   # one table over runs
-    mirror-sd bench --target T --draft D --batch 1,2,4 [--methods ar,speculative]  # batches
+    mirror-sd bench --target T --draft D --batch 1,2,4 [--methods ar,speculative,mirror]
 
 Imports stay light here: torch and transformers load only when a command runs.
 """
@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_batch(args: argparse.Namespace, out: Path) -> int:
-    """`--batch 1,2,4`: batched ar / speculative over the Spec-Bench prompts (bench/batch_bench)."""
+    """`--batch 1,2,4`: batched ar / speculative / mirror over Spec-Bench (bench/batch_bench)."""
     from mirror_sd.bench import batch_bench
 
     if not args.target:
@@ -136,7 +136,8 @@ def _run_batch(args: argparse.Namespace, out: Path) -> int:
         sizes = batch_bench.parse_sizes(args.batch)
     except ValueError as e:
         raise SystemExit(f"mirror-sd bench: {e}") from None
-    given = args.methods.split(",") if args.methods != DEFAULT_METHODS else ["ar", "speculative"]
+    batchable = ["ar", "speculative", "mirror"]
+    given = args.methods.split(",") if args.methods != DEFAULT_METHODS else batchable
     methods = [m.strip() for m in given if m.strip()]
     import mirror_sd.api as api
     from mirror_sd.bench.specbench import default_path, load_questions
@@ -221,8 +222,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sim-exit-layer", type=int, default=None,
                    help="ℓe on the simulated target (default: same depth fraction)")  # fmt: skip
     p.add_argument("--batch", default=None, metavar="SIZES",
-                   help="batch sizes, e.g. 1,2,4: batched ar / speculative (--methods picks "
-                        "among them) into OUT/batch.md and batch.json")  # fmt: skip
+                   help="batch sizes, e.g. 1,2,4: batched ar / speculative / mirror (--methods "
+                        "picks among them) into OUT/batch.md and batch.json")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
     return p

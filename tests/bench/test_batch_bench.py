@@ -1,4 +1,5 @@
-"""`mirror-sd bench --batch`: batched ar / speculative on tiny models, identical-output counts."""
+"""`mirror-sd bench --batch`: batched ar / speculative / mirror on tiny models, identical-output
+counts."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def test_rows_per_method_and_size_with_identical_counts(tmp_path):
     with make_plan(target, draft, mode="speculative", num_draft_tokens=3) as plan:
         rows = batch_bench.run(plan, prompts, [1, 2, 4], 10)
     assert [(r.method, r.batch) for r in rows] == [
-        (m, b) for m in ("ar", "speculative") for b in (1, 2, 4)
+        (m, b) for m in ("ar", "speculative", "mirror") for b in (1, 2, 4)
     ]
     for r in rows:
         assert r.sequences == 4 and r.new_tokens == 40
@@ -35,8 +36,8 @@ def test_bad_sizes_and_methods_are_named():
     for bad in ("", "0,2", "a"):
         with pytest.raises(ValueError, match="--batch"):
             batch_bench.parse_sizes(bad)
-    with pytest.raises(ValueError, match="mirror"):
-        batch_bench.run(None, [[1]], [1], 4, methods=["mirror"])
+    with pytest.raises(ValueError, match="hf-ar"):
+        batch_bench.run(None, [[1]], [1], 4, methods=["hf-ar"])
 
 
 def test_cli_batch_writes_tables(tmp_path, monkeypatch, capsys):
@@ -51,7 +52,7 @@ def test_cli_batch_writes_tables(tmp_path, monkeypatch, capsys):
     assert bench_cli.main(argv) == 0
     rows = json.loads((out / "batch.json").read_text())
     assert {(r["method"], r["batch"]) for r in rows} == {
-        (m, b) for m in ("ar", "speculative") for b in (1, 3)
+        (m, b) for m in ("ar", "speculative", "mirror") for b in (1, 3)
     }
     assert all(r["identical_to_batch1"] == r["sequences"] == 6 for r in rows)
     assert "identical to ar" in (out / "batch.md").read_text()
