@@ -332,6 +332,29 @@ def ov_properties(threads: int | None) -> dict:
     return {**OV_PROPERTIES, "INFERENCE_NUM_THREADS": int(threads or os.cpu_count() or 1)}
 
 
+class PipelineSlot:
+    """The OpenVINO pipelines of one run's peers, by kind ('ov-ar', 'sd', 'ov-pld'), built
+    on first use. `resident`: keep every one; else keep at most one, freeing it before
+    another kind loads."""
+
+    def __init__(self, resident: bool = True):
+        self.resident = resident
+        self._pipes: dict[str, object] = {}
+
+    def get(self, kind: str, build):
+        """The pipeline of `kind`, built with `build()` when it is not loaded."""
+        if kind not in self._pipes:
+            if not self.resident and self._pipes:
+                self._pipes.clear()
+                gc.collect()  # the C++ pipeline goes with its last reference
+            self._pipes[kind] = build()
+        return self._pipes[kind]
+
+    def loaded(self) -> dict[str, object]:
+        """The pipelines in memory now, by kind."""
+        return dict(self._pipes)
+
+
 class OVMethod:
     """One openvino_genai.LLMPipeline on OV_DEVICE, greedy, batch 1.
 
@@ -343,9 +366,11 @@ class OVMethod:
         threads: INFERENCE_NUM_THREADS for the target (and the draft); None: all cores.
         draft_ir: the draft's IR folder (DRAFT_PEERS only).
         formats: (target, draft) weight formats, for describe().
-        resident: keep the pipeline loaded between calls; False: load it for each `generate`
-            and free it after (the load is not timed), so that peers that do not fit in memory
-            together never run side by side.
+        resident: keep the pipeline loaded for the run; False: keep at most one pipeline
+            of the run loaded (`slot`), freed when another is needed (loads are not timed),
+            so that peers that do not fit in memory together never run side by side.
+        slot: the run's `PipelineSlot`, shared by its peers (ov-sd and ov-sd+conf share a
+            pipeline: they differ only in their GenerationConfig); None: a slot of its own.
     """
 
     def __init__(
@@ -358,6 +383,7 @@ class OVMethod:
         draft_ir: str | Path | None = None,
         formats: tuple[str, str | None] = (TARGET_FORMAT, None),
         resident: bool = True,
+        slot: PipelineSlot | None = None,
     ):
         if name not in PEER_METHODS:
             raise ValueError(f"{name!r} is not an OpenVINO peer ({', '.join(PEER_METHODS)})")
@@ -371,8 +397,18 @@ class OVMethod:
         for key, value in SCHEDULER.items():
             setattr(self.scheduler, key, value)
         self._genai = genai
-        self.target_ir, self.draft_ir, self.resident = target_ir, draft_ir, resident
-        self.pipe = self.load() if resident else None
+        self.target_ir, self.draft_ir = target_ir, draft_ir
+        self.slot = slot or PipelineSlot(resident)
+        self.resident = self.slot.resident
+        # one pipeline per kind: what it loads (the GenerationConfig makes the method)
+        self.kind = "sd" if name in DRAFT_PEERS else name
+        if self.resident:
+            self.slot.get(self.kind, self.load)
+
+    @property
+    def pipe(self):
+        """This method's pipeline if it is loaded now, else None."""
+        return self.slot.loaded().get(self.kind)
 
     def load(self):
         """A new openvino_genai.LLMPipeline for this method."""
@@ -433,7 +469,8 @@ class OVMethod:
             + ("; draft the same" if self.name in DRAFT_PEERS else ""),
             "residency": "loaded for the whole run"
             if self.resident
-            else "loaded for each generation and freed after (load not timed)",
+            else "one peer pipeline in memory at a time, loaded when its turn comes (load "
+            "not timed)" + (", shared by ov-sd and ov-sd+conf" if self.kind == "sd" else ""),
         }
 
     def generate(self, ids: list[int], max_new_tokens: int, trace: str | None = None):
@@ -446,15 +483,10 @@ class OVMethod:
         x = np.asarray([ids], dtype=np.int64)
         inputs = self._genai.TokenizedInputs(ov.Tensor(x), ov.Tensor(np.ones_like(x)))
         cfg = self.config(max_new_tokens)
-        pipe = self.pipe if self.resident else self.load()
-        try:
-            t0 = time.perf_counter()
-            res = pipe.generate(inputs, cfg)
-            wall = time.perf_counter() - t0
-        finally:
-            if not self.resident:
-                del pipe
-                gc.collect()
+        pipe = self.slot.get(self.kind, self.load)  # a load happens here, before the clock
+        t0 = time.perf_counter()
+        res = pipe.generate(inputs, cfg)
+        wall = time.perf_counter() - t0
         tokens = [int(t) for t in res.tokens[0]]
         if tokens[: len(ids)] == list(ids) and len(tokens) > max_new_tokens:
             tokens = tokens[len(ids) :]  # a result that echoes the prompt
@@ -518,12 +550,14 @@ def build_peer_methods(
     target_ir = convert(plan.report.target, t_fmt, cache, progress)
     draft_ir = convert(plan.report.draft, d_fmt, cache, progress) if drafted else None
     gamma = plan.spec.num_draft_tokens
-    need = sum(weights_gib(target_ir, draft_ir if n in DRAFT_PEERS else None) for n in chosen)
-    stay = residency(resident, need, available_gib())
-    _say(progress and not stay, f"peers need ~{need:.1f} GiB together: each loads for its turn")
+    kinds = {("sd" if n in DRAFT_PEERS else n) for n in chosen}  # ov-sd(+conf): one pipeline
+    need = sum(weights_gib(target_ir, draft_ir if k == "sd" else None) for k in kinds)
+    slot = PipelineSlot(residency(resident, need, available_gib()))
+    _say(progress and not slot.resident,
+         f"peers need ~{need:.1f} GiB together: one pipeline in memory at a time")  # fmt: skip
     out = {}
     for n in chosen:
         sd = n in DRAFT_PEERS
         out[n] = OVMethod(n, target_ir, eos, gamma, threads, draft_ir if sd else None,
-                          (t_fmt, d_fmt if sd else None), resident=stay)  # fmt: skip
+                          (t_fmt, d_fmt if sd else None), slot=slot)  # fmt: skip
     return out

@@ -270,15 +270,25 @@ def test_weights_gib_sums_the_ir_weight_files(tmp_path):
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_a_peer_that_loads_for_its_turn_gives_the_same_tokens(smollm2_peers):
-    """residency 'one': the pipeline is built for the call and freed after (no pipeline kept),
-    and it produces the tokens the resident pipeline does."""
+def test_peers_that_load_for_their_turn_give_the_same_tokens(smollm2_peers):
+    """residency 'one': a run's peers share one PipelineSlot that holds one pipeline at a
+    time (ov-sd and ov-sd+conf share theirs); each produces the tokens the resident one does."""
     from mirror_sd.runtime.prompts import encode_prompt
 
     plan, methods = smollm2_peers
     ids = encode_prompt(plan.tokenizer, PROMPT, chat=True)
-    kept = methods["ov-ar"]
-    turn = peers.OVMethod("ov-ar", kept.target_ir, [], kept.gamma, resident=False)
-    assert turn.pipe is None
-    assert turn.generate(ids, N_NEW).tokens == kept.generate(ids, N_NEW).tokens
-    assert turn.pipe is None and "freed after" in turn.describe()["residency"]
+    kept, draft_ir = methods["ov-ar"], methods["ov-sd"].draft_ir
+    slot = peers.PipelineSlot(resident=False)
+    ar = peers.OVMethod("ov-ar", kept.target_ir, [], kept.gamma, slot=slot)
+    sd = peers.OVMethod("ov-sd", kept.target_ir, [], kept.gamma, draft_ir=draft_ir, slot=slot)
+    conf = peers.OVMethod("ov-sd+conf", kept.target_ir, [], kept.gamma, draft_ir=draft_ir,
+                          slot=slot)  # fmt: skip
+    assert slot.loaded() == {} and ar.pipe is None  # nothing loads before its turn
+    assert ar.generate(ids, N_NEW).tokens == kept.generate(ids, N_NEW).tokens
+    assert list(slot.loaded()) == ["ov-ar"]
+    assert sd.generate(ids, N_NEW).tokens == methods["ov-sd"].generate(ids, N_NEW).tokens
+    shared = sd.pipe
+    assert list(slot.loaded()) == ["sd"] and ar.pipe is None  # ov-ar's pipeline was freed
+    conf.generate(ids, N_NEW)
+    assert conf.pipe is shared  # ov-sd+conf reused ov-sd's pipeline
+    assert "one peer pipeline in memory at a time" in ar.describe()["residency"]
