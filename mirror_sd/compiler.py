@@ -41,7 +41,9 @@ from mirror_sd.partition import (
     load_device_map,
     place,
 )
+from mirror_sd.partition.stages import model_aliases
 from mirror_sd.partition.threads import ThreadBudget
+from mirror_sd.pipelined import PipelineRunner, first_alias, pipeline_runner, spans_devices
 from mirror_sd.runtime.compile_report import CompileReport
 from mirror_sd.runtime.drafters.sources import check_source
 from mirror_sd.runtime.plan import DeviceSlot, Plan
@@ -276,8 +278,21 @@ def compile(
     )
     graph = _graph(t_cfg, d_cfg, exit_layer)
     placement = place(graph, _with_spec(dm, spec))  # validates the map before any heavy work
-    t_alias = _alias_of(dm, placement.assignment, "target")
-    d_alias = _alias_of(dm, placement.assignment, "draft") if d_folder is not None else None
+    # a model whose nodes span devices runs pipelined (pipelined.py); its first device names it
+    t_split = spans_devices(placement, "target")
+    d_split = d_folder is not None and spans_devices(placement, "draft")
+    t_alias = (
+        first_alias(placement, "target")
+        if t_split
+        else _alias_of(dm, placement.assignment, "target")
+    )
+    d_alias = None
+    if d_folder is not None:
+        d_alias = (
+            first_alias(placement, "draft")
+            if d_split
+            else _alias_of(dm, placement.assignment, "draft")
+        )
     t_spec, d_spec = dm.devices[t_alias], dm.devices[d_alias] if d_alias else None
     budget = ThreadBudget.for_devices(
         t_spec, d_spec, spec.overlap, spec.overlap_target_cores or None
@@ -292,9 +307,15 @@ def compile(
     )
     profiling = d_folder is not None and auto and profile_data is None
     lens_ids = t_tok(CALIBRATION_TEXT)["input_ids"] if profiling else None
-    t_model, t_runner, t_label, lens = _target_runner(
-        t_spec, t_folder, exit_layer, spec.max_len, onnx_root, budget, lens_ids, keep_model
-    )
+    if t_split:
+        t_model, t_runner, t_label = pipeline_runner(
+            dm, placement, "target", t_folder, spec.max_len, exit_layer, budget.target()
+        )
+        lens = None
+    else:
+        t_model, t_runner, t_label, lens = _target_runner(
+            t_spec, t_folder, exit_layer, spec.max_len, onnx_root, budget, lens_ids, keep_model
+        )
     d_runner = d_label = onnx_path = d_trim = d_trim_cov = None
     if d_folder is not None:
         if spec.draft_vocab_size or draft_trim is not None:
@@ -302,9 +323,18 @@ def compile(
                 spec.draft_vocab_size, draft_trim, t_folder, t_tok, t_model, cache
             )
             spec = spec.with_(draft_vocab_size=d_trim.size)
-        d_runner, d_label, onnx_path = _draft_runner(
-            d_spec, d_folder, spec.max_len, onnx_root, d_trim, budget
-        )
+        if d_split:
+            if d_trim is not None:
+                raise DeviceMapError("speculation.draft_vocab_size", "a draft spread over "
+                                     "devices keeps its full head: set draft_vocab_size: 0",
+                                     dm.source)  # fmt: skip
+            _, d_runner, d_label = pipeline_runner(
+                dm, placement, "draft", d_folder, spec.max_len, 0, budget.draft()
+            )
+        else:
+            d_runner, d_label, onnx_path = _draft_runner(
+                d_spec, d_folder, spec.max_len, onnx_root, d_trim, budget
+            )
     e_trim = None
     if spec.exit_head == "lm_head" and spec.exit_vocab_size:
         e_trim, _ = _draft_trim(spec.exit_vocab_size, None, t_folder, t_tok, t_model, cache)
@@ -335,13 +365,13 @@ def compile(
     kept_split = None
     if (
         spec.exit_layer != exit_layer
-        and not isinstance(t_runner, TorchRunner)
+        and not isinstance(t_runner, TorchRunner | PipelineRunner)
         and spec.mode != "mirror"
     ):  # ℓe matters only to mirror rounds: keep the exported split instead of a second export
         kept_split = (exit_layer, spec.exit_layer)
         spec = spec.with_(exit_layer=exit_layer)
     if spec.exit_layer != exit_layer:
-        if isinstance(t_runner, TorchRunner):
+        if isinstance(t_runner, TorchRunner | PipelineRunner):
             t_runner.exit_layer = spec.exit_layer
         else:  # exported prefix/suffix graphs fix ℓe: export the chosen split
             del t_runner  # free the provisional split's sessions before exporting the next
@@ -363,9 +393,13 @@ def compile(
     )  # fmt: skip
     return Plan(
         target=t_runner,
-        target_device=DeviceSlot(t_alias, t_label),
+        target_device=DeviceSlot(_slot_alias(placement, "target", t_alias), t_label),
         draft=d_runner,
-        draft_device=DeviceSlot(d_alias, d_label) if d_runner is not None else None,
+        draft_device=(
+            DeviceSlot(_slot_alias(placement, "draft", d_alias), d_label)
+            if d_runner is not None
+            else None
+        ),
         tokenizer=t_tok,
         spec=spec,
         generation_config=json.loads(gen_cfg_file.read_text()) if gen_cfg_file.is_file() else None,
@@ -373,6 +407,15 @@ def compile(
         report=report,
         accept_rate=prof.accept_rate if prof is not None else None,
         exit_head=exit_head,
+    )
+
+
+def _slot_alias(placement, model: str, alias: str) -> str:
+    """The name of a model's pipeline: its device alias, or 'dev0+dev1' when spread."""
+    return (
+        "+".join(model_aliases(placement.assignment, model))
+        if spans_devices(placement, model)
+        else alias
     )
 
 

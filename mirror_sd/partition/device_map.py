@@ -43,6 +43,9 @@ ORT_QUANTIZE = ("none", "int8", "int4")
 _TORCH_DEVICE = re.compile(r"^(cpu|mps|cuda|cuda:\d+)$")
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _NODE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+_LAYER_RANGE = re.compile(
+    r"^(?P<prefix>[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*)\.\[(?P<a>\d+)-(?P<b>\d+)\)$"
+)
 _SCALAR = (str, int, float, bool)
 
 
@@ -428,17 +431,38 @@ def _placement(raw: Any, devices: Mapping[str, DeviceSpec]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, alias in raw.items():
         path = f"placement[{key}]"
-        if not isinstance(key, str) or not _NODE_KEY.match(key):
-            raise DeviceMapError(
-                path,
-                "not a node name or dotted prefix like `target`, `draft.layers` or `target.layers.3`",
-            )
+        names = _expand_key(key, path)
         if alias not in devices:
             raise DeviceMapError(
                 path, f"unknown device alias {alias!r}; devices defined: {', '.join(devices)}"
             )
-        out[key] = alias
+        for name in names:
+            if name in out:
+                raise DeviceMapError(
+                    path, f"places {name}, which another key places too; place each node once"
+                )
+            out[name] = alias
     return out
+
+
+def _expand_key(key: Any, path: str) -> list[str]:
+    """A placement key as node names / prefixes: a layer range `target.layers.[a-b)` is the
+    keys `target.layers.a` .. `target.layers.<b-1>` (half-open, like Python's range)."""
+    m = _LAYER_RANGE.match(key) if isinstance(key, str) else None
+    if m:
+        a, b = int(m["a"]), int(m["b"])
+        if not a < b:
+            raise DeviceMapError(
+                path, f"empty layer range [{a}-{b}): write [first-end) with first < end"
+            )
+        return [f"{m['prefix']}.{i}" for i in range(a, b)]
+    if not isinstance(key, str) or not _NODE_KEY.match(key):
+        raise DeviceMapError(
+            path,
+            "not a node name, dotted prefix or layer range like `target`, `draft.layers`, "
+            "`target.layers.3` or `target.layers.[0-14)`",
+        )
+    return [key]
 
 
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}

@@ -204,7 +204,7 @@ MALFORMED = [
     ),
     (
         _with("placement/draft..layers", "npu"),
-        "placement[draft..layers]: not a node name or dotted prefix like `target`, `draft.layers` or `target.layers.3`",
+        "placement[draft..layers]: not a node name, dotted prefix or layer range like `target`, `draft.layers`, `target.layers.3` or `target.layers.[0-14)`",
     ),
     (
         _with("placement", {}),
@@ -327,3 +327,28 @@ def test_reference_doc_lists_every_spec_config_default():
 def test_partition_never_imports_onnxruntime():
     code = "import sys, mirror_sd.partition; sys.exit('onnxruntime' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_a_layer_range_key_places_each_layer_of_a_half_open_range():
+    text = """
+version: 1
+devices: {a: {backend: torch}, b: {backend: torch}}
+placement:
+  target: a
+  target.layers.[2-5): b
+"""
+    dm = load_device_map(text)
+    assert dict(dm.placement) == {
+        "target": "a",
+        "target.layers.2": "b",
+        "target.layers.3": "b",
+        "target.layers.4": "b",
+    }
+    assert load_device_map(dm.to_yaml()) == dm  # dumped expanded; loads back equal
+    with pytest.raises(
+        DeviceMapError, match=r"placement\[target.layers.\[3-3\)\]: empty layer range"
+    ):
+        load_device_map(text.replace("[2-5)", "[3-3)"))
+    twice = text + "  target.layers.3: a\n"
+    with pytest.raises(DeviceMapError, match=r"places target.layers.3, which another key places"):
+        load_device_map(twice)
