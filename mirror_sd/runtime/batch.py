@@ -1,14 +1,15 @@
 """Batched generation: `plan.generate([p1, p2, ...])` -> one `GenerationResult` per prompt.
 
-`BatchJob.prepare` checks everything before any work starts (each prompt, the budget, that the
-mode runs batches and that the whole batch fits in the plan's caches); `run` drives the
+`BatchJob.prepare` checks everything before any work starts (each prompt, the budgets, the
+settings, and that the whole batch fits in the plan's caches); `run` drives the
 `BatchScheduler` and returns the results in the prompts' order. Every sequence's greedy
 output equals its batch-1 output; see docs/runtime.md, *Batches*.
 
 Per prompt: `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop_strings` and `seed` take
 either one value for the whole batch or a list with one value per prompt (`stop_strings`: a
 list of lists). Modes `mirror`, `speculative` and `autoregressive`. Limits (each raises
-ValueError naming the fix): no retrieval draft sources; no streaming form.
+ValueError naming the fix): no retrieval draft sources; no streaming form (a server uses
+`plan.batch_session()`).
 """
 
 from __future__ import annotations
@@ -128,6 +129,11 @@ class BatchJob:
             )
         return cls(plan, ids, news, samplings, seeds, stops, spec, settings,
                    plan._eos(eos_token_id), trace)  # fmt: skip
+
+    @property
+    def slack(self) -> int:
+        """Rows each sequence may hold beyond its prompt and new tokens."""
+        return _slack(self.settings)
 
     def run(self) -> list[GenerationResult]:
         """Generate every sequence (the caller holds the plan's busy lock)."""

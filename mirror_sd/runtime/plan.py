@@ -21,6 +21,8 @@ from mirror_sd.partition.spec_config import SpecConfig
 from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.runtime.acceptance import Sampling
 from mirror_sd.runtime.batch import BatchJob, is_batch
+from mirror_sd.runtime.batch_session import BatchSession
+from mirror_sd.runtime.busy import BUSY, PlanBusyError
 from mirror_sd.runtime.compile_report import CompileReport
 from mirror_sd.runtime.draft_engine import DraftEngine
 from mirror_sd.runtime.draft_policy import DraftPolicy
@@ -37,16 +39,6 @@ from mirror_sd.runtime.results import GenerationResult, GenerationStats
 from mirror_sd.runtime.scheduler import RoundSettings, VerificationScheduler
 from mirror_sd.runtime.stops import truncate as _truncate
 from mirror_sd.runtime.tracing import Tracer
-
-
-class PlanBusyError(RuntimeError):
-    """generate()/stream() was called while another generation runs on the same plan."""
-
-
-BUSY = (
-    "this plan is already generating; plans run one generation at a time — "
-    "wait for it, or compile a second plan for concurrent requests"
-)
 
 
 @dataclass(frozen=True)
@@ -96,9 +88,10 @@ class Plan:
 
         A list of prompts (strings, message lists or id lists) runs as one batch, one target
         forward per round over every live sequence, and returns one result per prompt in
-        order, each equal to its batch-1 result's tokens (`runtime/batch.py`: modes
-        speculative and autoregressive; `seed` + i seeds prompt i). Every prompt is checked
-        before any work starts; an invalid one raises ValueError naming `prompts[i]`.
+        order, each equal to its batch-1 result's tokens (`runtime/batch.py`; `seed` + i seeds
+        prompt i; budgets, sampling settings and stop strings may be lists, one per prompt).
+        Every prompt is checked before any work starts; an invalid one raises ValueError
+        naming `prompts[i]`.
         """
         if is_batch(prompt):
             job = BatchJob.prepare(self, prompt, max_new_tokens, **kwargs)
@@ -134,6 +127,12 @@ class Plan:
             if len(text) > len(prev) and not text.endswith("\ufffd"):
                 yield text[len(prev) :]
                 prev = text
+
+    def batch_session(self, trace: str | None = None, **overrides) -> BatchSession:
+        """A continuous batch on this plan (`with plan.batch_session(mode=...) as b:`): admit
+        prompts, run rounds, cancel, read results; see runtime/batch_session.py. `overrides`
+        are SpecConfig fields for the whole session; `trace` a Chrome trace path."""
+        return BatchSession(self, trace=trace, **overrides)
 
     @property
     def last_result(self) -> GenerationResult | None:

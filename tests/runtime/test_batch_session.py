@@ -1,0 +1,61 @@
+"""`plan.batch_session()`: sequences admitted between rounds, cancelled, streamed per round; every
+finished sequence equals its batch-1 output."""
+
+from __future__ import annotations
+
+import pytest
+
+from mirror_sd.runtime.autoregressive import greedy_decode
+from mirror_sd.runtime.batch_session import BatchFullError
+from mirror_sd.runtime.plan import PlanBusyError
+from tests.runtime.test_batch import PROMPTS
+
+
+@pytest.fixture
+def models(tmp_path):
+    from tests.runtime.conftest import tiny_model
+
+    target = tiny_model(tmp_path, "qwen2", seed=0, num_hidden_layers=4)
+    return target, tiny_model(tmp_path, "qwen2", seed=1, num_hidden_layers=2)
+
+
+@pytest.mark.parametrize("mode", ["speculative", "mirror"])
+def test_admit_stream_cancel_and_results(models, plan_factory, mode):
+    target, draft = models
+    plan = plan_factory(target, draft, mode=mode, num_draft_tokens=3, max_len=1024)
+    refs = {i: greedy_decode(target, PROMPTS[i], 14) for i in range(4)}
+    streamed: dict[int, list[int]] = {}
+    with plan.batch_session() as b:
+        h0, h1 = b.admit(PROMPTS[0], 14), b.admit(PROMPTS[1], 14)
+        late = {}
+        for k, deltas in enumerate(b.rounds()):
+            for h, toks in deltas.items():
+                streamed.setdefault(h, []).extend(toks)
+            if k == 1:  # two sequences join a running batch, one is cancelled at once
+                late[2], late[3] = b.admit(PROMPTS[2], 14), b.admit(PROMPTS[3], 14)
+                b.cancel(h1)
+        with pytest.raises(PlanBusyError):
+            plan.generate(PROMPTS[0], 4)
+        for i, h in ((0, h0), *late.items()):
+            assert b.result(h).tokens == streamed[h] == refs[i], f"prompts[{i}]"
+        cut = b.result(h1).tokens
+        assert cut == refs[1][: len(cut)] and len(cut) < 14  # cancelled: a prefix, then left
+        assert b.live == 0
+    assert plan.generate(PROMPTS[0], 4).tokens == refs[0][:4]  # the plan is free again
+
+
+def test_admit_checks_input_and_room(models, plan_factory):
+    target, draft = models
+    plan = plan_factory(target, draft, mode="speculative", num_draft_tokens=3, max_len=64)
+    with plan.batch_session() as b:
+        with pytest.raises(ValueError, match="token id 500"):
+            b.admit([1, 500], 4)
+        with pytest.raises(ValueError, match="whole session"):
+            b.admit([1], 4, mode="mirror")
+        b.admit([1] * 20, 20)  # 20 + 20 + 4 rows of 64
+        with pytest.raises(BatchFullError, match="after some sequences finish"):
+            b.admit([2] * 10, 10)
+        for _ in b.rounds():
+            pass
+        b.admit([2] * 10, 10)  # room again once the first finished
+        assert [len(d[1]) for d in b.rounds() if 1 in d] and b.result(1).tokens
