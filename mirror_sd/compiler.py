@@ -22,6 +22,8 @@ from mirror_sd.devices.ort_device import OrtRunner
 from mirror_sd.devices.ort_split import OrtSplitRunner, export_split
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.devices.trimmed import TrimmedVocabRunner
+from mirror_sd.distributed.runner import TPRunner
+from mirror_sd.distributed.target import check_plan, is_tp, tp_target_runner
 from mirror_sd.graphs import zoo
 from mirror_sd.graphs.config import load_config
 from mirror_sd.graphs.export import export_cached, source_identity
@@ -158,11 +160,22 @@ def _target_runner(spec, folder: Path, exit_layer: int, max_len: int, onnx_root:
     return model, TorchRunner(model, dev, max_len, exit_layer=exit_layer), label, None
 
 
+def _draft_onnx(spec: OrtSpec, folder: Path, onnx_dir: Path) -> Path:
+    """The draft's exported (and quantized) ONNX file, the torch model freed right after."""
+    model = load_model(folder, "float32")
+    quant = None if spec.quantize == "none" else spec.quantize
+    path = export_cached(model, onnx_dir, source_identity(folder), quantize=quant)
+    del model
+    gc.collect()
+    return path
+
+
 def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path, trim: VocabTrim | None = None,
-                  budget: ThreadBudget | None = None):  # fmt: skip
+                  budget: ThreadBudget | None = None, onnx: Path | None = None):  # fmt: skip
     """(runner, label, ONNX path) for the draft on its device; an ORT device gets the exported
-    draft. With a `trim`, the draft's LM head keeps only the trim's K rows (exported under its
-    own cache key) and `TrimmedVocabRunner` restores (T, V) logits, -inf outside the kept set."""
+    draft (`onnx` when it was exported already). With a `trim`, the draft's LM head keeps only
+    the trim's K rows (exported under its own cache key) and `TrimmedVocabRunner` restores
+    (T, V) logits, -inf outside the kept set."""
     if isinstance(spec, TorchSpec | SimSpec):
         host = host_spec(spec) if isinstance(spec, SimSpec) else spec
         dev = _torch_device(host, budget.draft() if budget else None)
@@ -174,13 +187,13 @@ def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path, trim: VocabT
         return TrimmedVocabRunner(runner, trim), label, None
     if isinstance(spec, OrtSpec):
         dev = _ort_device(spec, budget, "draft")
-        model = load_model(folder, "float32")
-        quant = None if spec.quantize == "none" else spec.quantize
         if trim is None:
-            path = export_cached(model, onnx_dir, source_identity(folder), quantize=quant)
+            path = onnx or _draft_onnx(spec, folder, onnx_dir)
         else:
+            model = load_model(folder, "float32")
+            quant = None if spec.quantize == "none" else spec.quantize
             path = export_trimmed(model, onnx_dir, source_identity(folder), trim, quant)
-        del model
+            del model
         runner = OrtRunner(path, dev, max_len, name="draft", alias=spec.alias)
         label = f"onnxruntime {runner.session.get_providers()[0]}"
         return (TrimmedVocabRunner(runner, trim) if trim else runner), label, path
@@ -307,11 +320,21 @@ def compile(
     )
     profiling = d_folder is not None and auto and profile_data is None
     lens_ids = t_tok(CALIBRATION_TEXT)["input_ids"] if profiling else None
+    d_onnx = None  # an untrimmed ORT draft is exported first: its torch model and quantizer
+    # copies are gone before the target loads, so a first compile holds one model at a time
+    trimmed = bool(spec.draft_vocab_size or draft_trim is not None)
+    if d_folder is not None and not d_split and isinstance(d_spec, OrtSpec) and not trimmed:
+        d_onnx = _draft_onnx(d_spec, d_folder, onnx_root)
     if t_split:
         t_model, t_runner, t_label = pipeline_runner(
             dm, placement, "target", t_folder, spec.max_len, exit_layer, budget.target()
         )
         lens = None
+    elif is_tp(t_spec):  # ranks > 0 serve rank 0 inside this call (distributed/target.py)
+        check_plan(t_spec, d_spec, keep_model, dm.source)
+        t_model, t_runner, t_label, lens = tp_target_runner(
+            t_spec, t_folder, exit_layer, spec.max_len, lens_ids, dm.source
+        )
     else:
         t_model, t_runner, t_label, lens = _target_runner(
             t_spec, t_folder, exit_layer, spec.max_len, onnx_root, budget, lens_ids, keep_model
@@ -333,7 +356,7 @@ def compile(
             )
         else:
             d_runner, d_label, onnx_path = _draft_runner(
-                d_spec, d_folder, spec.max_len, onnx_root, d_trim, budget
+                d_spec, d_folder, spec.max_len, onnx_root, d_trim, budget, d_onnx
             )
     e_trim = None
     if spec.exit_head == "lm_head" and spec.exit_vocab_size:
@@ -365,13 +388,13 @@ def compile(
     kept_split = None
     if (
         spec.exit_layer != exit_layer
-        and not isinstance(t_runner, TorchRunner | PipelineRunner)
+        and not isinstance(t_runner, TorchRunner | PipelineRunner | TPRunner)
         and spec.mode != "mirror"
     ):  # ℓe matters only to mirror rounds: keep the exported split instead of a second export
         kept_split = (exit_layer, spec.exit_layer)
         spec = spec.with_(exit_layer=exit_layer)
     if spec.exit_layer != exit_layer:
-        if isinstance(t_runner, TorchRunner | PipelineRunner):
+        if isinstance(t_runner, TorchRunner | PipelineRunner | TPRunner):
             t_runner.exit_layer = spec.exit_layer
         else:  # exported prefix/suffix graphs fix ℓe: export the chosen split
             del t_runner  # free the provisional split's sessions before exporting the next
