@@ -186,22 +186,28 @@ def test_mirror_batch_full_candidate_set_hits_every_round(models, plan_factory):
         assert res.stats.hit_rate == 1.0 and all(r.hit for r in res.rounds)
 
 
-def test_sampling_keeps_each_sequence_distribution(tmp_path, plan_factory):
-    """χ² over batched samples: each sequence of a batch of 3 follows the target's law."""
+@pytest.mark.parametrize("mode", ["speculative", "mirror"])
+def test_sampling_keeps_each_sequence_distribution(tmp_path, plan_factory, mode):
+    """χ² over batched samples: each sequence of a batch of 3 follows the target's law
+    (mirror: κ = V, so rounds start from reused branches)."""
     v = 6
     small = dict(vocab_size=v, hidden_size=32, intermediate_size=64, num_attention_heads=2)
     target = tiny_model(tmp_path, "llama", seed=0, num_hidden_layers=3, **small)
     draft = tiny_model(tmp_path, "llama", seed=9, num_hidden_layers=1, **small)
-    plan = plan_factory(target, draft, mode="speculative", num_draft_tokens=2, temperature=1.0)
+    plan = plan_factory(target, draft, exit_layer=2, mode=mode, num_draft_tokens=2,
+                        exit_top_k=v, branch_budget=3 * v, temperature=1.0)  # fmt: skip
     prompt = [1, 2, 3]
     joint, third = target_dists(target, prompt, v)
     pairs = torch.zeros(v, v, dtype=torch.double)
     thirds = torch.zeros(v, dtype=torch.double)
+    reused = 0
     for k in range(500):
         for res in plan.generate([prompt] * 3, 3, seed=3 * k):
             a, b, c = res.tokens
             pairs[a, b] += 1
             thirds[c] += 1
+            reused += sum(r.source == "branch" for r in res.rounds)
+    assert mode != "mirror" or reused > 150, "the test must exercise reused branches"
     assert chi2(pairs.flatten(), joint.flatten()) < CHI2_99_9[35]
     assert chi2(thirds, third) < CHI2_99_9[5]
     d_joint, _ = target_dists(draft, prompt, v)  # power: the draft's law is rejected
