@@ -23,6 +23,8 @@ from mirror_sd.runtime.draft_engine import Draft, Rollout, _common_prefix
 from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy
 from mirror_sd.runtime.packing import PackedCache
 
+Key = tuple[Hashable, int]  # (sequence, branch number) in a batched rollout
+
 
 class BatchDraft:
     def __init__(self, runner: ModelRunner):
@@ -123,9 +125,9 @@ class BatchDraft:
             cache.add(_branches(sid))
         keys = [(sid, k) for sid, (_, _, brs) in work.items() for k in range(len(brs))]
         br = {(sid, k): work[sid][2][k] for sid, k in keys}
-        own = {key: [] for key in keys}
-        outs: dict = {key: [] for key in keys}
-        qs: dict = {key: [] for key in keys}
+        own: dict[Key, list[int]] = {key: [] for key in keys}  # its rows: branch-row indices
+        outs: dict[Key, list[int]] = {key: [] for key in keys}
+        qs: dict[Key, list[torch.Tensor]] = {key: [] for key in keys}
         feed = {key: br[key].token for key in keys}
         active = list(keys)
         for step in range(gamma):
@@ -165,9 +167,20 @@ class BatchDraft:
             for sid, (_, _, brs) in work.items()
         }  # fmt: skip
 
-    def _tree_rows(self, lead, active, br, own, feed, n_of, step, t):
+    def _tree_rows(
+        self,
+        lead: Mapping[Hashable, list[int]],
+        active: list[Key],
+        br: Mapping[Key, Branch],
+        own: Mapping[Key, list[int]],
+        feed: Mapping[Key, int],
+        n_of: Mapping[Hashable, int],
+        step: int,
+        t: int,
+    ) -> tuple[list[Hashable], list[int], list[int], torch.Tensor]:
         """Owners, ids, positions and the tree mask (1, T, S + T) of one rollout step: each
-        sequence's missing path rows (causal), then one row per active branch."""
+        sequence's missing path rows (causal), then one row per active branch (key: sequence,
+        branch number), which sees its path up to its depth, its own rows and itself."""
         cache, s = self.cache, self.runner.length
         mask = torch.zeros(1, t, s + t, dtype=torch.bool)
         owners, ids, pos = [], [], []
