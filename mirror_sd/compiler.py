@@ -22,6 +22,8 @@ from mirror_sd.devices.ort_device import OrtRunner
 from mirror_sd.devices.ort_split import OrtSplitRunner, export_split
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.devices.trimmed import TrimmedVocabRunner
+from mirror_sd.distributed.runner import TPRunner
+from mirror_sd.distributed.target import check_plan, is_tp, tp_target_runner
 from mirror_sd.graphs import zoo
 from mirror_sd.graphs.config import load_config
 from mirror_sd.graphs.export import export_cached, source_identity
@@ -323,11 +325,16 @@ def compile(
     trimmed = bool(spec.draft_vocab_size or draft_trim is not None)
     if d_folder is not None and not d_split and isinstance(d_spec, OrtSpec) and not trimmed:
         d_onnx = _draft_onnx(d_spec, d_folder, onnx_root)
+    check_plan(t_spec, d_spec, keep_model, dm.source)  # what tensor_parallel cannot do yet
     if t_split:
         t_model, t_runner, t_label = pipeline_runner(
             dm, placement, "target", t_folder, spec.max_len, exit_layer, budget.target()
         )
         lens = None
+    elif is_tp(t_spec):  # ranks > 0 serve rank 0 inside this call (distributed/target.py)
+        t_model, t_runner, t_label, lens = tp_target_runner(
+            t_spec, t_folder, exit_layer, spec.max_len, lens_ids, dm.source
+        )
     else:
         t_model, t_runner, t_label, lens = _target_runner(
             t_spec, t_folder, exit_layer, spec.max_len, onnx_root, budget, lens_ids, keep_model
@@ -381,13 +388,13 @@ def compile(
     kept_split = None
     if (
         spec.exit_layer != exit_layer
-        and not isinstance(t_runner, TorchRunner | PipelineRunner)
+        and not isinstance(t_runner, TorchRunner | PipelineRunner | TPRunner)
         and spec.mode != "mirror"
     ):  # ℓe matters only to mirror rounds: keep the exported split instead of a second export
         kept_split = (exit_layer, spec.exit_layer)
         spec = spec.with_(exit_layer=exit_layer)
     if spec.exit_layer != exit_layer:
-        if isinstance(t_runner, TorchRunner | PipelineRunner):
+        if isinstance(t_runner, TorchRunner | PipelineRunner | TPRunner):
             t_runner.exit_layer = spec.exit_layer
         else:  # exported prefix/suffix graphs fix ℓe: export the chosen split
             del t_runner  # free the provisional split's sessions before exporting the next

@@ -58,6 +58,13 @@ def pipeline_runner(dm: DeviceMap, placement: Placement, model: str, folder: Pat
                 "every device it uses `backend: torch`",
                 dm.source,
             )
+        if spec.tensor_parallel > 1:
+            raise DeviceMapError(
+                f"devices.{alias}.tensor_parallel",
+                f"a {model} spread over devices runs each stage on one process: set "
+                "tensor_parallel: 1 here, or place the whole model on this device",
+                dm.source,
+            )
         devices[alias] = TorchDevice(spec.device, threads or spec.threads, spec.dtype)
     dtypes = {d.dtype for d in devices.values()}
     if len(dtypes) > 1:

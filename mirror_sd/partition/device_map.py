@@ -85,6 +85,8 @@ class TorchSpec(DeviceSpec):
     dtype: str = "float32"
     threads: int | None = None  # None: the thread budget decides (all cores when alone)
     physical: str | None = None
+    tensor_parallel: int = 1  # ranks of a Megatron-style TP model (mirror_sd/distributed)
+    tp_timeout_s: float = 60.0  # a collective slower than this ends generation (dead rank)
 
 
 @dataclass(frozen=True)
@@ -324,9 +326,18 @@ def _torch(alias: str, o: dict, path: str) -> TorchSpec:
             f"{device!r} is not a torch device; valid: cpu, cuda, cuda:N (N = 0, 1, ...), mps",
         )
     dtype = _choice(o, "dtype", TorchSpec.dtype, TORCH_DTYPES, path)
-    return TorchSpec(
-        alias, device, dtype, _opt_int(o, "threads", path), _opt_name(o, "physical", path)
-    )
+    tp = o.get("tensor_parallel", TorchSpec.tensor_parallel)
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise DeviceMapError(
+            f"{path}.tensor_parallel", f"must be a positive integer (ranks), got {tp!r}"
+        )
+    timeout = o.get("tp_timeout_s", TorchSpec.tp_timeout_s)
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        raise DeviceMapError(
+            f"{path}.tp_timeout_s", f"must be a number of seconds > 0, got {timeout!r}"
+        )
+    return TorchSpec(alias, device, dtype, _opt_int(o, "threads", path),
+                     _opt_name(o, "physical", path), tp, float(timeout))  # fmt: skip
 
 
 def _ort(alias: str, o: dict, path: str) -> OrtSpec:
