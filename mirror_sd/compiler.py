@@ -113,12 +113,13 @@ def _ort_device(
     spec: OrtSpec, budget: ThreadBudget | None = None, role: str = "target"
 ) -> OrtDevice:
     """The ORT device of a map entry, its sessions sized by the thread budget (the count a
-    pipeline gets when it runs alone; spinning off when target and draft share the cores)."""
+    pipeline gets when it runs alone). When target and draft share the cores, pool threads
+    spin only while a run lasts (`OrtDevice.spin_stop`), never into the other's turn."""
     threads = spec.intra_op_threads
     if budget is not None:
         threads = budget.target() if role == "target" else budget.draft()
     dev = OrtDevice(spec.providers, threads, spec.inter_op_threads, spec.optimization_level,
-                    spec.allow_fallback, spinning=not (budget and budget.shared))  # fmt: skip
+                    spec.allow_fallback, spin_stop=bool(budget and budget.shared))  # fmt: skip
     dev.check()
     return dev
 

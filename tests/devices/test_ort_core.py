@@ -101,5 +101,14 @@ def test_every_thread_count_computes_the_same(big_matmul):
 def test_spinning_off_is_a_session_option(big_matmul):
     so = OrtDevice(spinning=False).session_options(threads=2)
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_spin_stop_spins_inside_a_run_only():
+    so = OrtDevice(spin_stop=True).session_options(threads=2)
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert so.get_session_config_entry("session.force_spinning_stop") == "1"
+    plain = OrtDevice().session_options(threads=2)
+    with pytest.raises(Exception):  # noqa: B017 - ORT raises a bare RuntimeError for a missing key
+        plain.get_session_config_entry("session.force_spinning_stop")
     assert so.intra_op_num_threads == 2
     assert OrtDevice(intra_op_threads=3).session_options().intra_op_num_threads == 3
