@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +41,13 @@ from mirror_sd.runtime.branches import exit_candidates, plan_branches
 from mirror_sd.runtime.draft_engine import Draft
 from mirror_sd.runtime.packing import PackedCache
 from mirror_sd.runtime.pipelines import Pipeline
-from mirror_sd.runtime.scheduler import PRIOR_TOKENS, DraftFailed, RoundLog, RoundSettings
+from mirror_sd.runtime.scheduler import (
+    PRIOR_TOKENS,
+    DraftFailed,
+    RoundLog,
+    RoundSettings,
+    await_draft,
+)
 from mirror_sd.runtime.tracing import Tracer
 
 
@@ -155,13 +160,7 @@ class BatchScheduler:
         return blocks
 
     def _draft_result(self, fut):
-        try:
-            return fut.result(timeout=self.s.draft_timeout_s)
-        except FutureTimeout:
-            self._fail(f"draft step exceeded draft_timeout_s={self.s.draft_timeout_s}", hung=True)
-        except Exception as exc:  # any device error: the output must not depend on it
-            self._fail(f"{type(exc).__name__}: {exc}")
-        raise DraftFailed
+        return await_draft(fut, self.s.draft_timeout_s, self._fail)
 
     def _verify(self, seq: SeqState, block: Draft, logits: torch.Tensor) -> Verdict:
         """The sequence's verdict on its block; logits (len(block) + 1, V)."""

@@ -85,6 +85,19 @@ class DraftFailed(Exception):
     """Internal: the draft pipeline failed; the scheduler falls back to target-only."""
 
 
+def await_draft(fut, timeout_s: float, fail: Callable[..., None]):
+    """The draft future's result. A timeout (`fail(why, hung=True)`) or any exception from
+    the device (`fail(why)`) raises DraftFailed after `fail` has dropped the draft: the
+    output must not depend on the draft device (both schedulers use this)."""
+    try:
+        return fut.result(timeout=timeout_s)
+    except FutureTimeout:
+        fail(f"draft step exceeded draft_timeout_s={timeout_s}", hung=True)
+    except Exception as exc:  # any device error: the output must not depend on it
+        fail(f"{type(exc).__name__}: {exc}")
+    raise DraftFailed
+
+
 class VerificationScheduler:
     def __init__(
         self,
@@ -174,13 +187,7 @@ class VerificationScheduler:
         )
 
     def _draft_result(self, fut):
-        try:
-            return fut.result(timeout=self.s.draft_timeout_s)
-        except FutureTimeout:
-            self._fail(f"draft step exceeded draft_timeout_s={self.s.draft_timeout_s}", hung=True)
-        except Exception as exc:  # any device error: the output must not depend on it
-            self._fail(f"{type(exc).__name__}: {exc}")
-        raise DraftFailed
+        return await_draft(fut, self.s.draft_timeout_s, self._fail)
 
     def _verify(self, d: list[int], q: torch.Tensor | None, logits: torch.Tensor) -> Verdict:
         if self.sampling.greedy:
