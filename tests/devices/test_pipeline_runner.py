@@ -187,3 +187,26 @@ def test_sampling_on_a_spread_plan_equals_the_single_device_plan_draw_for_draw(f
         got = [plan.generate("w1 w2", 24, seed=s, **kw).tokens for s in range(4)]
     assert got == ref
     assert len({tuple(t) for t in ref}) > 1  # the seeds do sample different sequences
+
+
+def test_a_saved_spread_plan_loads_and_decodes_the_same(folders, reference, tmp_path):
+    target, draft, _ = folders
+    ranged = SPLIT_MAP.replace(
+        "  target.layers.3: dev1\n  target.layers.4: dev1\n  target.layers.5: dev1\n",
+        "  target.layers.[3-6): dev1\n",
+    )
+    with api.compile(target, draft, ranged, max_len=128) as plan:
+        assert plan.target_device.alias == "dev0+dev1+dev2"
+        api.save(plan, tmp_path / "plan")
+    with api.load(tmp_path / "plan") as again:
+        assert isinstance(again.target, PipelineRunner)
+        for prompt, ref in reference.items():
+            assert again.generate(prompt, 24, mode="mirror").tokens == ref
+
+
+def test_a_batch_on_a_spread_plan_equals_batch_1(folders, reference):
+    target, draft, _ = folders
+    with api.compile(target, draft, SPLIT_MAP, max_len=256) as plan:
+        for mode in ("speculative", "mirror"):
+            results = plan.generate(list(reference), 24, mode=mode)
+            assert [r.tokens for r in results] == list(reference.values()), mode

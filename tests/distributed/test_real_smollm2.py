@@ -60,4 +60,5 @@ def test_smollm2_tensor_parallel_over_3_ranks_is_greedy_identical(reference, tmp
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads((tmp_path / "o.json").read_text())["tokens"]
-    assert got == {f"{p}|{m}": reference[p] for p in PROMPTS for m in MODES}
+    greedy = {k: v for k, v in got.items() if not k.startswith("sample|")}
+    assert greedy == {f"{p}|{m}": reference[p] for p in PROMPTS for m in MODES}

@@ -1,6 +1,7 @@
 """Tensor-parallel target (#16): 2 ranks over gloo, launched by torchrun from the test.
 
-Greedy output under TP equals the single-process target's; a rank that hangs ends the
+Greedy output under TP equals the single-process target's (and sampled generations its
+draws, seed for seed); a rank that hangs ends the
 generation with a clear error within the group's timeout and a rank that dies ends the
 launch, with no process left behind; the map's `tensor_parallel` is validated."""
 
@@ -17,6 +18,7 @@ import pytest
 import mirror_sd.api as api
 from mirror_sd.partition import DeviceMapError
 from tests.conftest import tiny_pair
+from tests.distributed.tp_worker import PROMPTS, SAMPLING, SEEDS
 
 WORKER = Path(__file__).with_name("tp_worker.py")
 ROOT = Path(__file__).parents[2]
@@ -68,18 +70,25 @@ def _launch(folders, tmp_path, map_text: str, fault: str = "") -> tuple[int, dic
 def _reference(folders) -> dict[str, list[int]]:
     target, draft, _ = folders
     with api.compile(target, draft, ONE, max_len=128) as plan:
-        return {
-            f"{p}|{m}": plan.generate(p, 24, mode=m).tokens
-            for p in ("w1 w2 w3", "w7 w7 w8 w9")
+        ref = {
+            f"{p}|{m}": plan.generate(p, 24, mode="autoregressive").tokens
+            for p in PROMPTS
             for m in ("autoregressive", "speculative", "mirror")
         }
+        for seed in SEEDS:
+            ref[f"sample|{seed}"] = plan.generate(
+                PROMPTS[0], 24, mode="mirror", seed=seed, **SAMPLING
+            ).tokens
+        return ref
 
 
 def test_a_two_rank_tp_target_decodes_as_the_single_process_target(folders, tmp_path):
     rc, result, text = _launch(folders, tmp_path, TP_MAP)
     assert rc == 0, text[-3000:]
     assert "tensor-parallel over 2 ranks (gloo)" in result["name"]
-    assert result["tokens"] == _reference(folders)
+    ref = _reference(folders)
+    assert result["tokens"] == ref  # greedy in every mode, and sampled draw for draw
+    assert len({tuple(ref[f"sample|{s}"]) for s in SEEDS}) > 1  # the seeds do differ
 
 
 def test_a_hanging_rank_ends_generation_with_a_clear_error(folders, tmp_path):

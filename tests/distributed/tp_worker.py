@@ -16,6 +16,8 @@ import mirror_sd.api as api
 from mirror_sd.devices.base import DeviceError
 
 PROMPTS = ("w1 w2 w3", "w7 w7 w8 w9")
+SEEDS = (0, 1, 2)
+SAMPLING = {"temperature": 1.0, "top_p": 0.9}
 
 
 def _inject(fault: str) -> None:
@@ -49,6 +51,9 @@ def main() -> None:
             for mode in ("autoregressive", "speculative", "mirror"):
                 toks = plan.generate(prompt, 24, mode=mode).tokens
                 result["tokens"][f"{prompt}|{mode}"] = toks
+        for seed in SEEDS:  # sampled: the same draws as the single-process plan's
+            toks = plan.generate(PROMPTS[0], 24, mode="mirror", seed=seed, **SAMPLING).tokens
+            result["tokens"][f"sample|{seed}"] = toks
     except DeviceError as e:
         result["error"] = str(e)
     plan.close()
