@@ -34,7 +34,7 @@ def describe(plan: Plan) -> str:
     }
     rows = [("stage", "device", "EP actually used", "params MB", "measured ms")]
     for label, nodes in groups:
-        alias = placement.assignment[nodes[0]]
+        alias = "+".join(dict.fromkeys(placement.assignment[s] for s in nodes))  # spread: a+b
         mb = sum(graph.stage(s).param_bytes for s in nodes) / 2**20
         ep = plan.draft_device.label if label.startswith("draft") else plan.target_device.label
         t = ms.get(label)

@@ -4,6 +4,8 @@ The stages a placement gives, a PipelineRunner equal bit for bit to the single-d
 TorchRunner stage by stage, and compile() plans that spread target and draft over devices
 and decode exactly like the single-device target (greedy and a sampled χ² check)."""
 
+import re
+
 import pytest
 import torch
 
@@ -210,3 +212,14 @@ def test_a_batch_on_a_spread_plan_equals_batch_1(folders, reference):
         for mode in ("speculative", "mirror"):
             results = plan.generate(list(reference), 24, mode=mode)
             assert [r.tokens for r in results] == list(reference.values()), mode
+
+
+def test_describe_names_every_device_of_a_spread_stage_group(folders):
+    target, draft, _ = folders
+    with api.compile(target, draft, SPLIT_MAP, max_len=128) as plan:
+        lines = api.describe(plan).splitlines()[1:6]
+    rows = dict(re.split(r"\s{2,}", line)[:2] for line in lines)
+    assert rows["target.layers.[0-2) prefix"] == "dev0"
+    assert rows["target.layers.[2-6) suffix"] == "dev0+dev1"
+    assert rows["target.norm + lm_head (+ exit head)"] == "dev1+dev2"
+    assert rows["draft (all stages)"] == "dev1+dev2"
