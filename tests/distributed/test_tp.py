@@ -106,6 +106,12 @@ def test_a_dying_rank_ends_the_launch(folders, tmp_path):
     assert re.search(r"exitcode\s*: 7", text), text[-3000:]  # torchrun names the dead rank
 
 
+def test_a_dying_rank_0_ends_its_followers(folders, tmp_path):
+    rc, result, text = _launch(folders, tmp_path, TP_MAP, fault="die0")
+    assert rc != 0 and result is None  # rank 0 wrote nothing; _launch saw no rank survive
+    assert re.search(r"exitcode\s*: 7", text), text[-3000:]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

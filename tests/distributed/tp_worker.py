@@ -3,8 +3,8 @@ tensor-parallel over the launched ranks, generate on rank 0 and write the tokens
 
     torchrun --standalone --nproc-per-node 2 tp_worker.py TARGET DRAFT MAP OUT [FAULT]
 
-FAULT (a test's fault injection, applied on rank 1 only): `die` exits rank 1 at its
-3rd layer-running call, `hang` makes it sleep there; rank 0 exits 3 after a DeviceError.
+FAULT (a test's fault injection): `die` exits rank 1 at its 3rd layer-running call, `hang`
+makes it sleep there, `die0` exits rank 0 there; rank 0 exits 3 after a DeviceError.
 """
 
 import json
@@ -42,7 +42,9 @@ def _inject(fault: str) -> None:
 def main() -> None:
     target, draft, map_path, out = sys.argv[1:5]
     fault = sys.argv[5] if len(sys.argv) > 5 else ""  # "" = none
-    if fault and os.environ["RANK"] == "1":
+    if fault == "die0" and os.environ["RANK"] == "0":  # rank 0 itself dies mid-generation
+        _inject("die")
+    elif fault and os.environ["RANK"] == "1":
         _inject(fault)
     plan = api.compile(target, draft, map_path, max_len=128)  # ranks > 0 stay in here
     result = {"rank": os.environ["RANK"], "name": plan.target.name, "tokens": {}}
