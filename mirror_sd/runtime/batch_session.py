@@ -151,12 +151,18 @@ class BatchSession:
         """Sequences admitted and not finished."""
         return len(self._seqs) - len(self._results)
 
+    @property
+    def rows_in_use(self) -> int:
+        """Target cache columns held by sequences that have not finished."""
+        cols = self._sched.target.cols if self._sched is not None else {}
+        return sum(len(c) for h, c in list(cols.items()) if h not in self._results)
+
     # --- internals ------------------------------------------------------------------------
     def _rows_reserved(self) -> int:
         return sum(
             len(self._jobs[h].ids[0]) + self._jobs[h].max_new_tokens[0] + self._jobs[h].slack
             for h in self._seqs
-            if h not in self._results
+            if h not in self._results and h not in self._cancelled  # cancelled: gone next round
         )
 
     def _collect_left(self) -> None:

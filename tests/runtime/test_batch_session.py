@@ -59,3 +59,24 @@ def test_admit_checks_input_and_room(models, plan_factory):
             pass
         b.admit([2] * 10, 10)  # room again once the first finished
         assert [len(d[1]) for d in b.rounds() if 1 in d] and b.result(1).tokens
+
+
+def test_cancelled_rows_are_free_for_the_next_admission(models, plan_factory):
+    """A cancelled sequence leaves before the next round, so its reserved rows count as free at
+    once: a sequence that did not fit beside it is admitted at the same boundary."""
+    target, draft = models
+    plan = plan_factory(target, draft, mode="speculative", num_draft_tokens=3, max_len=64)
+    ref = greedy_decode(target, [2] * 10, 10)
+    with plan.batch_session() as b:
+        h0 = b.admit([1] * 20, 20)  # 20 + 20 + 4 rows of 64
+        rounds = b.rounds()
+        next(rounds)
+        assert b.rows_in_use > 0
+        with pytest.raises(BatchFullError):
+            b.admit([2] * 10, 10)
+        b.cancel(h0)
+        h1 = b.admit([2] * 10, 10)  # no round in between
+        for _ in rounds:
+            pass
+        assert b.result(h1).tokens == ref and len(b.result(h0).tokens) < 20
+        assert b.rows_in_use == 0 and b.live == 0
