@@ -148,6 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         max_queue=args.max_queue,
+        engine=args.engine,
     )
     try:
         from mirror_sd.serve.server import listen, serve
@@ -246,12 +247,21 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
-    from mirror_sd.serve.config import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT
+    from mirror_sd.serve.config import (
+        DEFAULT_ENGINE,
+        DEFAULT_HOST,
+        DEFAULT_MAX_QUEUE,
+        DEFAULT_PORT,
+        ENGINES,
+    )
 
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on ({DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"{DEFAULT_PORT}; 0: a free port")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="requests that may wait; one more gets 429")  # fmt: skip
+    p.add_argument("--engine", default=DEFAULT_ENGINE,
+                   help=f"{' or '.join(ENGINES)}: continuous batching (default {DEFAULT_ENGINE}) "
+                   "or one request at a time")  # fmt: skip
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the plan or model's folder name)")  # fmt: skip
 

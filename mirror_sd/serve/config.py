@@ -15,6 +15,9 @@ OWNED_BY = "mirror-sd"  # /v1/models' owned_by
 # Prometheus histogram buckets
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKENS_PER_ROUND_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+ENGINES = ("batch", "serial")  # continuous batching (plan.batch_session) or one at a time
+DEFAULT_ENGINE = "batch"
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,8 @@ class ServeConfig:
     """How the server runs: where it listens, what it calls its model, how long its queue is.
 
     `model_name` is the id clients send as `model` and `/v1/models` lists; `max_queue` bounds
-    the requests waiting for the plan (a full queue answers 429 with Retry-After).
+    the requests waiting for the plan (a full queue answers 429 with Retry-After); `engine`:
+    `batch` (continuous batching, the default) or `serial` (one generation at a time).
     """
 
     model_name: str
@@ -30,6 +34,7 @@ class ServeConfig:
     port: int = DEFAULT_PORT
     max_queue: int = DEFAULT_MAX_QUEUE
     default_max_tokens: int = DEFAULT_MAX_TOKENS
+    engine: str = DEFAULT_ENGINE
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -38,6 +43,8 @@ class ServeConfig:
             raise ValueError(f"--port {self.port}: expected 0..65535 (0 picks a free port)")
         if self.max_queue < 1:
             raise ValueError(f"--max-queue {self.max_queue}: expected a positive integer")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
         if self.default_max_tokens < 1:
             raise ValueError(
                 f"default_max_tokens {self.default_max_tokens}: expected a positive integer"

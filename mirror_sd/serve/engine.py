@@ -93,7 +93,9 @@ class EngineStats:
 
 
 class Engine(Protocol):
-    """What the HTTP side needs from an engine; a batched engine implements the same."""
+    """What the HTTP side needs from an engine; `BatchEngine` implements the same."""
+
+    name: str  # "batch" or "serial" (the server's startup line names it)
 
     def submit(self, ticket: Ticket) -> None:
         """Queue `ticket`; raise QueueFullError when the queue is full."""
@@ -120,6 +122,8 @@ class SerialEngine:
     Cancellation is checked after each piece the plan streams (each verified round that
     added text); closing the plan's stream stops both pipelines after the round in flight.
     """
+
+    name = "serial"
 
     def __init__(self, plan, max_queue: int, observer: GenerationObserver | None = None):
         self.plan = plan

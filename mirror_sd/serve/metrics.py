@@ -6,7 +6,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mirror_sd.runtime.results import GenerationResult
-from mirror_sd.serve.config import LATENCY_BUCKETS_S, TOKENS_PER_ROUND_BUCKETS
+from mirror_sd.serve.config import (
+    BATCH_SIZE_BUCKETS,
+    LATENCY_BUCKETS_S,
+    TOKENS_PER_ROUND_BUCKETS,
+)
 
 PREFIX = "mirror_sd"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -72,9 +76,19 @@ class ServeMetrics:
             f"{PREFIX}_draft_fallbacks",
             "Generations whose draft failed mid-way (finished target-only)", registry=r,
         )  # fmt: skip
+        self.batch_rounds = Counter(
+            f"{PREFIX}_batch_rounds", "Rounds of the batched engine (one target forward each)",
+            registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size", "Sequences live in each round of the batched engine",
+            buckets=BATCH_SIZE_BUCKETS, registry=r,
+        )  # fmt: skip
         # the engine's state, read at scrape time (bind_engine)
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Requests waiting", registry=r)
-        self.running = Gauge(f"{PREFIX}_running_requests", "Requests generating", registry=r)
+        self.running = Gauge(
+            f"{PREFIX}_running_requests", "Requests generating (live sequences)", registry=r
+        )
         self.kv_rows = Gauge(
             f"{PREFIX}_kv_rows_in_use", "Target KV-cache rows held by running requests", registry=r
         )
@@ -97,6 +111,11 @@ class ServeMetrics:
     # --- GenerationObserver (called on the engine's thread) ---------------------------------
     def queue_wait(self, seconds: float) -> None:
         self.queue_wait_s.observe(seconds)
+
+    def batch_round(self, live: int) -> None:
+        """A round of the batched engine ran with `live` sequences."""
+        self.batch_rounds.inc()
+        self.batch_size.observe(live)
 
     def generation(self, result: GenerationResult, cancelled: bool) -> None:
         stats = result.stats

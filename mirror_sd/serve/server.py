@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import threading
@@ -11,21 +12,36 @@ import time
 import uvicorn
 
 from mirror_sd.serve.app import Routes
+from mirror_sd.serve.batch_engine import BatchEngine
 from mirror_sd.serve.config import ServeConfig
 from mirror_sd.serve.engine import Engine, SerialEngine
 from mirror_sd.serve.metrics import ServeMetrics
 
+log = logging.getLogger("mirror_sd.serve")
 LOG_LEVEL = "info"
 STARTUP_TIMEOUT_S = 60.0  # ServerThread waits this long for uvicorn to listen
 STARTUP_POLL_S = 0.05
 
 
 def build(plan, config: ServeConfig) -> tuple[Routes, Engine]:
-    """The routes over a `SerialEngine` that owns `plan`, with metrics bound to it."""
+    """The routes over the configured engine (`BatchEngine` or `SerialEngine`) that owns
+    `plan`, with metrics bound to it."""
     metrics = ServeMetrics()
-    engine = SerialEngine(plan, config.max_queue, observer=metrics)
+    kind = BatchEngine if config.engine == "batch" and _batches(plan) else SerialEngine
+    engine = kind(plan, config.max_queue, observer=metrics)
     metrics.bind_engine(engine)
     return Routes(engine, metrics, config), engine
+
+
+def _batches(plan) -> bool:
+    """Whether the plan's settings run in a batch session (e.g. retrieval drafts do not yet);
+    if not, the server falls back to the serial engine and says why."""
+    try:
+        plan.batch_session()  # checks the plan's settings; takes nothing until entered
+    except ValueError as exc:
+        log.warning("continuous batching is off for this plan (%s); serving serially", exc)
+        return False
+    return True
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -65,7 +81,7 @@ def serve(
     sock = sock or listen(config.host, config.port)
     host, port = sock.getsockname()[:2]
     on_ready(f"serving {config.model_name!r} at http://{_url_host(host)}:{port}/v1 "
-             f"(metrics at /metrics, queue of {config.max_queue})")  # fmt: skip
+             f"(metrics at /metrics, {engine.name} engine, queue of {config.max_queue})")  # fmt: skip
     previous = _sigterm_interrupts()
     try:
         _uvicorn(routes, log_level).run(sockets=[sock])

@@ -33,7 +33,8 @@ def plan(tmp_path_factory):
 
 @contextmanager
 def running(plan, **config) -> Iterator[ServerThread]:
-    """A server for `plan` on 127.0.0.1 and a free port, stopped afterwards."""
+    """A server for `plan` on 127.0.0.1 and a free port (the default engine unless `engine=`
+    says otherwise), stopped afterwards."""
     with ServerThread(plan, ServeConfig(MODEL, port=0, **config)) as server:
         yield server
 
@@ -69,13 +70,15 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
 
 
 class GatedPlan:
-    """A real plan whose stream pauses after each piece until `gate` is set: lets a test hold
-    a generation mid-way (to queue others behind it, or to disconnect from it)."""
+    """A real plan whose stream (serial engine) or batch session's rounds (batch engine) pause
+    after each piece / round until `gate` is set: lets a test hold generations mid-way (to
+    queue others behind them, or to disconnect from one)."""
 
     def __init__(self, plan):
         self._plan = plan
         self.gate = threading.Event()
         self.started = threading.Event()  # the held generation streamed its first piece
+        self.rounds: list[set[int]] = []  # batch engine: the handles in each round, in order
 
     def __getattr__(self, name):
         return getattr(self._plan, name)
@@ -85,3 +88,28 @@ class GatedPlan:
             self.started.set()
             yield piece
             self.gate.wait(WAIT_S)
+
+    def batch_session(self, *args, **kwargs):
+        return _GatedSession(self, self._plan.batch_session(*args, **kwargs))
+
+
+class _GatedSession:
+    def __init__(self, gated: GatedPlan, session):
+        self._gated, self._session = gated, session
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def __enter__(self):
+        self._session.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._session.__exit__(*exc)
+
+    def rounds(self):
+        for deltas in self._session.rounds():
+            self._gated.rounds.append(set(deltas))
+            self._gated.started.set()
+            yield deltas  # the engine handles the boundary, then asks for the next round
+            self._gated.gate.wait(WAIT_S)

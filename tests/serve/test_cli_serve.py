@@ -26,6 +26,7 @@ def test_bad_port_queue_and_taken_port_fail_before_compiling(capsys, tmp_path):
     missing = str(tmp_path / "no-such-model")  # never compiled: the checks come first
     assert "--port 70000" in _user_error(capsys, ["serve", missing, "--port", "70000"])
     assert "--max-queue 0" in _user_error(capsys, ["serve", missing, "--max-queue", "0"])
+    assert "--engine" in _user_error(capsys, ["serve", missing, "--engine", "nope"])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -56,6 +57,7 @@ def test_one_command_serves_a_saved_plan(tmp_path):
                 break
         else:
             pytest.fail(f"the server exited with {proc.wait()} before listening")
+        assert "batch engine" in line  # continuous batching is the default
         c = openai.OpenAI(base_url=m.group(1), api_key="unused", max_retries=0)
         assert [x.id for x in c.models.list().data] == ["myplan"]
         r = c.completions.create(model="myplan", prompt="w1 w2", max_tokens=5)

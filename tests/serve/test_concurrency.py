@@ -30,14 +30,15 @@ def _ask(server, i: int) -> str:
     return c.completions.create(**kwargs).choices[0].text
 
 
-def test_32_requests_from_8_clients_all_answered_exactly(plan):
+@pytest.mark.parametrize("engine", ["batch", "serial"])
+def test_32_requests_from_8_clients_all_answered_exactly(plan, engine):
     refs = {}
     for i in range(32):
         prompt = f"w{i % 90} w{(i * 7) % 90}"
         chat = i % 2 == 0
         p = [{"role": "user", "content": prompt}] if chat else prompt
         refs[i] = plan.generate(p, 12, chat=chat).text
-    with running(plan) as server:
+    with running(plan, engine=engine) as server:
         with ThreadPoolExecutor(8) as pool:
             answers = dict(
                 zip(range(32), pool.map(lambda i: _ask(server, i), range(32)), strict=True)
@@ -52,11 +53,14 @@ def test_32_requests_from_8_clients_all_answered_exactly(plan):
     assert ok == 32
     assert m[("mirror_sd_generations_total", (("outcome", "completed"),))] == 32
     assert m[("mirror_sd_queue_depth", ())] == 0 and m[("mirror_sd_running_requests", ())] == 0
+    assert m[("mirror_sd_kv_rows_in_use", ())] == 0
+    assert (m[("mirror_sd_batch_rounds_total", ())] > 0) == (engine == "batch")
 
 
-def test_disconnect_mid_stream_cancels_and_frees_the_slot(plan):
+@pytest.mark.parametrize("engine", ["batch", "serial"])
+def test_disconnect_mid_stream_cancels_and_frees_the_slot(plan, engine):
     gated = GatedPlan(plan)
-    with running(gated, max_queue=1) as server:
+    with running(gated, max_queue=1, engine=engine) as server:
         stream = client(server).completions.create(
             model=MODEL, prompt="w10 w11 w12", max_tokens=200, stream=True
         )

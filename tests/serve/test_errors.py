@@ -81,6 +81,7 @@ def test_over_long_prompt_is_400_context_length_exceeded(server):
         body = err.value.response.json()["error"]
         assert body["param"] == "messages" and body["code"] == "context_length_exceeded"
         assert "exceeds the context of 256 tokens" in body["message"]
+        assert body["message"].startswith("prompt")  # no batch index in a client's message
 
 
 def test_unknown_model_and_route_are_404(server):
@@ -120,9 +121,36 @@ class _BrokenPlan:
             raise RuntimeError("secret internal detail")
         yield from self._plan.stream(*args, **kwargs)
 
+    def batch_session(self, *args, **kwargs):
+        return _BrokenSession(self, self._plan.batch_session(*args, **kwargs))
 
-def test_a_bug_is_a_500_without_details_and_the_server_goes_on(plan):
-    with running(_BrokenPlan(plan)) as server:
+
+class _BrokenSession:
+    """The first batch session whose rounds run hits a bug after admitting its request."""
+
+    def __init__(self, plan: _BrokenPlan, session):
+        self._plan, self._session = plan, session
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def __enter__(self):
+        self._session.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._session.__exit__(*exc)
+
+    def rounds(self):
+        self._plan.calls += 1
+        if self._plan.calls == 1:
+            raise RuntimeError("secret internal detail")
+        yield from self._session.rounds()
+
+
+@pytest.mark.parametrize("engine", ["batch", "serial"])
+def test_a_bug_is_a_500_without_details_and_the_server_goes_on(plan, engine):
+    with running(_BrokenPlan(plan), engine=engine) as server:
         r = _post(server, "/chat/completions", json=OK)
         assert "secret" not in _error(r, 500, None) and r.json()["error"]["type"] == "server_error"
         assert client(server).chat.completions.create(**OK).choices[0].message.content
@@ -144,7 +172,8 @@ class _FailingDraft(TorchRunner):
 
 
 @pytest.mark.filterwarnings("ignore:.*target-only:UserWarning")
-def test_draft_fault_falls_back_is_counted_and_serving_goes_on(tmp_path):
+@pytest.mark.parametrize("engine", ["batch", "serial"])
+def test_draft_fault_falls_back_is_counted_and_serving_goes_on(tmp_path, engine):
     target = tiny_model(tmp_path, "qwen2", seed=0, num_hidden_layers=4)
     draft = tiny_model(tmp_path, "qwen2", seed=1, num_hidden_layers=2)
     plan = make_plan(target, None, draft_runner=_FailingDraft(draft), mode="mirror")
@@ -152,7 +181,7 @@ def test_draft_fault_falls_back_is_counted_and_serving_goes_on(tmp_path):
     with torch.no_grad():
         ref = greedy_decode(target, prompt, 24)
     try:
-        with running(plan) as server:
+        with running(plan, engine=engine) as server:
             for _ in range(2):  # the faulty draft fails every generation; each falls back
                 r = client(server).completions.create(model=MODEL, prompt=prompt, max_tokens=24)
                 assert r.choices[0].text == "".join(f" {t}" for t in ref)  # lossless
