@@ -274,10 +274,15 @@ class Plan:
 
     # --- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the worker threads (a hung draft worker is abandoned, not waited for)."""
+        """Stop the worker threads (a hung draft worker is abandoned, not waited for) and
+        release runners that hold processes (a tensor-parallel target stops its ranks)."""
         self.target_pipe.close()
         if self.draft_pipe:
             self.draft_pipe.close(wait=self.draft_disabled is None)
+        for runner in (self.target, self.draft):
+            release = getattr(runner, "close", None)
+            if callable(release):
+                release()
 
     def __enter__(self) -> Plan:
         return self

@@ -58,8 +58,7 @@ def main() -> None:
             result["tokens"][f"sample|{seed}"] = toks
     except DeviceError as e:
         result["error"] = str(e)
-    plan.close()
-    plan.target.close()
+    plan.close()  # closes the TP target: the other ranks leave follow() and exit
     with open(out, "w") as f:
         json.dump(result, f)
     if "error" in result:  # a non-zero exit makes torchrun end the other ranks
