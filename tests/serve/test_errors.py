@@ -11,7 +11,7 @@ import torch
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.runtime.autoregressive import greedy_decode
 from tests.runtime.conftest import make_plan, tiny_model
-from tests.serve.conftest import MODEL, client, metrics, running
+from tests.serve.conftest import MODEL, SessionProxy, client, metrics, running
 
 OK = dict(model=MODEL, messages=[{"role": "user", "content": "w1"}], max_tokens=4)
 
@@ -125,21 +125,12 @@ class _BrokenPlan:
         return _BrokenSession(self, self._plan.batch_session(*args, **kwargs))
 
 
-class _BrokenSession:
+class _BrokenSession(SessionProxy):
     """The first batch session whose rounds run hits a bug after admitting its request."""
 
-    def __init__(self, plan: _BrokenPlan, session):
-        self._plan, self._session = plan, session
-
-    def __getattr__(self, name):
-        return getattr(self._session, name)
-
-    def __enter__(self):
-        self._session.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._session.__exit__(*exc)
+    @property
+    def _plan(self) -> _BrokenPlan:
+        return self._owner
 
     def rounds(self):
         self._plan.calls += 1
