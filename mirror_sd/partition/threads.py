@@ -7,8 +7,8 @@ small VMs one core reaches about half the bandwidth of two, so a pipeline that r
 must use every core of its physical device. Only mirror's overlapped phase (target suffix ||
 branch rollouts) has both pipelines busy at once; there the budget follows `overlap`:
 
-    share   both pipelines keep every core and the OS shares them (idle pool threads sleep
-            instead of spinning); when one side finishes first, the other has the whole
+    share   both pipelines keep every core and the OS shares them (pool threads spin only
+            inside their own run); when one side finishes first, the other has the whole
             device again at once (work-conserving). The default: measured on the 2-core
             EPYC it is as fast as a fixed split while both run and faster after.
     split   the target gets `target_cores`, the draft the rest (a fixed partition, as a
