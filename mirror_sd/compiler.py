@@ -19,7 +19,7 @@ import torch
 
 from mirror_sd.devices.ort_core import OrtDevice
 from mirror_sd.devices.ort_device import OrtRunner
-from mirror_sd.devices.ort_split import OrtSplitRunner, export_split
+from mirror_sd.devices.ort_split import OrtSplitRunner, export_split, split_needs_weights
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.devices.trimmed import TrimmedVocabRunner
 from mirror_sd.distributed.runner import TPRunner
@@ -27,7 +27,7 @@ from mirror_sd.distributed.target import check_plan, is_tp, tp_target_runner
 from mirror_sd.graphs import zoo
 from mirror_sd.graphs.config import load_config
 from mirror_sd.graphs.export import export_cached, source_identity
-from mirror_sd.graphs.loader import load_model, load_tokenizer
+from mirror_sd.graphs.loader import load_model, load_tokenizer, weightless_model
 from mirror_sd.graphs.model_graph import ModelGraph
 from mirror_sd.graphs.trimmed_head import export_trimmed, with_trimmed_head
 from mirror_sd.graphs.vocab_trim import VocabTrim
@@ -129,14 +129,19 @@ def _target_runner(spec, folder: Path, exit_layer: int, max_len: int, onnx_root:
                    keep_model: bool = True):  # fmt: skip
     """(torch model or None, runner, label, lens agreement or None) for the target.
 
-    An ORT target is exported (or found in the cache) while the torch model is loaded; with
-    `lens_ids` the logit-lens agreement per ℓe candidate is measured on it then. Without
-    `keep_model` the torch model is freed *before* the sessions load, so the target's weights
-    are in memory once at a time (compile's peak RSS), and None is returned for it."""
+    An ORT target's graphs are assembled from its per-layer export (`graphs.layered`), which
+    is made, if missing, while the torch model is loaded; with `lens_ids` the logit-lens
+    agreement per ℓe candidate is measured on it then. Without `keep_model` the torch model is
+    freed *before* the sessions load, so the target's weights are in memory once at a time
+    (compile's peak RSS), and None is returned for it; when nothing needs the weights (all
+    graphs cached, no lens, no model kept) they are never read."""
     if isinstance(spec, OrtSpec):
-        model = load_model(folder, "float32")
         quant = None if spec.quantize == "none" else spec.quantize
-        graphs = export_split(model, onnx_root, source_identity(folder), exit_layer, quant)
+        key = source_identity(folder)
+        model = weightless_model(folder)  # enough when every graph comes from the cache
+        if lens_ids or keep_model or split_needs_weights(model, onnx_root, key, exit_layer, quant):
+            model = load_model(folder, "float32")
+        graphs = export_split(model, onnx_root, key, exit_layer, quant)
         lens = (
             agreement_by_layer(model, lens_ids, list(lens_layers(model.num_layers)))
             if lens_ids

@@ -104,9 +104,41 @@ def test_auto_without_mirror_keeps_the_first_exported_split(folders, tmp_path):
         assert f"kept ℓe={kept}" in api.describe(plan)
         ref = plan.generate("w1 w2 w3", 16, mode="autoregressive").tokens
         assert plan.generate("w1 w2 w3", 16).tokens == ref
-    names = [p.name for p in onnx.iterdir()]
-    assert any(n.startswith(f"qwen2-{kept}-6-") for n in names)  # the kept split's suffix
-    assert not any(n.startswith(f"qwen2-{best}-6-") for n in names)  # no second export
+    (layers,) = onnx.glob("qwen2-layers-*")  # the per-layer export (graphs.layered)
+    ranges = sorted(p.name for p in layers.glob("range-*.onnx"))
+    assert ranges == [f"range-0-{kept}-embed.onnx", f"range-{kept}-6.onnx"]  # one split only
+
+
+def test_mirror_at_another_exit_layer_assembles_the_split_without_torch(
+    folders, tmp_path, monkeypatch
+):
+    """compile() measures on a provisional split; when mirror wants another ℓe, the chosen
+    split is spliced from the per-layer export: no second export, no second load of the
+    target's weights, and the output stays the target's."""
+    import mirror_sd.compiler as compiler
+    import mirror_sd.graphs.layered as layered
+
+    target, draft, _ = folders
+    prof = Profile(
+        num_layers=6, t_target=FLAT, t_draft={1: 0.05, 16: 0.8}, accept_rate=0.8,
+        hit_rate_by_exit_layer={1: 0.1, 2: 0.1, 3: 0.1, 4: 0.2, 5: 0.9}, overlap_slowdown=1.0,
+    )  # fmt: skip
+    loads, exports = [], []
+    load, export = compiler.load_model, layered._export_parts
+    monkeypatch.setattr(compiler, "load_model", lambda f, *a: loads.append(str(f)) or load(f, *a))
+    monkeypatch.setattr(layered, "_export_parts", lambda *a: exports.append(1) or export(*a))
+    with api.compile(target, draft, ORT_MAP, mode="auto", max_len=128, profile_data=prof,
+                     onnx_dir=tmp_path / "onnx") as plan:  # fmt: skip
+        assert plan.spec.mode == "mirror" and plan.report.kept_split is None
+        best = plan.report.choice.exit_layer
+        assert plan.target.exit_layer == best != 3
+        ref = plan.generate("w1 w2 w3", 16, mode="autoregressive").tokens
+        assert plan.generate("w1 w2 w3", 16).tokens == ref
+    assert exports == [1]  # the target's layers, once
+    assert loads.count(str(target)) == 1  # the first split's export; the second reads none
+    (layers,) = (tmp_path / "onnx").glob("qwen2-layers-*")
+    names = {p.name for p in layers.glob("range-*.onnx")}
+    assert {f"range-0-{best}-embed.onnx", f"range-{best}-6.onnx"} <= names
 
 
 def test_an_ort_target_is_profiled_with_its_torch_model_freed(folders, tmp_path, monkeypatch):

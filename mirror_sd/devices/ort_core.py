@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tempfile
 import threading
 import warnings
@@ -34,7 +33,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from mirror_sd.graphs.export import publish
+from mirror_sd.graphs.export import cached_entry
 from mirror_sd.graphs.kv_cache import CacheFullError
 from mirror_sd.partition.device_map import ORT_PROVIDERS
 
@@ -240,18 +239,16 @@ class SessionPool:
 
 def prepacked_copy(path: str | Path, device: OrtDevice) -> Path:
     """`path`'s graph optimized for this CPU and onnxruntime, initializers and their pre-packed
-    forms in one external file, written once into `<graph folder>/prepacked-<tag>/`.
+    forms in one external file, written once into `<graph folder>/prepacked-[<stem>-]<tag>/`.
 
     The tag covers the onnxruntime version, the CPU (its model name and flags: pre-packed
     layouts are kernel-specific) and the optimization level.
     """
     path = Path(path)
-    entry = path.parent / f"prepacked-{_hardware_tag(device)}"
-    out = entry / "model.onnx"
-    if out.is_file():
-        return out
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=path.parent))
-    try:
+    stem = "" if path.stem == "model" else f"{path.stem}-"  # graphs sharing a folder
+    entry = path.parent / f"prepacked-{stem}{_hardware_tag(device)}"
+
+    def write(tmp: Path) -> None:
         so = device.session_options(record_placement=False, threads=1)
         so.optimized_model_filepath = str(tmp / "model.onnx")
         so.add_session_config_entry(
@@ -264,10 +261,8 @@ def prepacked_copy(path: str | Path, device: OrtDevice) -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        publish(tmp, entry)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return cached_entry(entry, write)
 
 
 def _hardware_tag(device: OrtDevice) -> str:

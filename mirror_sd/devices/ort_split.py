@@ -28,10 +28,6 @@ allowed, any other raises); a different ℓe needs a new runner.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -60,11 +56,11 @@ from mirror_sd.graphs.export import (
     QUANT_BITS,
     QUANTIZATIONS,
     cache_key,
-    export_cached,
-    publish,
+    cached_entry,
+    export_module,
     quantize_weights,
-    quiet_exporter,
 )
+from mirror_sd.graphs.layered import layers_entry, range_cached, range_entry
 from mirror_sd.graphs.model import CausalLM
 
 _Binding = Any  # ort.IOBinding (its class is not exported under a stable name)
@@ -95,27 +91,22 @@ def export_head(model: CausalLM, path: str | Path, opset: int = DEFAULT_OPSET) -
 
     `export_stages` cannot export an empty layer range (no past K/V inputs), hence this.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     c, dtype = model.config, model.model.embed_tokens.weight.dtype
     example = torch.zeros(1, 3, c.hidden_size, dtype=dtype)  # (1, T, D), T = 3: stays dynamic
     params = [*model.model.norm.parameters(), *model.lm_head.parameters()]
     large = sum(p.numel() * p.element_size() for p in params) >= EXTERNAL_DATA_BYTES
-    with warnings.catch_warnings(), quiet_exporter(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore", UserWarning)  # the exporter's notes on axis names
-        warnings.simplefilter("ignore", FutureWarning)  # and on torch's own deprecations
-        program = torch.onnx.export(
-            _Head(model).eval(),
-            (example,),
-            input_names=["hidden"],
-            output_names=["logits"],
-            dynamic_shapes={"hidden": {1: torch.export.Dim("T", min=1)}},
-            opset_version=opset,
-            dynamo=True,
-            verbose=False,
-        )
-    program.save(str(path), external_data=large)
-    return path
+    return export_module(_Head(model), (example,), path, ["hidden"], ["logits"],
+                         {"hidden": {1: torch.export.Dim("T", min=1)}}, opset, large)  # fmt: skip
+
+
+def head_entry(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any],
+               opset: int = DEFAULT_OPSET, quantize: str | None = None) -> Path:  # fmt: skip
+    """The folder `export_head_cached` keeps the head in (`model` may be weightless)."""
+    exact = {"exact": True} if quantize else {}  # weights only (see quantize_weights)
+    digest = cache_key(model, key_info, stage="norm+lm_head", opset=opset, quantize=quantize,
+                       **exact)  # fmt: skip
+    quant = f"-{quantize}-exact" if quantize else ""
+    return Path(folder) / f"{model.config.model_type}-head{quant}-{digest[:16]}"
 
 
 def export_head_cached(
@@ -131,26 +122,14 @@ def export_head_cached(
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZATIONS}")
-    exact = {"exact": True} if quantize else {}  # weights only (see quantize_weights)
-    digest = cache_key(model, key_info, stage="norm+lm_head", opset=opset, quantize=quantize,
-                       **exact)  # fmt: skip
-    quant = f"-{quantize}-exact" if quantize else ""
-    entry = Path(folder) / f"{model.config.model_type}-head{quant}-{digest[:16]}"
-    if (entry / "model.onnx").is_file():
-        os.utime(entry)  # last use, for `mirror-sd cache prune` (graphs.export_cache)
-        return entry / "model.onnx"
-    src = export_head_cached(model, folder, key_info, opset) if quantize else None
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
-    try:
-        if src is not None:
-            quantize_weights(src, tmp / "model.onnx", QUANT_BITS[quantize], exact=True)
-        else:
-            export_head(model, tmp / "model.onnx", opset)
-        publish(tmp, entry)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return entry / "model.onnx"
+    entry = head_entry(model, folder, key_info, opset, quantize)
+    if quantize and not (entry / "model.onnx").is_file():
+        src = export_head_cached(model, folder, key_info, opset)
+        return cached_entry(
+            entry, lambda tmp: quantize_weights(src, tmp / "model.onnx", QUANT_BITS[quantize],
+                                                exact=True)
+        )  # fmt: skip
+    return cached_entry(entry, lambda tmp: export_head(model, tmp / "model.onnx", opset))
 
 
 def export_split(
@@ -172,14 +151,28 @@ def export_split(
     if not 1 <= exit_layer < n:
         raise ValueError(f"exit_layer {exit_layer} outside [1, {n - 1}]")
     return SplitGraphs(
-        prefix=export_cached(
-            model, folder, key_info, 0, exit_layer, True, False, quantize, exact=True
-        ),
-        suffix=export_cached(
-            model, folder, key_info, exit_layer, n, False, False, quantize, exact=True
-        ),
+        prefix=range_cached(model, folder, key_info, 0, exit_layer, True, quantize),
+        suffix=range_cached(model, folder, key_info, exit_layer, n, False, quantize),
         head=export_head_cached(model, folder, key_info, quantize=quantize),
     )
+
+
+def split_needs_weights(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any],
+                        exit_layer: int, quantize: str | None = None) -> bool:  # fmt: skip
+    """Whether `export_split` would run torch's exporter, i.e. needs the real weights. When
+    False a weightless `model` (built on the meta device) will do: every graph is cached, or
+    is assembled / quantized from cached ONNX files without torch."""
+    layers = layers_entry(model, folder, key_info) / "model.onnx"  # fp32 ranges live there
+    ranges = [(0, exit_layer, True), (exit_layer, model.num_layers, False)]
+    ranges_ok = (
+        layers.is_file()
+        or bool(quantize)
+        and all(range_entry(model, folder, key_info, *r, quantize).is_file() for r in ranges)
+    )
+    heads = [
+        head_entry(model, folder, key_info, quantize=q) / "model.onnx" for q in {quantize, None}
+    ]
+    return not (ranges_ok and any(h.is_file() for h in heads))
 
 
 # --- runner ---------------------------------------------------------------------------------

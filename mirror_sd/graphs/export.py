@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -138,24 +138,41 @@ def export_stages(
     """
     if not 0 <= first <= last <= model.num_layers:
         raise IndexError(f"layer range [{first}, {last}) outside [0, {model.num_layers}]")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = _Stages(model, first, last, with_embed, with_head).eval()
+    wrapper = _Stages(model, first, last, with_embed, with_head)
     inputs, outputs = io_names(first, last, with_embed, with_head)
     args = _example_inputs(model, last - first, with_embed)
     if external_data is None:
         external_data = (
             _weight_bytes(model, first, last, with_embed, with_head) >= EXTERNAL_DATA_BYTES
         )
+    return export_module(wrapper, args, path, inputs, outputs,
+                         _dynamic_shapes(last - first), opset, external_data)  # fmt: skip
+
+
+def export_module(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: str | Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: Any,
+    opset: int = DEFAULT_OPSET,
+    external_data: bool = False,
+) -> Path:
+    """`module(*args)` to ONNX at `path` with torch's exporter (`dynamo=True`), its registry
+    warnings silenced (`quiet_exporter`). `dynamic_shapes` maps `forward`'s argument names to
+    {axis: Dim}. With `external_data` the weights go to one file `<path>.data`. Returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), quiet_exporter(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore", UserWarning)  # the exporter's notes on axis names
         warnings.simplefilter("ignore", FutureWarning)  # and on torch's own deprecations
         program = torch.onnx.export(
-            wrapper,
+            module.eval(),
             args,
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_shapes=_dynamic_shapes(last - first),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
             opset_version=opset,
             dynamo=True,
             verbose=False,
@@ -359,21 +376,34 @@ def export_cached(
     quant += "-exact" if exact else ""
     name = f"{model.config.model_type}{label}-{first}-{last}{quant}-{digest}"
     entry = Path(folder) / name
-    if (entry / "model.onnx").is_file():
-        os.utime(entry)  # last use, for `mirror-sd cache prune` (graphs.export_cache)
-        return entry / "model.onnx"
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    if quantize:  # quantize the (cached) unquantized export of the same range
+    if quantize and not (entry / "model.onnx").is_file():  # from the cached unquantized range
         src = export_cached(
             model, folder, key_info, first, last, with_embed, with_head, None, opset, label
         )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=entry.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         if quantize:  # looked up at call time, so tests can replace either function
             fn = {"int8": quantize_int8, "int4": quantize_int4}[quantize]
             fn(src, tmp / "model.onnx", exact=True) if exact else fn(src, tmp / "model.onnx")
         else:
             export_stages(model, tmp / "model.onnx", first, last, with_embed, with_head, opset)
+
+    return cached_entry(entry, write)
+
+
+def cached_entry(entry: Path, write: Callable[[Path], object]) -> Path:
+    """The `model.onnx` of cache folder `entry`: reused when there (its mtime touched: the
+    last use, for `mirror-sd cache prune`), else made by `write(tmp)` in a temporary folder
+    beside it and renamed into place (`publish`), so a crash never leaves a half entry that
+    a later call would trust."""
+    entry = Path(entry)
+    if (entry / "model.onnx").is_file():
+        os.utime(entry)
+        return entry / "model.onnx"
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+    try:
+        write(tmp)
         publish(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

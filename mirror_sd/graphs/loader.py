@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from mirror_sd.graphs.config import ModelConfig, load_config
@@ -38,10 +38,18 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+def load_state_dict(
+    folder: Path, dtype: torch.dtype | None = None, skip: frozenset[str] = frozenset()
+) -> dict[str, torch.Tensor]:
+    """The folder's weights by name, each converted to `dtype` as it is read (one tensor at a
+    time: a bf16 checkpoint loaded as fp32 never holds both copies), `skip` names left out."""
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(folder):
-        state.update(load_file(f))
+        with safe_open(f, framework="pt") as weights:
+            for k in weights.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                if k not in skip:
+                    t = weights.get_tensor(k)
+                    state[k] = t if dtype is None else t.to(dtype)
     return state
 
 
@@ -82,8 +90,16 @@ def load_model(folder: str | Path, dtype: str | torch.dtype = "float32") -> Caus
         UnsupportedModelError: the architecture is not one of SUPPORTED_ARCHITECTURES.
     """
     folder = Path(folder)
-    cfg = load_config(folder)
-    return build_model(cfg, load_state_dict(folder), parse_dtype(dtype))
+    cfg, dtype = load_config(folder), parse_dtype(dtype)
+    tied = frozenset({"lm_head.weight"}) if cfg.tie_word_embeddings else frozenset()
+    return build_model(cfg, load_state_dict(folder, dtype, skip=tied), dtype)
+
+
+def weightless_model(folder: str | Path) -> CausalLM:
+    """The folder's model on the meta device: its config, module tree and float32 dtype, no
+    weights (what the export cache's keys need, without reading gigabytes)."""
+    with torch.device("meta"):
+        return CausalLM(load_config(Path(folder)))
 
 
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")

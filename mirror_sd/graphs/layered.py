@@ -1,0 +1,277 @@
+"""A target exported once, layer by layer, and any layer range assembled from it without torch.
+
+Why: a split runner needs layers [0, ℓe) and [ℓe, N) as graphs, and compile() picks ℓe only
+after measuring. Exporting whole ranges meant a second export (and a second load of the
+torch model) whenever the chosen ℓe differed from the provisional one, and torch's exporter
+held a copy of every weight of the range at once: a first compile of Qwen2.5-Coder-1.5B
+peaked at 13-15 GB RSS inside `torch.onnx.export`. Here the exporter sees one layer at a time
+(the peak is the torch model plus one layer's copy), and a range is a graph-only splice of
+the per-layer graphs: seconds, no torch, no new weight bytes on disk.
+
+One cache entry `<type>-layers-<hash>/` holds the parts, each a graph exported by torch's
+exporter from the *same* module code as `export._Stages` (so the assembled graph computes
+what a whole-range export computes, op for op):
+
+    embed.onnx     input_ids (1, T)                         -> h (1, T, D)
+    prep.onnx      position_ids (1, T), mask (1, T, S + T)  -> cos, sin (1, T, hd),
+                                                               bias (1, T, S + T) additive
+    layer_<i>.onnx h, cos, sin, bias, past_k, past_v        -> h_out, new_k, new_v
+
+with each part's weights in its own `<part>.onnx.data`. `assemble` writes a range graph with
+exactly `export.io_names`' interface into the same folder (`range-<first>-<last>[-embed].onnx`),
+its initializers pointing at the parts' data files: ONNX Runtime reads external data only from
+the model's own folder, and neither it nor `onnx.load` accepts hard-linked data files, so the
+ranges live beside the parts and the weight bytes exist once on disk, for every ℓe.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from mirror_sd.graphs.export import (
+    DEFAULT_OPSET,
+    QUANT_BITS,
+    cache_key,
+    cached_entry,
+    export_module,
+    io_names,
+    quantize_weights,
+)
+from mirror_sd.graphs.masks import causal_mask
+from mirror_sd.graphs.model import CausalLM
+
+LAYOUT = "layers-v1"  # in every key of this module: bump when the parts' interface changes
+
+
+class _Embed(nn.Module):
+    def __init__(self, model: CausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model.embed(input_ids)  # (1, T, D)
+
+
+class _Prep(nn.Module):
+    """The per-call tensors every layer shares: rotary cos / sin and the additive mask."""
+
+    def __init__(self, model: CausalLM):
+        super().__init__()
+        self.model = model
+        self.dtype = model.model.embed_tokens.weight.dtype
+
+    def forward(self, position_ids, mask):
+        cos, sin = self.model.rope(position_ids, self.dtype)  # (1, T, hd)
+        # additive, as in export._Stages (why: see there)
+        bias = torch.zeros(mask.shape, dtype=self.dtype).masked_fill(
+            ~mask, torch.finfo(self.dtype).min
+        )
+        return cos, sin, bias
+
+
+class _Layer(nn.Module):
+    def __init__(self, model: CausalLM, i: int):
+        super().__init__()
+        self.layer = model.model.layers[i]
+
+    def forward(self, h, cos, sin, bias, past_k, past_v):
+        return self.layer(h, cos, sin, bias, past_k, past_v)
+
+
+def part_name(i: int) -> str:
+    """File stem of layer i's part."""
+    return f"layer_{i:03d}"
+
+
+def _examples(model: CausalLM) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Sample inputs with S = 5, T = 3 (no 0 or 1, so the exporter keeps both dynamic)."""
+    c, s, t = model.config, 5, 3
+    dtype = model.model.embed_tokens.weight.dtype
+    h = torch.zeros(1, t, c.hidden_size, dtype=dtype)
+    rot = torch.zeros(1, t, c.head_dim, dtype=dtype)
+    past = torch.zeros(1, s, c.num_kv_heads, c.head_dim, dtype=dtype)
+    bias = torch.zeros(1, t, s + t, dtype=dtype)
+    return {
+        "embed": (torch.zeros(1, t, dtype=torch.long),),
+        "prep": (torch.arange(s, s + t)[None], causal_mask(s, t)),
+        "layer": (h, rot, rot.clone(), bias, past, past.clone()),  # distinct tensors
+    }
+
+
+def _export_parts(model: CausalLM, folder: Path, opset: int) -> None:
+    """Every part of `model` into `folder`, one exporter call (and one layer's copy) at a time."""
+    t, s = torch.export.Dim("T", min=1), torch.export.Dim("S", min=0)
+    st = torch.export.Dim.DYNAMIC  # S + T: the exporter derives it
+    ex = _examples(model)
+    export_module(_Embed(model), ex["embed"], folder / "embed.onnx", ["input_ids"], ["h"],
+                  {"input_ids": {1: t}}, opset, external_data=True)  # fmt: skip
+    export_module(_Prep(model), ex["prep"], folder / "prep.onnx", ["position_ids", "mask"],
+                  ["cos", "sin", "bias"], {"position_ids": {1: t}, "mask": {1: t, 2: st}},
+                  opset, external_data=False)  # fmt: skip
+    shapes = {"h": {1: t}, "cos": {1: t}, "sin": {1: t}, "bias": {1: t, 2: st},
+              "past_k": {1: s}, "past_v": {1: s}}  # fmt: skip
+    for i in range(model.num_layers):
+        export_module(_Layer(model, i), ex["layer"], folder / f"{part_name(i)}.onnx",
+                      list(shapes), ["h_out", "new_k", "new_v"], shapes, opset,
+                      external_data=True)  # fmt: skip
+
+
+def _entry(folder: str | Path, model: CausalLM, key_info: Mapping[str, Any], label: str,
+           **settings: Any) -> Path:  # fmt: skip
+    digest = cache_key(model, key_info, layout=LAYOUT, **settings)[:16]
+    return Path(folder) / f"{model.config.model_type}-{label}-{digest}"
+
+
+def layers_entry(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any],
+                 opset: int = DEFAULT_OPSET) -> Path:  # fmt: skip
+    """The folder the parts of `model` are (or would be) cached in. `model` may be weightless
+    (built on the meta device): only its config and dtype enter the key."""
+    return _entry(folder, model, key_info, "layers", opset=opset)
+
+
+def export_layers_cached(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any],
+                         opset: int = DEFAULT_OPSET) -> Path:  # fmt: skip
+    """Export the parts of `model` into `layers_entry(...)` unless they are there. The entry is
+    written in a temporary folder and renamed into place (a crash leaves nothing a later call
+    would trust); reuse touches its mtime (`cache prune`). Returns the entry folder."""
+    entry = layers_entry(model, folder, key_info, opset)
+
+    def write(tmp: Path) -> None:
+        _export_parts(model, tmp, opset)
+        (tmp / "model.onnx").symlink_to("prep.onnx")  # what marks a complete cache entry
+
+    cached_entry(entry, write)
+    return entry
+
+
+def range_name(first: int, last: int, with_embed: bool) -> str:
+    """File name of an assembled range inside the parts' folder."""
+    return f"range-{first}-{last}{'-embed' if with_embed else ''}.onnx"
+
+
+def range_entry(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any], first: int,
+                last: int, with_embed: bool, quantize: str | None = None,
+                opset: int = DEFAULT_OPSET) -> Path:  # fmt: skip
+    """The path `range_cached` keeps this range at (`model` may be weightless).
+
+    Raises:
+        IndexError: the layer range is empty or outside [0, num_layers].
+    """
+    if not 0 <= first < last <= model.num_layers:
+        raise IndexError(f"layer range [{first}, {last}) empty or outside [0, {model.num_layers}]")
+    if not quantize:
+        return layers_entry(model, folder, key_info, opset) / range_name(first, last, with_embed)
+    label = f"{first}-{last}-{quantize}-exact"
+    entry = _entry(folder, model, key_info, label, opset=opset, first=first, last=last,
+                   with_embed=with_embed, quantize=quantize, exact=True)  # fmt: skip
+    return entry / "model.onnx"
+
+
+def range_cached(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any], first: int,
+                 last: int, with_embed: bool, quantize: str | None = None,
+                 opset: int = DEFAULT_OPSET) -> Path:  # fmt: skip
+    """Layers [first, last) (with the embedding when `with_embed`) as one graph with
+    `export.io_names`' interface, assembled from the cached parts (exported first if missing)
+    and kept beside them, where its external data is: `<layers entry>/range-<first>-<last>
+    [-embed].onnx`. With `quantize` ("int8" | "int4") the fp32 range's weights are quantized,
+    weights only (`export.quantize_weights` with `exact`: what a quantized target needs),
+    into an entry of its own `<type>-<first>-<last>-<quantize>-exact-<hash>/model.onnx`.
+    Reused when present. Returns the graph's path.
+
+    Raises:
+        IndexError: the layer range is empty or outside [0, num_layers].
+    """
+    path = range_entry(model, folder, key_info, first, last, with_embed, quantize, opset)
+    if quantize:
+        if (path).is_file():
+            os.utime(path.parent)
+            return path
+        src = range_cached(model, folder, key_info, first, last, with_embed, opset=opset)
+        bits = QUANT_BITS[quantize]
+        return cached_entry(
+            path.parent, lambda tmp: quantize_weights(src, tmp / "model.onnx", bits, exact=True)
+        )
+    parts = export_layers_cached(model, folder, key_info, opset)  # touched: last use
+    if not path.is_file():
+        assemble(parts, first, last, with_embed)
+    return path
+
+
+# --- assembly -------------------------------------------------------------------------------
+def assemble(parts: str | Path, first: int, last: int, with_embed: bool) -> Path:
+    """Splice the parts in folder `parts` into one graph for layers [first, last), written
+    beside them (`range_name`; a temporary file renamed into place). Returns its path."""
+    parts = Path(parts)
+    path = parts / range_name(first, last, with_embed)
+    inputs, outputs = io_names(first, last, with_embed, with_head=False)
+    x = "input_ids" if with_embed else "hidden"
+    # (part stem, {part name: graph name}) in execution order; unmapped names get a prefix
+    plan: list[tuple[str, dict[str, str]]] = []
+    if with_embed:
+        plan.append(("embed", {"input_ids": x, "h": "embed/h"}))
+    plan.append(("prep", {n: n for n in ("position_ids", "mask", "cos", "sin", "bias")}))
+    h = "embed/h" if with_embed else x
+    for i in range(first, last):
+        out = "hidden_out" if i == last - 1 else f"{part_name(i)}/h"
+        names = {"h": h, "cos": "cos", "sin": "sin", "bias": "bias", "past_k": f"past_k_{i}",
+                 "past_v": f"past_v_{i}", "h_out": out, "new_k": f"new_k_{i}",
+                 "new_v": f"new_v_{i}"}  # fmt: skip
+        plan.append((part_name(i), names))
+        h = out
+    models = [onnx.load(str(parts / f"{stem}.onnx"), load_external_data=False) for stem, _ in plan]
+    graph = onnx.GraphProto(name=f"layers_{first}_{last}")
+    typed: dict[str, onnx.ValueInfoProto] = {}  # graph-interface name -> its declared type
+    functions: dict[tuple[str, str, str], onnx.FunctionProto] = {}
+    for (stem, names), m in zip(plan, models, strict=True):
+        g = _renamed(m.graph, stem, names)
+        graph.node.extend(g.node)
+        graph.initializer.extend(g.initializer)
+        graph.value_info.extend(g.value_info)
+        for v in [*g.input, *g.output]:
+            typed.setdefault(v.name, v)
+        for f in m.functions:
+            functions.setdefault((f.domain, f.name, f.overload), f)
+    graph.input.extend(typed[n] for n in inputs)
+    graph.output.extend(typed[n] for n in outputs)
+    model = onnx.helper.make_model(
+        graph, opset_imports=models[0].opset_import, functions=list(functions.values())
+    )
+    model.ir_version = models[0].ir_version
+    model.producer_name = "mirror-sd layered assembly"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=parts)
+    os.close(fd)
+    try:
+        onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _renamed(g: onnx.GraphProto, prefix: str, names: Mapping[str, str]) -> onnx.GraphProto:
+    """A copy of part graph `g` with interface names mapped by `names` and every other value,
+    node and initializer name prefixed with `prefix/` (so parts never collide)."""
+    g = onnx.GraphProto.FromString(g.SerializeToString())
+
+    def new(n: str) -> str:
+        return n if not n else names.get(n, f"{prefix}/{n}")
+
+    for node in g.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute):  # fmt: skip
+            raise ValueError(f"part {prefix}: node {node.name} has a subgraph, which assemble "
+                             "does not rename; bump layered.LAYOUT after changing the parts")  # fmt: skip
+        node.name = f"{prefix}/{node.name}"
+        node.input[:] = [new(n) for n in node.input]
+        node.output[:] = [new(n) for n in node.output]
+    for v in [*g.input, *g.output, *g.value_info, *g.initializer]:
+        v.name = new(v.name)
+    return g
