@@ -8,7 +8,6 @@ its `CompileReport`. Also `quantization_report()` (int8 / int4 vs fp32 of one mo
 
 from __future__ import annotations
 
-import gc
 import json
 from dataclasses import replace
 from importlib import resources
@@ -27,7 +26,7 @@ from mirror_sd.distributed.target import check_plan, is_tp, tp_target_runner
 from mirror_sd.graphs import zoo
 from mirror_sd.graphs.config import load_config
 from mirror_sd.graphs.export import export_cached, source_identity
-from mirror_sd.graphs.loader import load_model, load_tokenizer, weightless_model
+from mirror_sd.graphs.loader import load_model, load_tokenizer, release_memory, weightless_model
 from mirror_sd.graphs.model_graph import ModelGraph
 from mirror_sd.graphs.trimmed_head import export_trimmed, with_trimmed_head
 from mirror_sd.graphs.vocab_trim import VocabTrim
@@ -150,8 +149,8 @@ def _target_runner(spec, folder: Path, exit_layer: int, max_len: int, onnx_root:
         n_layers, width = model.num_layers, model.config.hidden_size
         if not keep_model:
             del model
-            gc.collect()
             model = None
+        release_memory()  # the exporter's and the lens's freed heap, before the sessions load
         runner = OrtSplitRunner.from_graphs(
             graphs, n_layers, width, exit_layer, max_len, _ort_device(spec, budget, "target"),
             alias=spec.alias, quantize=quant,
@@ -172,7 +171,7 @@ def _draft_onnx(spec: OrtSpec, folder: Path, onnx_dir: Path) -> Path:
     quant = None if spec.quantize == "none" else spec.quantize
     path = export_cached(model, onnx_dir, source_identity(folder), quantize=quant)
     del model
-    gc.collect()
+    release_memory()  # the exporter's and quantizer's copies: gone before the target loads
     return path
 
 
@@ -396,14 +395,15 @@ def compile(
         spec.exit_layer != exit_layer
         and not isinstance(t_runner, TorchRunner | PipelineRunner | TPRunner)
         and spec.mode != "mirror"
-    ):  # ℓe matters only to mirror rounds: keep the exported split instead of a second export
+    ):  # ℓe matters only to mirror rounds: keep the open split instead of reloading the target
         kept_split = (exit_layer, spec.exit_layer)
         spec = spec.with_(exit_layer=exit_layer)
     if spec.exit_layer != exit_layer:
         if isinstance(t_runner, TorchRunner | PipelineRunner | TPRunner):
             t_runner.exit_layer = spec.exit_layer
-        else:  # exported prefix/suffix graphs fix ℓe: export the chosen split
-            del t_runner  # free the provisional split's sessions before exporting the next
+        else:  # graphs fix ℓe: splice the chosen split from the per-layer export
+            del t_runner  # free the provisional split's sessions before the next load
+            release_memory()
             t_model, t_runner, _, _ = _target_runner(
                 t_spec, t_folder, spec.exit_layer, spec.max_len, onnx_root, budget,
                 keep_model=keep_model,

@@ -73,7 +73,7 @@ def describe(plan: Plan) -> str:
         lines.append(
             f"exit layer: kept ℓe={kept}, the split compiled first, because the plan's mode is "
             f"{spec.mode} (no mirror rounds, where ℓe matters); for mirror the cost model "
-            f"chose ℓe={best}: compile with mode: mirror to export that split"
+            f"chose ℓe={best}: compile with mode: mirror to use that split"
         )
     if plan.draft_disabled:
         lines.append(f"draft DISABLED: {plan.draft_disabled}")

@@ -39,15 +39,10 @@ from mirror_sd.runtime.acceptance import (
 from mirror_sd.runtime.batch_draft import BatchDraft
 from mirror_sd.runtime.branches import exit_candidates, plan_branches
 from mirror_sd.runtime.draft_engine import Draft
+from mirror_sd.runtime.model_draft import DraftFailed, await_draft
 from mirror_sd.runtime.packing import PackedCache
 from mirror_sd.runtime.pipelines import Pipeline
-from mirror_sd.runtime.scheduler import (
-    PRIOR_TOKENS,
-    DraftFailed,
-    RoundLog,
-    RoundSettings,
-    await_draft,
-)
+from mirror_sd.runtime.scheduler import PRIOR_TOKENS, RoundLog, RoundSettings
 from mirror_sd.runtime.tracing import Tracer
 
 

@@ -31,8 +31,10 @@ class CompileReport:
     draft_trim, draft_trim_coverage: the draft head's VocabTrim and its calibration coverage
     exit_heads: the trained exit heads found for the target (training.exit_select)
     kept_split: (ℓe kept, ℓe the cost model chose for mirror) when the plan's mode has no
-        mirror rounds (asked, or chosen by `mode: auto`) and the target is exported: the split compiled first is kept (ℓe
-        only matters to mirror rounds; a second export costs minutes and gigabytes)
+        mirror rounds (asked, or chosen by `mode: auto`) and the target is exported: the
+        split compiled first is kept (ℓe only matters to mirror rounds; another split is
+        assembled from the per-layer export in seconds, but its sessions load the weights
+        again)
     """
 
     target: str

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +31,8 @@ from mirror_sd.runtime.acceptance import Sampling, Verdict, probs, verify_greedy
 from mirror_sd.runtime.branches import exit_candidates, plan_branches
 from mirror_sd.runtime.draft_engine import Draft, DraftEngine, Rollout
 from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy
-from mirror_sd.runtime.drafters import DraftSource
+from mirror_sd.runtime.drafters import Combined, DraftSource
+from mirror_sd.runtime.model_draft import DraftFailed, ModelDraft, await_draft
 from mirror_sd.runtime.pipelines import Pipeline
 from mirror_sd.runtime.tracing import Tracer
 
@@ -81,23 +81,6 @@ class RunState:
     draft_hung: bool = False
 
 
-class DraftFailed(Exception):
-    """Internal: the draft pipeline failed; the scheduler falls back to target-only."""
-
-
-def await_draft(fut, timeout_s: float, fail: Callable[..., None]):
-    """The draft future's result. A timeout (`fail(why, hung=True)`) or any exception from
-    the device (`fail(why)`) raises DraftFailed after `fail` has dropped the draft: the
-    output must not depend on the draft device (both schedulers use this)."""
-    try:
-        return fut.result(timeout=timeout_s)
-    except FutureTimeout:
-        fail(f"draft step exceeded draft_timeout_s={timeout_s}", hung=True)
-    except Exception as exc:  # any device error: the output must not depend on it
-        fail(f"{type(exc).__name__}: {exc}")
-    raise DraftFailed
-
-
 class VerificationScheduler:
     def __init__(
         self,
@@ -118,7 +101,18 @@ class VerificationScheduler:
         self.sampling = sampling
         self.gen = verify_gen
         self.tracer = tracer
-        self.retrieval = retrieval
+        # one proposer: retrieval when its match is long enough, else the model draft
+        self.model = (
+            ModelDraft(draft, draft_pipe, tracer, settings.draft_timeout_s, self._fail,
+                       self._draft_alive, settings.draft_stop)
+            if draft is not None and draft_pipe is not None
+            else None
+        )  # fmt: skip
+        self.proposer: DraftSource | None = (
+            Combined(retrieval, self.model, threshold=settings.retrieval_min_match)
+            if retrieval is not None
+            else self.model
+        )
         self.exit_logits = exit_head or target.exit_logits  # hidden (1, T, D) -> (T, V)
         self.state = RunState()
         self._judged = self._taken = 0  # draft tokens verified / accepted so far (running α)
@@ -131,8 +125,8 @@ class VerificationScheduler:
         committed = list(prompt)
         self._threads(overlapped=False)
         self._prefill(committed)
-        if self.retrieval is not None:
-            self.retrieval.reset(committed)
+        if self.proposer is not None:
+            self.proposer.reset(committed)
         block: Draft | None = None
         produced: list[int] = []
         while len(produced) < max_new_tokens:
@@ -140,8 +134,8 @@ class VerificationScheduler:
             new = new[: max_new_tokens - len(produced)]
             committed += new
             produced += new
-            if self.retrieval is not None:
-                self.retrieval.extend(new)
+            if self.proposer is not None:
+                self.proposer.extend(new)
             self.tracer.counter("tokens", self.tracer.now(), committed=len(produced))
             yield new
             if done(produced):
@@ -194,31 +188,22 @@ class VerificationScheduler:
             return verify_greedy(d, logits)
         return verify_sampling(d, q, probs(logits, self.sampling), self.gen)
 
-    def _retrieve(self) -> Draft | None:
-        """A model-free proposal when its suffix match is long enough (q = one-hot)."""
-        if self.retrieval is None or self.s.mode == "autoregressive":
+    def _propose(self, log: RoundLog) -> Draft | None:
+        """The proposer's block for this round (None: nothing proposed, a target-only round)."""
+        if self.proposer is None or self.s.mode == "autoregressive":
             return None
-        p = self.retrieval.propose(self.s.gamma)
-        if p.tokens and p.match_len >= self.s.retrieval_min_match:
-            return Draft(list(p.tokens), None, source=p.source)
-        return None
+        if self.model is not None:
+            self.model.elapsed = 0.0  # stays 0.0 when retrieval's proposal is taken
+        p = self.proposer.propose(self.s.gamma)
+        if self.model is not None:
+            log.t_draft = log.exposed = self.model.elapsed
+        return Draft(list(p.tokens), p.q, source=p.source) if p.tokens else None
 
     def _round(self, committed: list[int], block: Draft | None) -> tuple[list[int], Draft | None]:
         log = RoundLog(0, 0, None)
         self._threads(overlapped=False)
         if block is None:
-            block = self._retrieve()
-        if self._draft_alive() and block is None:
-            t0 = self.tracer.now()
-            fut = self.dp.submit(
-                self.tracer, "draft.chain", self.draft.draft_chain, committed, self.s.gamma,
-                self.s.draft_stop,
-            )  # fmt: skip
-            try:
-                block = self._draft_result(fut)
-            except DraftFailed:
-                block = None
-            log.t_draft = log.exposed = self.tracer.now() - t0
+            block = self._propose(log)
         if block is None:
             block = Draft([], None, source="target")
         log.source, log.drafted = block.source, len(block.tokens)

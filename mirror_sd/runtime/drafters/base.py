@@ -4,17 +4,18 @@ A draft source follows one sequence at a time: `reset(prompt)` starts it, `exten
 reports tokens the target committed, and `propose(max_tokens)` returns a deterministic
 guess at what comes next. A source that learns from finished generations also has
 `finish(prompt, output)`, which the plan calls after each generation. Sources register
-their `speculation.retrieval` names in sources.py. Model-free sources (suffix automaton, n-gram tables, a reference
-output) and, later, the model draft all implement this protocol, so `Combined` can choose
-between them by match length. Sources are called every round, so `propose` and `extend`
+their `speculation.retrieval` names in sources.py. Model-free sources (suffix automaton,
+n-gram tables, a reference output) and the model draft (`runtime.model_draft.ModelDraft`,
+its proposals run on the draft device) all implement this protocol, so `Combined` chooses
+between them by match length: SAM-Decoding's rule, applied nowhere else. Sources are called every round, so `propose` and `extend`
 cost O(1) amortized per token (or O(n-gram size)), never a rescan of the whole sequence.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,15 @@ class Proposal:
         match_len: length of the committed suffix that matched the text the tokens were read
             from (0 = no match); a confidence signal. Always 0 when `tokens` is empty.
         source: name of the source that produced the tokens (e.g. "sam:dynamic").
+        q: the distributions (len(tokens), V) the tokens were sampled from (a model draft
+            that samples); None for a deterministic proposal, which verification treats as
+            one-hot (lossless either way).
     """
 
     tokens: tuple[int, ...]
     match_len: int
     source: str
+    q: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.match_len < 0:

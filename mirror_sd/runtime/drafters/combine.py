@@ -23,14 +23,15 @@ class Combined:
     def __init__(
         self,
         retrieval: DraftSource,
-        fallback: DraftSource,
+        fallback: DraftSource | None,
         *,
         threshold: int,
         name: str = "combined",
     ) -> None:
         """Args:
         retrieval: the preferred source (e.g. SamDrafter).
-        fallback: used when retrieval's match is shorter than `threshold` or empty.
+        fallback: used when retrieval's match is shorter than `threshold` or empty; None
+            proposes nothing then (retrieval alone, gated by its match length).
         threshold: minimum match_len (>= 0) for the retrieval proposal to be used.
         name: this source's name (the proposals keep the name of the source that made them).
 
@@ -47,12 +48,14 @@ class Combined:
     def reset(self, context: Sequence[int]) -> None:
         """Start a sequence in both sources."""
         self.retrieval.reset(context)
-        self.fallback.reset(context)
+        if self.fallback is not None:
+            self.fallback.reset(context)
 
     def extend(self, tokens: Sequence[int]) -> None:
         """Commit tokens in both sources."""
         self.retrieval.extend(tokens)
-        self.fallback.extend(tokens)
+        if self.fallback is not None:
+            self.fallback.extend(tokens)
 
     def propose(self, max_tokens: int) -> Proposal:
         """The retrieval proposal when it qualifies, else the fallback's proposal."""
@@ -60,4 +63,6 @@ class Combined:
         proposal = self.retrieval.propose(max_tokens)
         if proposal.tokens and proposal.match_len >= self.threshold:
             return proposal
+        if self.fallback is None:
+            return Proposal.empty(self.name)
         return self.fallback.propose(max_tokens)

@@ -1,0 +1,81 @@
+"""The model draft as a `DraftSource`: one proposer protocol for the model and retrieval.
+
+`ModelDraft.propose` runs `DraftEngine.draft_chain` on the draft pipeline and waits for it
+under the plan's `draft_timeout_s` (`scheduler.await_draft`). A draft that fails, hangs or
+has been dropped proposes nothing, so the round falls back to target-only decoding with the
+same output. The scheduler composes it with a retrieval source through `Combined`
+(SAM-Decoding's rule: retrieval when its match is long enough, else the model), so a new
+proposer needs no change to the round loop. The branch rollouts and commits of mirror rounds
+stay on `DraftEngine` (the sibling protocol: they answer the exit head, not the sequence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from mirror_sd.runtime.draft_engine import DraftEngine
+from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy
+from mirror_sd.runtime.drafters.base import Proposal, check_max_tokens
+from mirror_sd.runtime.pipelines import Pipeline
+from mirror_sd.runtime.tracing import Tracer
+
+
+class DraftFailed(Exception):
+    """Internal: the draft pipeline failed; the scheduler falls back to target-only."""
+
+
+def await_draft(fut, timeout_s: float, fail: Callable[..., None]):
+    """The draft future's result. A timeout (`fail(why, hung=True)`) or any exception from
+    the device (`fail(why)`) raises DraftFailed after `fail` has dropped the draft: the
+    output must not depend on the draft device (both schedulers use this)."""
+    try:
+        return fut.result(timeout=timeout_s)
+    except FutureTimeout:
+        fail(f"draft step exceeded draft_timeout_s={timeout_s}", hung=True)
+    except Exception as exc:  # any device error: the output must not depend on it
+        fail(f"{type(exc).__name__}: {exc}")
+    raise DraftFailed
+
+
+class ModelDraft:
+    """Chain drafts of a `DraftEngine` on its pipeline, as a `DraftSource` named "draft".
+
+    A step past `timeout_s` or a device error calls `fail` (`await_draft`), which drops the
+    draft; `alive()` says whether the draft may still run. `elapsed` is the wall time the
+    last `propose` spent on the draft device (0.0 when it did not run).
+    """
+
+    name = "draft"
+
+    def __init__(self, engine: DraftEngine, pipe: Pipeline, tracer: Tracer,
+                 timeout_s: float, fail: Callable[..., None], alive: Callable[[], bool],
+                 stop: DraftPolicy = NEVER_STOP) -> None:  # fmt: skip
+        self.engine, self.pipe, self.tracer = engine, pipe, tracer
+        self.timeout_s, self.fail, self.alive, self.stop = timeout_s, fail, alive, stop
+        self.committed: list[int] = []
+        self.elapsed = 0.0
+
+    def reset(self, context: Sequence[int]) -> None:
+        self.committed = list(context)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self.committed += tokens
+
+    def propose(self, max_tokens: int) -> Proposal:
+        """Up to `max_tokens` draft tokens (fewer when the stop policy ends the chain), with
+        the distributions they were sampled from; empty when the draft is dropped or fails."""
+        check_max_tokens(max_tokens)
+        self.elapsed = 0.0
+        if not self.alive() or max_tokens == 0:
+            return Proposal.empty(self.name)
+        t0 = self.tracer.now()
+        fut = self.pipe.submit(self.tracer, "draft.chain", self.engine.draft_chain,
+                               self.committed, max_tokens, self.stop)  # fmt: skip
+        try:
+            d = await_draft(fut, self.timeout_s, self.fail)
+        except DraftFailed:  # the draft is dropped: target-only rounds from here
+            return Proposal.empty(self.name)
+        finally:
+            self.elapsed = self.tracer.now() - t0
+        return Proposal(tuple(d.tokens), 0, self.name, q=d.q)
