@@ -16,16 +16,23 @@ from typing import Any
 
 import torch
 
+from mirror_sd import export_worker
 from mirror_sd.devices.ort_core import OrtDevice
 from mirror_sd.devices.ort_device import OrtRunner
-from mirror_sd.devices.ort_split import OrtSplitRunner, export_split, split_needs_weights
+from mirror_sd.devices.ort_split import (
+    OrtSplitRunner,
+    SplitGraphs,
+    export_split,
+    split_needs_weights,
+)
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.devices.trimmed import TrimmedVocabRunner
 from mirror_sd.distributed.runner import TPRunner
 from mirror_sd.distributed.target import check_plan, is_tp, tp_target_runner
+from mirror_sd.export_worker import cached_lens, measure_lens
 from mirror_sd.graphs import zoo
 from mirror_sd.graphs.config import load_config
-from mirror_sd.graphs.export import export_cached, source_identity
+from mirror_sd.graphs.export import export_cached, find_cached, source_identity
 from mirror_sd.graphs.loader import load_model, load_tokenizer, release_memory, weightless_model
 from mirror_sd.graphs.model_graph import ModelGraph
 from mirror_sd.graphs.trimmed_head import export_trimmed, with_trimmed_head
@@ -50,8 +57,6 @@ from mirror_sd.runtime.drafters.sources import check_source
 from mirror_sd.runtime.plan import DeviceSlot, Plan
 from mirror_sd.runtime.profiling import (
     CALIBRATION_TEXT,
-    agreement_by_layer,
-    lens_layers,
     profile,
 )
 from mirror_sd.simulated import host_spec, sim_label, sim_profile, with_absolute_profiles
@@ -128,29 +133,34 @@ def _target_runner(spec, folder: Path, exit_layer: int, max_len: int, onnx_root:
                    keep_model: bool = True):  # fmt: skip
     """(torch model or None, runner, label, lens agreement or None) for the target.
 
-    An ORT target's graphs are assembled from its per-layer export (`graphs.layered`), which
-    is made, if missing, while the torch model is loaded; with `lens_ids` the logit-lens
-    agreement per ℓe candidate is measured on it then. Without `keep_model` the torch model is
-    freed *before* the sessions load, so the target's weights are in memory once at a time
-    (compile's peak RSS), and None is returned for it; when nothing needs the weights (all
-    graphs cached, no lens, no model kept) they are never read."""
+    An ORT target's graphs are spliced from its per-layer export (`graphs.layered`); with
+    `lens_ids` the logit-lens agreement per ℓe candidate comes along (kept beside the export,
+    `export_worker.measure_lens`). Without `keep_model` this process never loads the target's
+    torch model: a missing export or lens is made by `export_worker` (a worker process for a
+    large model, whose memory leaves with it), and None is returned for the model. With
+    `keep_model` (exit heads, vocabulary trims) the model is loaded here and returned."""
     if isinstance(spec, OrtSpec):
         quant = None if spec.quantize == "none" else spec.quantize
-        key = source_identity(folder)
-        model = weightless_model(folder)  # enough when every graph comes from the cache
-        if lens_ids or keep_model or split_needs_weights(model, onnx_root, key, exit_layer, quant):
+        key, meta = source_identity(folder), weightless_model(folder)
+        model = lens = None
+        if keep_model:  # exit heads / vocabulary trims are built from it: it stays loaded
             model = load_model(folder, "float32")
-        graphs = export_split(model, onnx_root, key, exit_layer, quant)
-        lens = (
-            agreement_by_layer(model, lens_ids, list(lens_layers(model.num_layers)))
-            if lens_ids
-            else None
-        )
-        n_layers, width = model.num_layers, model.config.hidden_size
-        if not keep_model:
-            del model
-            model = None
-        release_memory()  # the exporter's and the lens's freed heap, before the sessions load
+            graphs = export_split(model, onnx_root, key, exit_layer, quant)
+            lens = measure_lens(model, onnx_root, key, lens_ids) if lens_ids else None
+        else:
+            lens = cached_lens(meta, onnx_root, key, lens_ids) if lens_ids else None
+            if (lens_ids and lens is None) or split_needs_weights(
+                meta, onnx_root, key, exit_layer, quant
+            ):  # export and measure in a worker process: its memory leaves with it
+                out = export_worker.run("target", folder, onnx_dir=str(onnx_root),
+                                        exit_layer=exit_layer, quantize=quant,
+                                        lens_ids=None if lens else lens_ids)  # fmt: skip
+                graphs = SplitGraphs(*(Path(p) for p in out["graphs"]))
+                lens = lens or out["lens"]
+            else:  # every graph cached, or spliced from the cached per-layer export
+                graphs = export_split(meta, onnx_root, key, exit_layer, quant)
+        n_layers, width = meta.num_layers, meta.config.hidden_size
+        release_memory()  # freed heap back to the OS before the sessions load
         runner = OrtSplitRunner.from_graphs(
             graphs, n_layers, width, exit_layer, max_len, _ort_device(spec, budget, "target"),
             alias=spec.alias, quantize=quant,
@@ -166,13 +176,14 @@ def _target_runner(spec, folder: Path, exit_layer: int, max_len: int, onnx_root:
 
 
 def _draft_onnx(spec: OrtSpec, folder: Path, onnx_dir: Path) -> Path:
-    """The draft's exported (and quantized) ONNX file, the torch model freed right after."""
-    model = load_model(folder, "float32")
+    """The draft's exported (and quantized) ONNX file: from the cache, else exported (in a
+    worker process for a large model, `export_worker`), before the target loads."""
     quant = None if spec.quantize == "none" else spec.quantize
-    path = export_cached(model, onnx_dir, source_identity(folder), quantize=quant)
-    del model
-    release_memory()  # the exporter's and quantizer's copies: gone before the target loads
-    return path
+    cached = find_cached(weightless_model(folder), onnx_dir, source_identity(folder), quant)
+    if cached is not None:
+        return cached
+    path = export_worker.run("draft", folder, onnx_dir=str(onnx_dir), quantize=quant)["path"]
+    return Path(path)
 
 
 def _draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path, trim: VocabTrim | None = None,

@@ -115,7 +115,7 @@ def test_mirror_at_another_exit_layer_assembles_the_split_without_torch(
     """compile() measures on a provisional split; when mirror wants another ℓe, the chosen
     split is spliced from the per-layer export: no second export, no second load of the
     target's weights, and the output stays the target's."""
-    import mirror_sd.compiler as compiler
+    import mirror_sd.export_worker as worker
     import mirror_sd.graphs.layered as layered
 
     target, draft, _ = folders
@@ -124,8 +124,8 @@ def test_mirror_at_another_exit_layer_assembles_the_split_without_torch(
         hit_rate_by_exit_layer={1: 0.1, 2: 0.1, 3: 0.1, 4: 0.2, 5: 0.9}, overlap_slowdown=1.0,
     )  # fmt: skip
     loads, exports = [], []
-    load, export = compiler.load_model, layered._export_parts
-    monkeypatch.setattr(compiler, "load_model", lambda f, *a: loads.append(str(f)) or load(f, *a))
+    load, export = worker.load_model, layered._export_parts
+    monkeypatch.setattr(worker, "load_model", lambda f, *a: loads.append(str(f)) or load(f, *a))
     monkeypatch.setattr(layered, "_export_parts", lambda *a: exports.append(1) or export(*a))
     with api.compile(target, draft, ORT_MAP, mode="auto", max_len=128, profile_data=prof,
                      onnx_dir=tmp_path / "onnx") as plan:  # fmt: skip
@@ -135,7 +135,7 @@ def test_mirror_at_another_exit_layer_assembles_the_split_without_torch(
         ref = plan.generate("w1 w2 w3", 16, mode="autoregressive").tokens
         assert plan.generate("w1 w2 w3", 16).tokens == ref
     assert exports == [1]  # the target's layers, once
-    assert loads.count(str(target)) == 1  # the first split's export; the second reads none
+    assert loads == [str(draft), str(target)]  # the exports; the second split reads none
     (layers,) = (tmp_path / "onnx").glob("qwen2-layers-*")
     names = {p.name for p in layers.glob("range-*.onnx")}
     assert {f"range-0-{best}-embed.onnx", f"range-{best}-6.onnx"} <= names
@@ -149,12 +149,13 @@ def test_an_ort_target_is_profiled_with_its_torch_model_freed(folders, tmp_path,
     import weakref
 
     import mirror_sd.compiler as compiler
+    import mirror_sd.export_worker as worker
     from mirror_sd.devices.ort_split import OrtSplitRunner
     from mirror_sd.runtime.profiling import CALIBRATION_TEXT, agreement_by_layer, lens_layers
 
     target, draft, _ = folders
     loaded, alive_at_open = [], []
-    load = compiler.load_model
+    load = worker.load_model
 
     def recording_load(folder, *args, **kw):
         model = load(folder, *args, **kw)
@@ -168,6 +169,7 @@ def test_an_ort_target_is_profiled_with_its_torch_model_freed(folders, tmp_path,
         alive_at_open.append([f for f, ref in loaded if ref() is not None and f == str(target)])
         return opened(cls, *args, **kw)
 
+    monkeypatch.setattr(worker, "load_model", recording_load)
     monkeypatch.setattr(compiler, "load_model", recording_load)
     monkeypatch.setattr(OrtSplitRunner, "from_graphs", classmethod(checking_open))
     with api.compile(target, draft, ORT_MAP, mode="auto", max_len=128,
@@ -179,3 +181,52 @@ def test_an_ort_target_is_profiled_with_its_torch_model_freed(folders, tmp_path,
     model = load(target, "float32")
     ids = plan.tokenizer(CALIBRATION_TEXT)["input_ids"]
     assert lens == agreement_by_layer(model, ids, list(lens_layers(model.num_layers)))
+
+
+def test_a_second_compile_reads_the_kept_lens_and_no_weights(folders, tmp_path, monkeypatch):
+    """The lens agreement is kept beside the per-layer export: compiling the same target again
+    neither measures it nor loads the target's weights (only the draft's ONNX is reused too)."""
+    import mirror_sd.compiler as compiler
+    import mirror_sd.export_worker as worker
+
+    target, draft, _ = folders
+    onnx = tmp_path / "onnx"
+    with api.compile(target, draft, ORT_MAP, mode="auto", max_len=128, onnx_dir=onnx) as plan:
+        first = plan.report.profile.hit_rate_by_exit_layer
+    assert len(list(onnx.glob("qwen2-layers-*/lens-*.json"))) == 1
+    loads = []
+    for module in (worker, compiler):
+        monkeypatch.setattr(module, "load_model", lambda f, *a, **k: loads.append(f) or 1 / 0)
+    with api.compile(target, draft, ORT_MAP, mode="auto", max_len=128, onnx_dir=onnx) as plan:
+        assert plan.report.profile.hit_rate_by_exit_layer == first
+        ref = plan.generate("w1 w2 w3", 12, mode="autoregressive").tokens
+        assert plan.generate("w1 w2 w3", 12).tokens == ref
+    assert loads == []
+
+
+def test_large_models_export_in_a_worker_process(folders, tmp_path, monkeypatch):
+    """Above export_worker.ISOLATE_BYTES the exports and the lens run in a fresh interpreter
+    (`python -m mirror_sd.export_worker`): this process loads no torch model, and the plan
+    decodes exactly as one exported in-process does."""
+    import mirror_sd.compiler as compiler
+    import mirror_sd.export_worker as worker
+
+    target, draft, _ = folders
+    monkeypatch.setattr(worker, "ISOLATE_BYTES", 0)
+    loads = []
+    for module in (worker, compiler):
+        monkeypatch.setattr(module, "load_model", lambda f, *a, **k: loads.append(f) or 1 / 0)
+    with api.compile(target, draft, ORT_MAP, mode="auto", max_len=128,
+                     onnx_dir=tmp_path / "onnx") as plan:  # fmt: skip
+        assert plan.report.profile.hit_rate_by_exit_layer  # measured in the worker
+        ref = plan.generate("w1 w2 w3", 12, mode="autoregressive").tokens
+        assert plan.generate("w1 w2 w3", 12).tokens == ref
+    assert loads == []
+
+
+def test_a_failing_export_worker_says_why(tmp_path):
+    import mirror_sd.export_worker as worker
+
+    with pytest.raises(worker.ExportWorkerError, match="FileNotFoundError"):
+        worker._in_worker("draft", {"folder": str(tmp_path / "nowhere"),
+                                    "onnx_dir": str(tmp_path), "quantize": None})  # fmt: skip

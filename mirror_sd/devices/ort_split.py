@@ -150,10 +150,14 @@ def export_split(
     n = model.num_layers
     if not 1 <= exit_layer < n:
         raise ValueError(f"exit_layer {exit_layer} outside [1, {n - 1}]")
+    # the head first: its export copies the LM head's weights while few of the model's pages
+    # are resident yet (torch's exporter keeps every exported weight referenced: an export
+    # process only grows, so the biggest transient goes first)
+    head = export_head_cached(model, folder, key_info, quantize=quantize)
     return SplitGraphs(
         prefix=range_cached(model, folder, key_info, 0, exit_layer, True, quantize),
         suffix=range_cached(model, folder, key_info, exit_layer, n, False, quantize),
-        head=export_head_cached(model, folder, key_info, quantize=quantize),
+        head=head,
     )
 
 

@@ -309,7 +309,10 @@ def source_identity(folder: str | Path) -> dict[str, Any]:
 def cache_key(model: CausalLM, key_info: Mapping[str, Any], **settings: Any) -> str:
     """A hex digest of everything an exported file depends on (see `export_cached`)."""
     parts = {
-        "config": model.config.hf_config.to_dict(),
+        # the config without the path it was read from: `key_info` identifies the weights
+        "config": {
+            k: v for k, v in model.config.hf_config.to_dict().items() if k != "_name_or_path"
+        },
         "weights": dict(key_info),
         "dtype": str(model.model.embed_tokens.weight.dtype),
         "settings": settings,
@@ -345,12 +348,16 @@ def export_cached(
     opset: int = DEFAULT_OPSET,
     label: str = "",
     exact: bool = False,
+    keep_source: bool = True,
 ) -> Path:
     """`export_stages` (+ `quantize_int8` / `quantize_int4`) into `folder`, reusing an earlier
     identical export. `exact` quantizes only the weights (fp32 activations: a row's logits do
     not depend on how many rows run together; what a quantized target needs).
 
-    A quantized entry is made from the unquantized entry of the same range, itself cached.
+    A quantized entry is made from the unquantized entry of the same range, itself cached;
+    without `keep_source` an unquantized entry this call had to make is removed once the
+    quantized one exists (disk: the 0.5B draft's fp32 export is 2.5 GB, its int8 0.7 GB; a
+    later call for another quantization exports it again).
     `label` only makes the folder name readable (e.g. "-v16384" for a trimmed head); whatever
     distinguishes the weights must be in `key_info`, which the hash covers.
 
@@ -369,14 +376,11 @@ def export_cached(
     settings = dict(first=first, last=last, with_embed=with_embed, with_head=with_head,
                     quantize=quantize, opset=opset)  # fmt: skip
     exact = bool(exact and quantize)
-    if exact:  # only then in the key: earlier entries keep their hashes
-        settings["exact"] = True
-    digest = cache_key(model, key_info, **settings)[:16]
-    quant = f"-{quantize}" if quantize else ""  # int8 entries keep their pre-int4 names and hashes
-    quant += "-exact" if exact else ""
-    name = f"{model.config.model_type}{label}-{first}-{last}{quant}-{digest}"
-    entry = Path(folder) / name
+    entry = _entry(model, folder, key_info, settings, label, exact)
+    made_src = False
     if quantize and not (entry / "model.onnx").is_file():  # from the cached unquantized range
+        fp32 = _entry(model, folder, key_info, {**settings, "quantize": None}, label, False)
+        made_src = not (fp32 / "model.onnx").is_file()
         src = export_cached(
             model, folder, key_info, first, last, with_embed, with_head, None, opset, label
         )
@@ -388,7 +392,38 @@ def export_cached(
         else:
             export_stages(model, tmp / "model.onnx", first, last, with_embed, with_head, opset)
 
-    return cached_entry(entry, write)
+    path = cached_entry(entry, write)
+    if made_src and not keep_source:
+        shutil.rmtree(src.parent, ignore_errors=True)
+    return path
+
+
+def _entry(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any],
+           settings: dict[str, Any], label: str, exact: bool) -> Path:  # fmt: skip
+    """The folder of `export_cached`'s entry for these settings."""
+    if exact:  # only then in the key: earlier entries keep their hashes
+        settings = {**settings, "exact": True}
+    digest = cache_key(model, key_info, **settings)[:16]
+    quantize = settings["quantize"]
+    quant = f"-{quantize}" if quantize else ""  # int8 entries keep their pre-int4 names and hashes
+    quant += "-exact" if exact else ""
+    name = f"{model.config.model_type}{label}-{settings['first']}-{settings['last']}{quant}"
+    return Path(folder) / f"{name}-{digest}"
+
+
+def find_cached(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any],
+                quantize: str | None = None) -> Path | None:  # fmt: skip
+    """The `model.onnx` of the cached whole-model export `export_cached(model, folder,
+    key_info, quantize=quantize)` would return (its use recorded, as a reuse is), or None
+    when it is not cached. `model` may be weightless: only its config and dtype enter the key.
+    """
+    settings = dict(first=0, last=model.num_layers, with_embed=True, with_head=True,
+                    quantize=quantize, opset=DEFAULT_OPSET)  # fmt: skip
+    entry = _entry(model, folder, key_info, settings, "", False)
+    if not (entry / "model.onnx").is_file():
+        return None
+    os.utime(entry)  # last use, for `mirror-sd cache prune` (graphs.export_cache)
+    return entry / "model.onnx"
 
 
 def cached_entry(entry: Path, write: Callable[[Path], object]) -> Path:

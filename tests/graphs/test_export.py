@@ -290,6 +290,15 @@ def test_source_identity_changes_with_the_weights(tmp_path):
     assert ex.source_identity(folder) != before
 
 
+def test_the_cache_key_does_not_depend_on_the_path_to_the_model(tmp_path):
+    """One model folder reached through a symbolic link (MIRROR_SD_CACHE pointing elsewhere)
+    keys the same exports: the key holds the weights' identity, not the path string."""
+    folder = save_tiny(make_tiny("llama"), tmp_path / "m")
+    (tmp_path / "link").symlink_to(folder)
+    keys = [ex.cache_key(load_model(f), ex.source_identity(f)) for f in (folder, tmp_path / "link")]
+    assert keys[0] == keys[1]
+
+
 def _one_matmul(path: Path, k: int = 64, n: int = 16) -> Path:
     """A graph of one MatMul (weights ~ N(0, 1), seed 0): the smallest thing to quantize."""
     w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
@@ -327,3 +336,16 @@ def test_int8_activations_turn_rounding_noise_into_jumps(tmp_path):
     fast, exact = max_jump(exact=False), max_jump(exact=True)
     assert exact < 5e-4 * 4  # weights-only: the output moves with the input (|w| ≲ 3)
     assert fast > 20 * exact  # int8 activations: a rounding boundary moves it a whole step
+
+
+def test_without_keep_source_only_the_quantized_export_stays(qwen2, tmp_path, fake_export):
+    """A quantized draft's fp32 intermediate is removed when this call made it (disk), kept
+    when it was already cached; find_cached sees exactly what export_cached would reuse."""
+    int8 = ex.export_cached(qwen2, tmp_path, {}, quantize="int8", keep_source=False)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [int8.parent.name]
+    assert ex.find_cached(qwen2, tmp_path, {}, "int8") == int8
+    assert ex.find_cached(qwen2, tmp_path, {}) is None
+    fp32 = ex.export_cached(qwen2, tmp_path, {})
+    ex.export_cached(qwen2, tmp_path, {}, quantize="int4", keep_source=False)
+    assert fp32.is_file()  # it was there before: kept
+    assert fake_export == [(0, 4, True, True), ("int8",), (0, 4, True, True), ("int4",)]
