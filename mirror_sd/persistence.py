@@ -52,8 +52,10 @@ def save(plan: Plan, folder: str | Path) -> Path:
 
 
 def load(folder: str | Path) -> Plan:
-    """Rebuild a plan saved with `save()`: same models, device map and chosen settings, the
-    saved ONNX files reused (no export, no profiling)."""
+    """Rebuild a plan saved with `save()`: same models, device map and chosen settings (no
+    profiling), the saved draft ONNX files reused. An ONNX Runtime target is not in the
+    saved folder (gigabytes): the first load exports it into the folder's onnx/ (per layer,
+    `graphs.layered`) and later loads reuse that."""
     folder = Path(folder)
     doc = yaml.safe_load((folder / "plan.yaml").read_text())
     if not isinstance(doc, dict) or doc.get("version") != PLAN_VERSION:
