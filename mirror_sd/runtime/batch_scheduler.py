@@ -21,7 +21,6 @@ same tokens.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -39,7 +38,7 @@ from mirror_sd.runtime.acceptance import (
 from mirror_sd.runtime.batch_draft import BatchDraft
 from mirror_sd.runtime.branches import exit_candidates, plan_branches
 from mirror_sd.runtime.draft_engine import Draft
-from mirror_sd.runtime.model_draft import DraftFailed, await_draft
+from mirror_sd.runtime.model_draft import DraftFailed, await_draft, drop_draft
 from mirror_sd.runtime.packing import PackedCache
 from mirror_sd.runtime.pipelines import Pipeline
 from mirror_sd.runtime.scheduler import PRIOR_TOKENS, RoundLog, RoundSettings
@@ -130,12 +129,7 @@ class BatchScheduler:
         return self.draft is not None and self.fallback is None and self.s.mode != "autoregressive"
 
     def _fail(self, why: str, hung: bool = False) -> None:
-        self.fallback, self.draft_hung = why, hung
-        self.tracer.instant(self.dp.device, self.dp.name, "draft failed: target-only fallback",
-                            self.tracer.now(), why=why)  # fmt: skip
-        warnings.warn(
-            f"draft device failed ({why}); continuing target-only, output unchanged", stacklevel=3
-        )
+        drop_draft(self, self.tracer, self.dp, why, hung)  # its fallback / draft_hung
 
     def _drafts(self, live: list[SeqState]) -> dict[int, Draft]:
         """Each live sequence's block: a hit branch's rollout kept from the last round, else

@@ -11,6 +11,7 @@ stay on `DraftEngine` (the sibling protocol: they answer the exit head, not the 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -38,21 +39,35 @@ def await_draft(fut, timeout_s: float, fail: Callable[..., None]):
     raise DraftFailed
 
 
+def drop_draft(state, tracer: Tracer, pipe: Pipeline, why: str, hung: bool = False) -> None:
+    """Drop the draft for the rest of a generation: `state.fallback = why` (and
+    `state.draft_hung`), an instant in the trace, a warning. Both schedulers and `ModelDraft`
+    drop it through here."""
+    state.fallback, state.draft_hung = why, hung
+    tracer.instant(pipe.device, pipe.name, "draft failed: target-only fallback", tracer.now(),
+                   why=why)  # fmt: skip
+    warnings.warn(
+        f"draft device failed ({why}); continuing target-only, output unchanged", stacklevel=4
+    )
+
+
 class ModelDraft:
     """Chain drafts of a `DraftEngine` on its pipeline, as a `DraftSource` named "draft".
 
-    A step past `timeout_s` or a device error calls `fail` (`await_draft`), which drops the
-    draft; `alive()` says whether the draft may still run. `elapsed` is the wall time the
-    last `propose` spent on the draft device (0.0 when it did not run).
+    A step past `timeout_s` or a device error drops the draft (`drop_draft` on the scheduler's
+    `state`, whose `fallback` also says whether the draft may still run). It holds the state,
+    never the scheduler: no reference cycle keeps a generation's runners alive after it.
+    `elapsed` is the wall time the last `propose` spent on the draft device (0.0 when it did
+    not run).
     """
 
     name = "draft"
 
     def __init__(self, engine: DraftEngine, pipe: Pipeline, tracer: Tracer,
-                 timeout_s: float, fail: Callable[..., None], alive: Callable[[], bool],
+                 timeout_s: float, state,
                  stop: DraftPolicy = NEVER_STOP) -> None:  # fmt: skip
         self.engine, self.pipe, self.tracer = engine, pipe, tracer
-        self.timeout_s, self.fail, self.alive, self.stop = timeout_s, fail, alive, stop
+        self.timeout_s, self.state, self.stop = timeout_s, state, stop
         self.committed: list[int] = []
         self.elapsed = 0.0
 
@@ -67,15 +82,18 @@ class ModelDraft:
         the distributions they were sampled from; empty when the draft is dropped or fails."""
         check_max_tokens(max_tokens)
         self.elapsed = 0.0
-        if not self.alive() or max_tokens == 0:
+        if self.state.fallback is not None or max_tokens == 0:
             return Proposal.empty(self.name)
         t0 = self.tracer.now()
         fut = self.pipe.submit(self.tracer, "draft.chain", self.engine.draft_chain,
                                self.committed, max_tokens, self.stop)  # fmt: skip
         try:
-            d = await_draft(fut, self.timeout_s, self.fail)
+            d = await_draft(fut, self.timeout_s, self._fail)
         except DraftFailed:  # the draft is dropped: target-only rounds from here
             return Proposal.empty(self.name)
         finally:
             self.elapsed = self.tracer.now() - t0
         return Proposal(tuple(d.tokens), 0, self.name, q=d.q)
+
+    def _fail(self, why: str, hung: bool = False) -> None:
+        drop_draft(self.state, self.tracer, self.pipe, why, hung)

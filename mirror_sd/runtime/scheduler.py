@@ -17,7 +17,6 @@ generation to target-only decoding; the tokens stay exactly the same.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -32,7 +31,7 @@ from mirror_sd.runtime.branches import exit_candidates, plan_branches
 from mirror_sd.runtime.draft_engine import Draft, DraftEngine, Rollout
 from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy
 from mirror_sd.runtime.drafters import Combined, DraftSource
-from mirror_sd.runtime.model_draft import DraftFailed, ModelDraft, await_draft
+from mirror_sd.runtime.model_draft import DraftFailed, ModelDraft, await_draft, drop_draft
 from mirror_sd.runtime.pipelines import Pipeline
 from mirror_sd.runtime.tracing import Tracer
 
@@ -101,10 +100,11 @@ class VerificationScheduler:
         self.sampling = sampling
         self.gen = verify_gen
         self.tracer = tracer
+        self.state = RunState()
         # one proposer: retrieval when its match is long enough, else the model draft
         self.model = (
-            ModelDraft(draft, draft_pipe, tracer, settings.draft_timeout_s, self._fail,
-                       self._draft_alive, settings.draft_stop)
+            ModelDraft(draft, draft_pipe, tracer, settings.draft_timeout_s, self.state,
+                       settings.draft_stop)
             if draft is not None and draft_pipe is not None
             else None
         )  # fmt: skip
@@ -114,7 +114,6 @@ class VerificationScheduler:
             else self.model
         )
         self.exit_logits = exit_head or target.exit_logits  # hidden (1, T, D) -> (T, V)
-        self.state = RunState()
         self._judged = self._taken = 0  # draft tokens verified / accepted so far (running α)
 
     # --- public -------------------------------------------------------------------------
@@ -170,15 +169,7 @@ class VerificationScheduler:
         )
 
     def _fail(self, why: str, hung: bool = False) -> None:
-        self.state.fallback = why
-        self.state.draft_hung = hung
-        t = self.tracer.now()
-        self.tracer.instant(
-            self.dp.device, self.dp.name, "draft failed: target-only fallback", t, why=why
-        )
-        warnings.warn(
-            f"draft device failed ({why}); continuing target-only, output unchanged", stacklevel=3
-        )
+        drop_draft(self.state, self.tracer, self.dp, why, hung)
 
     def _draft_result(self, fut):
         return await_draft(fut, self.s.draft_timeout_s, self._fail)
