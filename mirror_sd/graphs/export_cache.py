@@ -6,8 +6,10 @@ plan that needs an entry exports it again. A saved plan (`mirror_sd.save`) holds
 of its ONNX files and is never affected. `export_cached` touches an entry each time it reuses
 one, so an entry's mtime is its last use.
 
-A 1.5B target split at one ℓe is ~6 GB of float32; every ℓe a plan tries adds a split, so
-without pruning the cache grows by gigabytes per experiment.
+A 1.5B target's per-layer export is ~6 GB of float32 (every ℓe's split is spliced from it
+beside its parts, `graphs.layered`, and adds a few hundred KB); each other model, quantization
+or vocabulary trim adds an entry, so without pruning the cache grows by gigabytes over many
+experiments.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 Why: a split runner needs layers [0, ℓe) and [ℓe, N) as graphs, and compile() picks ℓe only
 after measuring. Exporting whole ranges meant a second export (and a second load of the
-torch model) whenever the chosen ℓe differed from the provisional one, and torch's exporter
-held a copy of every weight of the range at once: a first compile of Qwen2.5-Coder-1.5B
-peaked at 13-15 GB RSS inside `torch.onnx.export`. Here the exporter sees one layer at a time
-(the peak is the torch model plus one layer's copy), and a range is a graph-only splice of
-the per-layer graphs: seconds, no torch, no new weight bytes on disk.
+torch model) whenever the chosen ℓe differed from the provisional one, and every ℓe tried
+cost ~6 GB of disk for the 1.5B. Here the exporter sees one layer at a time (its transient
+copy is one layer's), and a range is a graph-only splice of the per-layer graphs: seconds,
+no torch, no new weight bytes on disk. (What an export process keeps afterwards is another
+matter: `export_worker`.)
 
 One cache entry `<type>-layers-<hash>/` holds the parts, each a graph exported by torch's
 exporter from the *same* module code as `export._Stages` (so the assembled graph computes
