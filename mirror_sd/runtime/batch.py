@@ -34,7 +34,6 @@ from mirror_sd.runtime.prompts import (
 from mirror_sd.runtime.results import BatchStats, GenerationResult, GenerationStats
 from mirror_sd.runtime.scheduler import RoundSettings
 from mirror_sd.runtime.stops import truncate
-from mirror_sd.runtime.tracing import Tracer
 
 
 def is_batch(prompt: object) -> bool:
@@ -138,13 +137,8 @@ class BatchJob:
     def run(self) -> list[GenerationResult]:
         """Generate every sequence (the caller holds the plan's busy lock)."""
         plan, spec, settings = self.plan, self.spec, self.settings
-        tracer = Tracer()
-        tracer.add_device(plan.target_device.alias, plan.target_device.label)
-        draft = None
-        use_draft = plan.draft is not None and spec.model_draft and plan.draft_disabled is None
-        if use_draft and settings.mode != "autoregressive":
-            tracer.add_device(plan.draft_device.alias, plan.draft_device.label)
-            draft = BatchDraft(plan.draft)
+        tracer, drafts = plan.tracer_for(spec, settings)
+        draft = BatchDraft(plan.draft) if drafts else None
         seqs = []
         for i, (ids, seed) in enumerate(zip(self.ids, self.seeds, strict=True)):
             gens = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)

@@ -171,6 +171,22 @@ class Plan:
             self._sources[key] = make_source(*key)
         return self._sources[key]
 
+    def tracer_for(self, spec: SpecConfig, settings: RoundSettings) -> tuple[Tracer, bool]:
+        """(a tracer with the target's device, and the draft's when the model draft runs in
+        this generation; whether it does): it runs unless the settings say autoregressive,
+        `model_draft` is off, or a hang disabled it for this plan (`draft_disabled`)."""
+        tracer = Tracer()
+        tracer.add_device(self.target_device.alias, self.target_device.label)
+        drafts = (
+            self.draft is not None
+            and spec.model_draft
+            and self.draft_disabled is None
+            and settings.mode != "autoregressive"
+        )
+        if drafts:
+            tracer.add_device(self.draft_device.alias, self.draft_device.label)
+        return tracer, drafts
+
     def _eos(self, eos_token_id) -> set[int]:
         if eos_token_id is None:
             return eos_token_ids(self.tokenizer, self.generation_config)
@@ -226,12 +242,9 @@ class Plan:
         if spec.exit_layer != "auto" and hasattr(self.target, "exit_layer"):
             self.target.exit_layer = int(spec.exit_layer)
         sampling = Sampling(spec.temperature, spec.top_k, spec.top_p)
-        tracer = Tracer()
-        tracer.add_device(self.target_device.alias, self.target_device.label)
+        tracer, drafts = self.tracer_for(spec, settings)
         engine = None
-        use_draft = self.draft is not None and spec.model_draft and self.draft_disabled is None
-        if use_draft and settings.mode != "autoregressive":
-            tracer.add_device(self.draft_device.alias, self.draft_device.label)
+        if drafts:
             self.draft.rollback(0)
             engine = DraftEngine(self.draft, sampling, torch.Generator().manual_seed(seed + 1))
         retrieval = self._retrieval(spec)

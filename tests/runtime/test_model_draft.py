@@ -125,7 +125,7 @@ def test_a_generation_leaves_no_scheduler_in_a_reference_cycle(tmp_path, plan_fa
     gc.disable()
     try:
         plan.generate(PROMPT, 12)
-        alive = [o for o in gc.get_objects() if isinstance(o, VerificationScheduler)]
+        alive = [o for o in gc.get_objects() if type(o) is VerificationScheduler]
     finally:
         gc.enable()
     assert alive == []
