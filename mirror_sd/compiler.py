@@ -1,8 +1,9 @@
 """`compile()`: a Hugging Face causal LM (+ draft) and a device map into a dual-device `Plan`,
 in four stages, each a function with a typed result:
 
-    resolve  -> Resolved   the models, tokenizers, configs, map and settings; the graph placed
-                           and the map validated before any heavy work; the thread budget
+    resolve  -> Resolved   the models, tokenizers, configs, map and settings; the graph placed,
+                           the map and its execution providers checked before any heavy
+                           work; the thread budget
     build    -> Built      the runners, the target's at a provisional ℓe (exports made or
                            reused by `builders`; no torch copy of an ONNX Runtime model here)
     measure  -> Measured   profile + `choose()` (ℓe, κ, γ, branch budget, mode) when the map
@@ -19,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mirror_sd.builders import draft_onnx, draft_runner, draft_trim, target_runner
+from mirror_sd.builders import draft_onnx, draft_runner, draft_trim, ort_device, target_runner
 from mirror_sd.devices.torch_device import TorchRunner
 from mirror_sd.distributed.runner import TPRunner
 from mirror_sd.distributed.target import check_plan, is_tp, tp_target_runner
@@ -210,6 +211,9 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
     budget = ThreadBudget.for_devices(
         t_spec, d_spec, spec.overlap, spec.overlap_target_cores or None
     )
+    for role, device in (("target", t_spec), ("draft", d_spec)):  # a missing execution
+        if isinstance(device, OrtSpec):  # provider fails here, before any export
+            ort_device(device, budget, role)
     return Resolved(
         names=(str(target), None if draft is None else str(draft)), dm=dm, spec=spec,
         mode_asked=mode_asked, t_folder=t_folder, d_folder=d_folder, t_tok=t_tok, t_cfg=t_cfg,

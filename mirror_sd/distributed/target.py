@@ -9,6 +9,7 @@ when rank 0's plan closes (or its process exits): compile() does not return on t
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch.distributed as dist
@@ -46,7 +47,10 @@ def tp_target_runner(spec: TorchSpec, folder: Path, exit_layer: int, max_len: in
                      lens_ids: list[int] | None, source: str = "<dict>"
                      ) -> tuple[None, TPRunner, str, dict | None]:  # fmt: skip
     """(None, runner, label, lens agreement or None) on rank 0; on ranks > 0 it serves rank 0
-    and raises SystemExit(0) when told to stop.
+    and ends the process (status 0) when told to stop: `os._exit` after flushing, not
+    SystemExit, because interpreter teardown destroyed gloo's objects while their threads
+    were joinable and aborted a follower in about one launch of four ("terminate called
+    without an active exception").
 
     Raises:
         DeviceMapError: world size, divisibility or backend do not fit (group.check).
@@ -66,6 +70,8 @@ def tp_target_runner(spec: TorchSpec, folder: Path, exit_layer: int, max_len: in
     if group.rank != 0:
         follow(inner, group)
         dist.destroy_process_group()
-        raise SystemExit(0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     runner = TPRunner(inner, group)
     return None, runner, f"{dev.describe()} x{group.world} tensor-parallel ({group.backend})", lens
