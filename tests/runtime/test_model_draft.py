@@ -111,9 +111,9 @@ def test_combined_takes_retrieval_only_when_its_match_is_long_enough(tmp_path):
 
 
 def test_a_generation_leaves_no_scheduler_in_a_reference_cycle(tmp_path, plan_factory):
-    """The scheduler is freed when a generation ends, not whenever the cyclic collector runs:
-    a tensor-parallel target's process group must not outlive Plan.close() in a cycle (a
-    cycle through ModelDraft once made two-rank runs abort at exit)."""
+    """The scheduler is freed when a generation ends, not whenever the cyclic collector runs
+    (a scheduler <-> ModelDraft cycle kept a generation's runners, pipelines and tracer alive
+    until then; a tensor-parallel target's process group must not outlive Plan.close())."""
     import gc
 
     from mirror_sd.runtime.scheduler import VerificationScheduler
