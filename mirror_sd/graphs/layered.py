@@ -20,8 +20,8 @@ what a whole-range export computes, op for op):
 with each part's weights in its own `<part>.onnx.data`. `assemble` writes a range graph with
 exactly `export.io_names`' interface into the same folder (`range-<first>-<last>[-embed].onnx`),
 its initializers pointing at the parts' data files: ONNX Runtime reads external data only from
-the model's own folder, and neither it nor `onnx.load` accepts hard-linked data files, so the
-ranges live beside the parts and the weight bytes exist once on disk, for every ℓe.
+the model's own folder, and `onnx.load` (which quantization uses) refuses hard-linked data
+files, so the ranges live beside the parts and the weight bytes exist once on disk, for every ℓe.
 """
 
 from __future__ import annotations
