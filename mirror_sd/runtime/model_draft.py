@@ -1,7 +1,7 @@
 """The model draft as a `DraftSource`: one proposer protocol for the model and retrieval.
 
 `ModelDraft.propose` runs `DraftEngine.draft_chain` on the draft pipeline and waits for it
-under the plan's `draft_timeout_s` (`scheduler.await_draft`). A draft that fails, hangs or
+under the plan's `draft_timeout_s` (`await_draft`). A draft that fails, hangs or
 has been dropped proposes nothing, so the round falls back to target-only decoding with the
 same output. The scheduler composes it with a retrieval source through `Combined`
 (SAM-Decoding's rule: retrieval when its match is long enough, else the model), so a new
@@ -57,8 +57,6 @@ class ModelDraft:
     A step past `timeout_s` or a device error drops the draft (`drop_draft` on the scheduler's
     `state`, whose `fallback` also says whether the draft may still run). It holds the state,
     never the scheduler: no reference cycle keeps a generation's runners alive after it.
-    `elapsed` is the wall time the last `propose` spent on the draft device (0.0 when it did
-    not run).
     """
 
     name = "draft"
@@ -69,7 +67,6 @@ class ModelDraft:
         self.engine, self.pipe, self.tracer = engine, pipe, tracer
         self.timeout_s, self.state, self.stop = timeout_s, state, stop
         self.committed: list[int] = []
-        self.elapsed = 0.0
 
     def reset(self, context: Sequence[int]) -> None:
         self.committed = list(context)
@@ -81,18 +78,14 @@ class ModelDraft:
         """Up to `max_tokens` draft tokens (fewer when the stop policy ends the chain), with
         the distributions they were sampled from; empty when the draft is dropped or fails."""
         check_max_tokens(max_tokens)
-        self.elapsed = 0.0
         if self.state.fallback is not None or max_tokens == 0:
             return Proposal.empty(self.name)
-        t0 = self.tracer.now()
         fut = self.pipe.submit(self.tracer, "draft.chain", self.engine.draft_chain,
                                self.committed, max_tokens, self.stop)  # fmt: skip
         try:
             d = await_draft(fut, self.timeout_s, self._fail)
         except DraftFailed:  # the draft is dropped: target-only rounds from here
             return Proposal.empty(self.name)
-        finally:
-            self.elapsed = self.tracer.now() - t0
         return Proposal(tuple(d.tokens), 0, self.name, q=d.q)
 
     def _fail(self, why: str, hung: bool = False) -> None:

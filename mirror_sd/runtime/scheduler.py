@@ -183,11 +183,10 @@ class VerificationScheduler:
         """The proposer's block for this round (None: nothing proposed, a target-only round)."""
         if self.proposer is None or self.s.mode == "autoregressive":
             return None
-        if self.model is not None:
-            self.model.elapsed = 0.0  # stays 0.0 when retrieval's proposal is taken
+        t0 = self.tracer.now()
         p = self.proposer.propose(self.s.gamma)
-        if self.model is not None:
-            log.t_draft = log.exposed = self.model.elapsed
+        if p.source == ModelDraft.name:  # the model drafted (or failed trying): draft time
+            log.t_draft = log.exposed = self.tracer.now() - t0
         return Draft(list(p.tokens), p.q, source=p.source) if p.tokens else None
 
     def _round(self, committed: list[int], block: Draft | None) -> tuple[list[int], Draft | None]:

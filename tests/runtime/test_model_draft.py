@@ -60,7 +60,6 @@ def test_it_proposes_what_the_engine_drafts(tmp_path):
                           torch.Generator()).draft_chain(PROMPT, 4)  # fmt: skip
         assert p.tokens == tuple(ref.tokens) and len(p.tokens) == 4
         assert p.source == "draft" and p.match_len == 0 and p.q is None
-        assert src.elapsed > 0
     finally:
         pipe.close()
 
@@ -89,7 +88,7 @@ def test_a_failing_or_dropped_draft_proposes_nothing(tmp_path):
             assert src.propose(4) == Proposal.empty("draft")
         assert src.state.fallback == "DeviceError: npu lost" and not src.state.draft_hung
         runner.forward = lambda *a, **kw: pytest.fail("a dropped draft is not submitted")
-        assert src.propose(4) == Proposal.empty("draft") and src.elapsed == 0.0
+        assert src.propose(4) == Proposal.empty("draft")
     finally:
         pipe.close()
 
