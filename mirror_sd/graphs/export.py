@@ -61,10 +61,7 @@ class _Stages(nn.Module):
         """x: ids (1, T) or hidden (1, T, D); past: k, v (1, S, nkv, hd) per layer, interleaved."""
         h = self.model.embed(x) if self.with_embed else x  # (1, T, D)
         cos, sin = self.model.rope(position_ids, h.dtype)  # (1, T, hd)
-        # An additive mask (0 or the dtype's min) instead of the bool one: softmax gives the
-        # same weights (exp underflows to exactly 0) and the exporter then emits no IsNaN
-        # guard for fully masked rows, an op OpenVINO's EP leaves to the CPU in every layer.
-        bias = torch.zeros(mask.shape, dtype=h.dtype).masked_fill(~mask, torch.finfo(h.dtype).min)
+        bias = additive_mask(mask, h.dtype)
         new: list[torch.Tensor] = []
         for j, i in enumerate(range(self.first, self.last)):
             layer = self.model.model.layers[i]
@@ -72,6 +69,13 @@ class _Stages(nn.Module):
             new += [k, v]  # (1, T, nkv, hd) each
         out = self.model.head(h) if self.with_head else h  # (1, T, V) or (1, T, D)
         return (out, *new)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bool mask (True = attend) as an additive one: 0 or the dtype's min. Softmax gives
+    the same weights (exp underflows to exactly 0), and the exporter then emits no IsNaN guard
+    for fully masked rows, an op OpenVINO's EP leaves to the CPU in every layer."""
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def io_names(

@@ -39,6 +39,7 @@ from torch import nn
 from mirror_sd.graphs.export import (
     DEFAULT_OPSET,
     QUANT_BITS,
+    additive_mask,
     cache_key,
     cached_entry,
     export_module,
@@ -70,11 +71,7 @@ class _Prep(nn.Module):
 
     def forward(self, position_ids, mask):
         cos, sin = self.model.rope(position_ids, self.dtype)  # (1, T, hd)
-        # additive, as in export._Stages (why: see there)
-        bias = torch.zeros(mask.shape, dtype=self.dtype).masked_fill(
-            ~mask, torch.finfo(self.dtype).min
-        )
-        return cos, sin, bias
+        return cos, sin, additive_mask(mask, self.dtype)
 
 
 class _Layer(nn.Module):
@@ -190,15 +187,13 @@ def range_cached(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any
         IndexError: the layer range is empty or outside [0, num_layers].
     """
     path = range_entry(model, folder, key_info, first, last, with_embed, quantize, opset)
-    if quantize:
-        if (path).is_file():
-            os.utime(path.parent)
-            return path
-        src = range_cached(model, folder, key_info, first, last, with_embed, opset=opset)
-        bits = QUANT_BITS[quantize]
-        return cached_entry(
-            path.parent, lambda tmp: quantize_weights(src, tmp / "model.onnx", bits, exact=True)
-        )
+    if quantize:  # from the fp32 range, itself cached
+
+        def write(tmp: Path) -> None:
+            src = range_cached(model, folder, key_info, first, last, with_embed, opset=opset)
+            quantize_weights(src, tmp / "model.onnx", QUANT_BITS[quantize], exact=True)
+
+        return cached_entry(path.parent, write)
     parts = export_layers_cached(model, folder, key_info, opset)  # touched: last use
     if not path.is_file():
         assemble(parts, first, last, with_embed)
