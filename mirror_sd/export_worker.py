@@ -36,8 +36,11 @@ ISOLATE_BYTES = 1 << 30  # weights at least this large export in a worker proces
 STDERR_TAIL = 4000  # characters of a failed worker's stderr quoted in the error
 
 
+USER_ERRORS = (FileNotFoundError, ValueError)  # raised again here, as these builtin classes
+
+
 class ExportWorkerError(RuntimeError):
-    """The export worker process failed; the message quotes the end of its stderr."""
+    """The export worker process crashed; the message quotes the end of its stderr."""
 
 
 def weight_bytes(folder: str | Path) -> int:
@@ -110,7 +113,9 @@ def run(job: str, folder: str | Path, **kwargs: Any) -> dict[str, Any]:
     Lens keys come back as ints either way.
 
     Raises:
-        ExportWorkerError: the worker exited with an error (its stderr's end is quoted).
+        FileNotFoundError, ValueError: the job found a user error (e.g. a folder without
+            weights), raised again here as that builtin class with the worker's message.
+        ExportWorkerError: the worker crashed otherwise (its stderr's end is quoted).
     """
     args = {"folder": str(folder), **kwargs}
     if weight_bytes(folder) < ISOLATE_BYTES:
@@ -131,18 +136,28 @@ def _in_worker(job: str, args: dict[str, Any]) -> dict[str, Any]:
             [sys.executable, "-m", __name__, str(request), str(result)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False,
         )  # fmt: skip
-        if proc.returncode != 0 or not result.is_file():
+        out = json.loads(result.read_text()) if result.is_file() else {}
+        error = out.get("user_error")
+        if error is not None:
+            cls = next(c for c in USER_ERRORS if c.__name__ == error["kind"])
+            raise cls(error["message"])
+        if proc.returncode != 0 or not out:
             raise ExportWorkerError(
                 f"the {job} export worker failed (exit status {proc.returncode}); its last "
                 f"messages:\n{proc.stderr[-STDERR_TAIL:]}"
             )
-        return json.loads(result.read_text())
+        return out
 
 
 def main(argv: list[str]) -> int:
     request, result = (Path(a) for a in argv)
     req = json.loads(request.read_text())
-    out = JOBS[req["job"]](**req["args"])
+    try:
+        out = JOBS[req["job"]](**req["args"])
+    except USER_ERRORS as exc:  # the caller's to fix: its class and message go back
+        kind = next(c.__name__ for c in USER_ERRORS if isinstance(exc, c))
+        result.write_text(json.dumps({"user_error": {"kind": kind, "message": str(exc)}}))
+        return 1
     result.write_text(json.dumps(out))
     return 0
 

@@ -225,8 +225,15 @@ def test_large_models_export_in_a_worker_process(folders, tmp_path, monkeypatch)
 
 
 def test_a_failing_export_worker_says_why(tmp_path):
+    """A user error in the worker (a folder without weights) comes back as its builtin class
+    with its message, which the CLI prints as one line; a crash quotes the worker's stderr."""
     import mirror_sd.export_worker as worker
+    from tests.conftest import make_tiny, save_tiny
 
-    with pytest.raises(worker.ExportWorkerError, match="FileNotFoundError"):
-        worker._in_worker("draft", {"folder": str(tmp_path / "nowhere"),
-                                    "onnx_dir": str(tmp_path), "quantize": None})  # fmt: skip
+    for f in save_tiny(make_tiny("qwen2"), tmp_path / "m").glob("*.safetensors"):
+        f.unlink()  # a config, no weights
+    with pytest.raises(FileNotFoundError, match=r"m has no \*\.safetensors weights"):
+        worker._in_worker("draft", {"folder": str(tmp_path / "m"), "onnx_dir": str(tmp_path),
+                                    "quantize": None})  # fmt: skip
+    with pytest.raises(worker.ExportWorkerError, match="TypeError"):  # a bad job: a bug
+        worker._in_worker("draft", {"folder": str(tmp_path / "m"), "onnx_dir": str(tmp_path)})
