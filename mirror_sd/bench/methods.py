@@ -12,7 +12,12 @@
                  block, else the draft model drafts until its confidence drops (at most
                  HYBRID_MAX_DRAFT tokens: with a confidence stop γ is only a ceiling)
     ov-ar, ov-sd, ov-sd+conf, ov-pld  OpenVINO GenAI peers on all cores (bench/peers.py; the
-                 `peers` extra)
+                 `peers` extra), at OpenVINO's defaults or pinned: ov-ar@f32, ov-sd@bf16, ...
+    llama-ar, llama-sd, llama-pld  llama.cpp peers on all cores (bench/llamacpp.py; the
+                 `llamacpp` extra)
+
+Every method has `warm_up(ids, n)` (the runner's untimed generation before the first timed
+one) and `generate(ids, n)`; peers also warm again after every reload (peer_common).
 
 Every method gets the same prompt token ids and the same EOS ids (an empty list: EOS
 never stops a generation, so every method produces exactly `max_new_tokens`). The HF
@@ -32,7 +37,7 @@ from pathlib import Path
 import torch
 
 from mirror_sd.bench import peers
-from mirror_sd.bench.peers import PEER_METHODS
+from mirror_sd.bench.peers import PEER_METHODS, PINS
 from mirror_sd.runtime.drafters.sources import sources
 
 HF_METHODS = ("hf-ar", "hf-assisted", "hf-pld")
@@ -64,7 +69,7 @@ PLAN_METHODS = {
 }
 ALL_METHODS = HF_METHODS + tuple(PLAN_MODES)  # the default set
 KNOWN_METHODS = HF_METHODS + tuple(PLAN_METHODS)  # everything the base install runs
-SELECTABLE_METHODS = KNOWN_METHODS + PEER_METHODS  # + the OpenVINO peers ('peers' extra)
+SELECTABLE_METHODS = KNOWN_METHODS + PEER_METHODS  # + the peers ('peers', 'llamacpp' extras)
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as Spec-Bench's PLD baseline
 NEAR_TIE = 1e-3  # a top-2 logit margin below this explains a mismatch by rounding
 
@@ -90,13 +95,17 @@ class Output:
 def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
     """'hf-ar,mirror' -> ('hf-ar', 'mirror'). Raises ValueError naming unknown methods.
 
-    Any of SELECTABLE_METHODS parses; whether an ov-* peer can run is checked separately
-    (`peers.check_available`), so that its error names the missing extra."""
+    Any of SELECTABLE_METHODS parses, and an ov-* method pinned to a precision (`ov-ar@f32`);
+    whether a peer can run is checked separately (`peers.check_available`), so that its error
+    names the missing extra."""
     names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text)]
     names = [m for m in names if m]
-    bad = [m for m in names if m not in SELECTABLE_METHODS]
+    bad = [m for m in names if m not in SELECTABLE_METHODS and not peers.is_peer(m)]
     if bad or not names:
-        raise ValueError(f"unknown method(s) {bad}; choose from {','.join(SELECTABLE_METHODS)}")
+        raise ValueError(
+            f"unknown method(s) {bad}; choose from {','.join(SELECTABLE_METHODS)} (an ov-* "
+            f"method may be pinned: ov-ar@{'|'.join(PINS)})"
+        )
     return tuple(dict.fromkeys(names))
 
 
@@ -155,6 +164,10 @@ class HFMethod:
             + (" (all cores)" if self.threads == os.cpu_count() else ""),
         }
 
+    def warm_up(self, ids: list[int], max_new_tokens: int) -> None:
+        """One untimed generation (the runner's warm-up)."""
+        self.generate(ids, max_new_tokens)
+
     @torch.inference_mode()
     def generate(self, ids: list[int], max_new_tokens: int, trace: str | None = None) -> Output:
         torch.set_num_threads(self.threads)  # per OS thread: the plan's workers keep theirs
@@ -196,6 +209,10 @@ class PlanMethod:
         draft = f"draft: {self.plan.draft_device.label}{_ort_threads(self.plan)}"
         return {"runs": runs, "threads": f"{target}; {draft}"}
 
+    def warm_up(self, ids: list[int], max_new_tokens: int) -> None:
+        """One untimed generation (the runner's warm-up)."""
+        self.generate(ids, max_new_tokens)
+
     def generate(self, ids: list[int], max_new_tokens: int, trace: str | None = None) -> Output:
         t0 = time.perf_counter()
         res = self.plan.generate(ids, max_new_tokens, eos_token_id=self.eos, trace=trace,
@@ -236,12 +253,13 @@ def build_methods(
     cache: str | None = None,
     peer_residency: str = "auto",
 ) -> dict:
-    """name -> method object, in the order of `names`. HF models are loaded from the plan's
-    own model folders; ov-* peers convert them to OpenVINO IR (`peers.build_peer_methods`,
-    weight formats `peer_*_format`, None: follow the plan; `peer_residency`: whether they stay
-    loaded) and run on `hf_threads` cores."""
+    """name -> method object, in the order of `names` (peers already expanded:
+    `peers.expand_methods`). HF models are loaded from the plan's own model folders; ov-* peers
+    convert them to OpenVINO IR (`peers.build_peer_methods`, weight formats `peer_*_format`,
+    None: follow the plan; `peer_residency`: whether they stay loaded), llama-* peers run the
+    zoo's GGUFs of them; all of them on `hf_threads` cores."""
     peers.check_available(names)
-    ov = peers.build_peer_methods(names, plan, eos, hf_threads, peer_target_format,
+    peer = peers.build_peer_methods(names, plan, eos, hf_threads, peer_target_format,
                                   peer_draft_format, cache, resident=peer_residency)  # fmt: skip
     tok = plan.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -256,8 +274,8 @@ def build_methods(
     for name in names:
         if name in HF_METHODS:
             out[name] = HFMethod(name, target, hf_threads, eos, assistant, hf_dtype)
-        elif name in ov:
-            out[name] = ov[name]
+        elif name in peer:
+            out[name] = peer[name]
         else:
             if PLAN_METHODS.get(name, {}).get("model_draft", name != "ar") and plan.draft is None:
                 raise ValueError(f"method {name!r} needs a draft model: pass --draft")

@@ -1,5 +1,6 @@
-"""OpenVINO GenAI peers (bench/peers.py): method names, the missing-extra error, the IR cache
-key, and a real run on smollm2-135m (skipped without openvino-genai / the converter)."""
+"""OpenVINO GenAI peers (bench/peers.py, bench/ov_convert.py): method names, the missing-extra
+error, the IR cache key, and a real run on smollm2-135m (skipped without openvino-genai / the
+converter)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from mirror_sd.bench import cli as bench_cli
-from mirror_sd.bench import peers, report
+from mirror_sd.bench import ov_convert, peers, report
 from mirror_sd.bench.methods import (
     ALL_METHODS,
     KNOWN_METHODS,
@@ -43,6 +44,10 @@ def test_peer_methods_parse_and_unknown_names_still_fail():
         "ar", "speculative", "ov-ar", "ov-sd", "ov-pld",
     )  # fmt: skip
     assert set(peers.PEER_METHODS) <= set(SELECTABLE_METHODS)
+    assert parse_methods("ov-ar@f32,ov-sd@bf16,llama-ar") == ("ov-ar@f32", "ov-sd@bf16", "llama-ar")
+    for bad in ("ov-ar@f64", "llama-ar@f32", "ar@f32"):
+        with pytest.raises(ValueError, match="unknown method"):
+            parse_methods(bad)
     # the base install's set (what the tiny-model bench runs) and the default set hold no peer
     assert not set(peers.PEER_METHODS) & (set(KNOWN_METHODS) | set(ALL_METHODS))
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['ov-xx'\].*ov-pld"):
@@ -53,6 +58,8 @@ def test_missing_openvino_genai_fails_early_naming_the_extra(no_genai):
     with pytest.raises(peers.PeersUnavailableError, match=r"ov-sd.*\.\[peers\]"):
         peers.check_available(["ar", "ov-sd"])
     assert isinstance(peers.PeersUnavailableError("x"), ValueError)
+    with pytest.raises(peers.PeersUnavailableError, match=r"ov-ar@f32.*\.\[peers\]"):
+        peers.check_available(["ov-ar@f32"])
     peers.check_available(["ar", "hf-ar", "mirror"])  # no peer chosen: nothing to check
 
 
@@ -85,34 +92,34 @@ def _hf_folder(path, hidden=8):
 def test_ir_cache_key_follows_the_source_and_the_format(tmp_path, monkeypatch):
     monkeypatch.setenv("MIRROR_SD_CACHE", str(tmp_path / "cache"))
     a = _hf_folder(tmp_path / "a")
-    key = peers.ir_key(a, "fp32")
-    assert key == peers.ir_key(a, "fp32")  # stable: a second run finds the same entry
-    assert key != peers.ir_key(a, "int8") != peers.ir_key(a, "int4")
-    assert key != peers.ir_key(_hf_folder(tmp_path / "b"), "fp32")  # another folder
-    folder = peers.ir_dir(a, "int8")
+    key = ov_convert.ir_key(a, "fp32")
+    assert key == ov_convert.ir_key(a, "fp32")  # stable: a second run finds the same entry
+    assert key != ov_convert.ir_key(a, "int8") != ov_convert.ir_key(a, "int4")
+    assert key != ov_convert.ir_key(_hf_folder(tmp_path / "b"), "fp32")  # another folder
+    folder = ov_convert.ir_dir(a, "int8")
     assert folder.parent == tmp_path / "cache" / "peers" / "ir"
-    assert folder.name == f"a-int8-{peers.ir_key(a, 'int8')}"
+    assert folder.name == f"a-int8-{ov_convert.ir_key(a, 'int8')}"
     (a / "config.json").write_text(json.dumps({"hidden_size": 16}))  # the weights changed
-    assert peers.ir_key(a, "fp32") != key
+    assert ov_convert.ir_key(a, "fp32") != key
     with pytest.raises(ValueError, match="weight format"):
-        peers.ir_key(a, "fp16")
+        ov_convert.ir_key(a, "fp16")
 
 
 def test_a_converted_folder_is_reused_without_running_the_converter(tmp_path, monkeypatch):
     monkeypatch.setenv("MIRROR_SD_CACHE", str(tmp_path / "cache"))
     src = _hf_folder(tmp_path / "m")
-    out = peers.ir_dir(src, "fp32")
+    out = ov_convert.ir_dir(src, "fp32")
     out.mkdir(parents=True)
-    for f in peers.IR_FILES:
+    for f in ov_convert.IR_FILES:
         (out / f).write_text("<net/>")
-    assert not peers.is_converted(out)  # no marker yet: an interrupted conversion
-    (out / peers.IR_MARKER).write_text("{}")
+    assert not ov_convert.is_converted(out)  # no marker yet: an interrupted conversion
+    (out / ov_convert.IR_MARKER).write_text("{}")
 
     def boom(*a, **k):
         raise AssertionError("the converter ran although the IR is cached")
 
-    monkeypatch.setattr(peers, "ensure_converter", boom)
-    assert peers.convert(src, "fp32") == out
+    monkeypatch.setattr(ov_convert, "ensure_converter", boom)
+    assert ov_convert.convert(src, "fp32") == out
 
 
 def test_weight_formats_follow_the_plan_devices():
@@ -123,27 +130,29 @@ def test_weight_formats_follow_the_plan_devices():
         return SimpleNamespace(report=SimpleNamespace(device_map=dm), target_device=SimpleNamespace(alias="t"),
                                draft_device=SimpleNamespace(alias="d"))  # fmt: skip
 
-    assert peers.plan_formats(plan(None, "int8")) == ("fp32", "int8")
-    assert peers.plan_formats(plan("none", "none")) == ("fp32", "fp32")
-    assert peers.plan_formats(plan("int4", "int4")) == ("int4", "int4")
-    assert peers.plan_formats(plan("int8", None)) == ("int8", peers.DRAFT_FORMAT)
+    assert ov_convert.plan_formats(plan(None, "int8")) == ("fp32", "int8")
+    assert ov_convert.plan_formats(plan("none", "none")) == ("fp32", "fp32")
+    assert ov_convert.plan_formats(plan("int4", "int4")) == ("int4", "int4")
+    assert ov_convert.plan_formats(plan("int8", None)) == ("int8", ov_convert.DRAFT_FORMAT)
     with pytest.raises(ValueError, match="int2"):
-        peers.quantize_to_format("int2", "fp32")
+        ov_convert.quantize_to_format("int2", "fp32")
 
 
 def test_converter_pins_keep_the_project_torch():
     import torch
 
-    assert peers.converter_pins()["torch"] == torch.__version__.split("+")[0]
+    assert ov_convert.converter_pins()["torch"] == torch.__version__.split("+")[0]
 
 
 def test_report_treats_peers_as_baselines():
     rec = {"question_id": 1, "task": "qa", "tokens_per_s": 2.0, "new_tokens": 4, "wall_time": 2.0,
            "accept_lengths": None, "drafted": None, "round_hits": None, "exposed_draft_s": None}  # fmt: skip
-    records = [{**rec, "method": m} for m in ("hf-ar", "ar", "ov-ar")]
-    agg = report.aggregate(records, ["hf-ar", "ar", "ov-ar"])
+    names = ["hf-ar", "ar", "ov-ar", "llama-ar"]
+    agg = report.aggregate([{**rec, "method": m} for m in names], names)
     assert agg["ov-ar"]["overall"]["whole_machine_speedup_vs_hf_ar"] == 1.0
     assert "heterogeneous_speedup_vs_ar" not in agg["ov-ar"]["overall"]
+    assert "heterogeneous_speedup_vs_ar" not in agg["llama-ar"]["overall"]
+    assert set(agg["ar"]["overall"]["vs"]) == {"hf-ar", "ov-ar", "llama-ar"}
 
 
 # --- the generation config -----------------------------------------------------------------------
@@ -154,11 +163,12 @@ def test_generation_config_honours_the_eos_policy():
     m = object.__new__(peers.OVMethod)  # no pipeline: only the config is built
     m._genai = peers.import_genai()
     m.name, m.gamma, m.eos = "ov-sd", 5, []
+    m.base = "ov-sd"
     cfg = m.config(16)
     assert cfg.ignore_eos and cfg.max_new_tokens == 16
     assert cfg.min_new_tokens == 0  # it would mask EOS's logit: not the same greedy choice
     assert not cfg.do_sample and cfg.num_assistant_tokens == 5 and not cfg.stop_token_ids
-    m.name, m.eos = "ov-pld", [2, 7]
+    m.name, m.base, m.eos = "ov-pld", "ov-pld", [2, 7]
     cfg = m.config(16)
     assert not cfg.ignore_eos and cfg.stop_token_ids == {2, 7} and cfg.eos_token_id == 2
     assert cfg.num_assistant_tokens == peers.PLD_ASSISTANT_TOKENS
@@ -173,7 +183,8 @@ PROMPT = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def smollm2_peers():
-    """smollm2-135m as target and draft (torch on both sides) and the three peers; skipped
+    """smollm2-135m as target and draft (torch on both sides) and the four ov-* peers, each at
+    OpenVINO's defaults and pinned to f32; skipped
     where openvino-genai or the optimum-intel converter (a venv under the cache) is missing."""
     if not HAVE_GENAI:
         pytest.skip("openvino-genai is not installed: pip install -e '.[peers]'")
@@ -184,7 +195,8 @@ def smollm2_peers():
     with api.compile(folder, folder, TORCH_DRAFT_MAP, exit_layer=22, exit_top_k=4,
                      branch_budget=4, max_len=512) as plan:  # fmt: skip
         try:
-            methods = peers.build_peer_methods(peers.PEER_METHODS, plan, [], threads=os.cpu_count())
+            names = peers.expand_methods(peers.OV_METHODS, ("defaults", "f32"), "f32")
+            methods = peers.build_peer_methods(names, plan, [], threads=os.cpu_count())
         except peers.PeersUnavailableError as e:  # e.g. no package index for the converter
             pytest.skip(f"OpenVINO peers unavailable: {e}")
         yield plan, methods
@@ -198,15 +210,17 @@ def test_ov_ar_equals_our_greedy_target_on_smollm2(smollm2_peers):
     plan, methods = smollm2_peers
     ids = encode_prompt(plan.tokenizer, PROMPT, chat=True)
     ours = plan.generate(ids, N_NEW, eos_token_id=[], mode="autoregressive").tokens
-    out = methods["ov-ar"].generate(ids, N_NEW)
+    out = methods["ov-ar@f32"].generate(ids, N_NEW)  # our precision: our target's tokens
     assert len(ours) == N_NEW and len(out.tokens) == N_NEW  # EOS disabled: exactly N_NEW
     pos = first_difference(out.tokens, ours)
     if pos is not None:  # only a near-tie of our target may explain a different token
         m = target_margin(plan, ids, ours[:pos])
         assert m["near_tie"], f"ov-ar differs at {pos} and it is not a near-tie: {m}"
-    d = methods["ov-ar"].describe()
+    d = methods["ov-ar@f32"].describe()
     assert "INFERENCE_PRECISION_HINT=f32" in d["runs"] and "KV_CACHE_PRECISION=f32" in d["runs"]
     assert "target fp32" in d["runs"] and "INFERENCE_NUM_THREADS" in d["threads"]
+    defaults = methods["ov-ar"].describe()["runs"]
+    assert "INFERENCE_PRECISION_HINT" not in defaults and "default numerics" in defaults
 
 
 @pytest.mark.real_model
@@ -244,9 +258,9 @@ def test_with_eos_the_peers_stop_and_count_what_they_generated(smollm2_peers):
     ours = plan.generate(ids, N_NEW, eos_token_id=eos, mode="autoregressive").tokens
     assert len(ours) < N_NEW and ours[-1] in eos  # the premise: an early EOS
     ar = methods["ov-ar"]
-    stop = peers.OVMethod("ov-sd", peers.convert(plan.report.target, "fp32"), eos,
+    stop = peers.OVMethod("ov-sd@f32", ov_convert.convert(plan.report.target, "fp32"), eos,
                           plan.spec.num_draft_tokens, ar.properties["INFERENCE_NUM_THREADS"],
-                          draft_ir=peers.convert(plan.report.draft, "int8"))  # fmt: skip
+                          draft_ir=ov_convert.convert(plan.report.draft, "int8"))  # fmt: skip
     out = stop.generate(ids, N_NEW)
     assert out.tokens[-1] in eos and len(out.tokens) < N_NEW
     assert out.tokens == ours  # draft = target's own weights (int8): greedy output unchanged
@@ -285,10 +299,10 @@ def test_peers_that_load_for_their_turn_give_the_same_tokens(smollm2_peers):
                           slot=slot)  # fmt: skip
     assert slot.loaded() == {} and ar.pipe is None  # nothing loads before its turn
     assert ar.generate(ids, N_NEW).tokens == kept.generate(ids, N_NEW).tokens
-    assert list(slot.loaded()) == ["ov-ar"]
+    assert list(slot.loaded()) == ["ov-ar@defaults"]
     assert sd.generate(ids, N_NEW).tokens == methods["ov-sd"].generate(ids, N_NEW).tokens
     shared = sd.pipe
-    assert list(slot.loaded()) == ["sd"] and ar.pipe is None  # ov-ar's pipeline was freed
+    assert list(slot.loaded()) == ["sd@defaults"] and ar.pipe is None  # ov-ar's pipeline was freed
     conf.generate(ids, N_NEW)
     assert conf.pipe is shared  # ov-sd+conf reused ov-sd's pipeline
     assert "one peer pipeline in memory at a time" in ar.describe()["residency"]
