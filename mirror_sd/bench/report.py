@@ -1,18 +1,24 @@
 """Benchmark numbers -> aggregates, results.json, results.md, speedup.png, answers/*.jsonl.
 
-Speedups, both measured in the same run (docs/benchmarks.md "The machine"):
-  - whole-machine speedup: a method vs `hf-ar` (transformers on every core). This is
-    Spec-Bench's speedup: mean tokens/s over questions ÷ the baseline's mean tokens/s
-    (`evaluation/speed.py`); the mean of per-question ratios is reported beside it.
-  - heterogeneous speedup: our speculative / mirror vs our `ar` (the target alone on
-    its own device): what a user whose draft device is extra hardware would see.
-Hit rate and exposed-draft fraction are pooled: all rounds' hits over all mirror rounds,
-all exposed draft seconds over all wall seconds.
+The headline of every method is its total tokens ÷ total time over the run's prompts
+(`total_tokens_per_s`), and every ratio in the tables is one of those totals over a
+reference's on the same prompts: a method cannot gain from a few short, fast prompts. Beside
+it, against every reference (each peer: hf-*, ov-*, llama-*, and our `ar`):
+  - total_ratio: total tok/s ÷ the reference's total tok/s (the headline ratio);
+  - median_ratio: the median over prompts of tok/s ÷ the reference's tok/s on that prompt;
+  - won: prompts where the method's tok/s beat the reference's (of `prompts`).
+Also kept: the mean of per-prompt tok/s (`mean_tokens_per_s`), and Spec-Bench's own
+whole-machine speedup vs `hf-ar` (mean tok/s ÷ the baseline's mean tok/s,
+`evaluation/speed.py`). The heterogeneous speedup is our method's total ratio vs our `ar`
+(the target alone on its own device: what a user whose draft device is extra hardware sees).
+A prompt is a (question, repeat) pair. Hit rate and exposed-draft fraction are pooled: all
+rounds' hits over all mirror rounds, all exposed draft seconds over all wall seconds.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import uuid
 from pathlib import Path
 
@@ -20,9 +26,7 @@ from mirror_sd.bench.specbench import TASKS
 
 OVERALL = "overall"
 # baselines that are not ours: no heterogeneous speedup vs our `ar` (they use every core)
-PEER_PREFIXES = ("hf-", "ov-")
-# the fastest peers a CPU user would run: × vs each (ov-sd+conf: OpenVINO's dynamic draft length)
-PEER_REFERENCES = ("ov-ar", "ov-sd", "ov-sd+conf")
+PEER_PREFIXES = ("hf-", "ov-", "llama-")
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -39,33 +43,59 @@ def _pooled(rows: list[dict], key: str) -> list:
     return [x for r in rows for x in r[key]]
 
 
-def _stats(rows: list[dict], hf: dict, ar: dict, ours: bool, peers: dict | None = None) -> dict:
-    """Aggregates of one method over `rows`; `hf` / `ar`: question_id -> baseline record;
-    `peers`: peer method -> its question_id -> record (× vs each, same questions)."""
+def prompt_key(r: dict) -> tuple[int, int]:
+    """A record's prompt: (question_id, repeat); records before --repeat have repeat 0."""
+    return r["question_id"], r.get("repeat", 0)
+
+
+def total_tokens_per_s(rows: list[dict]) -> float | None:
+    """Total new tokens ÷ total wall time of `rows` (the headline tok/s)."""
+    wall = sum(r["wall_time"] for r in rows)
+    return sum(r["new_tokens"] for r in rows) / wall if wall > 0 else None
+
+
+def compare(rows: list[dict], ref: dict) -> dict | None:
+    """`rows` (one method) against the reference's records on the same prompts (`ref`:
+    prompt_key -> record): total_ratio, median_ratio, won, prompts. None when the reference
+    lacks one of the prompts."""
+    if not rows or any(prompt_key(r) not in ref for r in rows):
+        return None
+    base = [ref[prompt_key(r)] for r in rows]
+    per = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(rows, base, strict=True)
+           if b["tokens_per_s"] > 0]  # fmt: skip
+    won = sum(r["tokens_per_s"] > b["tokens_per_s"] for r, b in zip(rows, base, strict=True))
+    return {"total_ratio": _ratio(total_tokens_per_s(rows), total_tokens_per_s(base)),
+            "median_ratio": statistics.median(per) if per else None,
+            "won": won, "prompts": len(rows)}  # fmt: skip
+
+
+def _stats(rows: list[dict], refs: dict[str, dict], method: str) -> dict:
+    """Aggregates of one method over `rows`; `refs`: reference method -> its prompt_key ->
+    record (the peers and our `ar`, same prompts)."""
     tps = [r["tokens_per_s"] for r in rows]
     s = {
         "questions": len(rows),
         "new_tokens": sum(r["new_tokens"] for r in rows),
         "wall_time": sum(r["wall_time"] for r in rows),
-        "tokens_per_s": _mean(tps),
+        "total_tokens_per_s": total_tokens_per_s(rows),
+        "mean_tokens_per_s": _mean(tps),
+        "vs": {},
     }
-    if hf:
-        base = [hf[r["question_id"]]["tokens_per_s"] for r in rows]
+    for name, index in refs.items():
+        if name != method and (c := compare(rows, index)) is not None:
+            s["vs"][name] = c
+    hf = refs.get("hf-ar")
+    if hf and all(prompt_key(r) in hf for r in rows):
+        base = [hf[prompt_key(r)]["tokens_per_s"] for r in rows]
         s["whole_machine_speedup_vs_hf_ar"] = _ratio(_mean(tps), _mean(base))
         s["mean_of_ratios_vs_hf_ar"] = _mean([t / b for t, b in zip(tps, base, strict=True)])
-    for name, index in (peers or {}).items():
-        if index and all(r["question_id"] in index for r in rows):
-            base = [index[r["question_id"]]["tokens_per_s"] for r in rows]
-            s[f"speedup_vs_{name.replace('-', '_')}"] = _ratio(_mean(tps), _mean(base))
-    if ar and ours:
-        s["heterogeneous_speedup_vs_ar"] = _ratio(
-            _mean(tps), _mean([ar[r["question_id"]]["tokens_per_s"] for r in rows])
-        )
+    if "ar" in s["vs"] and not method.startswith(PEER_PREFIXES):
+        s["heterogeneous_speedup_vs_ar"] = s["vs"]["ar"]["total_ratio"]
     s["mean_accepted"] = _mean(_pooled(rows, "accept_lengths"))
     s["mean_drafted"] = _mean(_pooled(rows, "drafted"))
     hits = [h for h in _pooled(rows, "round_hits") if h is not None]
     s["hit_rate"] = sum(hits) / len(hits) if hits else None
-    exposed = [r["exposed_draft_s"] for r in rows if r["exposed_draft_s"] is not None]
+    exposed = [r["exposed_draft_s"] for r in rows if r.get("exposed_draft_s") is not None]
     s["exposed_draft_fraction"] = (
         sum(exposed) / s["wall_time"] if len(exposed) == len(rows) and s["wall_time"] else None
     )
@@ -78,25 +108,32 @@ def _stats(rows: list[dict], hf: dict, ar: dict, ours: bool, peers: dict | None 
     return s
 
 
+def references(methods: list[str]) -> list[str]:
+    """The methods every other is compared with: the peers (hf-*, ov-*, llama-*) and our `ar`."""
+    return [m for m in methods if m.startswith(PEER_PREFIXES) or m == "ar"]
+
+
 def aggregate(records: list[dict], methods: list[str]) -> dict:
     """method -> {task | "overall" -> stats}, plus "best_whole_machine" (highest overall
-    whole-machine speedup among non-baseline methods)."""
-    index = {m: {r["question_id"]: r for r in records if r["method"] == m} for m in methods}
-    hf, ar = index.get("hf-ar", {}), index.get("ar", {})
-    peers = {p: index[p] for p in PEER_REFERENCES if index.get(p)}
+    Spec-Bench speedup vs hf-ar among the others) and "fastest_peer" (the peer with the
+    highest overall total tok/s)."""
+    index = {m: {prompt_key(r): r for r in records if r["method"] == m} for m in methods}
+    refs = {m: index[m] for m in references(methods) if index.get(m)}
     out: dict = {}
     for m in methods:
         rows = [r for r in records if r["method"] == m]
-        ours = not m.startswith(PEER_PREFIXES)
         groups = {t: [r for r in rows if r["task"] == t] for t in TASKS}
-        out[m] = {t: _stats(g, hf, ar, ours, peers) for t, g in groups.items() if g}
-        out[m][OVERALL] = _stats(rows, hf, ar, ours, peers)
+        out[m] = {t: _stats(g, refs, m) for t, g in groups.items() if g}
+        out[m][OVERALL] = _stats(rows, refs, m)
     ranked = [
         (out[m][OVERALL].get("whole_machine_speedup_vs_hf_ar") or 0, m)
         for m in methods
         if m != "hf-ar"
     ]
-    out["best_whole_machine"] = max(ranked)[1] if hf and ranked else None
+    out["best_whole_machine"] = max(ranked)[1] if refs.get("hf-ar") and ranked else None
+    peers = [(out[m][OVERALL]["total_tokens_per_s"] or 0, m) for m in methods
+             if m.startswith(PEER_PREFIXES)]  # fmt: skip
+    out["fastest_peer"] = max(peers)[1] if peers else None
     return out
 
 
@@ -148,44 +185,66 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def markdown(results: dict) -> str:
-    """results.md: setup, the overall table, per-task tables and every mismatch."""
-    agg, methods = results["aggregates"], results["settings"]["methods"]
-    mach, plan = results["machine"], results["plan"]
-    lines = [
+def _vs_cell(c: dict | None) -> str:
+    if c is None:
+        return "–"
+    return (f"{_f(c['total_ratio'], '.2f', '×')} · med {_f(c['median_ratio'], '.2f', '×')} · "
+            f"won {c['won']}/{c['prompts']}")  # fmt: skip
+
+
+def _setup_lines(results: dict) -> list[str]:
+    mach, plan, st = results["machine"], results["plan"], results["settings"]
+    load = f"load average at start {mach['load_average_at_start']}"
+    if mach.get("load_average_at_end") is not None:
+        load += f", at end {mach['load_average_at_end']}"
+    repeat = st.get("repeat", 1)
+    prompts = len(results["questions"]) * repeat
+    return [
         "# Spec-Bench results", "",
         f"- date: {results['date']}; command: `{results['command']}`",
-        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory_gib']} GiB; "
-        f"load average at start {mach['load_average_at_start']}",
+        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory_gib']} GiB; {load}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in results['versions'].items())}",
         f"- target: {results['models']['target']}; draft: {results['models']['draft']}",
         f"- plan: target on {plan['target_device']}, draft on {plan['draft_device']}; "
         f"γ={plan['spec']['num_draft_tokens']}, ℓe={plan['exit_layer']}/{plan['num_layers']}, "
         f"κ={plan['spec']['exit_top_k']}, branch budget {plan['spec']['branch_budget']}; "
-        f"hf-* methods: transformers {results['settings'].get('hf_dtype', 'float32')}",
-        f"- {len(results['questions'])} questions ({results['settings']['per_category']} per task), "
-        f"{results['settings']['max_new_tokens']} new tokens; {results['settings']['eos_policy']}; "
-        f"{results['settings']['timing']}", "",
-        "Whole-machine speedup = vs `hf-ar` on every core (Spec-Bench's definition: mean tok/s ÷ "
-        "baseline mean tok/s). Heterogeneous speedup = vs our `ar`, the target alone on its own "
-        "device (the paper's setting, where the draft device is extra hardware).", "",
+        f"hf-* methods: transformers {st.get('hf_dtype', 'float32')}",
+        f"- {prompts} prompts: {len(results['questions'])} questions "
+        f"({st['per_category']} per task) × {repeat} repeat(s), {st['max_new_tokens']} new "
+        f"tokens; {st['eos_policy']}; {st['timing']}; {st.get('order', '')}", "",
+        "tok/s = total new tokens ÷ total time over every prompt (the headline); × = that over "
+        "the reference's total on the same prompts. Per prompt: the median of the per-prompt "
+        "ratios and the prompts won (faster than the reference).", "",
     ]  # fmt: skip
-    peer_cols = [p for p in PEER_REFERENCES if p in methods]
-    header = ["method", "threads", "tok/s", *(f"× vs {p}" for p in peer_cols),
-              "whole-machine speedup (vs hf-ar)",
-              "mean of per-question ratios", "heterogeneous speedup (vs ar)",
-              "tokens/round", "hit rate", "exposed draft", "identical to hf-ar", "identical to ar"]  # fmt: skip
+
+
+def markdown(results: dict) -> str:
+    """results.md: setup, the overall table (headline: total tokens ÷ total time), every
+    method against every reference, per-task tables and every mismatch."""
+    agg, methods = results["aggregates"], results["settings"]["methods"]
+    lines = _setup_lines(results)
+    fastest = agg.get("fastest_peer")
+    header = ["method", "threads", "tok/s (total)", "mean of per-prompt tok/s", "× vs ar",
+              f"× vs fastest peer (`{fastest}`)", "tokens/round", "hit rate", "exposed draft",
+              "identical to hf-ar", "identical to ar"]  # fmt: skip
     rows = []
     for m in methods:
         s = agg[m][OVERALL]
-        vs_peers = [_f(s.get(f"speedup_vs_{p.replace('-', '_')}"), ".2f", "×") for p in peer_cols]
-        rows.append([f"`{m}`", results["threads"][m]["threads"], _f(s["tokens_per_s"]), *vs_peers,
-                     _f(s.get("whole_machine_speedup_vs_hf_ar"), ".2f", "×"),
-                     _f(s.get("mean_of_ratios_vs_hf_ar"), ".2f", "×"),
-                     _f(s.get("heterogeneous_speedup_vs_ar"), ".2f", "×"), _f(s["mean_accepted"]),
-                     _f(s["hit_rate"], ".0%"), _f(s["exposed_draft_fraction"], ".0%"),
+        vs = s.get("vs", {})
+        rows.append([f"`{m}`", results["threads"][m]["threads"], _f(s["total_tokens_per_s"]),
+                     _f(s["mean_tokens_per_s"]),
+                     _f((vs.get("ar") or {}).get("total_ratio"), ".2f", "×"),
+                     _f((vs.get(fastest) or {}).get("total_ratio"), ".2f", "×"),
+                     _f(s["mean_accepted"]), _f(s["hit_rate"], ".0%"),
+                     _f(s["exposed_draft_fraction"], ".0%"),
                      _f(s["identical_to_hf_ar"], ".0%"), _f(s["identical_to_ar"], ".0%")])  # fmt: skip
     lines += ["## Overall", "", *_table(header, rows), ""]
+    refs = references(methods)
+    if refs:
+        body = [[f"`{m}`", *(_vs_cell(agg[m][OVERALL].get("vs", {}).get(r)) for r in refs)]
+                for m in methods]  # fmt: skip
+        lines += ["## Against each reference (total ratio · median per-prompt ratio · prompts won)",
+                  "", *_table(["method", *(f"vs `{r}`" for r in refs)], body), ""]  # fmt: skip
     mem = results.get("memory")
     if mem:
         lines += [
@@ -195,15 +254,18 @@ def markdown(results: dict) -> str:
             "",
         ]
     if agg.get("best_whole_machine"):
-        lines += [f"Best on this whole machine: `{agg['best_whole_machine']}`.", ""]
+        lines += [f"Best Spec-Bench speedup vs hf-ar: `{agg['best_whole_machine']}`.", ""]
     tasks = [t for t in (*TASKS, OVERALL) if t in agg[methods[0]]]
-    for title, key, which in (
-        ("Whole-machine speedup vs hf-ar, per task", "whole_machine_speedup_vs_hf_ar", methods),
-        ("Heterogeneous speedup vs ar, per task", "heterogeneous_speedup_vs_ar",
-         [m for m in methods if not m.startswith(PEER_PREFIXES)]),
-        ("Tokens/s per task", "tokens_per_s", methods),
+    for title, get, which in (
+        ("Tokens/s per task (total tokens ÷ total time)",
+         lambda s: s["total_tokens_per_s"], methods),
+        ("× vs our ar per task (total ratio)",
+         lambda s: s.get("vs", {}).get("ar", {}).get("total_ratio"),
+         [m for m in methods if m != "ar"]),
+        ("Spec-Bench whole-machine speedup vs hf-ar per task (mean tok/s ÷ hf-ar's mean)",
+         lambda s: s.get("whole_machine_speedup_vs_hf_ar"), methods),
     ):  # fmt: skip
-        body = [[f"`{m}`", *(_f(agg[m][t].get(key)) for t in tasks)] for m in which]
+        body = [[f"`{m}`", *(_f(get(agg[m][t])) for t in tasks)] for m in which]
         if any(c != "–" for r in body for c in r[1:]):
             lines += [f"## {title}", "", *_table(["method", *tasks], body), ""]
     lines += ["## Mismatches", "", *_mismatch_lines(results["records"]), ""]
@@ -223,7 +285,7 @@ def _mismatch_lines(records: list[dict]) -> list[str]:
 
 
 def plot_speedup(results: dict, path: Path) -> None:
-    """Grouped bars per task: whole-machine speedup (left), heterogeneous speedup (right)."""
+    """Grouped bars per task, total ratios: vs the fastest peer (left), vs our ar (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,18 +293,20 @@ def plot_speedup(results: dict, path: Path) -> None:
 
     agg, methods = results["aggregates"], results["settings"]["methods"]
     tasks = [t for t in (*TASKS, OVERALL) if t in agg[methods[0]]]
+    fastest = agg.get("fastest_peer")
     panels = [
-        ("whole-machine speedup vs hf-ar (all cores)", "whole_machine_speedup_vs_hf_ar",
-         [m for m in methods if m != "hf-ar"]),
-        ("heterogeneous speedup vs ar (target's own device)", "heterogeneous_speedup_vs_ar",
+        (f"× vs the fastest peer ({fastest}), total tokens ÷ total time", fastest,
+         [m for m in methods if m != fastest]),
+        ("× vs our ar (target alone), total tokens ÷ total time", "ar",
          [m for m in methods if not m.startswith(PEER_PREFIXES) and m != "ar"]),
     ]  # fmt: skip
     colors = {m: f"C{i}" for i, m in enumerate(methods)}  # one color per method, both panels
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), squeeze=False)
-    for ax, (title, key, which) in zip(axes[0], panels, strict=True):
+    for ax, (title, ref, which) in zip(axes[0], panels, strict=True):
         width = 0.8 / max(1, len(which))
         for i, m in enumerate(which):
-            ys = [agg[m][t].get(key) or 0.0 for t in tasks]
+            ys = [(agg[m][t].get("vs", {}).get(ref) or {}).get("total_ratio") or 0.0
+                  for t in tasks]  # fmt: skip
             xs = [j + (i - (len(which) - 1) / 2) * width for j in range(len(tasks))]
             ax.bar(xs, ys, width, label=m, color=colors[m])
         ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
