@@ -1,8 +1,11 @@
 """`mirror-sd bench`: Spec-Bench over hf-ar, hf-assisted, hf-pld and our ar / speculative / mirror
-(+ the OpenVINO GenAI peers ov-ar, ov-sd, ov-pld with `pip install -e '.[peers]'`).
+(+ the OpenVINO GenAI peers ov-ar, ov-sd, ov-sd+conf, ov-pld with `pip install -e '.[peers]'`,
+each at OpenVINO's defaults and pinned to the plan's precision, e.g. ov-ar@f32; + the
+llama.cpp peers llama-ar, llama-sd, llama-pld with the `llamacpp` extra).
 
-    mirror-sd bench --target T --draft D [--per-category N] [--max-new-tokens N]
-                    [--methods hf-ar,...,mirror] [--out DIR]
+    mirror-sd bench --target T --draft D [--per-category 6] [--max-new-tokens 128] [--repeat 1]
+                    [--methods hf-ar,...,mirror,ov-ar,ov-sd] [--peer-precision defaults,plan]
+                    [--out DIR]
     mirror-sd bench --from-results DIR/results.json --simulate PROFILE.json [--out DIR]
     mirror-sd bench --from-results DIR/results.json        # re-render results.md / speedup.png
     mirror-sd bench --ablation RUN1=int8 --ablation RUN2=int4 --out DIR   # one table over runs
@@ -94,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if not args.target:
             raise SystemExit("mirror-sd bench: give --target (and --draft), or --from-results")
-        from mirror_sd.bench.peers import PeersUnavailableError, check_available
+        from mirror_sd.bench.peers import PeersUnavailableError, check_available, parse_precisions
         from mirror_sd.bench.runner import BenchConfig, run_bench
 
         try:
@@ -102,9 +105,19 @@ def _run(args: argparse.Namespace) -> int:
             check_available(methods)
         except ValueError as e:
             raise SystemExit(f"mirror-sd bench: --methods: {e}") from None
+        try:
+            precisions = parse_precisions(args.peer_precision)
+            if args.repeat < 1 or args.per_category < 1 or args.max_new_tokens < 1:
+                raise ValueError(
+                    f"--repeat {args.repeat}, --per-category {args.per_category}, "
+                    f"--max-new-tokens {args.max_new_tokens}: each must be 1 or more"
+                )
+        except ValueError as e:
+            raise SystemExit(f"mirror-sd bench: {e}") from None
         cfg = BenchConfig(
             target=args.target, draft=args.draft, device_map=args.device_map,
             per_category=args.per_category, max_new_tokens=args.max_new_tokens, tasks=_tasks(args),
+            repeat=args.repeat, peer_precision=precisions,
             methods=methods, out=out, questions=args.questions, stop_at_eos=args.stop_at_eos,
             hf_threads=args.hf_threads, hf_dtype=args.hf_dtype, cache=args.cache, speculation=_speculation(args),
             progress=not args.quiet, peer_target_format=args.peer_target_format,
@@ -176,13 +189,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="YAML device map (default: the packaged ort_ort_cpu.yaml)",
     )
-    p.add_argument("--per-category", type=int, default=1, help="questions per Spec-Bench task")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--per-category", type=int, default=6,
+                   help="questions per Spec-Bench task (default 6: 36 prompts)")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="passes over the questions, each interleaving every method per prompt "
+                        "(e.g. --per-category 3 --repeat 2: 36 timed prompts)")  # fmt: skip
     p.add_argument("--tasks", default=None,
                    help="comma-separated Spec-Bench tasks to run (default: all six)")  # fmt: skip
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated methods (default: the six shown; more: pld, sam, hd, "
-                        "mirror+sam, speculative+conf, ..., ov-ar, ov-sd, ov-pld)")  # fmt: skip
+                        "mirror+sam, speculative+conf, ..., ov-ar, ov-sd, ov-sd+conf, ov-pld "
+                        "(ov-pld joins any ov-* run), ov-ar@f32|bf16|f16, llama-ar, llama-sd, "
+                        "llama-pld)")  # fmt: skip
     p.add_argument("--out", default="bench_results", help="output folder")
     p.add_argument("--questions", default=None,
                    help="Spec-Bench question.jsonl (default $MIRROR_SD_SPEC_BENCH, then "
@@ -201,6 +220,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--peer-residency", default="auto", choices=["auto", "all", "one"],
                    help="ov-* peers: keep every pipeline loaded (all), load each for its turn "
                    "only (one), or decide by free memory (auto, the default)")  # fmt: skip
+    p.add_argument("--peer-precision", default="defaults,plan",
+                   help="ov-* peers: one row per item, comma-separated: defaults (OpenVINO's "
+                   "own: bf16 on AMX/AVX512-BF16 CPUs), plan (INFERENCE_PRECISION_HINT pinned "
+                   "to the plan's target precision: ov-ar@f32, ...), f32, bf16, f16 "
+                   "(default: defaults,plan)")  # fmt: skip
     p.add_argument("--gamma", default=None, help="γ for the plan")
     p.add_argument("--kappa", default=None, help="κ for the plan")
     p.add_argument("--exit-layer", default=None, help="ℓe for the plan, or 'auto'")

@@ -2,10 +2,12 @@
 
 Protocol (what `results.json` records under "settings"): greedy, batch 1, the target's
 chat template applied once per question by the target tokenizer (every method gets the
-same token ids), one untimed warm-up generation per method, `time.perf_counter` around
-each generate call (prefill included, as Spec-Bench times it). By default EOS is
-disabled for every method, so every method produces exactly `max_new_tokens` tokens
-(`stop_at_eos=True` makes all of them stop at the same EOS ids instead).
+same token ids), one untimed warm-up generation per method (a peer's pipeline is warmed
+again after every reload), `time.perf_counter` around each generate call (prefill included,
+as Spec-Bench times it), methods interleaved per prompt, `repeat` passes over the questions.
+By default (6 questions per task × 128 new tokens: 36 prompts) EOS is disabled for every
+method, so every method produces exactly `max_new_tokens` tokens (`stop_at_eos=True` makes
+all of them stop at the same EOS ids instead). Every record keeps its generated token ids.
 
 Every output is compared with hf-ar's (and ours with our `ar`'s); where they differ, the
 first differing position and the plan's target's top-2 logit margin there are recorded,
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mirror_sd.bench import report
+from mirror_sd.bench import peers, report
 from mirror_sd.bench.methods import (
     ALL_METHODS,
     NEAR_TIE,
@@ -34,6 +36,7 @@ from mirror_sd.bench.methods import (
     first_difference,
     target_margin,
 )
+from mirror_sd.bench.peer_common import cpu_flags
 from mirror_sd.bench.specbench import TASKS, Question, default_path, load_questions
 
 SCHEMA = "mirror-sd-bench/1"
@@ -47,9 +50,10 @@ class BenchConfig:
     target: str
     draft: str | None
     device_map: str | None = None
-    per_category: int = 1
+    per_category: int = 6  # 36 prompts over the six tasks
     tasks: tuple[str, ...] = TASKS
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
+    repeat: int = 1  # passes over the questions (each pass interleaves every method per prompt)
     methods: tuple[str, ...] = ALL_METHODS
     out: Path = Path("bench_results")
     questions: str | None = None  # question.jsonl; None: specbench.default_path()
@@ -62,6 +66,9 @@ class BenchConfig:
     peer_draft_format: str | None = None
     # ov-* peers: 'all' stay loaded, 'one' load for their turn only, 'auto' decides by memory
     peer_residency: str = "auto"
+    # ov-* peers: a row per precision, 'defaults' (OpenVINO's own) and 'plan' (pinned to the
+    # plan's target precision, peers.plan_precision) or a pin (f32 | bf16 | f16)
+    peer_precision: tuple[str, ...] = peers.DEFAULT_PEER_PRECISION
     cache: str | None = None
     onnx_dir: str | None = None
     speculation: dict = field(default_factory=dict)
@@ -71,7 +78,8 @@ class BenchConfig:
 
 
 def machine_info() -> dict:
-    """CPU model, core count, memory, OS and the load average when the run started."""
+    """CPU model and flags, core counts, memory, OS and the load average when the run started
+    (run_bench adds the one at its end: other work during a run distorts every ratio)."""
     cpu = platform.processor() or "unknown"
     with_file = Path("/proc/cpuinfo")
     if with_file.is_file():
@@ -79,14 +87,20 @@ def machine_info() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     mem = None
     if Path("/proc/meminfo").is_file():
         first = Path("/proc/meminfo").read_text().splitlines()[0].split()
         mem = round(int(first[1]) / 2**20, 1)
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem,
-            "platform": platform.platform(), "python": platform.python_version(),
-            "load_average_at_start": list(load) if load else None}  # fmt: skip
+    return {"cpu": cpu, "cpu_flags": " ".join(sorted(cpu_flags())), "cores": os.cpu_count(),
+            "cores_usable": usable, "memory_gib": mem, "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_at_start": load_average()}  # fmt: skip
+
+
+def load_average() -> list[float] | None:
+    """os.getloadavg() now (1, 5, 15 minutes); None where the OS has none."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def rss_gib() -> float | None:
@@ -109,7 +123,8 @@ def versions() -> dict:
     """Installed versions of the libraries whose behaviour the numbers depend on."""
     out = {}
     for dist in ("mirror-sd", "torch", "transformers", "onnxruntime", "tokenizers", "numpy",
-                 "openvino", "openvino-genai"):  # fmt: skip
+                 "openvino", "openvino-genai", "openvino-tokenizers",
+                 "llama-cpp-python"):  # fmt: skip
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -197,21 +212,27 @@ def _draft_step_ms(plan) -> float | None:
     return round(prof.draft(1) * 1e3, 1) if prof is not None and plan.draft is not None else None
 
 
-def _settings(cfg: BenchConfig, eos: list[int], qpath: Path, hf_threads: int) -> dict:
+def _settings(cfg: BenchConfig, methods: list[str], eos: list[int], qpath: Path, hf_threads: int,
+              pin: str | None) -> dict:  # fmt: skip
     return {
         "per_category": cfg.per_category, "tasks": list(cfg.tasks), "max_new_tokens": cfg.max_new_tokens,
-        "methods": list(cfg.methods), "greedy": True, "batch_size": 1,
+        "repeat": cfg.repeat, "methods_requested": list(cfg.methods),
+        "methods": methods, "greedy": True, "batch_size": 1,
         "eos_policy": "stop at the same EOS ids for every method" if cfg.stop_at_eos
         else "EOS disabled for every method: exactly max_new_tokens tokens each",
         "eos_token_ids": eos, "hf_threads": hf_threads, "hf_dtype": cfg.hf_dtype,
         "prompt": "first turn; the target tokenizer's chat template, applied once per question",
-        "warmup": "one untimed generation per method on the first question" if cfg.warmup
-        else "none",
+        "warmup": "one untimed generation per method on the first question; a peer's "
+        "pipeline again after every reload" if cfg.warmup
+        else "none (peers: one untimed generation after every load)",
         "timing": "time.perf_counter around each generate call, prefill included",
-        "order": "interleaved: every method on question 1, then question 2, ...",
+        "order": "interleaved: every method on question 1, then question 2, ...; "
+        f"{cfg.repeat} pass(es) over the questions",
         "questions_file": str(qpath), "speculation_overrides": cfg.speculation,
         "peer_formats": {"target": cfg.peer_target_format, "draft": cfg.peer_draft_format},
         "peer_residency": cfg.peer_residency,
+        "peer_precision": {"requested": list(cfg.peer_precision), "plan_pin": pin,
+                           "pins": {p: peers.PIN_PROPERTIES[p] for p in peers.PINS}},
     }  # fmt: skip
 
 
@@ -225,10 +246,12 @@ def run_bench(cfg: BenchConfig) -> dict:
         `mirror_sd.compile` raises for the models and device map.
     """
     import mirror_sd.api as api
-    from mirror_sd.bench.peers import check_available
     from mirror_sd.runtime.prompts import encode_prompt, eos_token_ids
 
-    check_available(cfg.methods)  # before the plan compiles: a missing extra fails at once
+    if cfg.repeat < 1:
+        raise ValueError(f"--repeat {cfg.repeat}: give 1 or more passes over the questions")
+    precisions = peers.parse_precisions(cfg.peer_precision)
+    peers.check_available(cfg.methods)  # before the plan compiles: a missing extra fails at once
     qpath = Path(cfg.questions) if cfg.questions else default_path()
     questions = load_questions(qpath, cfg.per_category, cfg.tasks)
     out_dir = Path(cfg.out)
@@ -243,14 +266,16 @@ def run_bench(cfg: BenchConfig) -> dict:
             sorted(eos_token_ids(plan.tokenizer, plan.generation_config)) if cfg.stop_at_eos else []
         )
         memory = {"after_compile_gib": rss_gib()}
-        methods = build_methods(cfg.methods, plan, eos, hf_threads, cfg.hf_dtype,
+        pin = peers.plan_precision(plan) if any(map(peers.is_ov, cfg.methods)) else None
+        names = list(peers.expand_methods(cfg.methods, precisions, pin or "f32"))
+        methods = build_methods(names, plan, eos, hf_threads, cfg.hf_dtype,
                                 cfg.peer_target_format, cfg.peer_draft_format, cfg.cache,
                                 cfg.peer_residency)  # fmt: skip
         memory["after_building_methods_gib"] = rss_gib()
         prompts = [encode_prompt(plan.tokenizer, q.text, chat=True) for q in questions]
         if cfg.warmup:
             for m in methods.values():
-                m.generate(prompts[0], cfg.max_new_tokens)
+                m.warm_up(prompts[0], cfg.max_new_tokens)
         memory["after_warmup_gib"] = rss_gib()
         records = _run_all(questions, prompts, methods, plan, cfg)
         trace = None
@@ -265,7 +290,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             "versions": versions(),
             "models": {"target": cfg.target, "target_folder": plan.report.target,
                        "draft": cfg.draft, "draft_folder": plan.report.draft},
-            "settings": _settings(cfg, eos, qpath, hf_threads), "plan": _plan_info(plan),
+            "settings": _settings(cfg, names, eos, qpath, hf_threads, pin),
+            "plan": _plan_info(plan),
             "threads": {name: m.describe() for name, m in methods.items()},
             "questions": [{**asdict(q), "prompt_tokens": len(p)}
                           for q, p in zip(questions, prompts, strict=True)],
@@ -277,7 +303,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         }  # fmt: skip
     if plan.report.profile is not None:  # what the partitioner measured: --sweep reads it
         plan.report.profile.save(out_dir / "profile.json")
-    results["aggregates"] = report.aggregate(records, list(cfg.methods))
+    results["machine"]["load_average_at_end"] = load_average()
+    results["aggregates"] = report.aggregate(records, names)
     results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     report.write_all(results, out_dir)
     return results
@@ -285,16 +312,17 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 def _run_all(questions, prompts, methods: dict, plan, cfg: BenchConfig) -> list[dict]:
     records = []
-    bar = tqdm(total=len(questions) * len(methods), desc="spec-bench", unit="gen",
+    bar = tqdm(total=len(questions) * len(methods) * cfg.repeat, desc="spec-bench", unit="gen",
                disable=not cfg.progress)  # fmt: skip
+    passes = [(k, q, p) for k in range(cfg.repeat) for q, p in zip(questions, prompts, strict=True)]
     try:
-        for q, prompt in zip(questions, prompts, strict=True):
+        for k, q, prompt in passes:
             group = []
             for name, method in methods.items():
                 bar.set_postfix_str(f"{q.task} q{q.question_id} {name}")
                 out = method.generate(prompt, cfg.max_new_tokens)
                 group.append(_record(q, name, prompt, out, plan.tokenizer))
-                group[-1]["tstamp"] = time.time()
+                group[-1].update(repeat=k, tstamp=time.time())
                 bar.update()
             _check(group, plan, prompt, (plan.target_device.label, f"transformers {cfg.hf_dtype}"))
             records += group

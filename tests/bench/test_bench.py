@@ -58,6 +58,7 @@ def bench(tmp_path_factory):
         onnx_dir=str(root / "onnx"), speculation=SPEC, progress=False, command="test",
         hf_threads=1,  # a shared 2-core machine makes 2 OpenMP threads slow; speed is not tested
         methods=KNOWN_METHODS,  # + the model-free sources: pld, sam, hd, mirror+sam
+        repeat=2,  # two passes over the questions: separate prompts in every ratio
     )  # fmt: skip
     return run_bench(cfg), root / "out", (target, draft, root)
 
@@ -96,14 +97,21 @@ def test_outputs_files_and_fields(bench):
         assert (out / name).is_file(), name
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["machine"]["cores"] and on_disk["machine"]["cpu"]
+    assert on_disk["machine"]["load_average_at_end"] and "cpu_flags" in on_disk["machine"]
+    assert "openvino-genai" in on_disk["versions"] and "llama-cpp-python" in on_disk["versions"]
+    assert on_disk["settings"]["repeat"] == 2 and on_disk["settings"]["methods"] == list(
+        KNOWN_METHODS
+    )
     assert on_disk["versions"]["torch"] and on_disk["command"] == "test" and on_disk["date"]
     assert set(on_disk["threads"]) == set(KNOWN_METHODS)
     assert "threads 1" in on_disk["threads"]["hf-ar"]["threads"]
     assert "draft idle" in on_disk["threads"]["ar"]["threads"]
     assert on_disk["plan"]["target_device"] == "torch cpu float32, 1 thread(s)"
-    assert len(on_disk["records"]) == len(TASKS) * len(KNOWN_METHODS)
+    assert len(on_disk["records"]) == 2 * len(TASKS) * len(KNOWN_METHODS)
+    assert [r["repeat"] for r in on_disk["records"][:: len(KNOWN_METHODS)]] == [0] * 6 + [1] * 6
     for r in on_disk["records"]:
         assert r["new_tokens"] == 8 and r["wall_time"] > 0 and r["tokens_per_s"] > 0
+        assert len(r["tokens"]) == 8  # every generation's token ids
         if r["method"] in ("ar", "speculative", "mirror"):
             assert r["accept_lengths"] and sum(r["accept_lengths"]) >= 8
             assert r["exposed_draft_fraction"] is not None
@@ -111,18 +119,21 @@ def test_outputs_files_and_fields(bench):
     assert all(r["hit_rate"] is not None for r in mirror)
     overall = on_disk["aggregates"]["mirror"]["overall"]
     for key in ("whole_machine_speedup_vs_hf_ar", "heterogeneous_speedup_vs_ar",
-                "mean_accepted", "hit_rate", "exposed_draft_fraction", "identical_to_hf_ar"):  # fmt: skip
+                "mean_accepted", "hit_rate", "exposed_draft_fraction", "identical_to_hf_ar",
+                "total_tokens_per_s", "mean_tokens_per_s"):  # fmt: skip
         assert overall[key] is not None, key
+    assert overall["vs"]["hf-ar"]["prompts"] == overall["vs"]["ar"]["prompts"] == 12
+    assert overall["heterogeneous_speedup_vs_ar"] == overall["vs"]["ar"]["total_ratio"]
     assert set(on_disk["aggregates"]["hf-ar"]) == {*TASKS, "overall"}
     md = (out / "results.md").read_text()
-    assert "whole-machine speedup (vs hf-ar)" in md and "heterogeneous speedup (vs ar)" in md
+    assert "tok/s (total)" in md and "Against each reference" in md and "vs `hf-ar`" in md
 
 
 def test_answers_are_spec_bench_model_answers(bench):
     _, out, _ = bench
     for method in KNOWN_METHODS:
         lines = (out / "answers" / f"{method}.jsonl").read_text().splitlines()
-        assert len(lines) == len(TASKS)
+        assert len(lines) == 2 * len(TASKS)
         a = json.loads(lines[0])
         assert {"question_id", "answer_id", "model_id", "choices", "tstamp", "category"} <= set(a)
         c = a["choices"][0]
@@ -146,7 +157,8 @@ def test_mismatch_is_reported_with_margin(bench):
     from mirror_sd.runtime.prompts import encode_prompt
 
     rec = next(r for r in results["records"] if r["method"] == "mirror")
-    group = [dict(r) for r in results["records"] if r["question_id"] == rec["question_id"]]
+    group = [dict(r) for r in results["records"]
+             if r["question_id"] == rec["question_id"] and r["repeat"] == 0]  # fmt: skip
     tampered = next(r for r in group if r["method"] == "mirror")
     tampered["tokens"] = [*tampered["tokens"][:3], (tampered["tokens"][3] + 1) % 97,
                           *tampered["tokens"][4:]]  # fmt: skip
