@@ -102,10 +102,8 @@ def export_head(model: CausalLM, path: str | Path, opset: int = DEFAULT_OPSET) -
 def head_entry(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any],
                opset: int = DEFAULT_OPSET, quantize: str | None = None) -> Path:  # fmt: skip
     """The folder `export_head_cached` keeps the head in (`model` may be weightless)."""
-    exact = {"exact": True} if quantize else {}  # weights only (see quantize_weights)
-    digest = cache_key(model, key_info, stage="norm+lm_head", opset=opset, quantize=quantize,
-                       **exact)  # fmt: skip
-    quant = f"-{quantize}-exact" if quantize else ""
+    digest = cache_key(model, key_info, stage="norm+lm_head", opset=opset, quantize=quantize)
+    quant = f"-{quantize}" if quantize else ""
     return Path(folder) / f"{model.config.model_type}-head{quant}-{digest[:16]}"
 
 
@@ -126,9 +124,8 @@ def export_head_cached(
     if quantize and not (entry / "model.onnx").is_file():
         src = export_head_cached(model, folder, key_info, opset)
         return cached_entry(
-            entry, lambda tmp: quantize_weights(src, tmp / "model.onnx", QUANT_BITS[quantize],
-                                                exact=True)
-        )  # fmt: skip
+            entry, lambda tmp: quantize_weights(src, tmp / "model.onnx", QUANT_BITS[quantize])
+        )
     return cached_entry(entry, lambda tmp: export_head(model, tmp / "model.onnx", opset))
 
 

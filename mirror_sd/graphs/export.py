@@ -39,7 +39,9 @@ from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.graphs.model import CausalLM
 
 DEFAULT_OPSET = 18  # widest EP support (OpenVINO, QNN, CoreML, DirectML) with the new exporter
-EXPORT_FORMAT_VERSION = 2  # bump when the exported interface or wrapper changes
+EXPORT_FORMAT_VERSION = (
+    3  # bump when the exported interface or wrapper changes (3: row-invariant attention)
+)
 EXTERNAL_DATA_BYTES = 1 << 30  # weights at least this large go to one `<file>.data` beside it
 QUANTIZATIONS = (None, "int8", "int4")
 QUANT_BITS = {"int8": 8, "int4": 4}
@@ -211,46 +213,40 @@ def model_files(path: str | Path) -> list[Path]:
     return [path, data] if data.is_file() else [path]
 
 
-def quantize_int8(src: str | Path, dst: str | Path, exact: bool = False) -> Path:
+def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     """int8 weights for an exported model (`quantize_weights` with 8 bits). Returns `dst`."""
-    return quantize_weights(src, dst, 8, exact)
+    return quantize_weights(src, dst, 8)
 
 
-def quantize_int4(src: str | Path, dst: str | Path, exact: bool = False) -> Path:
+def quantize_int4(src: str | Path, dst: str | Path) -> Path:
     """int4 MatMul weights for an exported model (`quantize_weights` with 4 bits). Returns `dst`."""
-    return quantize_weights(src, dst, 4, exact)
+    return quantize_weights(src, dst, 4)
 
 
-ACCURACY_FAST, ACCURACY_EXACT = 4, 0  # MatMulNBits accuracy_level: int8 vs fp32 activations
+QUANT_BLOCK = 32  # weights per MatMulNBits scale
+QUANT_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations, integer kernels (VNNI / AMX / AVX2)
 
 
-def quantize_weights(src: str | Path, dst: str | Path, bits: int, exact: bool = False) -> Path:
+def quantize_weights(src: str | Path, dst: str | Path, bits: int) -> Path:
     """`bits`-bit weights (8 or 4) for every MatMul of an exported model, int8 embedding table.
 
-        MatMuls become `MatMulNBits` (symmetric, one scale per 32 weights). Without `exact`
-        (drafts) accuracy_level is 4: ORT quantizes activations to int8 per block too and runs
-        integer kernels (VNNI / AMX-INT8 on x86; 4-bit weights are unpacked to int8 inside the
-        kernel). That is fast, and fine for a draft. A quantized *target* uses `exact`: fp32
-        activations (accuracy_level 0; the int8 / int4 weights dequantized in the kernel), so only
-        the weights are quantized. Why: with accuracy_level 4 on the Qwen2.5-Coder-1.5B target,
-        speculative output differed from the same target's `ar` in 11 of 18 Spec-Bench prompts
-        (top-2 margins 0.04-0.2). The cause (located by dumping every node of the 1.5B's int8
-        prefix graph for a 5-row block and for its first row alone): each MatMulNBits is
-        row-exact, but the attention's fp32 GEMMs differ in the last bits between 5 rows and 1
-        (1e-7, as in any fp32 graph); int8 activation quantization is a step function, so such
-        a difference that crosses a rounding boundary becomes a whole quantization step, and
-        28 layers carry it to the logits (0.03 in the prefix's hidden state, 0.14 in logits).
-        With fp32 activations the same noise stays at 1e-5 (tested on one MatMul:
-        tests/graphs/test_export.py). The catch: ORT 1.32 on AVX2 has no fast fp32-activation
-        int8 kernel (a 1536x8960 int8 MatMul takes 52 ms at level 0, 0.9 ms at level 4,
-        2.6 ms in fp32); int4 at level 0 takes 2.0 ms for one row but 6.8 ms for five.
-    Per-block scales keep Qwen's
-        outlier channels: on the 0.5B draft the int8 top-1 token agrees with fp32 on ~98% of code
-        positions, where per-tensor dynamic quantization (`quantize_dynamic` on MatMuls) agrees on
-        ~69%. int4 halves the weight bytes again (the memory-bound decode step reads fewer), at a
-        lower agreement (measure it: `mirror-sd quantize-check`). The embedding Gather gets
-        per-tensor int8 in both cases (a lookup: no kernel to speed up, only bytes to save).
-        Returns `dst`.
+    MatMuls become `MatMulNBits`: symmetric, one scale per QUANT_BLOCK weights, accuracy level
+    QUANT_ACCURACY_LEVEL (ORT quantizes each row's activations to int8 per block and runs
+    integer dot products: VNNI / AMX-INT8 / AVX2; 4-bit weights unpack to int8 in the kernel).
+    The same file serves drafts and targets. A quantized target stays lossless against its own
+    one-row decoding because every op of the graph is row-invariant: each row's result is
+    bit-for-bit the same alone or in a block (MatMulNBits at this level and block size is, for
+    every M; attention computes a short block row by row, `model.attend`; tested in
+    tests/graphs/test_row_invariance.py). That matters more here than in fp32: int8 activation
+    quantization is a step function, so a last-bit difference between a block and a single row
+    that crosses a rounding boundary becomes a whole quantization step (docs/runtime.md, *Row
+    invariance*). Other levels (0-3: fp32 activations) are neither faster nor row-invariant in
+    ONNX Runtime 1.32: a 1536x8960 int8 MatMul takes 32-53 ms at levels 0-3 against 0.4 ms at
+    level 4 on the AMX Xeon (docs/benchmarks.md, *Kernels*).
+    Per-block scales keep Qwen's outlier channels: on the 0.5B draft the int8 top-1 token agrees
+    with fp32 on ~98% of code positions, where per-tensor dynamic quantization agrees on ~69%.
+    The embedding Gather gets per-tensor int8 (a lookup: no kernel to speed up, only bytes to
+    save). Returns `dst`.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -260,9 +256,8 @@ def quantize_weights(src: str | Path, dst: str | Path, bits: int, exact: bool = 
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     large = sum(f.stat().st_size for f in model_files(src)) // 4 >= EXTERNAL_DATA_BYTES
-    level = ACCURACY_EXACT if exact else ACCURACY_FAST
     config = nbits.DefaultWeightOnlyQuantConfig(
-        block_size=32, is_symmetric=True, accuracy_level=level, bits=bits
+        block_size=QUANT_BLOCK, is_symmetric=True, accuracy_level=QUANT_ACCURACY_LEVEL, bits=bits
     )
     quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
     quantizer.process()
@@ -351,12 +346,10 @@ def export_cached(
     quantize: str | None = None,
     opset: int = DEFAULT_OPSET,
     label: str = "",
-    exact: bool = False,
     keep_source: bool = True,
 ) -> Path:
     """`export_stages` (+ `quantize_int8` / `quantize_int4`) into `folder`, reusing an earlier
-    identical export. `exact` quantizes only the weights (fp32 activations: a row's logits do
-    not depend on how many rows run together; what a quantized target needs).
+    identical export (the same file for a draft and a target: `quantize_weights`).
 
     A quantized entry is made from the unquantized entry of the same range, itself cached;
     without `keep_source` an unquantized entry this call had to make is removed once the
@@ -379,11 +372,10 @@ def export_cached(
     last = model.num_layers if last is None else last
     settings = dict(first=first, last=last, with_embed=with_embed, with_head=with_head,
                     quantize=quantize, opset=opset)  # fmt: skip
-    exact = bool(exact and quantize)
-    entry = _entry(model, folder, key_info, settings, label, exact)
+    entry = _entry(model, folder, key_info, settings, label)
     made_src = False
     if quantize and not (entry / "model.onnx").is_file():  # from the cached unquantized range
-        fp32 = _entry(model, folder, key_info, {**settings, "quantize": None}, label, False)
+        fp32 = _entry(model, folder, key_info, {**settings, "quantize": None}, label)
         made_src = not (fp32 / "model.onnx").is_file()
         src = export_cached(
             model, folder, key_info, first, last, with_embed, with_head, None, opset, label
@@ -392,7 +384,7 @@ def export_cached(
     def write(tmp: Path) -> None:
         if quantize:  # looked up at call time, so tests can replace either function
             fn = {"int8": quantize_int8, "int4": quantize_int4}[quantize]
-            fn(src, tmp / "model.onnx", exact=True) if exact else fn(src, tmp / "model.onnx")
+            fn(src, tmp / "model.onnx")
         else:
             export_stages(model, tmp / "model.onnx", first, last, with_embed, with_head, opset)
 
@@ -403,14 +395,11 @@ def export_cached(
 
 
 def _entry(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any],
-           settings: dict[str, Any], label: str, exact: bool) -> Path:  # fmt: skip
+           settings: dict[str, Any], label: str) -> Path:  # fmt: skip
     """The folder of `export_cached`'s entry for these settings."""
-    if exact:  # only then in the key: earlier entries keep their hashes
-        settings = {**settings, "exact": True}
     digest = cache_key(model, key_info, **settings)[:16]
     quantize = settings["quantize"]
     quant = f"-{quantize}" if quantize else ""  # int8 entries keep their pre-int4 names and hashes
-    quant += "-exact" if exact else ""
     name = f"{model.config.model_type}{label}-{settings['first']}-{settings['last']}{quant}"
     return Path(folder) / f"{name}-{digest}"
 
@@ -423,7 +412,7 @@ def find_cached(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any]
     """
     settings = dict(first=0, last=model.num_layers, with_embed=True, with_head=True,
                     quantize=quantize, opset=DEFAULT_OPSET)  # fmt: skip
-    entry = _entry(model, folder, key_info, settings, "", False)
+    entry = _entry(model, folder, key_info, settings, "")
     if not (entry / "model.onnx").is_file():
         return None
     os.utime(entry)  # last use, for `mirror-sd cache prune` (graphs.export_cache)

@@ -49,7 +49,7 @@ from mirror_sd.graphs.export import (
 from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.graphs.model import CausalLM
 
-LAYOUT = "layers-v1"  # in every key of this module: bump when the parts' interface changes
+LAYOUT = "layers-v2"  # in every key of this module: bump when the parts' interface changes
 
 
 class _Embed(nn.Module):
@@ -93,7 +93,8 @@ def _examples(model: CausalLM) -> dict[str, tuple[torch.Tensor, ...]]:
     c, s, t = model.config, 5, 3
     dtype = model.model.embed_tokens.weight.dtype
     h = torch.zeros(1, t, c.hidden_size, dtype=dtype)
-    rot = torch.zeros(1, t, c.head_dim, dtype=dtype)
+    # cos / sin as the model's rope() shapes them: (1, T, hd), or (1, T, R, hd) for R tables
+    rot = torch.zeros(model.rope(torch.arange(s, s + t)[None], dtype)[0].shape, dtype=dtype)
     past = torch.zeros(1, s, c.num_kv_heads, c.head_dim, dtype=dtype)
     bias = torch.zeros(1, t, s + t, dtype=dtype)
     return {
@@ -166,9 +167,9 @@ def range_entry(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any]
         raise IndexError(f"layer range [{first}, {last}) empty or outside [0, {model.num_layers}]")
     if not quantize:
         return layers_entry(model, folder, key_info, opset) / range_name(first, last, with_embed)
-    label = f"{first}-{last}-{quantize}-exact"
+    label = f"{first}-{last}-{quantize}"
     entry = _entry(folder, model, key_info, label, opset=opset, first=first, last=last,
-                   with_embed=with_embed, quantize=quantize, exact=True)  # fmt: skip
+                   with_embed=with_embed, quantize=quantize)  # fmt: skip
     return entry / "model.onnx"
 
 
@@ -179,8 +180,8 @@ def range_cached(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any
     `export.io_names`' interface, assembled from the cached parts (exported first if missing)
     and kept beside them, where its external data is: `<layers entry>/range-<first>-<last>
     [-embed].onnx`. With `quantize` ("int8" | "int4") the fp32 range's weights are quantized,
-    weights only (`export.quantize_weights` with `exact`: what a quantized target needs),
-    into an entry of its own `<type>-<first>-<last>-<quantize>-exact-<hash>/model.onnx`.
+    (`export.quantize_weights`, row-invariant as a target needs) into an entry of its own
+    `<type>-<first>-<last>-<quantize>-<hash>/model.onnx`.
     Reused when present. Returns the graph's path.
 
     Raises:
@@ -191,7 +192,7 @@ def range_cached(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any
 
         def write(tmp: Path) -> None:
             src = range_cached(model, folder, key_info, first, last, with_embed, opset=opset)
-            quantize_weights(src, tmp / "model.onnx", QUANT_BITS[quantize], exact=True)
+            quantize_weights(src, tmp / "model.onnx", QUANT_BITS[quantize])
 
         return cached_entry(path.parent, write)
     parts = export_layers_cached(model, folder, key_info, opset)  # touched: last use
@@ -253,20 +254,23 @@ def assemble(parts: str | Path, first: int, last: int, with_embed: bool) -> Path
 
 def _renamed(g: onnx.GraphProto, prefix: str, names: Mapping[str, str]) -> onnx.GraphProto:
     """A copy of part graph `g` with interface names mapped by `names` and every other value,
-    node and initializer name prefixed with `prefix/` (so parts never collide)."""
+    node and initializer name prefixed with `prefix/` (so parts never collide), inside its
+    subgraphs (an If's branches, which read outer values by name) too."""
     g = onnx.GraphProto.FromString(g.SerializeToString())
 
     def new(n: str) -> str:
         return n if not n else names.get(n, f"{prefix}/{n}")
 
-    for node in g.node:
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for a in node.attribute):  # fmt: skip
-            raise ValueError(f"part {prefix}: node {node.name} has a subgraph, which assemble "
-                             "does not rename; bump layered.LAYOUT after changing the parts")  # fmt: skip
-        node.name = f"{prefix}/{node.name}"
-        node.input[:] = [new(n) for n in node.input]
-        node.output[:] = [new(n) for n in node.output]
-    for v in [*g.input, *g.output, *g.value_info, *g.initializer]:
-        v.name = new(v.name)
+    def rename(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            node.name = f"{prefix}/{node.name}"
+            node.input[:] = [new(n) for n in node.input]
+            node.output[:] = [new(n) for n in node.output]
+            for a in node.attribute:
+                for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+                    rename(sub)
+        for v in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+            v.name = new(v.name)
+
+    rename(g)
     return g

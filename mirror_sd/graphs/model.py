@@ -69,15 +69,60 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         keys = torch.cat([past_k, k], dim=1).transpose(1, 2)  # (B, nkv, S+T, hd)
         values = torch.cat([past_v, v], dim=1).transpose(1, 2)
-        groups = self.n_heads // self.n_kv
-        if groups > 1:
-            keys = keys.repeat_interleave(groups, dim=1)  # (B, nh, S+T, hd)
-            values = values.repeat_interleave(groups, dim=1)
+        out = attend(q, keys, values, mask, self.head_dim**-0.5)  # (B, T, nh, hd)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim)), k, v
+
+
+ROW_INVARIANT_ROWS = 64  # blocks of up to this many rows attend one query row at a time
+KEY_PAD = 32  # ... over keys padded to a multiple of this many (row invariance, see attend)
+
+
+def attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Grouped-query attention: q (B, T, nh, hd), keys / values (B, nkv, S, hd), mask
+    (B, T, S) bool (True = attend) or additive float -> (B, T, nh, hd).
+
+    In eager torch this is `scaled_dot_product_attention`. In an exported graph (ONNX Runtime)
+    a block of at most ROW_INVARIANT_ROWS rows computes every query row as its own
+    (1 x hd) @ (hd x S) product (a broadcast batch of one-row GEMMs), so each row's result is
+    bit-for-bit the same whether it runs alone (one decoding step) or in a verification block:
+    ORT's GEMM kernels round differently for one row than for several, and a quantized target
+    would turn that last-bit noise into different tokens (docs/runtime.md, *Row invariance*).
+    A block's row j also sees keys a lone row would not have (the block's later rows, masked
+    to weight 0), and ORT's GEMM sums a reduction's tail differently by its length: the
+    weights and values are padded with zeros to a multiple of KEY_PAD keys, after which extra
+    zero keys change no bit (measured for every length up to 530). Longer blocks (prefill)
+    take the ordinary GEMMs, which are faster there.
+    """
+    B, T, nh, hd = q.shape
+    nkv = keys.shape[1]
+    q = q.view(B, T, nkv, nh // nkv, hd).permute(0, 2, 3, 1, 4)  # (B, nkv, G, T, hd)
+    keys, values = keys[:, :, None], values[:, :, None]  # (B, nkv, 1, S, hd)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
+    bias = mask[:, None, None]  # (B, 1, 1, T, S)
+    if torch.compiler.is_exporting():
+
+        def rowwise(q, keys, values, bias):  # one (1 x hd) @ (hd x S) product per query row
+            scores = q.unsqueeze(-2) @ keys.transpose(-1, -2).unsqueeze(-3)  # (B,nkv,G,T,1,S)
+            p = torch.softmax(scores.squeeze(-2) * scale + bias, dim=-1)  # (B, nkv, G, T, S)
+            pad = (-keys.shape[-2]) % KEY_PAD  # zero weights on zero rows: p @ v is unchanged
+            p, values = F.pad(p, (0, pad)), F.pad(values, (0, 0, 0, pad))
+            return (p.unsqueeze(-2) @ values.unsqueeze(-3)).squeeze(-2)  # (B, nkv, G, T, hd)
+
+        def blocked(q, keys, values, bias):  # the same as ordinary GEMMs over all rows
+            p = torch.softmax((q @ keys.transpose(-1, -2)) * scale + bias, dim=-1)
+            return p @ values
+
+        out = torch.cond(T <= ROW_INVARIANT_ROWS, rowwise, blocked, (q, keys, values, bias))
+    else:
+        G = nh // nkv
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask.unsqueeze(1)
-        )  # (B, nh, T, hd)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(out), k, v
+            q, keys.expand(-1, -1, G, -1, -1), values.expand(-1, -1, G, -1, -1),
+            attn_mask=bias, scale=scale,
+        )  # fmt: skip
+    return out.permute(0, 3, 1, 2, 4).reshape(B, T, nh, hd)  # (B, T, nh, hd)
 
 
 class MLP(nn.Module):
