@@ -2,7 +2,8 @@
 
 `ModelConfig` is the one place where family differences (Llama, Mistral, Qwen2,
 Qwen3) are turned into plain switches (`attention_bias`, `qk_norm`, ...) so that
-`model.py` has no per-family branches.
+`model.py` has no per-family branches. Families with a module tree of their own (Gemma 3,
+Phi-3; `families.FAMILIES`) read the rest of their settings from `hf_config` in their module.
 """
 
 from __future__ import annotations
@@ -14,13 +15,8 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-# model_type -> (attention bias on q/k/v, per-head RMSNorm on q and k)
-SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
-    "llama": (False, False),
-    "mistral": (False, False),
-    "qwen2": (True, False),
-    "qwen3": (False, True),
-}
+from mirror_sd.graphs.families import FAMILIES, REFUSED, SUPPORTED_ARCHITECTURES
+
 # RoPE variants whose frequencies are fixed at load time (no dependence on sequence length).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
@@ -73,21 +69,30 @@ def from_hf_config(hf: PretrainedConfig) -> ModelConfig:
         UnsupportedModelError: unknown `model_type` or a dynamic RoPE variant.
     """
     model_type = getattr(hf, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+    if model_type not in FAMILIES:
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        why = f" ({REFUSED[model_type]})" if model_type in REFUSED else ""
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported; supported architectures: {supported} "
-            "(Llama covers SmolLM2, Qwen2 covers Qwen2.5)"
+            f"model_type {model_type!r} is not supported{why}; supported architectures: "
+            f"{supported} (Llama covers SmolLM2, Qwen2 covers Qwen2.5)"
         )
-    params = getattr(hf, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type not in STATIC_ROPE_TYPES:
+    family = FAMILIES[model_type]
+    for rope_type in _rope_types(hf, family.modules):
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope_type {rope_type!r} is not supported; supported: "
+                f"{', '.join(STATIC_ROPE_TYPES)}"
+            )
+    if getattr(hf, "use_bidirectional_attention", False):
         raise UnsupportedModelError(
-            f"rope_type {rope_type!r} is not supported; supported: {', '.join(STATIC_ROPE_TYPES)}"
+            f"{model_type} with use_bidirectional_attention (an embedding model) is not a "
+            "causal LM; speculative decoding needs causal attention"
         )
     uses_window = getattr(hf, "use_sliding_window", model_type == "mistral")
+    if family.modules != "llama":  # their module trees implement the window per layer
+        uses_window = False
     window = getattr(hf, "sliding_window", None) if uses_window else None
-    bias, qk_norm = SUPPORTED_ARCHITECTURES[model_type]
+    bias, qk_norm = family.attention_bias, family.qk_norm
     num_heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
     return ModelConfig(
@@ -107,6 +112,14 @@ def from_hf_config(hf: PretrainedConfig) -> ModelConfig:
         sliding_window=window,
         hf_config=hf,
     )
+
+
+def _rope_types(hf: PretrainedConfig, modules: str) -> list[str]:
+    """The rope_type of every RoPE table the model uses (Gemma 3: one per layer type)."""
+    params = getattr(hf, "rope_parameters", None) or {}
+    if modules == "gemma3":
+        return [(params.get(t) or {}).get("rope_type", "default") for t in set(hf.layer_types)]
+    return [params.get("rope_type", "default")]
 
 
 def load_config(folder: str | Path) -> ModelConfig:

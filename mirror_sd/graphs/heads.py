@@ -15,6 +15,7 @@ The head runs in torch next to the target pipeline; its cost is one small matmul
 
 from __future__ import annotations
 
+import copy
 import pickle
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,7 @@ class ExitHead(nn.Module):
         self.layer, self.trim, self.vocab_size = layer, trim, c.vocab_size
         self.meta = dict(meta or {})
         w = model.lm_head.weight.detach().float()
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.norm.weight = nn.Parameter(model.model.norm.weight.detach().float().clone())
+        self.norm = copy.deepcopy(model.model.norm).float()  # the family's own norm (Gemma: 1 + w)
         rows = trim.trim(w) if trim is not None else w.clone()
         self.rows = nn.Parameter(rows, requires_grad=False)  # (K or V, D)
         self.adapter = Adapter(c.hidden_size, rank, c.rms_norm_eps) if rank else None

@@ -1,4 +1,8 @@
-"""Load a local Hugging Face model folder (config.json + safetensors + tokenizer) into `CausalLM`."""
+"""Load a local Hugging Face model folder (config.json + safetensors + tokenizer) into `CausalLM`.
+
+`MODULE_TREES` maps each family's `modules` (`families.FAMILIES`) to the `CausalLM` class
+that runs it and the conversion its checkpoint's state dict needs, if any.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,32 @@ import contextlib
 import ctypes
 import gc
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from mirror_sd.graphs import phi3
 from mirror_sd.graphs.config import ModelConfig, load_config
+from mirror_sd.graphs.families import FAMILIES
+from mirror_sd.graphs.gemma import Gemma3CausalLM
 from mirror_sd.graphs.model import CausalLM
+
+StateConversion = Callable[[ModelConfig, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+# families.Family.modules -> (the CausalLM class, the state dict's conversion or None)
+MODULE_TREES: dict[str, tuple[type[CausalLM], StateConversion | None]] = {
+    "llama": (CausalLM, None),
+    "gemma3": (Gemma3CausalLM, None),
+    "phi3": (phi3.Phi3CausalLM, phi3.unfuse),
+}
+
+
+def model_class(cfg: ModelConfig) -> type[CausalLM]:
+    """The `CausalLM` class that runs `cfg`'s family."""
+    return MODULE_TREES[FAMILIES[cfg.model_type].modules][0]
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,8 +85,9 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.d
         KeyError: the checkpoint lacks weights the architecture needs, or has unknown ones.
     """
     with torch.device("meta"):
-        model = CausalLM(cfg)
-    state = {k: v.to(dtype) for k, v in state.items()}
+        model = model_class(cfg)(cfg)
+    convert = MODULE_TREES[FAMILIES[cfg.model_type].modules][1]
+    state = {k: v.to(dtype) for k, v in (convert(cfg, state) if convert else state).items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     expected = {
@@ -80,8 +103,8 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.d
     model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    inv_freq, _ = cfg.rope_inv_freq()
-    model.inv_freq = inv_freq
+    if model.inv_freq.is_meta:  # Llama's tree computes it under the meta device; others do not
+        model.inv_freq = cfg.rope_inv_freq()[0]
     return model.eval()
 
 
@@ -112,8 +135,9 @@ def release_memory() -> None:
 def weightless_model(folder: str | Path) -> CausalLM:
     """The folder's model on the meta device: its config, module tree and float32 dtype, no
     weights (what the export cache's keys need, without reading gigabytes)."""
+    cfg = load_config(Path(folder))
     with torch.device("meta"):
-        return CausalLM(load_config(Path(folder)))
+        return model_class(cfg)(cfg)
 
 
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")

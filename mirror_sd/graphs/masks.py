@@ -35,3 +35,23 @@ def tree_mask(
         if p >= 0:
             mask[0, i, : past_len + t] |= mask[0, p, : past_len + t]
     return mask
+
+
+def sliding_window(mask: torch.Tensor, window: int) -> torch.Tensor:
+    """`mask` (B, T, S + T) narrowed for a sliding-window attention layer: each row keeps only
+    the `window` most recent keys it sees (itself included), which is Hugging Face's rule
+    `query_pos - key_pos < window` because the keys a row sees are its own history, one key per
+    earlier position (a causal, batched or tree mask from this module all are). Counting from
+    the mask instead of comparing positions lets one mask serve every layer type: a sliding
+    layer narrows it itself, in torch and in an exported graph alike (a CumSum, no control flow).
+
+    `mask` is bool (True = attend) or additive (0 = attend, the dtype's min = masked); the
+    result has the same form.
+    """
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    seen = visible.to(torch.int32).cumsum(-1)  # (B, T, S + T) visible keys in columns <= j
+    newer = seen[..., -1:] - seen  # visible keys after column j
+    keep = visible & (newer < window)
+    if mask.dtype == torch.bool:
+        return keep
+    return mask.masked_fill(~keep, torch.finfo(mask.dtype).min)

