@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-weight Llama / Qwen2 / Qwen3 models saved as HF folders."""
+"""Shared fixtures: tiny random-weight models of every supported family saved as HF folders."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from mirror_sd.graphs.families import SUPPORTED_ARCHITECTURES
 
 TINY = dict(
     vocab_size=97,
@@ -17,17 +19,26 @@ TINY = dict(
     num_key_value_heads=2,
     max_position_embeddings=256,
 )
+# What each family's tiny model sets on top of TINY: small windows and odd scalings, so the
+# tests exercise what differs from Llama. No EOS token for these: generate(min_new_tokens=...)
+# would suppress a token that greedy_decode is free to pick.
+TINY_FAMILY: dict[str, dict] = {
+    "gemma3_text": dict(
+        head_dim=16,
+        query_pre_attn_scalar=24,  # not head_dim: the scaling is the config's
+        sliding_window=4,
+        layer_types=["sliding_attention"] * 2 + ["full_attention", "sliding_attention"],
+        eos_token_id=None,
+    ),
+    "phi3": dict(partial_rotary_factor=0.5, sliding_window=6, eos_token_id=None, pad_token_id=0),
+}
+# The families the parametrized tests run: every registered one (graphs.families).
+FAMILIES = list(SUPPORTED_ARCHITECTURES)
 
 
 def make_tiny(family: str, seed: int = 0, **overrides):
-    """A random transformers model of `family` ('llama' | 'qwen2' | 'qwen3' | 'mistral'), fp32."""
-    cls = {
-        "llama": LlamaConfig,
-        "qwen2": Qwen2Config,
-        "qwen3": Qwen3Config,
-        "mistral": MistralConfig,
-    }[family]
-    cfg = cls(**{**TINY, **overrides})
+    """A random transformers model of `family` (a registered `model_type`), fp32."""
+    cfg = AutoConfig.for_model(family, **{**TINY, **TINY_FAMILY.get(family, {}), **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():  # break the near-zero init so logits are not all ties
@@ -41,7 +52,7 @@ def save_tiny(model, folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(params=FAMILIES)
 def tiny_hf(request, tmp_path):
     """(family, transformers model, saved folder) for each supported family."""
     model = make_tiny(request.param)

@@ -14,13 +14,13 @@ from mirror_sd.graphs import export as ex
 from mirror_sd.graphs import export_cache, layered, load_model
 from mirror_sd.graphs.loader import weightless_model
 from mirror_sd.graphs.masks import causal_mask, tree_mask
-from tests.conftest import make_tiny, save_tiny
+from tests.conftest import FAMILIES, make_tiny, save_tiny
 from tests.graphs.test_export import random_past, run_onnx
 
 KEY = {"tiny": "layered"}
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def parts(request, tmp_path_factory):
     """(model folder, model, cache folder, parts folder) per family: one per-layer export."""
     folder = save_tiny(make_tiny(request.param, seed=5), tmp_path_factory.mktemp(request.param))

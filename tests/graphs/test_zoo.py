@@ -6,6 +6,7 @@ and the transformers conversion are replaced by fakes that write files into the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -107,12 +108,12 @@ def test_unknown_name_lists_known_names() -> None:
         zoo.fetch_model("no-such-model")
 
 
-def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
-    unsupported = [s for s in zoo.MODELS.values() if not s.supported]
-    if not unsupported:
-        pytest.skip("no unsupported model registered")
-    with pytest.raises(zoo.UnknownModelError, match="not support"):
-        zoo.fetch_model(unsupported[0].name, cache=tmp_path)
+def test_unsupported_architecture_is_refused(tmp_path: Path, monkeypatch) -> None:
+    spec = dataclasses.replace(zoo.MODELS["smollm2-135m"], name="x", architecture="gpt2",
+                               supported=False)  # fmt: skip
+    monkeypatch.setattr(zoo, "MODELS", {"x": spec})
+    with pytest.raises(zoo.UnknownModelError, match="'gpt2', which mirror-sd does not support"):
+        zoo.fetch_model("x", cache=tmp_path)
 
 
 # --------------------------------------------------------------------------- cache_dir
