@@ -25,6 +25,7 @@ class Family:
             (`gemma.Gemma3CausalLM`) or "phi3" (`phi3.Phi3CausalLM`).
         attention_bias: q/k/v projections have a bias (unless the config says otherwise).
         qk_norm: per-head RMSNorm on q and k.
+        layer_norms: hidden-size norms per decoder layer (Gemma 3: four).
     """
 
     model_type: str
@@ -33,6 +34,7 @@ class Family:
     modules: str = "llama"
     attention_bias: bool = False
     qk_norm: bool = False
+    layer_norms: int = 2
 
 
 FAMILIES: Mapping[str, Family] = MappingProxyType(
@@ -43,7 +45,14 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
             Family("mistral", "Mistral", "Mistral 7B (contexts up to its sliding window)"),
             Family("qwen2", "Qwen2", "Qwen2, Qwen2.5, Qwen2.5-Coder", attention_bias=True),
             Family("qwen3", "Qwen3", "Qwen3 dense models", qk_norm=True),
-            Family("gemma3_text", "Gemma 3 (text)", "Gemma 3 270M, 1B", "gemma3", qk_norm=True),
+            Family(
+                "gemma3_text",
+                "Gemma 3 (text)",
+                "Gemma 3 270M, 1B",
+                "gemma3",
+                qk_norm=True,
+                layer_norms=4,
+            ),
             Family("phi3", "Phi-3", "Phi-3 / Phi-3.5 mini, Phi-4-mini", "phi3"),
         )
     }

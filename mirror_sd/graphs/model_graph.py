@@ -16,6 +16,7 @@ from pathlib import Path
 import networkx as nx
 
 from mirror_sd.graphs.config import ModelConfig
+from mirror_sd.graphs.families import FAMILIES
 
 ROLES = ("embed", "layer", "norm", "lm_head", "exit_head")
 
@@ -48,7 +49,7 @@ def _layer_params(c: ModelConfig) -> int:
     if c.attention_bias:
         attn += hd * (c.num_heads + 2 * c.num_kv_heads)
     mlp = 3 * d * c.intermediate_size
-    norms = 2 * d + (2 * hd if c.qk_norm else 0)
+    norms = FAMILIES[c.model_type].layer_norms * d + (2 * hd if c.qk_norm else 0)
     return attn + mlp + norms
 
 
