@@ -4,6 +4,7 @@ them (exports made or reused; see `export_worker`), vocabulary trims. Also
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from mirror_sd import export_worker
+from mirror_sd.devices.cpu_caps import host_caps
 from mirror_sd.devices.ort_core import OrtDevice
 from mirror_sd.devices.ort_device import OrtRunner
 from mirror_sd.devices.ort_split import (
@@ -23,15 +25,39 @@ from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.devices.trimmed import TrimmedVocabRunner
 from mirror_sd.export_worker import cached_lens, measure_lens
 from mirror_sd.graphs import zoo
+from mirror_sd.graphs.checkpoint import checkpoint_precision
 from mirror_sd.graphs.config import load_config
 from mirror_sd.graphs.export import export_cached, find_cached, source_identity
 from mirror_sd.graphs.loader import load_model, load_tokenizer, release_memory, weightless_model
 from mirror_sd.graphs.trimmed_head import export_trimmed, with_trimmed_head
 from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.partition import DeviceMapError, OrtSpec, SimSpec, TorchSpec
+from mirror_sd.partition.precision import AUTO, choose_dtype, choose_quantize
 from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.runtime.profiling import CALIBRATION_TEXT
 from mirror_sd.simulated import host_spec, sim_label
+
+
+def resolve_precision(dm, roles: dict[str, Path | None]) -> tuple[Any, dict[str, str]]:
+    """The map with every `quantize: auto` / `dtype: auto` of the devices in `roles` (alias ->
+    the model folder it runs) made concrete (`partition.precision`), and role notes for
+    `describe()` ({alias: "quantize: auto -> int4 (...)"})."""
+    devices, notes = dict(dm.devices), {}
+    for alias, folder in roles.items():
+        spec = devices.get(alias)
+        if folder is None or spec is None:
+            continue
+        if isinstance(spec, OrtSpec) and spec.quantize == AUTO:
+            choice = choose_quantize(checkpoint_precision(folder), host_caps())
+            devices[alias] = dataclasses.replace(spec, quantize=choice.value)
+        elif isinstance(spec, TorchSpec) and spec.dtype == AUTO:
+            caps = host_caps() if spec.device == "cpu" else None
+            choice = choose_dtype(checkpoint_precision(folder), spec.device, caps)
+            devices[alias] = dataclasses.replace(spec, dtype=choice.value)
+        else:
+            continue
+        notes[alias] = choice.describe()
+    return dataclasses.replace(dm, devices=devices), notes
 
 
 def torch_device(spec, threads: int | None = None) -> TorchDevice:

@@ -20,7 +20,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mirror_sd.builders import draft_onnx, draft_runner, draft_trim, ort_device, target_runner
+from mirror_sd.builders import (
+    draft_onnx,
+    draft_runner,
+    draft_trim,
+    ort_device,
+    resolve_precision,
+    target_runner,
+)
 from mirror_sd.devices.torch_device import TorchRunner
 from mirror_sd.distributed.runner import TPRunner
 from mirror_sd.distributed.target import check_plan, is_tp, tp_target_runner
@@ -91,6 +98,7 @@ class Resolved:
     cache: str | Path | None
     profile_data: Profile | None  # given, or the sim devices' (then nothing is measured)
     keep_model: bool  # exit heads / vocabulary trims need the target's torch model
+    precision: dict[str, str]  # alias -> how its `auto` precision was chosen (describe())
 
     @property
     def t_spec(self):
@@ -207,6 +215,10 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
     d_alias = None
     if d_folder is not None:
         d_alias = first_alias(placement, "draft") if d_split else _alias_of(dm, placement, "draft")
+    roles = {a: t_folder for a in model_aliases(placement.assignment, "target")}
+    if d_folder is not None:
+        roles.update({a: d_folder for a in model_aliases(placement.assignment, "draft")})
+    dm, precision = resolve_precision(dm, roles)  # `auto` precisions made concrete
     t_spec, d_spec = dm.devices[t_alias], dm.devices[d_alias] if d_alias else None
     budget = ThreadBudget.for_devices(
         t_spec, d_spec, spec.overlap, spec.overlap_target_cores or None
@@ -220,6 +232,7 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
         d_cfg=d_cfg, heads=heads, exit_layer=exit_layer,
         auto="auto" in (spec.exit_layer, spec.branch_budget, spec.mode), placement=placement,
         t_alias=t_alias, d_alias=d_alias, t_split=t_split, d_split=d_split, budget=budget,
+        precision=precision,
         onnx_root=Path(onnx_dir) if onnx_dir else zoo.cache_dir(cache) / "onnx", cache=cache,
         # sim devices: plan from their profiles (no measuring), run on the host (simulated.py)
         profile_data=profile_data or sim_profile(dm, t_spec, d_spec, t_cfg.num_layers),
@@ -345,6 +358,7 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         onnx=str(b.onnx_path) if b.onnx_path else None,
         draft_placement=getattr(b.d_runner, "placement", None), draft_trim=b.d_trim,
         draft_trim_coverage=b.d_trim_cov, exit_heads=r.heads, kept_split=kept_split,
+        precision=r.precision,
     )  # fmt: skip
     d_slot = None
     if b.d_runner is not None:

@@ -51,6 +51,8 @@ def describe(plan: Plan) -> str:
         lines.append(f"mode: auto -> {spec.mode} ({why})")
     lines.append(f"speculation: {json.dumps(asdict(spec))}")
     lines.append(f"reference: {reference_precision(plan)}")
+    for alias, note in info.precision.items():
+        lines.append(f"precision of {alias}: {note}")
     budget = plan.thread_budget()
     if budget is not None:
         lines.append(budget.describe())

@@ -1,5 +1,6 @@
 """compile() / save() / load() / describe() end to end on tiny models with an ORT draft."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,38 @@ def test_quantized_target_is_lossless_against_its_own_decoding(folders, quant):
             ref = p.generate(prompt, 16, mode="autoregressive").tokens
             for mode in ("speculative", "mirror"):
                 assert p.generate(prompt, 16, mode=mode).tokens == ref, (quant, mode)
+
+
+def test_quantize_auto_keeps_a_4_bit_checkpoint_4_bit_where_the_cpu_has_int8_kernels(
+    folders, monkeypatch
+):
+    """`quantize: auto` on a folder fetched from a Q4_K_M GGUF: int4 weights on a CPU with
+    integer dot-product kernels (mocked: AMX), fp32 on one without; describe() says which and
+    why, the plan's reference is that target, and speculative equals its `ar`."""
+    from mirror_sd import builders
+    from mirror_sd.partition.precision import CpuCaps
+
+    target, draft, root = folders
+    marker = target / "mirror_sd_fetch.json"
+    marker.write_text(json.dumps({"gguf_file": "tiny-q4_k_m.gguf"}))
+    text = ORT_TARGET_MAP.replace(
+        "tgt: {backend: onnxruntime,", "tgt: {backend: onnxruntime, quantize: auto,"
+    )
+    try:
+        for flags, expected in (({"avx2", "amx_int8"}, "int4"), ({"sse4_2"}, "none")):
+            monkeypatch.setattr(
+                builders, "host_caps", lambda f=flags: CpuCaps("mock", frozenset(f))
+            )
+            with api.compile(target, draft, text, onnx_dir=root / "onnx", max_len=256) as p:
+                assert p.device_specs[0].quantize == expected
+                described = api.describe(p)
+                assert f"quantize: auto -> {expected} (the checkpoint is int4" in described
+                if expected == "int4":
+                    assert "reference: the int4-weight target" in described
+                    ref = p.generate("w7 w8 w9", 12, mode="autoregressive").tokens
+                    assert p.generate("w7 w8 w9", 12, mode="speculative").tokens == ref
+    finally:
+        marker.unlink()
 
 
 SHIPPED_MAPS = [

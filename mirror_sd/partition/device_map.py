@@ -28,7 +28,7 @@ from mirror_sd.partition.spec_config import SpecConfig
 SCHEMA_VERSION = 1
 TOP_LEVEL_KEYS = ("version", "devices", "placement", "speculation")
 BACKENDS = ("torch", "onnxruntime", "sim")
-TORCH_DTYPES = ("float32", "float16", "bfloat16")
+TORCH_DTYPES = ("float32", "float16", "bfloat16", "auto")  # auto: partition/precision.py
 ORT_PROVIDERS = (
     "CPUExecutionProvider",
     "CUDAExecutionProvider",
@@ -39,7 +39,7 @@ ORT_PROVIDERS = (
     "DmlExecutionProvider",
 )
 ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
-ORT_QUANTIZE = ("none", "int8", "int4")
+ORT_QUANTIZE = ("none", "int8", "int4", "auto")  # auto: partition/precision.py
 _TORCH_DEVICE = re.compile(r"^(cpu|mps|cuda|cuda:\d+)$")
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _NODE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")

@@ -6,7 +6,7 @@ needs, such as the acceptance-rate prior, is passed to the `Plan` explicitly).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ class CompileReport:
         split compiled first is kept (ℓe only matters to mirror rounds; another split is
         assembled from the per-layer export in seconds, but its sessions load the weights
         again)
+    precision: device alias -> how its `quantize: auto` / `dtype: auto` was resolved
     """
 
     target: str
@@ -51,3 +52,4 @@ class CompileReport:
     draft_trim_coverage: float | None = None
     exit_heads: Any = None
     kept_split: tuple[int, int] | None = None
+    precision: dict[str, str] = field(default_factory=dict)

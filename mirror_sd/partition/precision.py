@@ -1,0 +1,113 @@
+"""`quantize: auto` and `dtype: auto`: the precision a device runs a model at, chosen from the
+checkpoint's own precision and what the hardware runs natively (pure: facts in, choice out).
+
+Rule: the checkpoint's precision where the device has native kernels for it, fp32 elsewhere.
+
+    ONNX Runtime device (`quantize`)
+        a 4-bit / 8-bit checkpoint (a GGUF such as Q4_K_M, Q8_0) -> int4 / int8 weights
+            where the CPU has integer dot-product kernels (MatMulNBits with int8 activations:
+            AMX-INT8, AVX512-VNNI, AVX-VNNI or AVX2 on x86, dot-product NEON on Arm)
+        anything else -> none (fp32 weights): ORT's CPU provider has no bf16 / fp16 GEMM, and
+            quantizing a float checkpoint below its precision is the user's call, not ours
+    torch device (`dtype`)
+        a bfloat16 / float16 checkpoint -> that dtype where the device computes it natively
+            (CPU: AMX-BF16 or AVX512-BF16 for bf16, AVX512-FP16 / AMX-FP16 for fp16; CUDA: yes)
+        anything else (fp32, or a quantized GGUF de-quantized to fp32) -> float32
+
+Either way the plan's reference is the model at the chosen precision (lossless means identical
+to its own greedy decoding); `describe()` prints the choice and its reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AUTO = "auto"
+INT8_DOT_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx2", "asimddp")  # best first
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+FP16_FLAGS = ("amx_fp16", "avx512_fp16")
+CHECKPOINT_PRECISIONS = ("int4", "int8", "float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class CpuCaps:
+    """What a CPU offers, as /proc/cpuinfo names it (`devices.cpu_caps.host_caps()` reads it)."""
+
+    model: str
+    flags: frozenset[str]
+
+    @property
+    def int8_dot(self) -> str | None:
+        """The best integer dot-product instruction set present, or None."""
+        return next((f for f in INT8_DOT_FLAGS if f in self.flags), None)
+
+    def native(self, dtype: str) -> str | None:
+        """The flag that makes `dtype` ("bfloat16" | "float16") native here, or None."""
+        flags = {"bfloat16": BF16_FLAGS, "float16": FP16_FLAGS}.get(dtype, ())
+        return next((f for f in flags if f in self.flags), None)
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """A device's resolved precision and why: `value` is what the map's key becomes."""
+
+    key: str  # "quantize" or "dtype"
+    value: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.key}: auto -> {self.value} ({self.reason})"
+
+
+def choose_quantize(checkpoint: str, caps: CpuCaps) -> PrecisionChoice:
+    """`quantize: auto` for an ONNX Runtime CPU device.
+
+    Raises:
+        ValueError: `checkpoint` is not one of CHECKPOINT_PRECISIONS.
+    """
+    _check(checkpoint)
+    if checkpoint in ("int4", "int8"):
+        dot = caps.int8_dot
+        if dot:
+            return PrecisionChoice(
+                "quantize", checkpoint, f"the checkpoint is {checkpoint}; this CPU runs "
+                f"{checkpoint}-weight MatMulNBits with int8 activations natively ({dot})"
+            )  # fmt: skip
+        return PrecisionChoice(
+            "quantize", "none", f"the checkpoint is {checkpoint}, but this CPU has no integer "
+            f"dot-product instructions ({', '.join(INT8_DOT_FLAGS)}): fp32 weights"
+        )  # fmt: skip
+    return PrecisionChoice(
+        "quantize", "none", f"the checkpoint is {checkpoint}; ONNX Runtime's CPU provider runs "
+        "floating-point weights in fp32 (no bf16/fp16 GEMM)"
+    )  # fmt: skip
+
+
+def choose_dtype(checkpoint: str, device: str, caps: CpuCaps | None) -> PrecisionChoice:
+    """`dtype: auto` for a torch device ("cpu", "cuda:N", "mps"); `caps` for "cpu".
+
+    Raises:
+        ValueError: `checkpoint` is not one of CHECKPOINT_PRECISIONS.
+    """
+    _check(checkpoint)
+    if checkpoint not in ("bfloat16", "float16"):
+        return PrecisionChoice("dtype", "float32", f"the checkpoint is {checkpoint} "
+                               "(weights de-quantized to float): float32")  # fmt: skip
+    if device.startswith("cuda"):
+        return PrecisionChoice("dtype", checkpoint, f"the checkpoint is {checkpoint}; CUDA "
+                               "computes it natively")  # fmt: skip
+    if device == "mps" and checkpoint == "float16":
+        return PrecisionChoice("dtype", checkpoint, "the checkpoint is float16; MPS computes it")
+    flag = caps.native(checkpoint) if caps is not None and device == "cpu" else None
+    if flag:
+        return PrecisionChoice("dtype", checkpoint, f"the checkpoint is {checkpoint}; this CPU "
+                               f"computes it natively ({flag})")  # fmt: skip
+    return PrecisionChoice("dtype", "float32", f"the checkpoint is {checkpoint}, which {device} "
+                           "does not compute natively here: float32")  # fmt: skip
+
+
+def _check(checkpoint: str) -> None:
+    if checkpoint not in CHECKPOINT_PRECISIONS:
+        raise ValueError(
+            f"checkpoint precision {checkpoint!r}: expected one of {CHECKPOINT_PRECISIONS}"
+        )

@@ -1,0 +1,83 @@
+"""`quantize: auto` / `dtype: auto`: the checkpoint's precision where the hardware runs it
+natively, fp32 elsewhere (partition/precision.py), with the CPU's capabilities mocked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mirror_sd.graphs.checkpoint import checkpoint_precision, gguf_precision
+from mirror_sd.partition.precision import CpuCaps, choose_dtype, choose_quantize
+
+AMX_XEON = CpuCaps("Intel Xeon (AMX)", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16",
+                                                 "amx_int8", "amx_bf16", "avx512_fp16"}))  # fmt: skip
+AVX2_EPYC = CpuCaps("AMD EPYC (AVX2)", frozenset({"avx", "avx2", "fma", "f16c"}))
+OLD_X86 = CpuCaps("SSE4 only", frozenset({"sse4_1", "sse4_2"}))
+ARM_DOT = CpuCaps("Neoverse", frozenset({"asimd", "asimddp"}))
+
+
+@pytest.mark.parametrize(
+    ("caps", "expected", "why"),
+    [(AMX_XEON, "int4", "amx_int8"), (AVX2_EPYC, "int4", "avx2"), (ARM_DOT, "int4", "asimddp"),
+     (OLD_X86, "none", "no integer dot-product")],
+)  # fmt: skip
+def test_a_4_bit_checkpoint_stays_4_bit_where_integer_kernels_exist(caps, expected, why):
+    choice = choose_quantize("int4", caps)
+    assert (choice.key, choice.value) == ("quantize", expected)
+    assert why in choice.reason
+
+
+def test_an_8_bit_checkpoint_is_int8_and_a_float_one_stays_fp32_on_ort():
+    assert choose_quantize("int8", AVX2_EPYC).value == "int8"
+    for checkpoint in ("float32", "bfloat16", "float16"):
+        choice = choose_quantize(checkpoint, AMX_XEON)
+        assert choice.value == "none" and checkpoint in choice.reason
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "device", "caps", "expected"),
+    [("bfloat16", "cpu", AMX_XEON, "bfloat16"), ("bfloat16", "cpu", AVX2_EPYC, "float32"),
+     ("float16", "cpu", AMX_XEON, "float16"), ("float16", "cpu", AVX2_EPYC, "float32"),
+     ("bfloat16", "cuda:0", None, "bfloat16"), ("float32", "cuda:0", None, "float32"),
+     ("int4", "cpu", AMX_XEON, "float32")],
+)  # fmt: skip
+def test_torch_dtype_auto_follows_the_checkpoint_where_native(checkpoint, device, caps, expected):
+    choice = choose_dtype(checkpoint, device, caps)
+    assert (choice.key, choice.value) == ("dtype", expected)
+    assert choice.describe().startswith(f"dtype: auto -> {expected} (")
+
+
+def test_an_unknown_checkpoint_precision_is_a_clear_error():
+    with pytest.raises(ValueError, match="checkpoint precision 'fp8'"):
+        choose_quantize("fp8", AMX_XEON)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "int4"), ("SmolLM2-135M-Instruct.Q4_1.gguf", "int4"),
+     ("model-IQ4_XS.gguf", "int4"), ("model-Q8_0.gguf", "int8"), ("model.q6_k.gguf", "int8"),
+     ("model-bf16.gguf", "bfloat16"), ("model-f16.gguf", "float16"), ("model.gguf", "float32")],
+)  # fmt: skip
+def test_gguf_type_from_the_file_name(name, expected):
+    assert gguf_precision(name) == expected
+
+
+def test_a_fetched_folder_reports_its_gguf_and_a_plain_folder_its_config(tmp_path):
+    fetched, plain, bare = tmp_path / "fetched", tmp_path / "plain", tmp_path / "bare"
+    for f in (fetched, plain, bare):
+        f.mkdir()
+    (fetched / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    (fetched / "mirror_sd_fetch.json").write_text(json.dumps({"gguf_file": "m-q4_k_m.gguf"}))
+    (plain / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    (bare / "config.json").write_text("{}")
+    assert [checkpoint_precision(f) for f in (fetched, plain, bare)] == [
+        "int4", "bfloat16", "float32"]  # fmt: skip
+
+
+def test_host_caps_reads_the_flags_of_this_machine():
+    from mirror_sd.devices.cpu_caps import host_caps
+
+    caps = host_caps()
+    assert caps.model and isinstance(caps.flags, frozenset)
+    assert caps.int8_dot is None or caps.int8_dot in caps.flags
