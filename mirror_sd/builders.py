@@ -29,10 +29,17 @@ from mirror_sd.graphs.checkpoint import checkpoint_precision
 from mirror_sd.graphs.config import load_config
 from mirror_sd.graphs.export import export_cached, find_cached, source_identity
 from mirror_sd.graphs.loader import load_model, load_tokenizer, release_memory, weightless_model
+from mirror_sd.graphs.quantize import quantize_linears
 from mirror_sd.graphs.trimmed_head import export_trimmed, with_trimmed_head
 from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.partition import DeviceMapError, OrtSpec, SimSpec, TorchSpec
-from mirror_sd.partition.precision import AUTO, choose_dtype, choose_quantize
+from mirror_sd.partition.precision import (
+    AUTO,
+    choose_dtype,
+    choose_quantize,
+    choose_torch_quantize,
+    dtype_for_quantized,
+)
 from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.runtime.profiling import CALIBRATION_TEXT
 from mirror_sd.simulated import host_spec, sim_label
@@ -50,14 +57,41 @@ def resolve_precision(dm, roles: dict[str, Path | None]) -> tuple[Any, dict[str,
         if isinstance(spec, OrtSpec) and spec.quantize == AUTO:
             choice = choose_quantize(checkpoint_precision(folder), host_caps())
             devices[alias] = dataclasses.replace(spec, quantize=choice.value)
-        elif isinstance(spec, TorchSpec) and spec.dtype == AUTO:
+        elif isinstance(spec, TorchSpec) and AUTO in (spec.dtype, spec.quantize):
             caps = host_caps() if spec.device == "cpu" else None
-            choice = choose_dtype(checkpoint_precision(folder), spec.device, caps)
-            devices[alias] = dataclasses.replace(spec, dtype=choice.value)
+            checkpoint, said = checkpoint_precision(folder), []
+            if spec.quantize == AUTO:
+                choice = choose_torch_quantize(checkpoint, spec.device, caps)
+                spec = dataclasses.replace(spec, quantize=choice.value)
+                said.append(choice.describe())
+            if spec.dtype == AUTO:
+                choice = (
+                    dtype_for_quantized(spec.quantize, caps)
+                    if spec.quantize != "none"
+                    else choose_dtype(checkpoint, spec.device, caps)
+                )
+                spec = dataclasses.replace(spec, dtype=choice.value)
+                said.append(choice.describe())
+            devices[alias] = spec
+            notes[alias] = "; ".join(said)
+            continue
         else:
             continue
         notes[alias] = choice.describe()
     return dataclasses.replace(dm, devices=devices), notes
+
+
+def with_quantize(model, quantize: str):
+    """`model` with weight-only int8 / int4 linears (`graphs.quantize`) unless `quantize` is
+    "none"; the swap happens in place and the model is returned."""
+    if quantize != "none":
+        quantize_linears(model, quantize)
+    return model
+
+
+def _torch_label(dev: TorchDevice, spec) -> str:
+    q = getattr(spec, "quantize", "none")
+    return dev.describe() + (f" {q} weights" if q != "none" else "")
 
 
 def torch_device(spec, threads: int | None = None) -> TorchDevice:
@@ -127,8 +161,8 @@ def target_runner(spec, folder: Path, exit_layer: int, max_len: int, onnx_root: 
     host = host_spec(spec) if isinstance(spec, SimSpec) else spec
     dev = torch_device(host, budget.target() if budget else None)
     dev.check()
-    model = load_model(folder, dev.dtype)
-    label = sim_label(spec) if isinstance(spec, SimSpec) else dev.describe()
+    model = with_quantize(load_model(folder, dev.dtype), getattr(host, "quantize", "none"))
+    label = sim_label(spec) if isinstance(spec, SimSpec) else _torch_label(dev, host)
     return model, TorchRunner(model, dev, max_len, exit_layer=exit_layer), label, None
 
 
@@ -152,8 +186,8 @@ def draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path, trim: VocabTr
     if isinstance(spec, TorchSpec | SimSpec):
         host = host_spec(spec) if isinstance(spec, SimSpec) else spec
         dev = torch_device(host, budget.draft() if budget else None)
-        model = load_model(folder, host.dtype)
-        label = sim_label(spec) if isinstance(spec, SimSpec) else dev.describe()
+        model = with_quantize(load_model(folder, host.dtype), getattr(host, "quantize", "none"))
+        label = sim_label(spec) if isinstance(spec, SimSpec) else _torch_label(dev, host)
         if trim is None:
             return TorchRunner(model, dev, max_len, name="draft"), label, None
         runner = TorchRunner(with_trimmed_head(model, trim), dev, max_len, name="draft")

@@ -174,6 +174,24 @@ def test_quantize_auto_keeps_a_4_bit_checkpoint_4_bit_where_the_cpu_has_int8_ker
         marker.unlink()
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_weight_only_torch_target_is_lossless_against_its_own_decoding(folders, quant):
+    """torch target with int8 / int4 weight-only linears and bf16 activations: every mode
+    equals the plan's own `ar` (its rows are bit-for-bit row-invariant), greedy."""
+    target, draft, root = folders
+    text = TORCH_DRAFT_MAP.replace(
+        "a: {backend: torch, device: cpu, threads: 1}",
+        f"a: {{backend: torch, device: cpu, threads: 1, dtype: bfloat16, quantize: {quant}}}",
+    )
+    with api.compile(target, draft, text, onnx_dir=root / "onnx", max_len=256) as p:
+        assert f"{quant} weights" in p.target_device.label
+        assert f"reference: the {quant}-weight target" in api.describe(p)
+        for prompt in ("w7 w8 w9", "w3 w1 w4 w1 w5"):
+            ref = p.generate(prompt, 16, mode="autoregressive").tokens
+            for mode in ("speculative", "mirror"):
+                assert p.generate(prompt, 16, mode=mode).tokens == ref, (quant, mode)
+
+
 SHIPPED_MAPS = [
     *sorted(Path(__file__).parents[1].joinpath("examples", "device_maps").glob("*.yaml")),
     Path(api.__file__).parent / "device_maps" / "default.yaml",

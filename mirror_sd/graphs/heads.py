@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mirror_sd.graphs.model import CausalLM, RMSNorm
+from mirror_sd.graphs.quantize import linear_weight
 from mirror_sd.graphs.vocab_trim import VocabTrim
 
 HEAD_FORMAT_VERSION = 1
@@ -61,7 +62,7 @@ class ExitHead(nn.Module):
             )
         self.layer, self.trim, self.vocab_size = layer, trim, c.vocab_size
         self.meta = dict(meta or {})
-        w = model.lm_head.weight.detach().float()
+        w = linear_weight(model.lm_head).detach().float()  # dense, if weight-only quantized
         self.norm = copy.deepcopy(model.model.norm).float()  # the family's own norm (Gemma: 1 + w)
         rows = trim.trim(w) if trim is not None else w.clone()
         self.rows = nn.Parameter(rows, requires_grad=False)  # (K or V, D)

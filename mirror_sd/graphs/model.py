@@ -83,7 +83,9 @@ def attend(
     """Grouped-query attention: q (B, T, nh, hd), keys / values (B, nkv, S, hd), mask
     (B, T, S) bool (True = attend) or additive float -> (B, T, nh, hd).
 
-    In eager torch this is `scaled_dot_product_attention`. In an exported graph (ONNX Runtime)
+    In eager torch on the CPU, a short block whose rows each see a prefix of the keys (a
+    verification chain, a decoding step) computes each row alone (`_prefix_lengths`); other
+    eager calls use `scaled_dot_product_attention`. In an exported graph (ONNX Runtime)
     a block of at most ROW_INVARIANT_ROWS rows computes every query row as its own
     (1 x hd) @ (hd x S) product (a broadcast batch of one-row GEMMs), so each row's result is
     bit-for-bit the same whether it runs alone (one decoding step) or in a verification block:
@@ -98,6 +100,14 @@ def attend(
     B, T, nh, hd = q.shape
     nkv = keys.shape[1]
     q = q.view(B, T, nkv, nh // nkv, hd).permute(0, 2, 3, 1, 4)  # (B, nkv, G, T, hd)
+    lengths = None if torch.compiler.is_exporting() else _prefix_lengths(q, mask)
+    if lengths is not None:  # eager, CPU: each row alone over exactly the keys it sees
+        rows = []
+        for j, n in enumerate(lengths):
+            k, v = keys[:, :, :n], values[:, :, :n]  # (1, nkv, n, hd)
+            scores = (q[:, :, :, j] @ k.transpose(-1, -2)).float() * scale  # (1, nkv, G, n)
+            rows.append(torch.softmax(scores, dim=-1).to(v.dtype) @ v)  # (1, nkv, G, hd)
+        return torch.stack(rows, dim=1).reshape(B, T, nh, hd)  # (B, T, nh, hd)
     keys, values = keys[:, :, None], values[:, :, None]  # (B, nkv, 1, S, hd)
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
@@ -123,6 +133,24 @@ def attend(
             attn_mask=bias, scale=scale,
         )  # fmt: skip
     return out.permute(0, 3, 1, 2, 4).reshape(B, T, nh, hd)  # (B, T, nh, hd)
+
+
+def _prefix_lengths(q: torch.Tensor, mask: torch.Tensor) -> list[int] | None:
+    """Per row, how many leading keys it sees, when every row of a short CPU block sees
+    exactly a prefix of the keys (a causal chain, a decoding step); else None.
+
+    Then `attend` computes each row alone over exactly its visible keys, the very operations
+    decoding that row alone performs: bit-for-bit row invariance in eager torch, whatever the
+    kernels do with shapes (a tree block or a packed batch takes the masked path instead)."""
+    if q.device.type != "cpu" or mask.dtype != torch.bool or mask.shape[0] != 1:
+        return None
+    if mask.shape[1] > ROW_INVARIANT_ROWS:
+        return None
+    m = mask[0]  # (T, S)
+    lengths = m.sum(-1)  # (T,)
+    if not torch.equal(m, torch.arange(m.shape[-1]) < lengths[:, None]):
+        return None
+    return lengths.tolist()
 
 
 class MLP(nn.Module):

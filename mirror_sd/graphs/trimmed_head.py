@@ -20,6 +20,7 @@ from torch import nn
 
 from mirror_sd.graphs.export import export_cached
 from mirror_sd.graphs.model import CausalLM
+from mirror_sd.graphs.quantize import linear_weight
 from mirror_sd.graphs.vocab_trim import VocabTrim
 
 
@@ -44,7 +45,7 @@ def with_trimmed_head(model: CausalLM, trim: VocabTrim) -> CausalLM:
             f"VocabTrim over {trim.vocab_size} tokens does not fit a model with a vocabulary of "
             f"{model.config.vocab_size}; make the trim from counts over this model's tokenizer"
         )
-    weight = model.lm_head.weight
+    weight = linear_weight(model.lm_head)  # dense, if weight-only quantized
     head = nn.Linear(weight.shape[1], trim.size, bias=False, device=weight.device,
                      dtype=weight.dtype)  # fmt: skip
     head.weight = nn.Parameter(trim.trim(weight), requires_grad=False)  # (K, D), cloned rows

@@ -39,7 +39,7 @@ ORT_PROVIDERS = (
     "DmlExecutionProvider",
 )
 ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
-ORT_QUANTIZE = ("none", "int8", "int4", "auto")  # auto: partition/precision.py
+ORT_QUANTIZE = ("none", "int8", "int4", "auto")  # auto: partition/precision.py (torch too)
 _TORCH_DEVICE = re.compile(r"^(cpu|mps|cuda|cuda:\d+)$")
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _NODE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
@@ -87,6 +87,7 @@ class TorchSpec(DeviceSpec):
     physical: str | None = None
     tensor_parallel: int = 1  # ranks of a Megatron-style TP model (mirror_sd/distributed)
     tp_timeout_s: float = 60.0  # a collective slower than this ends generation (dead rank)
+    quantize: str = "none"  # int8 | int4: weight-only linears on torch's CPU kernels (auto)
 
 
 @dataclass(frozen=True)
@@ -336,8 +337,12 @@ def _torch(alias: str, o: dict, path: str) -> TorchSpec:
         raise DeviceMapError(
             f"{path}.tp_timeout_s", f"must be a number of seconds > 0, got {timeout!r}"
         )
+    quantize = _choice(o, "quantize", TorchSpec.quantize, ORT_QUANTIZE, path)
+    if quantize not in ("none", "auto") and device != "cpu":
+        raise DeviceMapError(f"{path}.quantize", f"{quantize} weights run torch's CPU kernels; "
+                             "use device: cpu, or an onnxruntime device for this model")  # fmt: skip
     return TorchSpec(alias, device, dtype, _opt_int(o, "threads", path),
-                     _opt_name(o, "physical", path), tp, float(timeout))  # fmt: skip
+                     _opt_name(o, "physical", path), tp, float(timeout), quantize)  # fmt: skip
 
 
 def _ort(alias: str, o: dict, path: str) -> OrtSpec:

@@ -106,6 +106,40 @@ def choose_dtype(checkpoint: str, device: str, caps: CpuCaps | None) -> Precisio
                            "does not compute natively here: float32")  # fmt: skip
 
 
+def choose_torch_quantize(checkpoint: str, device: str, caps: CpuCaps | None) -> PrecisionChoice:
+    """`quantize: auto` for a torch device: the checkpoint's int4 / int8 as weight-only linears
+    (`graphs.quantize`) where torch's CPU kernels run them fast, i.e. with bfloat16
+    activations computed natively (AMX-BF16 / AVX512-BF16); otherwise none.
+
+    Raises:
+        ValueError: `checkpoint` is not one of CHECKPOINT_PRECISIONS.
+    """
+    _check(checkpoint)
+    if checkpoint not in ("int4", "int8"):
+        return PrecisionChoice("quantize", "none", f"the checkpoint is {checkpoint}")
+    flag = caps.native("bfloat16") if caps is not None and device == "cpu" else None
+    if flag is None:
+        return PrecisionChoice(
+            "quantize", "none", f"the checkpoint is {checkpoint}, but torch's weight-only "
+            f"kernels need a CPU computing bfloat16 natively ({', '.join(BF16_FLAGS)}); {device} "
+            "is not one"
+        )  # fmt: skip
+    return PrecisionChoice(
+        "quantize", checkpoint, f"the checkpoint is {checkpoint}; torch's weight-only "
+        f"{checkpoint} kernels with bfloat16 activations run natively here ({flag})"
+    )  # fmt: skip
+
+
+def dtype_for_quantized(quantize: str, caps: CpuCaps | None) -> PrecisionChoice:
+    """`dtype: auto` beside weight-only int8 / int4 on a torch CPU device: bfloat16 activations
+    (the kernels' fast path) where native, else float32."""
+    flag = caps.native("bfloat16") if caps is not None else None
+    if flag:
+        return PrecisionChoice("dtype", "bfloat16", f"{quantize} weight-only kernels take "
+                               f"bfloat16 activations, native here ({flag})")  # fmt: skip
+    return PrecisionChoice("dtype", "float32", f"{quantize} weights; no native bfloat16 here")
+
+
 def _check(checkpoint: str) -> None:
     if checkpoint not in CHECKPOINT_PRECISIONS:
         raise ValueError(

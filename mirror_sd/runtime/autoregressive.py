@@ -20,7 +20,7 @@ def positions(start: int, n: int) -> torch.Tensor:
 def extend(model: CausalLM, cache: StaticKVCache, ids: Sequence[int]) -> torch.Tensor:
     """Append tokens causally after the cache's valid rows; returns their logits (T, V) on
     the model's device."""
-    dev = model.lm_head.weight.device
+    dev = model.model.embed_tokens.weight.device
     n = len(ids)
     pos, mask = positions(cache.length, n).to(dev), causal_mask(cache.length, n).to(dev)
     return model(torch.tensor([list(ids)], device=dev), pos, mask, cache)[0]

@@ -118,7 +118,7 @@ def agreement_by_layer(
     """Top-1 agreement of the exit head (final norm + LM head) at each ℓe with the final layer,
     teacher-forced over `ids` (the logit lens)."""
     cache = model.new_cache(len(ids))
-    t = torch.tensor([list(ids)], device=model.lm_head.weight.device)
+    t = torch.tensor([list(ids)], device=model.model.embed_tokens.weight.device)
     pos = torch.arange(len(ids), device=t.device).unsqueeze(0)
     mask = causal_mask(0, len(ids)).to(t.device)
     x, early = model.embed(t), {}
@@ -180,7 +180,7 @@ def profile(
     target.rollback(0)
     draft.rollback(0)
     if lens is None:
-        dtype, width = lens_model.lm_head.weight.dtype, lens_model.config.hidden_size
+        dtype, width = lens_model.model.embed_tokens.weight.dtype, lens_model.config.hidden_size
     else:
         dtype, width = torch.float32, target.hidden_size
     hidden = torch.zeros(1, max_block, width, dtype=dtype)

@@ -8,7 +8,13 @@ import json
 import pytest
 
 from mirror_sd.graphs.checkpoint import checkpoint_precision, gguf_precision
-from mirror_sd.partition.precision import CpuCaps, choose_dtype, choose_quantize
+from mirror_sd.partition.precision import (
+    CpuCaps,
+    choose_dtype,
+    choose_quantize,
+    choose_torch_quantize,
+    dtype_for_quantized,
+)
 
 AMX_XEON = CpuCaps("Intel Xeon (AMX)", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16",
                                                  "amx_int8", "amx_bf16", "avx512_fp16"}))  # fmt: skip
@@ -81,3 +87,28 @@ def test_host_caps_reads_the_flags_of_this_machine():
     caps = host_caps()
     assert caps.model and isinstance(caps.flags, frozenset)
     assert caps.int8_dot is None or caps.int8_dot in caps.flags
+
+
+def test_torch_quantize_auto_needs_native_bf16_activations():
+    assert choose_torch_quantize("int4", "cpu", AMX_XEON).value == "int4"
+    assert choose_torch_quantize("int8", "cpu", AMX_XEON).value == "int8"
+    no = choose_torch_quantize("int4", "cpu", AVX2_EPYC)
+    assert no.value == "none" and "bfloat16" in no.reason
+    assert choose_torch_quantize("int4", "cuda:0", None).value == "none"
+    assert choose_torch_quantize("float32", "cpu", AMX_XEON).value == "none"
+    assert dtype_for_quantized("int4", AMX_XEON).value == "bfloat16"
+    assert dtype_for_quantized("int4", AVX2_EPYC).value == "float32"
+
+
+def test_a_torch_device_takes_quantize_on_the_cpu_only():
+    from mirror_sd.partition import DeviceMapError, load_device_map
+
+    text = """
+version: 1
+devices:
+  t: {backend: torch, device: %s, quantize: int4}
+placement: {target: t}
+"""
+    assert load_device_map(text % "cpu").devices["t"].quantize == "int4"
+    with pytest.raises(DeviceMapError, match="quantize"):
+        load_device_map(text % "cuda:0")
