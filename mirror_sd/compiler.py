@@ -34,6 +34,7 @@ from mirror_sd.distributed.target import check_plan, is_tp, tp_target_runner
 from mirror_sd.graphs import zoo
 from mirror_sd.graphs.config import ModelConfig, load_config
 from mirror_sd.graphs.loader import load_tokenizer, release_memory
+from mirror_sd.graphs.model import ROW_INVARIANT_ROWS
 from mirror_sd.graphs.model_graph import ModelGraph
 from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.partition import (
@@ -172,6 +173,33 @@ def compile(
     return finish(r, b, measure(r, b))
 
 
+def check_block_bounds(spec, source: str = "<dict>") -> None:
+    """γ, κ and the branch budget within what a plan can run, named by key when not.
+
+    A verified block is γ + 1 rows, scored row-invariantly (the lossless guarantee of a
+    quantized target, docs/runtime.md) up to ROW_INVARIANT_ROWS; mirror's branches need
+    (1 + budget)·(γ + 1) + 1 cache rows beyond the prompt within max_len.
+
+    Raises:
+        DeviceMapError: naming the key and the largest value that works.
+    """
+    gamma = spec.num_draft_tokens
+    if gamma + 1 > ROW_INVARIANT_ROWS:
+        raise DeviceMapError(
+            "speculation.num_draft_tokens", f"{gamma} draft tokens make a {gamma + 1}-row block; "
+            f"at most {ROW_INVARIANT_ROWS} rows verify row-invariantly (lossless), so use at most "
+            f"{ROW_INVARIANT_ROWS - 1}", source,
+        )  # fmt: skip
+    budget = spec.branch_budget if isinstance(spec.branch_budget, int) else 1
+    need = (1 + budget) * (gamma + 1) + 1
+    if need >= spec.max_len:
+        raise DeviceMapError(
+            "speculation.max_len", f"{spec.max_len} rows leave no room for a prompt: a round "
+            f"needs {need} rows beyond it (γ = {gamma}, branch budget {budget}); raise max_len "
+            "or lower num_draft_tokens / branch_budget", source,
+        )  # fmt: skip
+
+
 def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=None,
             draft_trim=None, speculation: dict[str, Any] | None = None) -> Resolved:  # fmt: skip
     """Stage 1 (see `compile` for the arguments): read the map, resolve both models, check the
@@ -190,6 +218,7 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
         check_source(spec.retrieval)
     except ValueError as e:
         raise DeviceMapError("speculation.retrieval", str(e), dm.source) from None
+    check_block_bounds(spec, dm.source)
     t_folder = zoo.resolve_model(target, cache=cache)
     d_folder = zoo.resolve_model(draft, cache=cache) if draft is not None else None
     t_tok, t_cfg, d_cfg = load_tokenizer(t_folder), load_config(t_folder), None

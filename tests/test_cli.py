@@ -74,6 +74,24 @@ def test_malformed_device_map_is_a_user_error(tmp_path, capsys):
     assert f"device map {bad}: devices.a.backend" in msg and "torch" in msg  # names the fix
 
 
+@pytest.mark.parametrize(
+    ("speculation", "key"),
+    [("{num_draft_tokens: 100000}", "speculation.num_draft_tokens"),
+     ("{num_draft_tokens: 8, branch_budget: 4, max_len: 40}", "speculation.max_len")],
+)  # fmt: skip
+def test_speculation_beyond_what_a_plan_runs_is_a_user_error(tmp_path, capsys, speculation, key):
+    """γ above the row-invariant block size, or rounds that leave no room in max_len: one
+    line naming the key and the value that works, before any model is loaded."""
+    text = "version: 1\ndevices:\n  a: {backend: torch}\nplacement: {target: a, draft: a}\n"
+    text += "speculation: " + speculation
+    dm = tmp_path / "map.yaml"
+    dm.write_text(text + "\n")
+    msg = _user_error(capsys, ["compile", "whatever", "--draft", "x", "--device-map", str(dm),
+                               "-o", str(tmp_path / "p")])  # fmt: skip
+    assert key in msg
+    assert ("use at most 63" if "draft_tokens" in key else "raise max_len") in msg
+
+
 def test_missing_device_map_file_is_a_user_error(tmp_path, capsys):
     msg = _user_error(
         capsys, ["compile", "x", "--device-map", str(tmp_path / "no.yaml"), "-o", "p"]
