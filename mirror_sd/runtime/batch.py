@@ -1,15 +1,16 @@
 """Batched generation: `plan.generate([p1, p2, ...])` -> one `GenerationResult` per prompt.
 
 `BatchJob.prepare` checks everything before any work starts (each prompt, the budgets, the
-settings, and that the whole batch fits in the plan's caches); `run` drives the
-`BatchScheduler` and returns the results in the prompts' order. Every sequence's greedy
-output equals its batch-1 output; see docs/runtime.md, *Batches*.
+settings, and that the whole batch fits in the plan's caches); `rounds` drives the
+`VerificationScheduler` (a single prompt is a job of one: `plan.stream` runs it too) and
+`run` returns the results in the prompts' order. Every sequence's greedy output equals its
+batch-1 output; see docs/runtime.md, *Batches*.
 
 Per prompt: `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop_strings` and `seed` take
 either one value for the whole batch or a list with one value per prompt (`stop_strings`: a
-list of lists). Modes `mirror`, `speculative` and `autoregressive`. Limits (each raises
-ValueError naming the fix): no retrieval draft sources; no streaming form (a server uses
-`plan.batch_session()`).
+list of lists). Modes `mirror`, `speculative` and `autoregressive`, with any retrieval source
+(each sequence gets its own fork of the plan's source). Streaming one prompt: `plan.stream`;
+a server uses `plan.batch_session()`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from mirror_sd.partition.spec_config import SpecConfig
 from mirror_sd.runtime.acceptance import Sampling
-from mirror_sd.runtime.batch_draft import BatchDraft
-from mirror_sd.runtime.batch_scheduler import BatchScheduler, SeqState
 from mirror_sd.runtime.prompts import (
     Prompt,
     PromptTooLongError,
@@ -32,7 +29,7 @@ from mirror_sd.runtime.prompts import (
     encode_prompt,
 )
 from mirror_sd.runtime.results import BatchStats, GenerationResult, GenerationStats
-from mirror_sd.runtime.scheduler import RoundSettings
+from mirror_sd.runtime.scheduler import RoundSettings, SeqState
 from mirror_sd.runtime.stops import truncate
 
 
@@ -60,6 +57,8 @@ class BatchJob:
     settings: RoundSettings
     eos: set[int]
     trace: str | None
+    single: bool = False  # one prompt of `plan.stream` / `plan.generate(prompt)`: no BatchStats
+    results: list[GenerationResult] | None = None  # set when `rounds` ends
 
     @classmethod
     def prepare(
@@ -73,11 +72,13 @@ class BatchJob:
         eos_token_id: int | Sequence[int] | None = None,
         chat: bool = True,
         trace: str | None = None,
+        single: bool = False,
         **overrides,
     ) -> BatchJob:
         """Check a batch; the keyword arguments are `Plan.stream`'s, and those named in the
         module doc may give one value per prompt. An int `seed` gives prompt i seed + i (the
-        generators batch 1 uses with that seed).
+        generators batch 1 uses with that seed). `single`: one prompt of `plan.stream`
+        (errors name the prompt, not `prompts[0]`).
 
         Raises:
             ValueError: naming the argument, or `prompts[i]` and why, before any work starts;
@@ -104,12 +105,7 @@ class BatchJob:
         for i in range(n):  # SpecConfig checks each prompt's values
             one = spec.with_(**{k: v[i] for k, v in per_seq.items()})
             samplings.append(Sampling(one.temperature, one.top_k, one.top_p))
-        settings = plan._settings(spec)
-        if spec.retrieval != "none":
-            raise ValueError(
-                f"retrieval {spec.retrieval!r} does not run in batches yet: pass "
-                "retrieval='none' for a batch, or generate the prompts one at a time"
-            )
+        settings = plan.settings(spec)
         vocab = getattr(plan.target, "vocab_size", None)
         ids, slack = [], _slack(settings)
         for i, prompt in enumerate(prompts):
@@ -117,6 +113,8 @@ class BatchJob:
                 ids.append(encode_prompt(plan.tokenizer, prompt, chat=chat, vocab_size=vocab))
                 check_fits(len(ids[-1]), news[i], spec.max_len, slack=slack)
             except ValueError as e:
+                if single:
+                    raise
                 raise type(e)(f"prompts[{i}]: {e}") from None
         need = sum(len(x) + m + slack for x, m in zip(ids, news, strict=True))
         if need > spec.max_len:
@@ -127,7 +125,7 @@ class BatchJob:
                 "max_new_tokens, or split the batch"
             )
         return cls(plan, ids, news, samplings, seeds, stops, spec, settings,
-                   plan._eos(eos_token_id), trace)  # fmt: skip
+                   plan.eos_ids(eos_token_id), trace, single)  # fmt: skip
 
     @property
     def slack(self) -> int:
@@ -136,52 +134,61 @@ class BatchJob:
 
     def run(self) -> list[GenerationResult]:
         """Generate every sequence (the caller holds the plan's busy lock)."""
-        plan, spec, settings = self.plan, self.spec, self.settings
-        tracer, drafts = plan.tracer_for(spec, settings)
-        draft = BatchDraft(plan.draft) if drafts else None
-        seqs = []
-        for i, (ids, seed) in enumerate(zip(self.ids, self.seeds, strict=True)):
-            gens = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-            seqs.append(SeqState(i, list(ids), self.max_new_tokens[i], self.samplings[i], *gens))
-        if spec.exit_layer != "auto" and hasattr(plan.target, "exit_layer"):
-            plan.target.exit_layer = int(spec.exit_layer)
-        exit_head = plan.exit_head.exit_logits if plan.exit_head is not None else None
-        sched = BatchScheduler(plan.target, plan.target_pipe, draft, plan.draft_pipe, settings,
-                               tracer, exit_head)  # fmt: skip
-        t0, start = time.perf_counter(), tracer.now()
+        for _ in self.rounds():
+            pass
+        return self.results
+
+    def rounds(self):
+        """Run the job, yielding {prompt index: tokens committed} per round (before the cut
+        at EOS / stop strings); `results` is set when it ends, also when closed early."""
+        plan = self.plan
+        sched = plan.scheduler(self.spec, self.settings)
+        seqs = [plan.sequence(i, ids, self.max_new_tokens[i], self.samplings[i], seed, self.spec)
+                for i, (ids, seed) in enumerate(zip(self.ids, self.seeds, strict=True))]  # fmt: skip
+        t0, start = time.perf_counter(), sched.tracer.now()
         rounds = 0
         try:
-            for _ in sched.run(seqs, self._done):
+            for new in sched.run(seqs, self._done):
                 rounds += 1
+                yield new
         finally:
             wall = time.perf_counter() - t0
-            if sched.draft_hung:
-                plan.draft_disabled = sched.fallback
-            path = str(tracer.save(self.trace)) if self.trace else None
-        caches = [sched.target] + ([draft.cache] if draft is not None else [])
-        produced = [self._cut(s) for s in seqs]
-        batch = BatchStats(
-            size=len(seqs), new_tokens=sum(map(len, produced)), wall_s=wall,
-            tokens_per_s=sum(map(len, produced)) / wall if wall > 0 else 0.0, rounds=rounds,
-            compactions=sum(c.compactions for c in caches),
-            moved_rows=sum(c.moved_rows for c in caches),
-            realign_s=sum(c.compact_s for c in caches),
-        )  # fmt: skip
+            produced = [self._cut(s) for s in seqs]
+            path = plan.retire(sched, self.trace, list(zip(self.ids, produced, strict=True)),
+                               self.spec)  # fmt: skip
+            self.results = self._results(sched, seqs, produced, wall, start, rounds, path)
+
+    def _results(self, sched, seqs, produced, wall, start, rounds, path):
+        caches = [sched.target] + ([sched.draft.cache] if sched.draft is not None else [])
+        batch = None
+        if not self.single:
+            batch = BatchStats(
+                size=len(seqs), new_tokens=sum(map(len, produced)), wall_s=wall,
+                tokens_per_s=sum(map(len, produced)) / wall if wall > 0 else 0.0,
+                rounds=rounds, compactions=sum(c.compactions for c in caches),
+                moved_rows=sum(c.moved_rows for c in caches),
+                realign_s=sum(c.compact_s for c in caches),
+            )  # fmt: skip
         results = []
         for seq, tokens in zip(seqs, produced, strict=True):
-            latency = (seq.finished_at - start) if seq.finished_at is not None else wall
+            left = batch is not None and seq.finished_at is not None  # left a running batch
+            latency = seq.finished_at - start if left else wall
             stats = GenerationStats.from_rounds(
-                settings.mode, seq.rounds, len(tokens), latency,
-                plan.draft_device.label if draft else None, sched.fallback,
+                self.settings.mode, seq.rounds, len(tokens), latency,
+                self.plan.draft_device.label if sched.draft is not None else None,
+                sched.state.fallback,
             )  # fmt: skip
-            text = plan.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = self.plan.tokenizer.decode(tokens, skip_special_tokens=True)
             results.append(GenerationResult(tokens, text, len(self.ids[seq.index]), stats,
                                             seq.rounds, path, batch))  # fmt: skip
         return results
 
+    def cut(self, index: int, produced: list[int]) -> list[int]:
+        """Prompt `index`'s tokens cut after its first EOS or stop string."""
+        return truncate(produced, self.eos, self.stop_strings[index], self.plan.tokenizer)
+
     def _cut(self, seq: SeqState) -> list[int]:
-        stops = self.stop_strings[seq.index]
-        return truncate(seq.produced, self.eos, stops, self.plan.tokenizer)
+        return self.cut(seq.index, seq.produced)
 
     def _done(self, seq: SeqState) -> bool:
         if self.eos & set(seq.produced):

@@ -18,15 +18,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import torch
-
 from mirror_sd.runtime.batch import BatchJob
-from mirror_sd.runtime.batch_draft import BatchDraft
-from mirror_sd.runtime.batch_scheduler import BatchScheduler, SeqState
-from mirror_sd.runtime.busy import BUSY, PlanBusyError
 from mirror_sd.runtime.results import GenerationResult, GenerationStats
-from mirror_sd.runtime.stops import truncate
-from mirror_sd.runtime.tracing import Tracer
+from mirror_sd.runtime.scheduler import SeqState, VerificationScheduler
 
 ADMIT_KEYS = ("seed", "stop_strings", "eos_token_id", "chat", "temperature", "top_k", "top_p")
 
@@ -41,7 +35,7 @@ class BatchSession:
         per-sequence settings go to `admit`. Raises ValueError as `generate` does."""
         self.plan, self.overrides, self.trace = plan, overrides, trace
         probe = BatchJob.prepare(plan, [[0]], 1, **overrides)  # checks mode and settings once
-        self.settings, self.max_len = probe.settings, probe.spec.max_len
+        self.settings, self.spec, self.max_len = probe.settings, probe.spec, probe.spec.max_len
         self._jobs: dict[int, BatchJob] = {}
         self._seqs: dict[int, SeqState] = {}
         self._pending: list[SeqState] = []
@@ -50,34 +44,18 @@ class BatchSession:
         self._start: dict[int, float] = {}
         self._results: dict[int, GenerationResult] = {}
         self._next = 0
-        self._sched: BatchScheduler | None = None
+        self._sched: VerificationScheduler | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> BatchSession:
-        plan = self.plan
-        if not plan._busy.acquire(blocking=False):
-            raise PlanBusyError(BUSY)
-        self.tracer = Tracer()
-        self.tracer.add_device(plan.target_device.alias, plan.target_device.label)
-        spec = plan.spec.with_(**self.overrides)
-        draft = None
-        use_draft = plan.draft is not None and spec.model_draft and plan.draft_disabled is None
-        if use_draft and self.settings.mode != "autoregressive":
-            self.tracer.add_device(plan.draft_device.alias, plan.draft_device.label)
-            draft = BatchDraft(plan.draft)
-        if spec.exit_layer != "auto" and hasattr(plan.target, "exit_layer"):
-            plan.target.exit_layer = int(spec.exit_layer)
-        exit_head = plan.exit_head.exit_logits if plan.exit_head is not None else None
-        self._sched = BatchScheduler(plan.target, plan.target_pipe, draft, plan.draft_pipe,
-                                     self.settings, self.tracer, exit_head)  # fmt: skip
+        self.plan.claim()
+        self._sched = self.plan.scheduler(self.spec, self.settings)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._sched is not None and self._sched.draft_hung:
-            self.plan.draft_disabled = self._sched.fallback
-        if self.trace:
-            self.tracer.save(self.trace)
-        self.plan._busy.release()
+        if self._sched is not None:
+            self.plan.retire(self._sched, self.trace, [], self.spec)
+        self.plan.release()
 
     # --- sequences ------------------------------------------------------------------------
     def admit(self, prompt, max_new_tokens: int = 128, **kwargs) -> int:
@@ -103,9 +81,8 @@ class BatchSession:
                 f"sequence needs {need}: admit it after some sequences finish"
             )
         h, self._next = self._next, self._next + 1
-        seed = job.seeds[0]
-        gens = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-        seq = SeqState(h, list(job.ids[0]), job.max_new_tokens[0], job.samplings[0], *gens)
+        seq = self.plan.sequence(h, job.ids[0], job.max_new_tokens[0], job.samplings[0],
+                                 job.seeds[0], job.spec)  # fmt: skip
         self._jobs[h], self._seqs[h], self._sent[h] = job, seq, 0
         self._start[h] = time.perf_counter()
         self._pending.append(seq)
@@ -130,8 +107,7 @@ class BatchSession:
             out = {}
             for h in new:
                 seq = self._seqs[h]
-                cut = truncate(seq.produced, self._jobs[h].eos, self._jobs[h].stop_strings[0],
-                               self.plan.tokenizer)  # fmt: skip
+                cut = self._jobs[h].cut(0, seq.produced)
                 out[h], self._sent[h] = cut[self._sent[h] :], len(cut)
                 if (
                     seq.finished_at is not None
@@ -189,13 +165,15 @@ class BatchSession:
         if h in self._results:
             return
         job = self._jobs[h]
-        tokens = truncate(seq.produced, job.eos, job.stop_strings[0], self.plan.tokenizer)
+        tokens = job.cut(0, seq.produced)
         wall = time.perf_counter() - self._start[h]
         draft = self._sched.draft if self._sched is not None else None
         stats = GenerationStats.from_rounds(
             self.settings.mode, seq.rounds, len(tokens), wall,
             self.plan.draft_device.label if draft is not None else None,
-            self._sched.fallback if self._sched is not None else None,
+            self._sched.state.fallback if self._sched is not None else None,
         )  # fmt: skip
         text = self.plan.tokenizer.decode(tokens, skip_special_tokens=True)
         self._results[h] = GenerationResult(tokens, text, len(job.ids[0]), stats, seq.rounds)
+        if h not in self._cancelled:
+            self.plan.learn(job.ids[0], tokens, self.spec)

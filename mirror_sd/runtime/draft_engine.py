@@ -1,24 +1,29 @@
-"""Draft-side operations on a `ModelRunner`: chain drafting, batched branch rollouts, commit.
+"""`DraftEngine`: the draft model's side of the round, for every live sequence of a batch
+(batch 1 is a batch of one), one draft forward per step.
 
-The engine mirrors the draft cache's path rows as the tokens they hold (`self.rows`), so
-syncing with the committed sequence is "roll back to the common prefix, feed the rest".
-Branch rows written by a rollout lie beyond `len(self.rows)` and are never mistaken
-for path rows: they become path rows only through `commit_branch`.
-All of this runs on the draft pipeline's worker thread.
+The draft cache is a `PackedCache`: each chain step feeds one token per still-drafting
+sequence in a single forward. Each sequence has its own sampling settings, random generator
+and draft-length decision (`DraftPolicy`). `rollout` (mirror mode) rolls out every sequence's
+branches in one tree-masked forward per step; a branch's rows belong to a per-sequence branch
+owner until `commit_branch` hands the winner's rows to the sequence (no copy) and
+`end_rollouts` turns the rest into holes. Runs on the draft pipeline's worker thread (commit
+and end: while it is idle).
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from mirror_sd.devices.base import DeviceError, ModelRunner, fill
-from mirror_sd.graphs.masks import causal_mask
+from mirror_sd.devices.base import DeviceError, ModelRunner
 from mirror_sd.runtime.acceptance import Sampling, probs, sample
-from mirror_sd.runtime.autoregressive import positions
 from mirror_sd.runtime.branches import Branch
 from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy
+from mirror_sd.runtime.packing import PackedCache
+
+Key = tuple[Hashable, int]  # (sequence, branch number) in a rollout
 
 
 @dataclass
@@ -30,22 +35,18 @@ class Draft:
 
     tokens: list[int]
     q: torch.Tensor | None  # (len(tokens), V) or None (greedy, or a deterministic proposal)
-    source: str = "draft"  # draft | branch | a retrieval source's name
+    source: str = "draft"  # draft | branch | target | a retrieval source's name
 
 
 @dataclass
 class Rollout:
     branch: Branch
     draft: Draft  # the m ≤ γ tokens r_1..r_m after the branch token
-    rows: list[int]  # cache rows holding [c, r_1, .., r_{m-1}]: one per token of `draft`
+    rows: list[int]  # the sequence's branch rows holding [c, r_1, .., r_{m-1}]
 
 
-def _causal_inputs(tokens: list[int], start: int):
-    """ids, positions (1, T) and the causal mask (1, T, start + T) of rows after `start`."""
-    return torch.tensor([tokens]), positions(start, len(tokens)), causal_mask(start, len(tokens))
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -54,179 +55,228 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class DraftEngine:
-    def __init__(self, runner: ModelRunner, sampling: Sampling, gen: torch.Generator):
+    def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self.sampling = sampling
-        self.gen = gen
-        self.rows: list[int] = []  # token held by each valid cache row
+        self.cache = PackedCache(runner)
+        self.gens: dict[Hashable, torch.Generator] = {}
+        self.samplings: dict[Hashable, Sampling] = {}
 
-    # --- helpers ----------------------------------------------------------------------
-    def _check(self, logits: torch.Tensor, n: int) -> torch.Tensor:
-        # -inf is a valid logit (a VocabTrim draft's tokens outside its kept set); NaN, +inf
-        # or a row without any finite logit is a broken device
+    def add(self, sid: Hashable, sampling: Sampling, gen: torch.Generator) -> None:
+        """A sequence joins; its tokens are picked under `sampling`, drawn with `gen`."""
+        self.cache.add(sid)
+        self.samplings[sid], self.gens[sid] = sampling, gen
+
+    def drop(self, sid: Hashable) -> None:
+        """A sequence left: its draft rows become holes."""
+        self.cache.drop(sid)
+        del self.gens[sid], self.samplings[sid]
+
+    def rows(self, sid: Hashable) -> list[int]:
+        """The tokens the draft cache holds for the sequence, in order."""
+        return list(self.cache.tokens[sid])
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _check(self, logits: torch.Tensor) -> torch.Tensor:
+        """Malformed logits (shape, NaN, +inf, no finite value) are a device failure. -inf is
+        valid (a VocabTrim draft's tokens outside its kept set)."""
         if (
-            logits.shape != (n, self.runner.vocab_size)
+            logits.ndim != 2
+            or logits.shape[1] != self.runner.vocab_size
             or logits.isnan().any()
             or logits.isposinf().any()
             or not logits.amax(-1).isfinite().all()
         ):
             raise DeviceError(
                 f"{self.runner.name} returned malformed logits {tuple(logits.shape)} "
-                f"(expected ({n}, {self.runner.vocab_size}), finite or -inf, no NaN)"
+                f"(expected (T, {self.runner.vocab_size}), finite or -inf, no NaN)"
             )
         return logits
 
-    def _pick(self, logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
-        """(R, V) logits -> one token per row (+ the (R, V) distributions when sampling)."""
-        if self.sampling.greedy:
-            return logits.argmax(-1).tolist(), None
-        q = probs(logits, self.sampling)
-        return [sample(q[r], self.gen) for r in range(q.shape[0])], q
+    def _pick(self, sids: list[Hashable], rows: torch.Tensor) -> tuple[list[int], list]:
+        """Logits (R, V), row r for sequence sids[r] -> one token per row and the (1, V) q it
+        was drawn from (None where greedy), under each sequence's sampling and generator."""
+        tokens, qs = [], []
+        for r, sid in enumerate(sids):
+            sampling = self.samplings[sid]
+            if sampling.greedy:
+                tokens.append(int(rows[r].argmax()))
+                qs.append(None)
+            else:
+                q = probs(rows[r : r + 1], sampling)
+                tokens.append(sample(q[0], self.gens[sid]))
+                qs.append(q)
+        return tokens, qs
 
     @staticmethod
-    def _stops(policy: DraftPolicy, logits: torch.Tensor, q: torch.Tensor | None) -> list[bool]:
-        """Per row: does drafting stop after the token just picked from it? The policy reads
-        the q the token was sampled from, or the raw softmax when greedy (see draft_policy)."""
+    def _stops(policy: DraftPolicy, rows: torch.Tensor, qs: list) -> list[bool]:
+        """Per row: does drafting stop after the token just picked from it? One policy call
+        per step; it reads the q a token was sampled from, or the raw softmax where greedy
+        (see draft_policy)."""
         if not policy.active:
-            return [False] * logits.shape[0]
-        stop = policy.stops_logits(logits) if q is None else policy.stops(q)
-        return stop.tolist()
+            return [False] * rows.shape[0]
+        if all(q is None for q in qs):
+            return policy.stops_logits(rows).tolist()
+        read = [torch.softmax(rows[r].float(), -1)[None] if q is None else q.float()
+                for r, q in enumerate(qs)]  # fmt: skip
+        return policy.stops(torch.cat(read)).tolist()
 
-    def _feed(self, tokens: list[int]) -> torch.Tensor:
-        """Append tokens causally after the valid rows; returns their logits (T, V)."""
-        start, t = self.runner.length, len(tokens)
-        ids, pos, mask = _causal_inputs(tokens, start)
-        logits = self._check(self.runner.forward(ids, pos, mask), t)
-        self.rows.extend(tokens)
-        return logits
+    def _sync(self, sid: Hashable, path: list[int]) -> list[int]:
+        """Keep the longest cached prefix of `path` (the last token always unfed); returns
+        the tokens of `path` not cached yet."""
+        held = self.cache.tokens[sid]
+        self.cache.truncate(sid, min(common_prefix(held, path), len(path) - 1))
+        return path[len(self.cache.tokens[sid]) :]
 
-    def _feed_last(self, tokens: list[int]) -> torch.Tensor:
-        """`_feed`, returning only the last row's logits (1, V): the rows before it (a prompt,
-        after a prefill) go through `fill`, which skips the LM head where the runner can."""
-        if len(tokens) > 1:
-            head = tokens[:-1]
-            fill(self.runner, *_causal_inputs(head, self.runner.length))
-            self.rows.extend(head)
-        return self._feed(tokens[-1:])
+    # --- chain drafting --------------------------------------------------------------------
+    def chain(
+        self, committed: Mapping[Hashable, list[int]], gamma: int, policy: DraftPolicy = NEVER_STOP
+    ) -> dict[Hashable, Draft]:
+        """Up to γ draft tokens continuing each sequence's committed tokens.
 
-    def sync(self, committed: list[int]) -> None:
-        """Roll back to the longest prefix of `committed` the cache holds, keeping at least the
-        last committed token unfed (its logits are needed to draft)."""
-        keep = min(_common_prefix(self.rows, committed), len(committed) - 1)
-        self.runner.rollback(keep)
-        del self.rows[keep:]
-
-    # --- the three operations -----------------------------------------------------------
-    def draft_chain(
-        self, committed: list[int], gamma: int, policy: DraftPolicy = NEVER_STOP
-    ) -> Draft:
-        """Vanilla drafting: up to γ tokens continuing `committed`, one draft forward each.
-
-        Stops early when `policy` says so; the token that triggered the stop is still
-        proposed but not fed, so the cache holds committed + d_1..d_{m-1} for m tokens.
+        Each sequence first syncs (keeps the longest cached prefix of its committed tokens,
+        leaving the last one unfed); tokens missing before the last are filled one sequence at
+        a time (a prompt), then every step is one packed forward over the sequences still
+        drafting. A sequence whose policy stops keeps the token that triggered the stop
+        proposed but unfed, so its cache holds committed + d_1..d_{m-1} for m tokens.
         """
-        self.sync(committed)
-        logits = self._feed_last(committed[len(self.rows) :])
-        tokens, qs = [], []
+        feed: dict[Hashable, list[int]] = {}
+        for sid, seq in committed.items():
+            missing = self._sync(sid, seq)
+            self.cache.fill(sid, missing[:-1])
+            feed[sid] = missing[-1:]
+        tokens: dict[Hashable, list[int]] = {sid: [] for sid in committed}
+        qs: dict[Hashable, list[torch.Tensor]] = {sid: [] for sid in committed}
+        active = list(committed)
         for step in range(gamma):
-            tok, q = self._pick(logits)
-            tokens += tok
-            qs.append(q)
-            if step + 1 == gamma or self._stops(policy, logits, q)[0]:
+            logits = self.cache.forward({sid: feed[sid] for sid in active})
+            last = torch.cat([self._check(logits[sid])[-1:] for sid in active])  # (R, V)
+            picked, q = self._pick(active, last)
+            stops = self._stops(policy, last, q)
+            still = []
+            for r, sid in enumerate(active):
+                if q[r] is not None:
+                    qs[sid].append(q[r])
+                tokens[sid].append(picked[r])
+                if step + 1 < gamma and not stops[r]:
+                    feed[sid] = [picked[r]]
+                    still.append(sid)
+            active = still
+            if not active:
                 break
-            logits = self._feed(tok)
-        return Draft(tokens, None if qs[0] is None else torch.cat(qs))
+        return {sid: Draft(tokens[sid], torch.cat(qs[sid]) if qs[sid] else None)
+                for sid in committed}  # fmt: skip
 
+    # --- mirror: branch rollouts -----------------------------------------------------------
     def rollout(
         self,
-        committed: list[int],
-        block: list[int],
-        branches: list[Branch],
+        work: Mapping[Hashable, tuple[list[int], list[int], list[Branch]]],
         gamma: int,
         policy: DraftPolicy = NEVER_STOP,
-    ) -> list[Rollout]:
-        """Roll out up to γ tokens for every branch in one batched, tree-masked forward per step.
+    ) -> dict[Hashable, list[Rollout]]:
+        """{sequence: (committed, block, branches)} -> {sequence: one Rollout per branch, in
+        the order given (the scheduler relies on it)}.
 
-        Branch (j, c) sees committed + block[:j] and then its own rows. Missing path rows
-        (usually d_γ) are fed first as a causal chain that the depth-j branches share.
-        `policy` bounds each branch independently: a branch that stops keeps its last token
-        but is not fed again, so later steps run on the still-active branches only and the
-        loop ends when none is left. Either way a branch of m tokens owns exactly m rows.
-        Returns one `Rollout` per branch, in the order of `branches` (the scheduler relies on it).
+        Branch (j, c) sees committed + block[:j] and its own rows, at positions n + j + step;
+        missing path rows (usually d_γ) go first as causal rows; `policy` stops each branch
+        on its own (a stopped branch keeps its last token unfed: a branch of m tokens owns m
+        rows). `Rollout.rows` index the sequence's branch rows.
         """
-        n, path = len(committed), committed + block
-        self.sync(path)
-        start = len(self.rows)
-        chain = path[start:]  # path rows not cached yet
-        b = len(branches)
-        own: list[list[int]] = [[] for _ in range(b)]
-        qs: list[list[torch.Tensor]] = [[] for _ in range(b)]
-        outs: list[list[int]] = [[] for _ in range(b)]
-        feed = [br.token for br in branches]  # the token each branch feeds next
-        active = list(range(b))  # branches still drafting, in feeding order
+        cache, n_of, chain = self.cache, {}, {}
+        for sid, (committed, block, _) in work.items():
+            n_of[sid], chain[sid] = len(committed), self._sync(sid, committed + block)
+            cache.add(_branches(sid))
+        keys = [(sid, k) for sid, (_, _, brs) in work.items() for k in range(len(brs))]
+        br = {(sid, k): work[sid][2][k] for sid, k in keys}
+        own: dict[Key, list[int]] = {key: [] for key in keys}  # its rows: branch-row indices
+        outs: dict[Key, list[int]] = {key: [] for key in keys}
+        qs: dict[Key, list[torch.Tensor]] = {key: [] for key in keys}
+        feed = {key: br[key].token for key in keys}
+        active = list(keys)
         for step in range(gamma):
             if not active:
                 break
-            lead = chain if step == 0 else []
-            rows = lead + [feed[k] for k in active]
-            base, t = self.runner.length, len(rows)
-            pos, mask = self._tree_inputs(
-                n, start, base, len(lead), [(branches[k], own[k]) for k in active], step
-            )
-            logits = self._check(self.runner.forward(torch.tensor([rows]), pos, mask), t)
-            if step == 0:
-                self.rows.extend(chain)
-            mine = logits[len(lead) :]
-            picked, q = self._pick(mine)
+            lead = chain if step == 0 else {}
+            t = sum(map(len, lead.values())) + len(active)
+            cache.reserve(t)
+            owners, ids, pos, mask = self._tree_rows(lead, active, br, own, feed, n_of, step, t)
+            nxt = {sid: len(cache.cols[_branches(sid)]) for sid in work}  # next branch row index
+            logits = self._check(cache.run_rows(owners, ids, pos, mask))
+            mine = logits[len(ids) - len(active) :]  # (R, V): one row per active branch
+            picked, q = self._pick([key[0] for key in active], mine)
             stops = self._stops(policy, mine, q)
             still = []
-            for slot, k in enumerate(active):
-                own[k].append(base + len(lead) + slot)
-                outs[k].append(picked[slot])
-                if q is not None:
-                    qs[k].append(q[slot : slot + 1])
+            for slot, key in enumerate(active):
+                if q[slot] is not None:
+                    qs[key].append(q[slot])
+                own[key].append(nxt[key[0]])
+                nxt[key[0]] += 1
+                outs[key].append(picked[slot])
                 if not stops[slot]:
-                    feed[k] = picked[slot]
-                    still.append(k)
+                    feed[key] = picked[slot]
+                    still.append(key)
             active = still
-        return [
-            Rollout(br, Draft(outs[k], torch.cat(qs[k]) if qs[k] else None), own[k])
-            for k, br in enumerate(branches)
-        ]
+        return {
+            sid: [Rollout(b, Draft(outs[(sid, k)], torch.cat(qs[(sid, k)]) if qs[(sid, k)]
+                                   else None), own[(sid, k)])
+                  for k, b in enumerate(brs)]
+            for sid, (_, _, brs) in work.items()
+        }  # fmt: skip
 
-    @staticmethod
-    def _tree_inputs(
-        n: int, start: int, base: int, lead: int, fed: list[tuple[Branch, list[int]]], step: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions (1, T) and the boolean tree mask (1, T, base + T) of one rollout step.
+    def _tree_rows(
+        self,
+        lead: Mapping[Hashable, list[int]],
+        active: list[Key],
+        br: Mapping[Key, Branch],
+        own: Mapping[Key, list[int]],
+        feed: Mapping[Key, int],
+        n_of: Mapping[Hashable, int],
+        step: int,
+        t: int,
+    ) -> tuple[list[Hashable], list[int], list[int], torch.Tensor]:
+        """Owners, ids, positions and the tree mask (1, T, S + T) of one rollout step: each
+        sequence's missing path rows (causal), then one row per active branch (key: sequence,
+        branch number), which sees its path up to its depth, its own rows and itself."""
+        cache, s = self.cache, self.runner.length
+        mask = torch.zeros(1, t, s + t, dtype=torch.bool)
+        owners, ids, pos = [], [], []
+        path_cols = {}
+        for sid, rows in lead.items():
+            base = cache.cols[sid]
+            new_cols = []
+            for tok in rows:
+                i = len(ids)
+                mask[0, i, base + new_cols] = True
+                mask[0, i, s + i] = True
+                owners.append(sid), ids.append(tok), pos.append(len(base) + len(new_cols))
+                new_cols.append(s + i)
+            path_cols[sid] = base + new_cols
+        for key in active:
+            sid, i = key[0], len(ids)
+            n, depth = n_of[sid], br[key].depth
+            visible = path_cols.get(sid, cache.cols[sid])[: n + depth]
+            mine = [cache.cols[_branches(sid)][k] for k in own[key]]
+            mask[0, i, visible + mine] = True
+            mask[0, i, s + i] = True
+            owners.append(_branches(sid)), ids.append(feed[key]), pos.append(n + depth + step)
+        return owners, ids, pos, mask
 
-        `lead` chain rows come first (causal over the path, positions from `start`), then one
-        row per fed branch: it sees the path up to its depth, its own earlier rows and itself.
-        """
-        t = lead + len(fed)
-        mask = torch.zeros(1, t, base + t, dtype=torch.bool)
-        pos = torch.empty(1, t, dtype=torch.long)
-        for i in range(lead):
-            mask[0, i, : base + i + 1] = True
-            pos[0, i] = start + i
-        for slot, (br, rows) in enumerate(fed):
-            i = lead + slot
-            visible_path = n + br.depth  # rows [0, n + j) hold committed + d_1..d_j
-            mask[0, i, : min(visible_path, start)] = True
-            if visible_path > start:  # part of the path came in as chain rows this step
-                mask[0, i, start:visible_path] = True
-            mask[0, i, rows] = True
-            mask[0, i, base + i] = True
-            pos[0, i] = n + br.depth + step
-        return pos, mask
+    def commit_branch(self, sid: Hashable, committed_len_before: int, accepted: int,
+                      rollout: Rollout) -> None:  # fmt: skip
+        """Keep the accepted path and the winning branch's rows (they change owner, no copy):
+        the sequence's draft rows are then committed + d_1..d_a + c + r_1..r_{m-1}, exactly
+        the state after drafting the next block r_1..r_m."""
+        self.cache.truncate(sid, committed_len_before + accepted)
+        self.cache.adopt(sid, _branches(sid), rollout.rows)
 
-    def commit_branch(self, committed_len_before: int, accepted: int, rollout: Rollout) -> None:
-        """Keep the accepted path and the winning branch's rows (compaction); drop the rest.
+    def end_rollouts(self) -> None:
+        """Every sequence's remaining branch rows become holes."""
+        for key in [k for k in self.cache.cols if isinstance(k, _BranchKey)]:
+            self.cache.drop(key)
 
-        After this the cache holds committed + d_1..d_a + c + r_1..r_{m-1}: exactly the state
-        after drafting the next block r_1..r_m (m ≤ γ when a draft-length policy stopped it).
-        """
-        start = committed_len_before + accepted
-        self.runner.keep(start, rollout.rows)
-        del self.rows[start:]
-        self.rows += [rollout.branch.token] + rollout.draft.tokens[:-1]
+
+class _BranchKey(tuple):
+    """The owner of a sequence's branch rows in the packed draft cache."""
+
+
+def _branches(sid: Hashable) -> _BranchKey:
+    return _BranchKey(("branches", sid))

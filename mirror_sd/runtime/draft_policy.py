@@ -11,7 +11,7 @@ rules read the draft's own distribution q at each step:
   draft entropy, so thresholding any monotone transform of it (e.g. its square root) is
   this same rule with a rescaled threshold.
 
-Semantics (the same in `draft_chain` and in every branch of a mirror `rollout`): the
+Semantics (the same in a `DraftEngine.chain` and in every branch of a mirror `rollout`): the
 policy is asked *after* a token has been drawn from q, about that same q. When it says
 stop, the low-confidence token itself is still proposed (its distribution is already
 computed, and verifying one more position costs the target almost nothing), but it is

@@ -2,14 +2,14 @@
 
 It owns the two runners (target on device A, draft on device B), one pipeline per device
 and the tokenizer; `generate()` / `stream()` run the verification scheduler in the
-caller's thread. A plan serves one generation at a time: a second concurrent call is
-rejected with `PlanBusyError` rather than silently serialized.
+caller's thread (one prompt is a batch of one: `runtime/batch.py`). A plan serves one
+generation at a time: a second concurrent call is rejected with `PlanBusyError` rather than
+silently serialized.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,18 +26,11 @@ from mirror_sd.runtime.busy import BUSY, PlanBusyError
 from mirror_sd.runtime.compile_report import CompileReport
 from mirror_sd.runtime.draft_engine import DraftEngine
 from mirror_sd.runtime.draft_policy import DraftPolicy
-from mirror_sd.runtime.drafters.sources import make_source
+from mirror_sd.runtime.drafters.sources import fork, make_source
 from mirror_sd.runtime.pipelines import Pipeline
-from mirror_sd.runtime.prompts import (
-    Prompt,
-    check_fits,
-    check_max_new_tokens,
-    encode_prompt,
-    eos_token_ids,
-)
-from mirror_sd.runtime.results import GenerationResult, GenerationStats
-from mirror_sd.runtime.scheduler import RoundSettings, VerificationScheduler
-from mirror_sd.runtime.stops import truncate as _truncate
+from mirror_sd.runtime.prompts import Prompt, eos_token_ids
+from mirror_sd.runtime.results import GenerationResult
+from mirror_sd.runtime.scheduler import RoundSettings, SeqState, VerificationScheduler
 from mirror_sd.runtime.tracing import Tracer
 
 
@@ -95,12 +88,11 @@ class Plan:
         """
         if is_batch(prompt):
             job = BatchJob.prepare(self, prompt, max_new_tokens, **kwargs)
-            if not self._busy.acquire(blocking=False):
-                raise PlanBusyError(BUSY)
+            self.claim()
             try:
                 return job.run()
             finally:
-                self._busy.release()
+                self.release()
         gen = self._run(prompt, max_new_tokens, **kwargs)
         for _ in gen:
             pass
@@ -138,56 +130,87 @@ class Plan:
     def last_result(self) -> GenerationResult | None:
         return getattr(self, "_last", None)
 
-    def _run(
-        self,
-        prompt: Prompt,
-        max_new_tokens: int,
-        *,
-        seed: int = 0,
-        stop_strings: Sequence[str] = (),
-        eos_token_id: int | Sequence[int] | None = None,
-        chat: bool = True,
-        trace: str | None = None,
-        **overrides,
-    ) -> Iterator[None]:
-        max_new_tokens = check_max_new_tokens(max_new_tokens)
-        if overrides.get("mode") == "auto":  # the mode compile() chose for this plan
-            overrides["mode"] = self.spec.mode
-        spec = self.spec.with_(**overrides)
+    def claim(self) -> None:
+        """Take the plan for one generation or session; `release()` gives it back.
+
+        Raises:
+            PlanBusyError: another generation or session holds it.
+        """
         if not self._busy.acquire(blocking=False):
             raise PlanBusyError(BUSY)
-        try:
-            yield from self._generate(
-                prompt, max_new_tokens, spec, seed, stop_strings, eos_token_id, chat, trace
-            )
-        finally:
-            self._busy.release()
 
-    def _retrieval(self, spec: SpecConfig):
-        """The plan's retrieval source for these settings (kept across generations: Hierarchy
-        Drafting remembers this plan's recent outputs)."""
+    def release(self) -> None:
+        self._busy.release()
+
+    def _run(self, prompt: Prompt, max_new_tokens: int, **kwargs) -> Iterator[None]:
+        job = BatchJob.prepare(self, [prompt], max_new_tokens, single=True, **kwargs)
+        self.claim()
+        self._produced: list[int] = []
+        rounds = job.rounds()
+        try:
+            for new in rounds:
+                self._produced = job.cut(0, self._produced + new[0])
+                yield None
+        finally:
+            rounds.close()
+            if job.results:
+                self._last = job.results[0]
+            self.release()
+
+    def retrieval(self, spec: SpecConfig):
+        """The plan's retrieval source for these settings, or None (kept across generations:
+        Hierarchy Drafting remembers this plan's recent outputs); each sequence runs a fork."""
         key = (spec.retrieval, spec.retrieval_max_ngram)
         if key not in self._sources:
             self._sources[key] = make_source(*key)
         return self._sources[key]
 
-    def tracer_for(self, spec: SpecConfig, settings: RoundSettings) -> tuple[Tracer, bool]:
-        """(a tracer with the target's device, and the draft's when the model draft runs in
-        this generation; whether it does): it runs unless the settings say autoregressive,
-        `model_draft` is off, or a hang disabled it for this plan (`draft_disabled`)."""
+    def scheduler(self, spec: SpecConfig, settings: RoundSettings) -> VerificationScheduler:
+        """A round loop for one generation, batch or session under `spec` (its `tracer` has
+        the target's device, and the draft's when the model draft runs: unless the settings
+        say autoregressive, `model_draft` is off, or a hang disabled it for this plan)."""
         tracer = Tracer()
         tracer.add_device(self.target_device.alias, self.target_device.label)
-        drafts = (
-            self.draft is not None
-            and spec.model_draft
-            and self.draft_disabled is None
-            and settings.mode != "autoregressive"
-        )
-        if drafts:
+        engine = None
+        if (self.draft is not None and spec.model_draft and self.draft_disabled is None
+                and settings.mode != "autoregressive"):  # fmt: skip
             tracer.add_device(self.draft_device.alias, self.draft_device.label)
-        return tracer, drafts
+            engine = DraftEngine(self.draft)
+        if spec.exit_layer != "auto" and hasattr(self.target, "exit_layer"):
+            self.target.exit_layer = int(spec.exit_layer)
+        exit_head = self.exit_head.exit_logits if self.exit_head is not None else None
+        return VerificationScheduler(self.target, self.target_pipe, engine, self.draft_pipe,
+                                     settings, tracer, exit_head)  # fmt: skip
 
-    def _eos(self, eos_token_id) -> set[int]:
+    def sequence(self, index: int, ids: list[int], max_new_tokens: int, sampling: Sampling,
+                 seed: int, spec: SpecConfig) -> SeqState:  # fmt: skip
+        """One sequence for `scheduler(spec, ...)`: its verification generator seeded with
+        `seed`, its draft generator with seed + 1, its own fork of the retrieval source."""
+        source = self.retrieval(spec)
+        gens = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+        return SeqState(index, list(ids), max_new_tokens, sampling, *gens,
+                        retrieval=fork(source) if source is not None else None)  # fmt: skip
+
+    def retire(self, sched: VerificationScheduler, trace: str | None,
+               finished: Sequence[tuple[list[int], list[int]]], spec: SpecConfig | None = None
+               ) -> str | None:  # fmt: skip
+        """After a scheduler's generations: a hung draft is disabled for this plan, sources
+        that learn from outputs see each (prompt, output) of `finished`, and the trace is
+        saved to `trace` (its path returned)."""
+        if sched.state.draft_hung:
+            self.draft_disabled = sched.state.fallback
+        for prompt, output in finished:
+            self.learn(prompt, output, spec)
+        return str(sched.tracer.save(trace)) if trace else None
+
+    def learn(self, prompt: list[int], output: list[int], spec: SpecConfig | None = None) -> None:
+        """A finished generation's output, for the retrieval sources that learn from them."""
+        source = self.retrieval(spec or self.spec)
+        if hasattr(source, "finish"):
+            source.finish(prompt, output)
+
+    def eos_ids(self, eos_token_id: int | Sequence[int] | None = None) -> set[int]:
+        """The ids that end a generation: the given ones, else the tokenizer's and config's."""
         if eos_token_id is None:
             return eos_token_ids(self.tokenizer, self.generation_config)
         return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
@@ -204,7 +227,8 @@ class Plan:
             spec.overlap_target_cores or None,
         )  # fmt: skip
 
-    def _settings(self, spec: SpecConfig) -> RoundSettings:
+    def settings(self, spec: SpecConfig) -> RoundSettings:
+        """The round loop's settings for `spec` (ValueError for what compile() resolves)."""
         if spec.mode == "auto":
             raise ValueError(
                 "mode 'auto' is resolved by compile() (the best predicted mode); a Plan built "
@@ -229,61 +253,6 @@ class Plan:
             accept_rate=self.accept_rate,
             threads=self.thread_budget(spec),
         )
-
-    def _generate(
-        self, prompt, max_new_tokens, spec, seed, stop_strings, eos_token_id, chat, trace
-    ):
-        # the target's embedding rows bound the ids it can take (len(tokenizer) may be smaller)
-        vocab = getattr(self.target, "vocab_size", None)
-        ids = encode_prompt(self.tokenizer, prompt, chat=chat, vocab_size=vocab)
-        settings = self._settings(spec)
-        slack = (1 + settings.budget) * (settings.gamma + 1) + 1
-        check_fits(len(ids), max_new_tokens, spec.max_len, slack=slack)
-        if spec.exit_layer != "auto" and hasattr(self.target, "exit_layer"):
-            self.target.exit_layer = int(spec.exit_layer)
-        sampling = Sampling(spec.temperature, spec.top_k, spec.top_p)
-        tracer, drafts = self.tracer_for(spec, settings)
-        engine = None
-        if drafts:
-            self.draft.rollback(0)
-            engine = DraftEngine(self.draft, sampling, torch.Generator().manual_seed(seed + 1))
-        retrieval = self._retrieval(spec)
-        sched = VerificationScheduler(
-            self.target, self.target_pipe, engine, self.draft_pipe, settings, sampling,
-            torch.Generator().manual_seed(seed), tracer, retrieval,
-            self.exit_head.exit_logits if self.exit_head is not None else None,
-        )  # fmt: skip
-        eos = self._eos(eos_token_id)
-        self._produced: list[int] = []
-
-        def done(produced: list[int]) -> bool:
-            if eos & set(produced):
-                return True
-            return bool(stop_strings) and any(
-                s in self.tokenizer.decode(produced, skip_special_tokens=True) for s in stop_strings
-            )
-
-        t0 = time.perf_counter()
-        try:
-            for new in sched.run(ids, max_new_tokens, done):
-                self._produced += new
-                self._produced = _truncate(self._produced, eos, stop_strings, self.tokenizer)
-                yield None
-        finally:
-            wall = time.perf_counter() - t0
-            if sched.state.draft_hung:
-                self.draft_disabled = sched.state.fallback
-            stats = GenerationStats.from_rounds(
-                settings.mode, sched.state.rounds, len(self._produced), wall,
-                self.draft_device.label if engine else None, sched.state.fallback,
-            )  # fmt: skip
-            path = str(tracer.save(trace)) if trace else None
-            if hasattr(retrieval, "finish"):  # sources that learn from finished generations
-                retrieval.finish(ids, self._produced)
-            text = self.tokenizer.decode(self._produced, skip_special_tokens=True)
-            self._last = GenerationResult(
-                list(self._produced), text, len(ids), stats, sched.state.rounds, path
-            )
 
     # --- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:

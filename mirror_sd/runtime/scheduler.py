@@ -1,37 +1,45 @@
-"""The verification scheduler: the round state machine of docs/algorithm.md.
+"""The verification scheduler: the round loop of docs/algorithm.md, for every batch size.
 
-Single-threaded and deterministic: it owns the committed sequence, submits stage runs
-to the two pipelines, and decides. One round (mirror mode):
+Batch 1 is a batch of one: `plan.generate(prompt)`, `plan.generate([...])` and the server's
+`batch_session()` all run this loop. One round over the live sequences:
 
-    PREFIX    target layers [0, ℓe) on the block [x_n, d_1..d_γ]      (target pipeline)
-    EXIT      exit head -> top-κ candidates per position; token channel -> draft
-    OVERLAP   target suffix [ℓe, N) + LM head        || branch rollouts (draft pipeline)
-    VERIFY    accepted length a, correction c*
-    RENDEZVOUS  branch (a, c*) rolled out?  hit: its rollout is the next block
-    COMMIT    target keeps a + 1 block rows; draft keeps the winning branch's rows
+    PROPOSE   per sequence without a block: its retrieval source's proposal when the match
+              is long enough (`Combined`), else the model draft (all of those in one packed
+              chain on the draft pipeline, `DraftEngine.chain`)
+    VERIFY    target pipeline: the blocks [x_n, d_1..d_γ] of all live sequences packed into
+              one forward (`PackedCache`); each sequence gets its own verdict.
+              mirror: PREFIX (layers [0, ℓe)) + EXIT head -> top-κ candidates per position
+              (the token channel), then the SUFFIX || every sequence's branch rollouts on the
+              draft (one tree-masked forward per step), and per sequence the RENDEZVOUS: a hit
+              branch's rollout is its next block
+    COMMIT    per sequence: the target keeps x_n, d_1..d_a (rejected rows become holes)
+    LEAVE     sequences that hit EOS, a stop string or their budget leave the batch; others
+              may join before any round (continuous batching)
 
-`speculative` mode drafts γ tokens, then verifies (no overlap); `autoregressive` runs
-the target alone. A draft that raises, hangs or returns malformed output drops the
-generation to target-only decoding; the tokens stay exactly the same.
+`speculative` drafts then verifies (no overlap); `autoregressive` runs the target alone.
+Every sequence has its own budget, sampling settings and generators, so each draws as it
+would alone. Single-threaded and deterministic; a draft that raises, hangs or returns
+malformed output drops the whole batch to target-only decoding with the same tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from mirror_sd.devices.base import SplitRunner, fill, set_threads
-from mirror_sd.graphs.masks import causal_mask
+from mirror_sd.devices.base import SplitRunner, set_threads
 from mirror_sd.partition.cost_model import DEFAULT_ACCEPT_RATE
 from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.runtime.acceptance import Sampling, Verdict, probs, verify_greedy, verify_sampling
 from mirror_sd.runtime.branches import exit_candidates, plan_branches
-from mirror_sd.runtime.draft_engine import Draft, DraftEngine, Rollout
+from mirror_sd.runtime.draft_engine import Draft, DraftEngine
 from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy
 from mirror_sd.runtime.drafters import Combined, DraftSource
-from mirror_sd.runtime.model_draft import DraftFailed, ModelDraft, await_draft, drop_draft
+from mirror_sd.runtime.fallback import DraftFailed, await_draft, drop_draft
+from mirror_sd.runtime.packing import PackedCache
 from mirror_sd.runtime.pipelines import Pipeline
 from mirror_sd.runtime.tracing import Tracer
 
@@ -74,8 +82,23 @@ class RoundLog:
 
 
 @dataclass
-class RunState:
+class SeqState:
+    """One sequence of a batch: its committed tokens and what it has produced so far."""
+
+    index: int  # its place in the caller's list of prompts (any new int for a joiner)
+    committed: list[int]  # prompt + new tokens
+    max_new_tokens: int
+    sampling: Sampling  # its own logits processing (greedy when temperature is 0)
+    verify_gen: torch.Generator
+    draft_gen: torch.Generator  # draws its draft tokens when sampling
+    retrieval: DraftSource | None = None  # its own retrieval source (`drafters.sources.fork`)
+    produced: list[int] = field(default_factory=list)
     rounds: list[RoundLog] = field(default_factory=list)
+    finished_at: float | None = None  # tracer time when it left the batch
+
+
+@dataclass
+class RunState:
     fallback: str | None = None  # why the draft was dropped, if it was
     draft_hung: bool = False
 
@@ -88,78 +111,68 @@ class VerificationScheduler:
         draft: DraftEngine | None,
         draft_pipe: Pipeline | None,
         settings: RoundSettings,
-        sampling: Sampling,
-        verify_gen: torch.Generator,
         tracer: Tracer,
-        retrieval: DraftSource | None = None,
         exit_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
-        self.target, self.tp = target, target_pipe
+        self.target, self.tp = PackedCache(target), target_pipe
         self.draft, self.dp = draft, draft_pipe
-        self.s = settings
-        self.sampling = sampling
-        self.gen = verify_gen
-        self.tracer = tracer
-        self.state = RunState()
-        # one proposer: retrieval when its match is long enough, else the model draft
-        self.model = (
-            ModelDraft(draft, draft_pipe, tracer, settings.draft_timeout_s, self.state,
-                       settings.draft_stop)
-            if draft is not None and draft_pipe is not None
-            else None
-        )  # fmt: skip
-        self.proposer: DraftSource | None = (
-            Combined(retrieval, self.model, threshold=settings.retrieval_min_match)
-            if retrieval is not None
-            else self.model
-        )
+        self.s, self.tracer = settings, tracer
         self.exit_logits = exit_head or target.exit_logits  # hidden (1, T, D) -> (T, V)
-        self._judged = self._taken = 0  # draft tokens verified / accepted so far (running α)
+        self.state = RunState()
+        self.next_blocks: dict[int, Draft] = {}  # mirror: a hit branch's rollout per sequence
+        self._gates: dict[int, Combined] = {}  # per sequence: its retrieval, gated by match
+        self._judged = self._taken = 0  # draft tokens verified / accepted (running α)
+        self._produced = 0  # tokens committed over all sequences (the "tokens" counter)
 
     # --- public -------------------------------------------------------------------------
     def run(
-        self, prompt: list[int], max_new_tokens: int, done: Callable[[list[int]], bool]
-    ) -> Iterator[list[int]]:
-        """Yield the tokens committed by each round until `done(new_tokens)` or the budget."""
-        committed = list(prompt)
-        self._threads(overlapped=False)
-        self._prefill(committed)
-        if self.proposer is not None:
-            self.proposer.reset(committed)
-        block: Draft | None = None
-        produced: list[int] = []
-        while len(produced) < max_new_tokens:
-            new, block = self._round(committed, block)
-            new = new[: max_new_tokens - len(produced)]
-            committed += new
-            produced += new
-            if self.proposer is not None:
-                self.proposer.extend(new)
-            self.tracer.counter("tokens", self.tracer.now(), committed=len(produced))
-            yield new
-            if done(produced):
+        self,
+        seqs: list[SeqState],
+        done: Callable[[SeqState], bool],
+        admit: Callable[[], list[SeqState]] | None = None,
+    ) -> Iterator[dict[int, list[int]]]:
+        """Yield {sequence index: tokens committed} per round until every sequence is done
+        (`done(seq)` after a round, or its budget); finished sequences leave the batch.
+
+        `admit`, when given, is asked before every round for sequences that join now (their
+        prompts are prefilled into free columns; indices must be new): continuous batching.
+        The loop ends when no sequence is live after asking.
+        """
+        pending = list(seqs)
+        live: list[SeqState] = []
+        while True:
+            pending += admit() if admit is not None else []
+            for seq in pending:
+                self._join(seq)
+                live.append(seq)
+            pending = []
+            if not live:
                 return
+            new = self._round(live)
+            for seq in live:
+                tokens = new[seq.index][: seq.max_new_tokens - len(seq.produced)]
+                seq.committed += tokens
+                seq.produced += tokens
+                new[seq.index] = tokens
+                if seq.index in self._gates:
+                    self._gates[seq.index].extend(tokens)
+                self._produced += len(tokens)
+            self.tracer.counter("tokens", self.tracer.now(), committed=self._produced)
+            yield new
+            for seq in [s for s in live if len(s.produced) >= s.max_new_tokens or done(s)]:
+                self._leave(seq)
+                live.remove(seq)
 
     # --- phases -------------------------------------------------------------------------
-    def _threads(self, overlapped: bool) -> None:
+    def _threads(self, overlapped: bool = False) -> None:
         """Apply the thread budget for the next phase: every core of a physical device to the
-        pipeline that runs alone; the budget's overlap counts while mirror overlaps the two.
-        Called only while both runners are idle."""
+        pipeline that runs alone; the budget's overlap counts while mirror overlaps the suffix
+        and the rollouts. Called only while both runners are idle."""
         b = self.s.threads
-        if b is None:
-            return
-        set_threads(self.target, b.target(overlapped))
-        if self.draft is not None:
-            set_threads(self.draft.runner, b.draft(overlapped))
-
-    def _prefill(self, committed: list[int]) -> None:
-        """Target caches x_1..x_{n-1}; x_n opens the first block."""
-        self.target.rollback(0)
-        if len(committed) > 1:
-            ids = torch.tensor([committed[:-1]])
-            pos = torch.arange(len(committed) - 1).unsqueeze(0)
-            self.tp.submit(self.tracer, "target.prefill", fill, self.target, ids, pos,
-                           causal_mask(0, ids.shape[1])).result()  # fmt: skip
+        if b is not None:
+            set_threads(self.target.runner, b.target(overlapped))
+            if self.draft is not None:
+                set_threads(self.draft.runner, b.draft(overlapped))
 
     def _draft_alive(self) -> bool:
         return (
@@ -174,129 +187,180 @@ class VerificationScheduler:
     def _draft_result(self, fut):
         return await_draft(fut, self.s.draft_timeout_s, self._fail)
 
-    def _verify(self, d: list[int], q: torch.Tensor | None, logits: torch.Tensor) -> Verdict:
-        if self.sampling.greedy:
-            return verify_greedy(d, logits)
-        return verify_sampling(d, q, probs(logits, self.sampling), self.gen)
+    def _propose(self, live: list[SeqState]) -> tuple[dict[int, Draft], float]:
+        """Each live sequence's block and the model's drafting time: a hit branch's rollout
+        kept from the last round, else its retrieval proposal when the match is long enough,
+        else the model draft (all of those in one chain); empty without a proposer."""
+        blocks = {s.index: self.next_blocks.pop(s.index, None) for s in live}
+        empty = Draft([], None, source="target")
+        if self.s.mode == "autoregressive":
+            return {k: empty for k in blocks}, 0.0
+        need = {}
+        for seq in live:
+            if blocks[seq.index] is not None:
+                continue
+            gate = self._gates.get(seq.index)
+            p = gate.propose(self.s.gamma) if gate is not None else None
+            if p is not None and p.tokens:
+                blocks[seq.index] = Draft(list(p.tokens), p.q, source=p.source)
+            else:
+                need[seq.index] = seq.committed
+        t_draft = 0.0
+        if need and self._draft_alive():
+            t0 = self.tracer.now()
+            fut = self.dp.submit(self.tracer, "draft.chain", self.draft.chain, need,
+                                 self.s.gamma, self.s.draft_stop)  # fmt: skip
+            with contextlib.suppress(DraftFailed):  # dropped: empty blocks, target-only
+                blocks.update(self._draft_result(fut))
+            t_draft = self.tracer.now() - t0
+        return {k: b if b is not None and b.tokens else empty for k, b in blocks.items()}, t_draft
 
-    def _propose(self, log: RoundLog) -> Draft | None:
-        """The proposer's block for this round (None: nothing proposed, a target-only round)."""
-        if self.proposer is None or self.s.mode == "autoregressive":
-            return None
-        t0 = self.tracer.now()
-        p = self.proposer.propose(self.s.gamma)
-        if p.source == ModelDraft.name:  # the model drafted (or failed trying): draft time
-            log.t_draft = log.exposed = self.tracer.now() - t0
-        return Draft(list(p.tokens), p.q, source=p.source) if p.tokens else None
-
-    def _round(self, committed: list[int], block: Draft | None) -> tuple[list[int], Draft | None]:
-        log = RoundLog(0, 0, None)
-        self._threads(overlapped=False)
-        if block is None:
-            block = self._propose(log)
-        if block is None:
-            block = Draft([], None, source="target")
-        log.source, log.drafted = block.source, len(block.tokens)
-        if self.s.mode == "mirror" and block.tokens and self._draft_alive():
-            new, nxt = self._mirror_round(committed, block, log)
+    def _verify(self, seq: SeqState, block: Draft, logits: torch.Tensor) -> Verdict:
+        """The sequence's verdict on its block; logits (len(block) + 1, V)."""
+        d = block.tokens
+        if seq.sampling.greedy:
+            v = verify_greedy(d, logits)
         else:
-            new, nxt = self._plain_round(committed, block, log), None
-        self.state.rounds.append(log)
-        self.tracer.counter("accepted", self.tracer.now(), accepted=log.accepted)
-        if log.hit is not None:
-            self.tracer.counter("hits", self.tracer.now(), hit=int(log.hit))
-        return new, nxt
-
-    def _accept_rate(self) -> float:
-        """Running estimate of the per-token acceptance α of this generation's draft tokens,
-        with a prior worth PRIOR_TOKENS tokens at the plan's α (its profile, else the cost
-        model's DEFAULT_ACCEPT_RATE: one default for both)."""
-        prior = self.s.accept_rate if self.s.accept_rate is not None else DEFAULT_ACCEPT_RATE
-        return (self._taken + prior * PRIOR_TOKENS) / (self._judged + PRIOR_TOKENS)
-
-    def _block_inputs(self, committed: list[int], d: list[int]):
-        n = len(committed)
-        ids = torch.tensor([[committed[-1], *d]])  # (1, γ + 1)
-        pos = torch.arange(n - 1, n + len(d)).unsqueeze(0)
-        return ids, pos, causal_mask(n - 1, len(d) + 1)
-
-    def _commit_target(
-        self, committed: list[int], v: Verdict, d: list[int], log: RoundLog
-    ) -> list[int]:
-        self.target.rollback(len(committed) + v.accepted)  # keep x_n, d_1..d_a
-        log.accepted, log.committed = v.accepted, v.accepted + 1
-        if d:  # acceptance counts for the running α estimate (tokens up to the first rejection)
+            v = verify_sampling(d, block.q, probs(logits, seq.sampling), seq.verify_gen)
+        if d:  # the running α estimate (tokens up to the first rejection)
             self._judged += min(v.accepted + 1, len(d))
             self._taken += v.accepted
-        return [*d[: v.accepted], v.correction]
+        return v
 
-    def _plain_round(self, committed: list[int], block: Draft, log: RoundLog) -> list[int]:
-        """Target-only (γ = 0) or vanilla speculative verification: one full target forward."""
-        ids, pos, mask = self._block_inputs(committed, block.tokens)
-        t0 = self.tracer.now()
-        logits = self.tp.submit(
-            self.tracer, "target.verify", self.target.forward, ids, pos, mask
-        ).result()
-        log.t_suf = self.tracer.now() - t0
-        return self._commit_target(
-            committed, self._verify(block.tokens, block.q, logits), block.tokens, log
-        )
+    def _commit(self, seq: SeqState, block: Draft, v: Verdict) -> list[int]:
+        """The target keeps x_n, d_1..d_a; the round adds d_1..d_a and the correction."""
+        self.target.truncate(seq.index, len(seq.committed) + v.accepted)
+        return [*block.tokens[: v.accepted], v.correction]
 
-    def _mirror_round(self, committed: list[int], block: Draft, log: RoundLog):
-        d = block.tokens
-        ids, pos, mask = self._block_inputs(committed, d)
+    def _round(self, live: list[SeqState]) -> dict[int, list[int]]:
+        self._threads()
+        blocks, t_draft = self._propose(live)
+        mirror = self.s.mode == "mirror" and self._draft_alive()
+        if mirror and all(b.tokens for b in blocks.values()):
+            new = self._mirror_round(live, blocks, t_draft)
+        else:
+            new = self._plain_round(live, blocks, t_draft)
+        now = self.tracer.now()
+        logs = [s.rounds[-1] for s in live]
+        self.tracer.counter("accepted", now, accepted=sum(g.accepted for g in logs))
+        if any(g.hit is not None for g in logs):
+            self.tracer.counter("hits", now, hit=sum(bool(g.hit) for g in logs))
+        self.tracer.counter("batch", now, live=len(live))
+        return new
+
+    def _plain_round(self, live, blocks, t_draft: float) -> dict[int, list[int]]:
+        """Speculative (or γ = 0) verification of every block in one target forward."""
+        t1 = self.tracer.now()
+        rows = {s.index: [s.committed[-1], *blocks[s.index].tokens] for s in live}
+        logits = self.tp.submit(self.tracer, "target.verify", self.target.forward, rows).result()
+        t2 = self.tracer.now()
+        new = {}
+        for seq in live:
+            block = blocks[seq.index]
+            v = self._verify(seq, block, logits[seq.index])
+            new[seq.index] = self._commit(seq, block, v)
+            seq.rounds.append(RoundLog(
+                v.accepted, v.accepted + 1, None, t_suf=t2 - t1, t_draft=t_draft,
+                exposed=t_draft, source=block.source, drafted=len(block.tokens),
+            ))  # fmt: skip
+        return new
+
+    def _mirror_round(self, live, blocks, t_draft: float) -> dict[int, list[int]]:
+        """Prefix + exit head over all blocks, then the suffix on the target while the draft
+        rolls out every sequence's planned branches; per sequence the verdict, the
+        rendezvous and, on a hit, the next block."""
+        rows = {s.index: [s.committed[-1], *blocks[s.index].tokens] for s in live}
         t0 = self.tracer.now()
 
         def prefix_and_exit():
-            h = self.target.forward_prefix(ids, pos, mask)  # (1, γ + 1, D)
-            return h, exit_candidates(self.exit_logits(h), self.s.kappa)
+            hidden = self.target.forward_prefix(rows)  # (1, T, D)
+            exits = self.target.split(rows, self.exit_logits(hidden))  # {seq: (t_s, V)}
+            return hidden, {k: exit_candidates(x, self.s.kappa) for k, x in exits.items()}
 
-        hidden, (cand_ids, cand_p) = self.tp.submit(
-            self.tracer, "target.prefix+exit_head", prefix_and_exit
-        ).result()
+        hidden, cands = self.tp.submit(self.tracer, "target.prefix+exit_head",
+                                       prefix_and_exit).result()  # fmt: skip
         t1 = self.tracer.now()
-        log.t_pre = t1 - t0
-        ranked = plan_branches(d, cand_ids, cand_p, cand_ids.numel(), self._accept_rate())
-        branches = ranked[: self.s.budget]
-        log.branches = len(branches)
+        alpha = self._accept_rate()
+        ranked = {}
+        for seq in live:
+            ids, p = cands[seq.index]
+            ranked[seq.index] = plan_branches(blocks[seq.index].tokens, ids, p, ids.numel(), alpha)
+        work = {s.index: (s.committed, blocks[s.index].tokens, ranked[s.index][: self.s.budget])
+                for s in live}  # fmt: skip
         self._threads(overlapped=True)
-        suffix = self.tp.submit(
-            self.tracer, "target.suffix", self.target.forward_suffix, hidden, pos, mask
-        )
-        rollout = self.dp.submit(
-            self.tracer, "draft.rollout", self.draft.rollout, committed, d, branches, self.s.gamma,
-            self.s.draft_stop,
-        )  # fmt: skip
+        suffix = self.tp.submit(self.tracer, "target.suffix", self.target.forward_suffix, hidden)
+        rollout = self.dp.submit(self.tracer, "draft.rollout", self.draft.rollout, work,
+                                 self.s.gamma, self.s.draft_stop)  # fmt: skip
         self.tracer.flow(
             "token channel", (self.tp.device, self.tp.name, t1), (self.dp.device, self.dp.name, t1)
         )
         logits = suffix.result()
         t2 = self.tracer.now()
-        log.t_suf = t2 - t1
-        verdict = self._verify(d, block.q, logits)
-        log.hit_rank = next(
-            (i for i, b in enumerate(ranked)
-             if (b.depth, b.token) == (verdict.accepted, verdict.correction)),
-            None,
-        )  # fmt: skip
-        new = self._commit_target(committed, verdict, d, log)
+        verdicts, new = {}, {}
+        for seq in live:
+            block = blocks[seq.index]
+            v = verdicts[seq.index] = self._verify(seq, block, logits[seq.index])
+            new[seq.index] = self._commit(seq, block, v)
+            rank = next((i for i, b in enumerate(ranked[seq.index])
+                         if (b.depth, b.token) == (v.accepted, v.correction)), None)  # fmt: skip
+            seq.rounds.append(RoundLog(
+                v.accepted, v.accepted + 1, False, t_pre=t1 - t0, t_suf=t2 - t1,
+                t_draft=t_draft, exposed=t_draft, branches=len(work[seq.index][2]),
+                source=block.source, drafted=len(block.tokens), hit_rank=rank,
+            ))  # fmt: skip
         try:
-            rollouts: list[Rollout] = self._draft_result(rollout)
+            rollouts = self._draft_result(rollout)
         except DraftFailed:
-            return new, None
+            return new
         r_start, r_end = rollout.span
-        log.rollout_steps = max((len(r.draft.tokens) for r in rollouts), default=0)
-        log.t_draft += r_end - r_start
-        log.exposed += max(0.0, r_end - suffix.span[1])
         t3 = max(r_end, t2)
-        # rollouts come one per branch, in the order given: ranked[:budget]
-        rank = log.hit_rank
-        hit = rollouts[rank] if rank is not None and rank < len(rollouts) else None
-        log.hit = hit is not None
         self.tracer.flow(
             "rendezvous", (self.dp.device, self.dp.name, t3), (self.tp.device, self.tp.name, t3)
         )
-        if hit is None or not self.s.reuse:
-            return new, None
-        self.draft.commit_branch(len(committed), verdict.accepted, hit)
-        return new, Draft(hit.draft.tokens, hit.draft.q, source="branch")
+        for seq in live:
+            log, v = seq.rounds[-1], verdicts[seq.index]
+            log.t_draft += r_end - r_start
+            log.exposed += max(0.0, r_end - suffix.span[1])
+            mine = rollouts[seq.index]  # one per branch, in the order of ranked[:budget]
+            log.rollout_steps = max((len(r.draft.tokens) for r in mine), default=0)
+            hit = (
+                mine[log.hit_rank]
+                if log.hit_rank is not None and log.hit_rank < len(mine)
+                else None
+            )
+            log.hit = hit is not None
+            if hit is not None and self.s.reuse:
+                self.draft.commit_branch(seq.index, len(seq.committed), v.accepted, hit)
+                self.next_blocks[seq.index] = Draft(hit.draft.tokens, hit.draft.q, source="branch")
+        self.draft.end_rollouts()
+        return new
+
+    def _accept_rate(self) -> float:
+        """Running estimate of the per-token acceptance α of the draft tokens verified so far,
+        with a prior worth PRIOR_TOKENS tokens at the plan's α (its profile, else the cost
+        model's DEFAULT_ACCEPT_RATE: one default for both)."""
+        prior = self.s.accept_rate if self.s.accept_rate is not None else DEFAULT_ACCEPT_RATE
+        return (self._taken + prior * PRIOR_TOKENS) / (self._judged + PRIOR_TOKENS)
+
+    def _join(self, seq: SeqState) -> None:
+        """A sequence joins: its prompt (but the last token) is prefilled on the target; the
+        draft feeds it at its first drafting step; its retrieval source starts on it."""
+        self._threads()
+        self.target.add(seq.index)
+        self.tp.submit(self.tracer, "target.prefill", self.target.fill, seq.index,
+                       seq.committed[:-1]).result()  # fmt: skip
+        if self.draft is not None and not self.state.draft_hung:
+            self.draft.add(seq.index, seq.sampling, seq.draft_gen)
+        if seq.retrieval is not None:
+            gate = Combined(seq.retrieval, None, threshold=self.s.retrieval_min_match)
+            gate.reset(seq.committed)
+            self._gates[seq.index] = gate
+
+    def _leave(self, seq: SeqState) -> None:
+        """The sequence is done: its rows on both devices become holes."""
+        seq.finished_at = self.tracer.now()
+        self.target.drop(seq.index)
+        self.next_blocks.pop(seq.index, None)
+        self._gates.pop(seq.index, None)
+        if self.draft is not None and not self.state.draft_hung and seq.index in self.draft.gens:
+            self.draft.drop(seq.index)

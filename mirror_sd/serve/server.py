@@ -34,8 +34,9 @@ def build(plan, config: ServeConfig) -> tuple[Routes, Engine]:
 
 
 def _batches(plan) -> bool:
-    """Whether the plan's settings run in a batch session (e.g. retrieval drafts do not yet);
-    if not, the server falls back to the serial engine and says why."""
+    """Whether the plan's settings run in a batch session (every plan compile() makes does;
+    a hand-built one may not, e.g. mode 'auto' unresolved); if not, the server falls back to
+    the serial engine and says why."""
     try:
         plan.batch_session()  # checks the plan's settings; takes nothing until entered
     except ValueError as exc:

@@ -114,10 +114,10 @@ def _record_proposals(monkeypatch) -> list[int]:
     seen: list[int] = []
     pick = DraftEngine._pick
 
-    def recording(self, logits):
-        tokens, q = pick(self, logits)
+    def recording(self, sids, rows):
+        tokens, qs = pick(self, sids, rows)
         seen.extend(tokens)
-        return tokens, q
+        return tokens, qs
 
     monkeypatch.setattr(DraftEngine, "_pick", recording)
     return seen

@@ -262,20 +262,15 @@ def test_sequences_join_a_running_batch(models, plan_factory):
     """Continuous batching at the scheduler: sequences admitted after rounds 2 and 5 are
     prefilled into free columns and decode exactly like batch 1 beside the running ones."""
     from mirror_sd.runtime.acceptance import Sampling
-    from mirror_sd.runtime.batch_draft import BatchDraft
-    from mirror_sd.runtime.batch_scheduler import BatchScheduler, SeqState
-    from mirror_sd.runtime.tracing import Tracer
 
     target, draft = models
     plan = plan_factory(target, draft, mode="speculative", num_draft_tokens=3)
+    spec = plan.spec.with_(mode="speculative")
 
-    def seq(i: int) -> SeqState:
-        gens = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i + 1)
-        return SeqState(i, list(PROMPTS[i]), 12, Sampling(), *gens)
+    def seq(i: int):
+        return plan.sequence(i, PROMPTS[i], 12, Sampling(), i, spec)
 
-    sched = BatchScheduler(plan.target, plan.target_pipe, BatchDraft(plan.draft),
-                           plan.draft_pipe, plan._settings(plan.spec.with_(mode="speculative")),
-                           Tracer())  # fmt: skip
+    sched = plan.scheduler(spec, plan.settings(spec))
     arrivals = {2: [seq(2)], 5: [seq(3), seq(4)]}
     calls = iter(range(100))
     seqs = [seq(0), seq(1)]
@@ -285,3 +280,23 @@ def test_sequences_join_a_running_batch(models, plan_factory):
     for s in everyone:
         assert s.produced == greedy_decode(target, PROMPTS[s.index], 12), f"sequence {s.index}"
     assert everyone[4].finished_at > max(s.finished_at for s in everyone[:2])  # joined late
+
+
+@pytest.mark.parametrize("mode", ["speculative", "mirror"])
+@pytest.mark.parametrize("source", ["sam", "pld"])
+def test_retrieval_sources_run_in_batches(models, plan_factory, mode, source):
+    """Every sequence gets its own fork of the plan's retrieval source: each equals its batch-1
+    tokens (greedy and sampled) and greedy decoding, and retrieval proposes rounds."""
+    target, draft = models
+    plan = plan_factory(target, draft, mode=mode, num_draft_tokens=3, retrieval=source,
+                        retrieval_min_match=1)  # fmt: skip
+    repetitive = [[5, 6, 7, 8] * 4, PROMPTS[1] * 2, [9, 10] * 6]
+    results = plan.generate(repetitive, 20)
+    for i, (prompt, res) in enumerate(zip(repetitive, results, strict=True)):
+        assert res.tokens == plan.generate(prompt, 20).tokens, f"prompts[{i}]"
+        assert_same(target, prompt, res.tokens, greedy_decode(target, prompt, 20), f"[{i}]")
+    assert any(r.source.startswith(source) for res in results for r in res.rounds)
+    sampled = plan.generate(repetitive, 12, temperature=1.0, seed=4)
+    for i, prompt in enumerate(repetitive):
+        alone = plan.generate(prompt, 12, temperature=1.0, seed=4 + i)
+        assert sampled[i].tokens == alone.tokens, f"sampled prompts[{i}]"

@@ -85,9 +85,15 @@ def draft_model(tmp_path_factory):
 
 
 def _engine(model, sampling: Sampling | None = None, seed: int = 0) -> DraftEngine:
-    sampling = sampling or Sampling()
+    """An engine following one sequence, id 0."""
     runner = TorchRunner(model, TorchDevice(), 256, name="draft")
-    return DraftEngine(runner, sampling, torch.Generator().manual_seed(seed))
+    engine = DraftEngine(runner)
+    engine.add(0, sampling or Sampling(), torch.Generator().manual_seed(seed))
+    return engine
+
+
+def _chain(engine: DraftEngine, gamma: int, policy=NEVER_STOP):
+    return engine.chain({0: COMMITTED}, gamma, policy)[0]
 
 
 COMMITTED = [3, 14, 15, 92, 65, 35]
@@ -96,17 +102,17 @@ COMMITTED = [3, 14, 15, 92, 65, 35]
 def test_draft_chain_stops_early_and_keeps_the_stopping_token(draft_model):
     ref = greedy_decode(draft_model, COMMITTED, 4)
     eng = _engine(draft_model)
-    d = eng.draft_chain(COMMITTED, 4, Scripted([set(), {0}]))  # stop after the 2nd token
+    d = _chain(eng, 4, Scripted([set(), {0}]))  # stop after the 2nd token
     assert d.tokens == ref[:2] and d.q is None
-    assert eng.rows == COMMITTED + ref[:1]  # the stopping token is proposed, never fed
+    assert eng.rows(0) == COMMITTED + ref[:1]  # the stopping token is proposed, never fed
     always = DraftPolicy("confidence", 0.999)  # a random tiny draft is never that sure
-    assert eng.draft_chain(COMMITTED, 4, always).tokens == ref[:1]  # at least one token
-    assert eng.draft_chain(COMMITTED, 4).tokens == ref  # no policy: γ tokens
+    assert _chain(eng, 4, always).tokens == ref[:1]  # at least one token
+    assert _chain(eng, 4).tokens == ref  # no policy: γ tokens
 
 
 def test_draft_chain_sampling_keeps_one_q_row_per_token(draft_model):
     eng = _engine(draft_model, Sampling(temperature=1.0), seed=3)
-    d = eng.draft_chain(COMMITTED, 4, Scripted([set(), set(), {0}]))
+    d = _chain(eng, 4, Scripted([set(), set(), {0}]))
     assert len(d.tokens) == 3 and d.q.shape == (3, draft_model.config.vocab_size)
     assert all(float(d.q[i, t]) > 0 for i, t in enumerate(d.tokens))
     assert torch.allclose(d.q.sum(-1), torch.ones(3))
@@ -139,7 +145,7 @@ def test_rollout_bounds_each_branch_and_commit_equals_a_fresh_run(draft_model, b
     eng.runner.forward = lambda ids, *a: calls.append(ids.shape[1]) or forward(ids, *a)
     for k, br in enumerate(branches):
         calls.clear()
-        rollouts = eng.rollout(COMMITTED, block, branches, 4, Scripted(SCRIPT))
+        rollouts = eng.rollout({0: (COMMITTED, block, branches)}, 4, Scripted(SCRIPT))[0]
         context = COMMITTED + block[: br.depth] + [br.token]
         # the batch shrinks: 4 branches (+ chain rows), then 3, then 2, 2
         assert calls[1:] == [3, 2, 2]
@@ -147,18 +153,19 @@ def test_rollout_bounds_each_branch_and_commit_equals_a_fresh_run(draft_model, b
             assert len(r.draft.tokens) == len(r.rows) == m
         r = rollouts[k]
         assert r.draft.tokens == greedy_decode(draft_model, context, LENGTHS[k])
-        eng.commit_branch(len(COMMITTED), br.depth, r)
+        eng.commit_branch(0, len(COMMITTED), br.depth, r)
+        eng.end_rollouts()  # the other branches' rows become holes
         path = context + r.draft.tokens[:-1]
-        assert eng.rows == path and eng.runner.length == len(path)
+        assert eng.rows(0) == path and len(eng.cache.cols[0]) == len(path)
         nxt = r.draft.tokens[-1]
         fresh = extend(draft_model, draft_model.new_cache(256), path + [nxt])[-1]
-        assert torch.allclose(eng._feed([nxt])[-1], fresh, atol=1e-4)
+        assert torch.allclose(eng.cache.forward({0: [nxt]})[0][-1], fresh, atol=1e-4)
 
 
 def test_rollout_sampling_q_rows_match_the_kept_tokens(draft_model):
     eng = _engine(draft_model, Sampling(temperature=1.0), seed=5)
     block = greedy_decode(draft_model, COMMITTED, 4)
-    rollouts = eng.rollout(COMMITTED, block, _branches(block), 4, Scripted(SCRIPT))
+    rollouts = eng.rollout({0: (COMMITTED, block, _branches(block))}, 4, Scripted(SCRIPT))[0]
     for r, m in zip(rollouts, LENGTHS, strict=True):
         assert len(r.draft.tokens) == m and r.draft.q.shape == (m, draft_model.config.vocab_size)
         assert all(float(r.draft.q[i, t]) > 0 for i, t in enumerate(r.draft.tokens))

@@ -1,21 +1,11 @@
-"""The model draft behind the `DraftSource` protocol (runtime.model_draft): it proposes what
-the draft engine drafts, fails into an empty proposal, and `Combined` chooses between it and
-a retrieval source by match length (SAM-Decoding's rule, which the scheduler no longer has)."""
+"""How a round gets its block: `Combined` gates a sequence's retrieval source by match length
+(SAM-Decoding's rule) and the model draft drafts the rest; each sequence of a batch runs its
+own fork of the plan's source, sharing plan-level memory only."""
 
 from __future__ import annotations
 
-import pytest
-import torch
-
-from mirror_sd.devices.base import DeviceError
-from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
-from mirror_sd.runtime.acceptance import Sampling
-from mirror_sd.runtime.draft_engine import DraftEngine
-from mirror_sd.runtime.drafters import Combined, DraftSource, Proposal
-from mirror_sd.runtime.model_draft import ModelDraft
-from mirror_sd.runtime.pipelines import Pipeline
-from mirror_sd.runtime.scheduler import RunState
-from mirror_sd.runtime.tracing import Tracer
+from mirror_sd.runtime.drafters import Combined, HierarchyDrafter, Proposal, SamDrafter
+from mirror_sd.runtime.drafters.sources import fork
 from tests.runtime.conftest import tiny_model
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
@@ -24,10 +14,8 @@ PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 class Fixed:
     """A retrieval stand-in: always proposes `tokens` with match length `match_len`."""
 
-    name = "fixed"
-
-    def __init__(self, tokens, match_len):
-        self.tokens, self.match_len, self.seen = tuple(tokens), match_len, []
+    def __init__(self, tokens, match_len, name="fixed"):
+        self.tokens, self.match_len, self.seen, self.name = tuple(tokens), match_len, [], name
 
     def reset(self, context):
         self.seen = list(context)
@@ -39,80 +27,41 @@ class Fixed:
         return Proposal(self.tokens[:max_tokens], self.match_len, self.name)
 
 
-def _source(tmp_path, greedy=True):
-    model = tiny_model(tmp_path, "llama", seed=3, num_hidden_layers=1)
-    runner = TorchRunner(model, TorchDevice(), 128, name="draft")
-    sampling = Sampling(0.0 if greedy else 1.0, 0, 1.0)
-    engine = DraftEngine(runner, sampling, torch.Generator().manual_seed(0))
-    pipe = Pipeline("npu", "draft")
-    src = ModelDraft(engine, pipe, Tracer(), 5.0, RunState())
-    return src, engine, runner, pipe, model
+def test_combined_takes_retrieval_only_when_its_match_is_long_enough():
+    for match, expected in ((3, "fixed"), (2, "model")):
+        retrieval, model = Fixed([7, 7, 7], match), Fixed([1], 0, name="model")
+        both = Combined(retrieval, model, threshold=3)
+        both.reset(PROMPT[:4])
+        both.extend(PROMPT[4:])
+        assert retrieval.seen == model.seen == PROMPT  # both follow the sequence
+        assert both.propose(4).source == expected
+    alone = Combined(Fixed([7], 1), None, threshold=3)  # retrieval alone, gated
+    assert alone.propose(4) == Proposal.empty("combined")
 
 
-def test_it_proposes_what_the_engine_drafts(tmp_path):
-    src, _, _, pipe, model = _source(tmp_path)
-    try:
-        assert isinstance(src, DraftSource)
-        src.reset(PROMPT[:5])
-        src.extend(PROMPT[5:])
-        p = src.propose(4)
-        ref = DraftEngine(TorchRunner(model, TorchDevice(), 128), Sampling(0.0, 0, 1.0),
-                          torch.Generator()).draft_chain(PROMPT, 4)  # fmt: skip
-        assert p.tokens == tuple(ref.tokens) and len(p.tokens) == 4
-        assert p.source == "draft" and p.match_len == 0 and p.q is None
-    finally:
-        pipe.close()
-
-
-def test_a_sampling_draft_hands_over_its_distributions(tmp_path):
-    src, _, runner, pipe, _ = _source(tmp_path, greedy=False)
-    try:
-        src.reset(PROMPT)
-        p = src.propose(3)
-        assert p.q is not None and tuple(p.q.shape) == (3, runner.vocab_size)
-        assert all(p.q[i, t] > 0 for i, t in enumerate(p.tokens))
-    finally:
-        pipe.close()
-
-
-def test_a_failing_or_dropped_draft_proposes_nothing(tmp_path):
-    src, _, runner, pipe, _ = _source(tmp_path)
-
-    def broken(*a, **kw):
-        raise DeviceError("npu lost")
-
-    try:
-        runner.forward = broken
-        src.reset(PROMPT)
-        with pytest.warns(UserWarning, match="draft device failed"):
-            assert src.propose(4) == Proposal.empty("draft")
-        assert src.state.fallback == "DeviceError: npu lost" and not src.state.draft_hung
-        runner.forward = lambda *a, **kw: pytest.fail("a dropped draft is not submitted")
-        assert src.propose(4) == Proposal.empty("draft")
-    finally:
-        pipe.close()
-
-
-def test_combined_takes_retrieval_only_when_its_match_is_long_enough(tmp_path):
-    src, _, _, pipe, _ = _source(tmp_path)
-    try:
-        for match, expected in ((3, "fixed"), (2, "draft")):
-            retrieval = Fixed([7, 7, 7], match)
-            both = Combined(retrieval, src, threshold=3)
-            both.reset(PROMPT[:4])
-            both.extend(PROMPT[4:])
-            assert retrieval.seen == src.committed == PROMPT  # both follow the sequence
-            assert both.propose(4).source == expected
-        alone = Combined(Fixed([7], 1), None, threshold=3)  # retrieval alone, gated
-        assert alone.propose(4) == Proposal.empty("combined")
-    finally:
-        pipe.close()
+def test_forks_follow_their_own_sequences_and_share_plan_memory():
+    sam = SamDrafter(corpus=[[40, 41, 42, 43]])
+    a, b = fork(sam), fork(sam)
+    a.reset([1, 2, 3, 1, 2])
+    b.reset([9, 40, 41])
+    assert a.propose(2).tokens == (3, 1) and a.propose(2).source == "sam:dynamic"
+    assert b.propose(2).tokens == (42, 43) and b.propose(2).source == "sam:static"
+    a.extend([3])  # a's sequence moves on; b's match is untouched
+    assert b.propose(2).tokens == (42, 43) and a.corpus is b.corpus is sam.corpus
+    hd = HierarchyDrafter(max_ngram=2, capacity=4)
+    first = fork(hd)
+    first.reset([5, 6])
+    hd.finish([5, 6], [70, 71, 72])  # the plan learns from a finished generation
+    later = fork(hd)
+    later.reset([8, 70, 71])
+    assert later.propose(1).tokens == (72,) and later.propose(1).source == "hd:recent"
+    assert first.recent == later.recent == [(70, 71, 72)]  # one memory
 
 
 def test_a_generation_leaves_no_scheduler_in_a_reference_cycle(tmp_path, plan_factory):
     """The scheduler is freed when a generation ends, not whenever the cyclic collector runs
-    (a scheduler <-> ModelDraft cycle kept a generation's runners, pipelines and tracer alive
-    until then; a tensor-parallel target's process group must not outlive Plan.close())."""
+    (a cycle would keep a generation's runners, pipelines and tracer alive until then; a
+    tensor-parallel target's process group must not outlive Plan.close())."""
     import gc
 
     from mirror_sd.runtime.scheduler import VerificationScheduler
@@ -124,6 +73,7 @@ def test_a_generation_leaves_no_scheduler_in_a_reference_cycle(tmp_path, plan_fa
     gc.disable()
     try:
         plan.generate(PROMPT, 12)
+        plan.generate([PROMPT, PROMPT[:5]], 12)
         alive = [o for o in gc.get_objects() if type(o) is VerificationScheduler]
     finally:
         gc.enable()

@@ -41,7 +41,7 @@ def test_batch_is_the_default_engine_and_serial_an_option(plan):
 
 
 class _Unbatchable:
-    """A plan whose settings a batch session does not take (as retrieval drafts today)."""
+    """A plan whose settings a batch session does not take (e.g. a hand-built plan)."""
 
     def __init__(self, plan):
         self._plan = plan
@@ -50,7 +50,7 @@ class _Unbatchable:
         return getattr(self._plan, name)
 
     def batch_session(self, *args, **kwargs):
-        raise ValueError("retrieval 'pld' does not run in batches yet")
+        raise ValueError("mode 'auto' is resolved by compile()")
 
 
 def test_a_plan_that_cannot_batch_is_served_serially(plan):

@@ -1,14 +1,18 @@
 """The draft-source interface: anything that proposes a continuation of the committed tokens.
 
-A draft source follows one sequence at a time: `reset(prompt)` starts it, `extend(tokens)`
-reports tokens the target committed, and `propose(max_tokens)` returns a deterministic
-guess at what comes next. A source that learns from finished generations also has
-`finish(prompt, output)`, which the plan calls after each generation. Sources register
-their `speculation.retrieval` names in sources.py. Model-free sources (suffix automaton,
-n-gram tables, a reference output) and the model draft (`runtime.model_draft.ModelDraft`,
-its proposals run on the draft device) all implement this protocol, so `Combined` chooses
-between them by match length: SAM-Decoding's rule, applied nowhere else. Sources are called every round, so `propose` and `extend`
-cost O(1) amortized per token (or O(n-gram size)), never a rescan of the whole sequence.
+A draft source follows one sequence: `reset(prompt)` starts it, `extend(tokens)` reports
+tokens the target committed, and `propose(max_tokens)` returns a deterministic guess at what
+comes next. A source that learns from finished generations also has `finish(prompt,
+output)`, which the plan calls after each generation. Sources register their
+`speculation.retrieval` names in sources.py.
+
+In a batch every sequence gets its own fork of the plan's source (`sources.fork`: a shallow
+copy, then `reset`), so `reset` must *rebind* its per-sequence state, never mutate it in
+place; plan-level memory (a corpus, recent outputs, references) stays shared. The scheduler
+gates each sequence's proposals with `Combined` (SAM-Decoding's rule: retrieval when its match
+is long enough) and drafts the rest with the model, one batched chain for all of them.
+Sources are called every round, so `propose` and `extend` cost O(1) amortized per token (or
+O(n-gram size)), never a rescan of the whole sequence.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ reference source the last output per prompt).
 
 from __future__ import annotations
 
+import copy
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -93,3 +94,10 @@ def make_source(name: str, max_ngram: int) -> DraftSource | None:
     if check_source(name) == NONE:
         return None
     return _SOURCES[name].factory(SourceSettings(max_ngram=max_ngram))
+
+
+def fork(source: DraftSource) -> DraftSource:
+    """A copy of `source` for one more sequence: it shares the plan-level memory (corpus,
+    recent outputs, references) and gets its own sequence state at its `reset` (which
+    rebinds that state; see base.py)."""
+    return copy.copy(source)

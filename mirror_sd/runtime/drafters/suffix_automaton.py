@@ -286,7 +286,7 @@ class SamDrafter:
     def reset(self, context: Sequence[int]) -> None:
         """Start a sequence: a fresh dynamic automaton over `context`; rematch the corpus."""
         self._dynamic = SuffixAutomaton(context)
-        self._static.reset()
+        self._static = SuffixMatch(self.corpus)  # rebound, not reset: forks share the corpus
         self._static.feed_many(context)
 
     def extend(self, tokens: Sequence[int]) -> None:
