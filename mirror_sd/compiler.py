@@ -47,6 +47,7 @@ from mirror_sd.partition import (
     load_device_map,
     place,
 )
+from mirror_sd.partition.batch_policy import batch_rows, choose_per_batch
 from mirror_sd.partition.placement import Placement
 from mirror_sd.partition.stages import model_aliases
 from mirror_sd.partition.threads import ThreadBudget
@@ -335,7 +336,7 @@ def measure(r: Resolved, b: Built) -> Measured:
     prof = r.profile_data or profile(
         b.t_runner, b.d_runner, b.lens if b.lens is not None else b.t_model, ids,
         max_block=spec.num_draft_tokens + 1, description=f"{target} <- {draft}",
-        budget=r.budget,
+        budget=r.budget, extra_rows=batch_rows(spec.num_draft_tokens),
     )  # fmt: skip
     if r.heads.files or b.e_trim is not None:  # the exit head in use, not the full lens
         probe = build_exit_head(spec, r.exit_layer, r.heads, b.t_model, b.e_trim)
@@ -388,6 +389,11 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         draft_placement=getattr(b.d_runner, "placement", None), draft_trim=b.d_trim,
         draft_trim_coverage=b.d_trim_cov, exit_heads=r.heads, kept_split=kept_split,
         precision=r.precision,
+        batch_policy=(
+            choose_per_batch(m.profile, spec.mode, spec.num_draft_tokens)
+            if m.profile is not None and b.d_runner is not None
+            else ()
+        ),
     )  # fmt: skip
     d_slot = None
     if b.d_runner is not None:
@@ -404,6 +410,7 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         report=report,
         accept_rate=m.profile.accept_rate if m.profile is not None else None,
         exit_head=exit_head,
+        batch_policy=report.batch_policy,
     )
 
 

@@ -70,6 +70,8 @@ def describe(plan: Plan) -> str:
         lines.append(info.exit_heads.table())
     if info.choice:
         lines.append(info.choice.explain())
+    if info.batch_policy:
+        lines.append("per live batch size: " + "; ".join(b.describe() for b in info.batch_policy))
     if info.kept_split:
         kept, best = info.kept_split
         lines.append(

@@ -9,6 +9,7 @@ import yaml
 
 from mirror_sd.compiler import _with_spec, compile
 from mirror_sd.partition import Profile, load_device_map
+from mirror_sd.partition.batch_policy import choose_per_batch
 from mirror_sd.runtime.plan import Plan
 
 PLAN_VERSION = 1
@@ -76,4 +77,8 @@ def load(folder: str | Path) -> Plan:
     plan.report.profile = (
         Profile.load(folder / "profile.json") if (folder / "profile.json").is_file() else None
     )
+    if plan.report.profile is not None and plan.draft is not None:  # as compile() chose it
+        plan.batch_policy = plan.report.batch_policy = choose_per_batch(
+            plan.report.profile, plan.spec.mode, plan.spec.num_draft_tokens
+        )
     return plan

@@ -36,6 +36,8 @@ class CompileReport:
         assembled from the per-layer export in seconds, but its sessions load the weights
         again)
     precision: device alias -> how its `quantize: auto` / `dtype: auto` was resolved
+    batch_policy: mode and γ per live batch size (`partition.batch_policy`; () without a
+        profile)
     """
 
     target: str
@@ -53,3 +55,4 @@ class CompileReport:
     exit_heads: Any = None
     kept_split: tuple[int, int] | None = None
     precision: dict[str, str] = field(default_factory=dict)
+    batch_policy: tuple = ()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from mirror_sd.devices.base import ModelRunner, SplitRunner
+from mirror_sd.partition.batch_policy import BatchSetting
 from mirror_sd.partition.device_map import DeviceSpec
 from mirror_sd.partition.spec_config import SpecConfig
 from mirror_sd.partition.threads import ThreadBudget
@@ -55,6 +56,7 @@ class Plan:
         report: CompileReport | None = None,
         accept_rate: float | None = None,
         exit_head=None,
+        batch_policy: tuple[BatchSetting, ...] = (),
     ):
         self.target, self.draft = target, draft
         self.target_device, self.draft_device = target_device, draft_device
@@ -64,6 +66,7 @@ class Plan:
         self.report = report  # what compile() decided and measured (describe(), save())
         self.accept_rate = accept_rate  # the measured α: the prior for ranking branches
         self.exit_head = exit_head  # graphs.heads.ExitHead, or None: the runner's own head
+        self.batch_policy = batch_policy  # mode and γ per live batch size (partition.batch_policy)
         self.device_specs = device_specs  # (target's, draft's) map entries: the thread budget
         self.target_pipe = Pipeline(target_device.alias, "verification")
         self.draft_pipe = Pipeline(draft_device.alias, "draft streaming") if draft_device else None
@@ -252,6 +255,11 @@ class Plan:
             draft_stop=DraftPolicy(spec.draft_stop, spec.draft_stop_threshold),
             accept_rate=self.accept_rate,
             threads=self.thread_budget(spec),
+            # the per-batch-size policy was chosen for the plan's mode and γ: a call that
+            # overrides either runs its own settings at every batch size
+            by_batch=self.batch_policy
+            if (spec.mode, spec.num_draft_tokens) == (self.spec.mode, self.spec.num_draft_tokens)
+            else (),
         )
 
     # --- lifecycle --------------------------------------------------------------------------

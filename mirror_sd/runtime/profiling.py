@@ -160,6 +160,7 @@ def profile(
     candidate_layers: Sequence[int] | None = None,
     description: str = "",
     budget: ThreadBudget | None = None,
+    extra_rows: Sequence[int] = (),
 ) -> Profile:
     """Measure a `Profile` on the runners' real devices (each runner is left empty), each
     runner at its solo threads of `budget`, the overlap slowdown at the overlap threads.
@@ -167,15 +168,19 @@ def profile(
     `lens_model` is the target as a torch `CausalLM` (any device), used for the exit head's
     logit-lens agreement per candidate exit layer, or that agreement already measured
     (`agreement_by_layer` over `lens_layers`): compile() measures it first and frees the
-    torch model before the ONNX Runtime sessions load.
+    torch model before the ONNX Runtime sessions load. `extra_rows`: target row counts
+    beyond 1..max_block to time (the batch policy's, `partition.batch_policy.batch_rows`).
     """
     lens = lens_model if isinstance(lens_model, Mapping) else None
     n_layers = target.n_layers if lens is not None else lens_model.num_layers
     if budget is not None:
         set_threads(target, budget.target())
         set_threads(draft, budget.draft())
-    context = min(context, target.max_len - max_block, draft.max_len - max(draft_rows))
-    t_target = {n: _time_rows(target, context, n, reps) for n in range(1, max_block + 1)}
+    rows = sorted(
+        set(range(1, max_block + 1)) | {n for n in extra_rows if n <= target.max_len // 2}
+    )
+    context = min(context, target.max_len - max(rows), draft.max_len - max(draft_rows))
+    t_target = {n: _time_rows(target, context, n, reps) for n in rows}
     t_draft = {b: _time_rows(draft, context, b, reps) for b in draft_rows}
     target.rollback(0)
     draft.rollback(0)

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from mirror_sd.devices.base import SplitRunner, set_threads
+from mirror_sd.partition.batch_policy import BatchSetting, setting_for
 from mirror_sd.partition.cost_model import DEFAULT_ACCEPT_RATE
 from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.runtime.acceptance import Sampling, Verdict, probs, verify_greedy, verify_sampling
@@ -60,6 +61,14 @@ class RoundSettings:
     draft_stop: DraftPolicy = NEVER_STOP  # bounds chain drafts and each branch's rollout
     accept_rate: float | None = None  # the plan's measured α: prior for ranking branches
     threads: ThreadBudget | None = None  # threads per pipeline and phase; None: leave as built
+    by_batch: tuple[BatchSetting, ...] = ()  # mode and γ per live batch size; () = these
+
+    def at(self, live: int) -> RoundSettings:
+        """The settings of a round with `live` sequences (`partition.batch_policy`)."""
+        chosen = setting_for(self.by_batch, live)
+        if chosen is None or (chosen.mode, chosen.num_draft_tokens) == (self.mode, self.gamma):
+            return self
+        return replace(self, mode=chosen.mode, gamma=chosen.num_draft_tokens)
 
 
 @dataclass
@@ -116,7 +125,7 @@ class VerificationScheduler:
     ):
         self.target, self.tp = PackedCache(target), target_pipe
         self.draft, self.dp = draft, draft_pipe
-        self.s, self.tracer = settings, tracer
+        self.base, self.s, self.tracer = settings, settings, tracer  # s: this round's (`at`)
         self.exit_logits = exit_head or target.exit_logits  # hidden (1, T, D) -> (T, V)
         self.state = RunState()
         self.next_blocks: dict[int, Draft] = {}  # mirror: a hit branch's rollout per sequence
@@ -233,6 +242,7 @@ class VerificationScheduler:
         return [*block.tokens[: v.accepted], v.correction]
 
     def _round(self, live: list[SeqState]) -> dict[int, list[int]]:
+        self.s = self.base.at(len(live))
         self._threads()
         blocks, t_draft = self._propose(live)
         mirror = self.s.mode == "mirror" and self._draft_alive()

@@ -300,3 +300,23 @@ def test_retrieval_sources_run_in_batches(models, plan_factory, mode, source):
     for i, prompt in enumerate(repetitive):
         alone = plan.generate(prompt, 12, temperature=1.0, seed=4 + i)
         assert sampled[i].tokens == alone.tokens, f"sampled prompts[{i}]"
+
+
+@pytest.mark.parametrize("mode", ["speculative", "mirror"])
+def test_a_batch_decodes_autoregressively_where_the_policy_says_so(models, plan_factory, mode):
+    """A plan whose policy says autoregressive from 4 live sequences: a batch of 4 drafts
+    nothing, batch 1 drafts; greedy output unchanged either way."""
+    from mirror_sd.partition.batch_policy import choose_per_batch
+    from tests.partition.test_batch_policy import batch_profile
+
+    target, draft = models
+    plan = plan_factory(target, draft, mode=mode, num_draft_tokens=3)
+    plan.batch_policy = choose_per_batch(batch_profile(0.05), mode, 3)  # B >= 4: autoregressive
+    assert [s.mode for s in plan.batch_policy][-2:] == ["autoregressive"] * 2
+    prompts = [[1 + i, 2, 3 + i] for i in range(4)]
+    results = plan.generate(prompts, 12)
+    for p, r in zip(prompts, results, strict=True):
+        assert r.tokens == greedy_decode(target, p, 12)
+        assert all(x.source == "target" for x in r.rounds[:1])  # 4 live: no drafting
+    alone = plan.generate(prompts[0], 12)  # batch 1: the plan's mode drafts
+    assert alone.tokens == results[0].tokens and any(x.drafted for x in alone.rounds)
