@@ -174,12 +174,13 @@ def compile(
     return finish(r, b, measure(r, b))
 
 
-def check_block_bounds(spec, source: str = "<dict>") -> None:
+def check_block_bounds(spec, source: str = "<dict>", vocab_size: int | None = None) -> None:
     """γ, κ and the branch budget within what a plan can run, named by key when not.
 
     A verified block is γ + 1 rows, scored row-invariantly (the lossless guarantee of a
     quantized target, docs/runtime.md) up to ROW_INVARIANT_ROWS; mirror's branches need
-    (1 + budget)·(γ + 1) + 1 cache rows beyond the prompt within max_len.
+    (1 + budget)·(γ + 1) + 1 cache rows beyond the prompt within max_len; κ exit candidates
+    per position come from the exit head's vocabulary (`vocab_size`, or its VocabTrim).
 
     Raises:
         DeviceMapError: naming the key and the largest value that works.
@@ -199,6 +200,13 @@ def check_block_bounds(spec, source: str = "<dict>") -> None:
             f"needs {need} rows beyond it (γ = {gamma}, branch budget {budget}); raise max_len "
             "or lower num_draft_tokens / branch_budget", source,
         )  # fmt: skip
+    if vocab_size is not None:
+        heads = min(vocab_size, spec.exit_vocab_size or vocab_size)
+        if spec.exit_top_k > heads:
+            raise DeviceMapError(
+                "speculation.exit_top_k", f"κ = {spec.exit_top_k} exit candidates per position, "
+                f"but the exit head scores {heads} tokens; use at most {heads}", source,
+            )  # fmt: skip
 
 
 def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=None,
@@ -223,6 +231,7 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
     t_folder = zoo.resolve_model(target, cache=cache)
     d_folder = zoo.resolve_model(draft, cache=cache) if draft is not None else None
     t_tok, t_cfg, d_cfg = load_tokenizer(t_folder), load_config(t_folder), None
+    check_block_bounds(spec, dm.source, t_cfg.vocab_size)
     if d_folder is not None:
         _check_tokenizers(t_tok, load_tokenizer(d_folder), str(target), str(draft))
         d_cfg = load_config(d_folder)

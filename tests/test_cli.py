@@ -214,3 +214,17 @@ def test_missing_torch_gpu_is_a_user_error(tmp_path, capsys, monkeypatch):
     dm = "examples/device_maps/cuda_ortcuda.yaml"
     msg = _user_error(capsys, ["compile", str(t), "--device-map", dm, "-o", str(tmp_path / "p")])
     assert "torch sees no CUDA GPU here" in msg and "device: cpu" in msg
+
+
+def test_more_exit_candidates_than_the_vocabulary_is_a_user_error(tmp_path, capsys):
+    """κ is bounded by the target's vocabulary (read from its config before any export)."""
+    from tests.conftest import make_tiny, make_tokenizer, save_tiny
+
+    folder = save_tiny(make_tiny("llama"), tmp_path / "llama")
+    make_tokenizer().save_pretrained(folder)
+    dm = tmp_path / "map.yaml"
+    dm.write_text("version: 1\ndevices:\n  a: {backend: torch}\nplacement: {target: a, draft: a}\n"
+                  "speculation: {exit_top_k: 1000}\n")  # fmt: skip
+    msg = _user_error(capsys, ["compile", str(folder), "--draft", str(folder), "--device-map",
+                               str(dm), "-o", str(tmp_path / "p")])  # fmt: skip
+    assert "speculation.exit_top_k" in msg and "use at most 97" in msg
