@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import pytest
 from mirror_sd.bench import llamacpp, peers
 from mirror_sd.bench.methods import parse_methods
 from mirror_sd.bench.peer_common import PeersUnavailableError
+from tests.bench.fakes import install_fakes, module
 
 CLOCK = [0.0]
 
@@ -50,14 +49,9 @@ class FakePLD:
 
 @pytest.fixture
 def fake_llama(monkeypatch):
-    spec = types.ModuleType("llama_cpp.llama_speculative")
-    spec.LlamaPromptLookupDecoding = FakePLD
-    mod = types.ModuleType("llama_cpp")
-    mod.Llama = FakeLlama
-    mod.llama_speculative = spec
-    monkeypatch.setitem(sys.modules, "llama_cpp", mod)
-    monkeypatch.setitem(sys.modules, "llama_cpp.llama_speculative", spec)
-    monkeypatch.setattr(llamacpp, "time", SimpleNamespace(perf_counter=lambda: CLOCK[0]))
+    spec = module("llama_cpp.llama_speculative", LlamaPromptLookupDecoding=FakePLD)
+    llama = module("llama_cpp", Llama=FakeLlama, llama_speculative=spec)
+    install_fakes(monkeypatch, llamacpp, CLOCK, llama_cpp=llama, llama_cpp__llama_speculative=spec)
     FakeLlama.built = []
     return FakeLlama
 

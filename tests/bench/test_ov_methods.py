@@ -4,8 +4,6 @@ load, before the first timed one), the precision pins and the run's method list 
 
 from __future__ import annotations
 
-import sys
-import types
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from mirror_sd import cli as root_cli
 from mirror_sd.bench import peers
 from mirror_sd.bench.peer_common import PipelineSlot
+from tests.bench.fakes import install_fakes, module
 
 IDS = [5, 6, 7]
 
@@ -39,17 +38,13 @@ CLOCK = [0.0]
 @pytest.fixture
 def fake_ov(monkeypatch):
     """Fake `openvino_genai` and `openvino` modules, and peers' clock reading the fake clock."""
-    genai = types.ModuleType("openvino_genai")
-    genai.SchedulerConfig = SimpleNamespace
-    genai.GenerationConfig = SimpleNamespace
-    genai.LLMPipeline = FakePipeline
-    genai.draft_model = lambda path, device, **props: ("draft", path, props)
-    genai.TokenizedInputs = lambda ids, mask: (ids, mask)
-    ov = types.ModuleType("openvino")
-    ov.Tensor = lambda x: x
-    monkeypatch.setitem(sys.modules, "openvino_genai", genai)
-    monkeypatch.setitem(sys.modules, "openvino", ov)
-    monkeypatch.setattr(peers, "time", SimpleNamespace(perf_counter=lambda: CLOCK[0]))
+    genai = module(
+        "openvino_genai", SchedulerConfig=SimpleNamespace, GenerationConfig=SimpleNamespace,
+        LLMPipeline=FakePipeline, draft_model=lambda path, device, **props: ("draft", path, props),
+        TokenizedInputs=lambda ids, mask: (ids, mask),
+    )  # fmt: skip
+    ov = module("openvino", Tensor=lambda x: x)
+    install_fakes(monkeypatch, peers, CLOCK, openvino_genai=genai, openvino=ov)
     FakePipeline.built = []
     return FakePipeline
 
