@@ -50,6 +50,7 @@ from mirror_sd.devices.ort_core import (
     placement_summary,
     records_assignment_api,
 )
+from mirror_sd.devices.row_exact import needs_padding, pad_rows
 from mirror_sd.graphs.export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_BYTES,
@@ -231,7 +232,9 @@ class OrtSplitRunner(RowCache):
         self.hidden_size = hidden_size
         self.vocab_size = int(self.head.get_outputs()[0].shape[2])
         self.logits_dtype = np.dtype(NUMPY_DTYPES[self.head.get_outputs()[0].type])
-        self.kv = make_kv(self.n_layers, max_len, kv_shape, self.dtype, self.prefix, kv_on_device)
+        self.pad = needs_padding(quantize)  # lone rows decode as blocks of two (`row_exact`)
+        rows = max_len + self.pad  # room for a padded last row's throw-away K/V
+        self.kv = make_kv(self.n_layers, rows, kv_shape, self.dtype, self.prefix, kv_on_device)
         where = f"{alias} ({device.describe()})" if alias else device.describe()
         self.name = f"{name} on {where}"
         self.placement = self._placement()
@@ -312,25 +315,30 @@ class OrtSplitRunner(RowCache):
     def _run_prefix(self, ids, position_ids, mask) -> np.ndarray:
         """Prefix session on ids (1, T) -> hidden (1, T, D); K/V rows of layers [0, ℓe)."""
         t = self._check(ids.shape[1], mask)
+        if t == 1 and self.pad:  # a lone row takes the block kernel (`row_exact`)
+            ids, position_ids, mask = pad_rows(host(ids, np.int64), position_ids, mask)
         binding = self.prefix.io_binding()
         binding.bind_cpu_input("input_ids", host(ids, np.int64))
         layers = range(self._exit_layer)
-        return self._run_layers(self.prefix, binding, layers, t, position_ids, mask)
+        return self._run_layers(self.prefix, binding, layers, position_ids, mask)[:, :t]
 
     def _run_suffix(self, hidden: np.ndarray, position_ids, mask) -> np.ndarray:
         """Suffix session on hidden (1, T, D) -> hidden (1, T, D); K/V rows of [ℓe, N);
         advances the cache by T."""
         t = self._check(hidden.shape[1], mask)
+        if t == 1 and self.pad:
+            hidden, position_ids, mask = pad_rows(hidden, position_ids, mask)
         binding = self.suffix.io_binding()
-        binding.bind_cpu_input("hidden", hidden)
+        binding.bind_cpu_input("hidden", np.ascontiguousarray(hidden))
         layers = range(self._exit_layer, self.n_layers)
-        out = self._run_layers(self.suffix, binding, layers, t, position_ids, mask)
+        out = self._run_layers(self.suffix, binding, layers, position_ids, mask)[:, :t]
         self.length += t
         return out
 
     def _run_layers(self, session: ort.InferenceSession, binding: _Binding, layers: range,
-                    t: int, position_ids, mask) -> np.ndarray:  # fmt: skip
+                    position_ids, mask) -> np.ndarray:  # fmt: skip
         """Bind positions, mask and the layers' K/V in place; run; return hidden (1, T, D)."""
+        t = mask.shape[1]
         binding.bind_cpu_input("position_ids", host(position_ids, np.int64))
         binding.bind_cpu_input("mask", host(mask, np.bool_))
         bind_kv(binding, self.kv, layers, self.length, t)
@@ -341,13 +349,16 @@ class OrtSplitRunner(RowCache):
 
     def _logits(self, hidden: np.ndarray) -> torch.Tensor:
         """Head session on hidden (1, T, D) -> logits (T, V) float32."""
+        t = hidden.shape[1]
+        if t == 1 and self.pad:
+            hidden = np.concatenate([hidden, hidden], axis=1)
         binding = self.head.io_binding()
-        binding.bind_cpu_input("hidden", hidden)
+        binding.bind_cpu_input("hidden", np.ascontiguousarray(hidden))
         logits = np.empty((1, hidden.shape[1], self.vocab_size), self.logits_dtype)  # (1, T, V)
         out = ("cpu", 0, self.logits_dtype, logits.shape, logits.ctypes.data)
         binding.bind_output("logits", *out)
         self.head.run_with_iobinding(binding)
-        return torch.from_numpy(logits[0]).float()  # (T, V)
+        return torch.from_numpy(logits[0, :t]).float()  # (T, V)
 
     def _placement(self) -> str:
         """Which providers run the three graphs' nodes (a summary; warns on fallbacks)."""

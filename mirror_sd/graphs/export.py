@@ -236,7 +236,8 @@ def quantize_weights(src: str | Path, dst: str | Path, bits: int) -> Path:
     The same file serves drafts and targets. A quantized target stays lossless against its own
     one-row decoding because every op of the graph is row-invariant: each row's result is
     bit-for-bit the same alone or in a block (MatMulNBits at this level and block size is, for
-    every M; attention computes a short block row by row, `model.attend`; tested in
+    every M >= 2, and for M = 1 where `devices.row_exact` measures so; elsewhere the target
+    runner pads a lone row to two; attention computes a short block row by row, `model.attend`; tested in
     tests/graphs/test_row_invariance.py). That matters more here than in fp32: int8 activation
     quantization is a step function, so a last-bit difference between a block and a single row
     that crosses a rounding boundary becomes a whole quantization step (docs/runtime.md, *Row

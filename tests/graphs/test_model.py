@@ -125,14 +125,19 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 
 
 def test_bfloat16_matches_transformers_bfloat16(tiny_hf):
+    """Our bf16 model is as far from the fp32 function as transformers' bf16 is (bf16 rounds at
+    other points in each: the two bf16 results differ by a few bf16 ulps, most on Gemma 3)."""
     _, hf, folder = tiny_hf
     model = load_model(folder, dtype="bfloat16")
-    hf = hf.to(torch.bfloat16)
     ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
+        exact = hf.float()(ids).logits[0]
+        hf = hf.to(torch.bfloat16)
         ref = hf(ids).logits[0].float()
     ours = extend(model, model.new_cache(32), ids[0].tolist()).float()
-    assert (ours - ref).abs().max().item() <= 2e-2
+    theirs_err = (ref - exact).abs().max().item()
+    assert (ours - exact).abs().max().item() <= 2 * theirs_err + 4e-3
+    assert (ours - ref).abs().max().item() <= 4e-2
     gen = hf.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert greedy_decode(model, ids[0].tolist(), 12) == gen[0, 12:].tolist()
 

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from mirror_sd.devices.row_exact import needs_padding, pad_rows
 from mirror_sd.graphs import export as ex
 from mirror_sd.graphs import load_model
 from mirror_sd.graphs.masks import causal_mask
@@ -39,8 +40,14 @@ class Graph:
         self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.layers = layers
 
-    def run(self, ids, pos, mask, past):
-        """ids (B, T); past [(k, v)] per layer, each (B, S, nkv, hd) -> logits, [(k, v)]."""
+    def run(self, ids, pos, mask, past, pad=False):
+        """ids (B, T); past [(k, v)] per layer, each (B, S, nkv, hd) -> logits, [(k, v)].
+        `pad`: a lone row runs as a block of two, as the runners do where
+        `row_exact.needs_padding` says so; the copy's outputs are dropped."""
+        if pad:
+            padded = pad_rows(ids, torch.from_numpy(pos), torch.from_numpy(mask))
+            logits, new = self.run(padded[0], padded[1].numpy(), padded[2].numpy(), past)
+            return logits[:, :1], [(k[:, :1], v[:, :1]) for k, v in new]
         feeds = {"input_ids": ids, "position_ids": pos, "mask": mask}
         for i, (k, v) in enumerate(past):
             feeds[f"past_k_{i}"], feeds[f"past_v_{i}"] = k, v
@@ -76,11 +83,31 @@ def test_a_block_scores_each_row_as_decoding_it_alone_would(family_model, quanti
     logits, new = graph.run(block, pos, causal_mask(PROMPT, BLOCK).numpy(), past)
     for j in range(BLOCK):  # decode the same rows one at a time
         one, step = graph.run(block[:, j : j + 1], pos[:, j : j + 1],
-                              causal_mask(PROMPT + j, 1).numpy(), past)  # fmt: skip
+                              causal_mask(PROMPT + j, 1).numpy(), past, needs_padding(quantize))  # fmt: skip
         assert np.array_equal(one[0, 0], logits[0, j]), f"row {j}: logits differ"
         for (k, v), (bk, bv) in zip(step, new, strict=True):
             assert np.array_equal(k[0, 0], bk[0, j]) and np.array_equal(v[0, 0], bv[0, j])
         past = _cat(past, step)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_a_padded_lone_row_is_the_lone_row(family_model, quantize):
+    """Padding a lone row into a block of two (row_exact.pad_rows) changes nothing about the
+    row: same logits and K/V as the row alone, up to the kernels' M = 1 rounding (exact in
+    fp32, where every MatMul's M = 1 path is row-invariant)."""
+    model, cache, family = family_model
+    path = ex.export_cached(model, cache, {"tiny": family, "seed": 1}, quantize=quantize)
+    graph = Graph(path, model.num_layers)
+    ids = np.random.default_rng(3).integers(0, 97, (1, PROMPT + 1))
+    _, past = _prefill(graph, model, ids[:, :PROMPT])
+    args = (ids[:, PROMPT:], np.array([[PROMPT]]), causal_mask(PROMPT, 1).numpy(), past)
+    alone, kv_alone = graph.run(*args)
+    padded, kv_padded = graph.run(*args, pad=True)
+    assert padded.shape == alone.shape and not needs_padding(None)
+    same = np.array_equal if quantize is None else lambda a, b: np.allclose(a, b, atol=1e-3)
+    assert same(alone, padded)
+    for (k, v), (pk, pv) in zip(kv_alone, kv_padded, strict=True):
+        assert same(k, pk) and same(v, pv)
 
 
 def test_long_blocks_take_the_gemm_path_and_agree_to_rounding(family_model):
