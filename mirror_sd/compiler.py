@@ -20,11 +20,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from mirror_sd.backends.registry import backend_for
 from mirror_sd.builders import (
-    draft_onnx,
     draft_runner,
     draft_trim,
-    ort_device,
     resolve_precision,
     target_runner,
 )
@@ -40,7 +39,6 @@ from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.partition import (
     DeviceMap,
     DeviceMapError,
-    OrtSpec,
     Profile,
     SpecConfig,
     choose,
@@ -263,8 +261,8 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
         t_spec, d_spec, spec.overlap, spec.overlap_target_cores or None
     )
     for role, device in (("target", t_spec), ("draft", d_spec)):  # a missing execution
-        if isinstance(device, OrtSpec):  # provider fails here, before any export
-            ort_device(device, budget, role)
+        if device is not None:  # provider fails here, before any export
+            backend_for(device).check(device, budget, role)
     return Resolved(
         names=(str(target), None if draft is None else str(draft)), dm=dm, spec=spec,
         mode_asked=mode_asked, t_folder=t_folder, d_folder=d_folder, t_tok=t_tok, t_cfg=t_cfg,
@@ -289,8 +287,8 @@ def build(r: Resolved, given_trim: VocabTrim | str | Path | None = None) -> Buil
     lens_ids = r.t_tok(CALIBRATION_TEXT)["input_ids"] if profiling else None
     d_onnx = None
     trimmed = bool(spec.draft_vocab_size or given_trim is not None)
-    if r.d_folder is not None and not r.d_split and isinstance(r.d_spec, OrtSpec) and not trimmed:
-        d_onnx = draft_onnx(r.d_spec, r.d_folder, r.onnx_root)
+    if r.d_folder is not None and not r.d_split and not trimmed:  # exporting backends only
+        d_onnx = backend_for(r.d_spec).draft_export(r.d_spec, r.d_folder, r.onnx_root)
     check_plan(r.t_spec, r.d_spec, r.keep_model, dm.source)  # what tensor_parallel cannot do yet
     if r.t_split:
         t_model, t_runner, t_label = pipeline_runner(

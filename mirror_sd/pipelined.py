@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mirror_sd.backends.registry import backend_for
 from mirror_sd.devices.pipeline_runner import PipelineRunner
 from mirror_sd.devices.torch_device import TorchDevice
 from mirror_sd.graphs.loader import load_model
 from mirror_sd.graphs.model import CausalLM
-from mirror_sd.partition import DeviceMap, DeviceMapError, SimSpec, TorchSpec
+from mirror_sd.partition import DeviceMap, DeviceMapError
 from mirror_sd.partition.placement import Placement
 from mirror_sd.partition.stages import exit_alias, model_aliases, model_stages
-from mirror_sd.simulated import host_spec
 
 
 def spans_devices(placement: Placement, model: str) -> bool:
@@ -47,13 +47,12 @@ def pipeline_runner(dm: DeviceMap, placement: Placement, model: str, folder: Pat
     head = exit_alias(placement.assignment, model)
     devices: dict[str, TorchDevice] = {}
     for alias in aliases + ([head] if head and head not in aliases else []):
-        spec = dm.devices[alias]
-        if isinstance(spec, SimSpec):
-            spec = host_spec(spec)
-        if not isinstance(spec, TorchSpec):
+        given = dm.devices[alias]
+        spec = backend_for(given).torch_spec(given)  # a sim device: its host torch device
+        if spec is None:
             raise DeviceMapError(
                 f"devices.{alias}",
-                f"runs part of the {model} ({spec.backend}); a model spread over devices runs "
+                f"runs part of the {model} ({given.backend}); a model spread over devices runs "
                 "on torch or sim devices only: place the whole model on this device or make "
                 "every device it uses `backend: torch`",
                 dm.source,

@@ -13,43 +13,27 @@ hardware it stands for. compile() accepts it:
   greedy decoding. Wall times and tokens/s of such a run are this host's, not the simulated
   hardware's; the predicted figures are the profile's (`mirror-sd bench --simulate` replays
   measured rounds on it).
+
+The sim family's own facts (its host torch device, its label, reading its profile) live in
+`mirror_sd/backends/sim.py`; this module is what a plan does with them.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
-from mirror_sd.partition import DeviceMap, DeviceMapError, Profile, SimSpec, TorchSpec
-
-SIM_HOST_DEVICE = "cpu"  # where a sim device's model really runs
-SIM_HOST_DTYPE = "float32"
-
-
-def load_sim_profile(dm: DeviceMap, spec: SimSpec) -> Profile:
-    """The profile a sim device names (relative to the map's folder); a missing or malformed
-    file is a DeviceMapError at `devices.<alias>.profile`."""
-    path = dm.resolve(spec.profile)
-    if not Path(path).is_file():
-        raise DeviceMapError(
-            f"devices.{spec.alias}.profile",
-            f"no profile file {str(path)!r}: write one with `mirror-sd bench` (profile.json) "
-            "or Profile.save(), or give the right path (relative to the map's folder)",
-            dm.source,
-        )
-    try:
-        return Profile.load(path)
-    except ValueError as e:
-        raise DeviceMapError(f"devices.{spec.alias}.profile", str(e), dm.source) from None
+from mirror_sd.backends.registry import backend_for
+from mirror_sd.partition import DeviceMap, DeviceMapError, Profile
 
 
 def sim_profile(
     dm: DeviceMap, target: object, draft: object | None, num_layers: int
 ) -> Profile | None:
-    """The profile a plan with sim devices is planned from; None when neither is sim.
-    `num_layers`: the target's, which the profile must describe (else DeviceMapError)."""
-    t = load_sim_profile(dm, target) if isinstance(target, SimSpec) else None
-    d = load_sim_profile(dm, draft) if isinstance(draft, SimSpec) else None
+    """The profile a plan with sim devices is planned from (each device's backend says:
+    `planning_profile`); None when neither is sim. `num_layers`: the target's, which the
+    profile must describe (else DeviceMapError)."""
+    t = backend_for(target).planning_profile(target, dm)
+    d = backend_for(draft).planning_profile(draft, dm) if draft is not None else None
     if t is not None and d is not None and target.profile != draft.profile:
         t = replace(t, t_draft=d.t_draft, description=f"{t.description} | draft: {d.description}")
     prof, spec = (t, target) if t is not None else (d, draft)
@@ -64,22 +48,8 @@ def sim_profile(
 
 
 def with_absolute_profiles(dm: DeviceMap) -> DeviceMap:
-    """`dm` with every sim device's profile path made absolute (resolved against the map's
-    folder), so that a saved plan's map still finds its profiles from anywhere."""
-    devices = {
-        alias: replace(s, profile=str(Path(dm.resolve(s.profile)).resolve()))
-        if isinstance(s, SimSpec)
-        else s
-        for alias, s in dm.devices.items()
-    }
+    """`dm` with every file a device names (a sim device's profile) made absolute (resolved
+    against the map's folder), so that a saved plan's map still finds its profiles from
+    anywhere."""
+    devices = {alias: backend_for(s).with_absolute_paths(s, dm) for alias, s in dm.devices.items()}
     return replace(dm, devices=devices)
-
-
-def host_spec(spec: SimSpec) -> TorchSpec:
-    """The torch device a sim device's model really runs on here (host CPU, float32)."""
-    return TorchSpec(spec.alias, SIM_HOST_DEVICE, SIM_HOST_DTYPE, None)
-
-
-def sim_label(spec: SimSpec) -> str:
-    """How describe() and results name a sim device."""
-    return f"sim {spec.alias} (profile {spec.profile}; runs on torch {SIM_HOST_DEVICE} here)"

@@ -148,7 +148,7 @@ def test_an_ort_target_is_profiled_with_its_torch_model_freed(folders, tmp_path,
     import gc
     import weakref
 
-    import mirror_sd.builders as builders
+    import mirror_sd.backends.ort as builders
     import mirror_sd.export_worker as worker
     from mirror_sd.devices.ort_split import OrtSplitRunner
     from mirror_sd.runtime.profiling import CALIBRATION_TEXT, agreement_by_layer, lens_layers
@@ -186,7 +186,7 @@ def test_an_ort_target_is_profiled_with_its_torch_model_freed(folders, tmp_path,
 def test_a_second_compile_reads_the_kept_lens_and_no_weights(folders, tmp_path, monkeypatch):
     """The lens agreement is kept beside the per-layer export: compiling the same target again
     neither measures it nor loads the target's weights (only the draft's ONNX is reused too)."""
-    import mirror_sd.builders as builders
+    import mirror_sd.backends.ort as builders
     import mirror_sd.export_worker as worker
 
     target, draft, _ = folders
@@ -208,7 +208,7 @@ def test_large_models_export_in_a_worker_process(folders, tmp_path, monkeypatch)
     """Above export_worker.ISOLATE_BYTES the exports and the lens run in a fresh interpreter
     (`python -m mirror_sd.export_worker`): this process loads no torch model, and the plan
     decodes exactly as one exported in-process does."""
-    import mirror_sd.builders as builders
+    import mirror_sd.backends.ort as builders
     import mirror_sd.export_worker as worker
 
     target, draft, _ = folders

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from mirror_sd.backends.registry import backend_for
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.distributed.group import check, join
 from mirror_sd.distributed.runner import TPRunner, follow
@@ -25,8 +26,9 @@ from mirror_sd.runtime.profiling import agreement_by_layer, lens_layers
 
 
 def is_tp(spec: object) -> bool:
-    """Whether a map entry asks for a tensor-parallel model."""
-    return isinstance(spec, TorchSpec) and spec.tensor_parallel > 1
+    """Whether a map entry asks for a tensor-parallel model (its torch device's ranks)."""
+    host = backend_for(spec).torch_spec(spec)
+    return host is not None and host.tensor_parallel > 1
 
 
 def check_plan(t_spec: object, d_spec: object | None, needs_model: bool, source: str) -> None:

@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from mirror_sd.backends import facts  # light: capability facts, no device API
 from mirror_sd.graphs.model_graph import ModelGraph
-from mirror_sd.partition.device_map import DeviceMap, DeviceMapError, OrtSpec, load_device_map
+from mirror_sd.partition.device_map import DeviceMap, DeviceMapError
+from mirror_sd.partition.device_map_load import load_device_map
 from mirror_sd.partition.spec_config import SpecConfig
 
 TOKEN_CHANNEL = ("target.exit_head", "draft.embed")  # exit candidates -> draft (ids + log-probs)
@@ -116,22 +118,23 @@ def place(
 def check_capabilities(placement: Placement, device_map: DeviceMap) -> None:
     """Check that each device can run the nodes placed on it.
 
-    In schema v1 an onnxruntime device runs whole models: all of `draft.*` (one exported
-    graph) and/or all of `target.*` (exported as prefix, exit head and suffix at ℓe);
-    torch and sim devices run anything.
+    A device whose backend runs whole models only (`Capabilities.whole_models`: onnxruntime
+    in schema v1) runs all of `draft.*` (one exported graph) and/or all of `target.*`
+    (exported as prefix, exit head and suffix at ℓe); torch and sim devices run anything.
 
     Raises:
         PlacementError: naming the node, the device and the placement key to change.
     """
     for alias, nodes in placement.by_device().items():
-        if not isinstance(device_map.devices[alias], OrtSpec):
+        spec = device_map.devices[alias]
+        if not facts.capabilities(spec).whole_models:
             continue
         for model in sorted({n.split(".")[0] for n in nodes}):
             for node, where in placement.assignment.items():
                 if node.split(".")[0] == model and where != alias:
                     msg = (
                         f"node {node} is on {where!r} but the rest of the {model} is on "
-                        f"onnxruntime device {alias!r}, which runs whole models in schema v1; "
+                        f"{spec.backend} device {alias!r}, which runs whole models in schema v1; "
                         f"place all of it with `{model}: {alias}`"
                     )
                     raise _error(device_map, f"placement[{placement.rules[node]}]", msg)

@@ -25,44 +25,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from mirror_sd.partition.device_map import DeviceSpec, OrtSpec, TorchSpec
+from mirror_sd.backends import facts  # light: capability facts, no device API
+from mirror_sd.partition.device_map import DeviceSpec
 
 OVERLAP_POLICIES = ("share", "split")
-HOST_CPU = "cpu"
 
 
 def physical_device(spec: DeviceSpec) -> str:
     """The physical device whose cores and memory a device of the map computes on.
 
-    The map's `physical:` key when given; else "cpu" for a torch cpu device, an ONNX Runtime
-    device whose first provider computes on the CPU (CPUExecutionProvider, OpenVINO with
-    device_type CPU); "cuda:N" for CUDA / TensorRT; the alias itself for anything else (an
-    NPU, a simulated device): its own hardware.
+    The map's `physical:` key when given; else "cpu" for the host CPU (a torch cpu device, an
+    ONNX Runtime device whose first provider computes on the CPU: CPUExecutionProvider,
+    OpenVINO with device_type CPU); "cuda:N" for CUDA / TensorRT; the alias itself for anything
+    else (an NPU, a simulated device): its own hardware. Each backend family answers it
+    (`Capabilities.physical`).
     """
-    given = getattr(spec, "physical", None)
-    if given:
-        return str(given)
-    if isinstance(spec, TorchSpec):
-        return HOST_CPU if spec.device == "cpu" else spec.device
-    if isinstance(spec, OrtSpec):
-        name, options = spec.providers[0]
-        if name == "CPUExecutionProvider":
-            return HOST_CPU
-        if name == "OpenVINOExecutionProvider":
-            kind = str(options.get("device_type", "CPU")).upper()
-            return HOST_CPU if kind.startswith("CPU") else f"openvino:{kind.lower()}"
-        if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
-            return f"cuda:{options.get('device_id', 0)}"
-    return spec.alias
-
-
-def fixed_threads(spec: DeviceSpec | None) -> int | None:
-    """The thread count a device map pins for a device (None: the budget decides)."""
-    if isinstance(spec, OrtSpec):
-        return spec.intra_op_threads
-    if isinstance(spec, TorchSpec):
-        return spec.threads
-    return None
+    return facts.capabilities(spec).physical
 
 
 @dataclass(frozen=True)
@@ -98,15 +76,15 @@ class ThreadBudget:
         if overlap not in OVERLAP_POLICIES:
             raise ValueError(f"overlap {overlap!r}: expected one of {', '.join(OVERLAP_POLICIES)}")
         cores = cores or os.cpu_count() or 1
-        t_phys = physical_device(target)
-        d_phys = physical_device(draft) if draft is not None else None
+        t_caps = facts.capabilities(target)
+        d_caps = facts.capabilities(draft) if draft is not None else None
+        t_phys, d_phys = t_caps.physical, d_caps.physical if d_caps else None
         shared = d_phys == t_phys
-        t_cpu, d_cpu = t_phys == HOST_CPU, d_phys == HOST_CPU
-        t_fixed, d_fixed = fixed_threads(target), fixed_threads(draft)
-        t_solo = t_fixed or (cores if t_cpu else None)
-        d_solo = d_fixed or (cores if d_cpu else None)
+        t_fixed, d_fixed = t_caps.threads, d_caps.threads if d_caps else None
+        t_solo = t_caps.solo_threads(cores)
+        d_solo = d_caps.solo_threads(cores) if d_caps else None
         t_over, d_over = t_solo, d_solo
-        if shared and t_cpu and overlap == "split":
+        if shared and t_caps.on_host_cpu and overlap == "split":
             t_share = target_cores or (cores + 1) // 2
             if not 1 <= t_share < cores:
                 raise ValueError(
