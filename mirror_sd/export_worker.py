@@ -12,11 +12,14 @@ a model it runs in ONNX Runtime.
 The worker is `python -m mirror_sd.export_worker REQUEST RESULT` (JSON files): a clean
 interpreter, so a caller's script is never re-imported (as multiprocessing's spawn would)
 and no thread or OpenMP state is forked. Models smaller than `ISOLATE_BYTES` export
-in-process: a worker's start (importing torch, ~3 s) costs more than their memory.
+in-process: a worker's start (importing torch, ~3 s) costs more than their memory. The worker
+shows progress when its caller does (`progress.child_env`): its stderr is passed on to the
+caller's as it comes, and its end is kept for the error message of a crash.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -27,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mirror_sd import progress
 from mirror_sd.graphs.export import export_cached, source_identity
 from mirror_sd.graphs.layered import layers_entry
 from mirror_sd.graphs.loader import load_model, release_memory
@@ -132,21 +136,39 @@ def _in_worker(job: str, args: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mirror-sd-export-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request.write_text(json.dumps({"job": job, "args": args}))
-        proc = subprocess.run(
-            [sys.executable, "-m", __name__, str(request), str(result)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False,
-        )  # fmt: skip
+        status, stderr = _run_passing_stderr(
+            [sys.executable, "-m", __name__, str(request), str(result)]
+        )
         out = json.loads(result.read_text()) if result.is_file() else {}
         error = out.get("user_error")
         if error is not None:
             cls = next(c for c in USER_ERRORS if c.__name__ == error["kind"])
             raise cls(error["message"])
-        if proc.returncode != 0 or not out:
+        if status != 0 or not out:
             raise ExportWorkerError(
-                f"the {job} export worker failed (exit status {proc.returncode}); its last "
-                f"messages:\n{proc.stderr[-STDERR_TAIL:]}"
+                f"the {job} export worker failed (exit status {status}); its last "
+                f"messages:\n{stderr[-STDERR_TAIL:]}"
             )
         return out
+
+
+def _run_passing_stderr(cmd: list[str]) -> tuple[int, str]:
+    """Run `cmd` with this context's progress switch in its environment (`progress.child_env`);
+    when progress is shown, its stderr (its progress bars) is copied to ours as it comes.
+    Returns its exit status and the last STDERR_TAIL characters of its stderr."""
+    show = progress.enabled()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=progress.child_env()
+    )
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    tail = ""
+    while chunk := proc.stderr.read1(4096):  # type: ignore[union-attr]
+        text = decoder.decode(chunk)
+        if show:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        tail = (tail + text)[-STDERR_TAIL:]
+    return proc.wait(), tail
 
 
 def main(argv: list[str]) -> int:

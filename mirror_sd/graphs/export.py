@@ -35,6 +35,7 @@ import onnx
 import torch
 from torch import nn
 
+from mirror_sd import progress
 from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.graphs.model import CausalLM
 
@@ -261,8 +262,14 @@ def quantize_weights(src: str | Path, dst: str | Path, bits: int) -> Path:
         block_size=QUANT_BLOCK, is_symmetric=True, accuracy_level=QUANT_ACCURACY_LEVEL, bits=bits
     )
     quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
-    quantizer.process()
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+    n_matmuls = _count_ops(quantizer.model.model.graph, "MatMul")
+    desc = f"quantizing {_label(src)} to int{bits}"
+    with (
+        progress.bar(n_matmuls + 1, desc=desc, unit="op") as bar,
+        tempfile.TemporaryDirectory(dir=dst.parent) as tmp,
+    ):
+        _tick_per_node(quantizer, bar)
+        quantizer.process()
         matmuls = Path(tmp) / "matmuls.onnx"  # (+ .data when large)
         quantizer.model.save_model_to_file(str(matmuls), use_external_data_format=large)
         del quantizer
@@ -273,7 +280,42 @@ def quantize_weights(src: str | Path, dst: str | Path, bits: int) -> Path:
                              weight_type=QuantType.QInt8, use_external_data_format=large)  # fmt: skip
         finally:
             logging.getLogger().removeFilter(hint)
+        bar.update(max(0, bar.total - bar.n))  # the embedding (and any MatMul not counted)
     return dst
+
+
+def _label(path: Path) -> str:
+    """A short name of an exported file for progress lines: its cache entry's name without the
+    hash (`qwen2-0-24`), or the file's own name when it is not its entry's `model.onnx`."""
+    return path.parent.name.rsplit("-", 1)[0] if path.name == "model.onnx" else path.name
+
+
+def _count_ops(graph: onnx.GraphProto, op_type: str) -> int:
+    """Nodes of `op_type` in `graph` and its subgraphs (an If's branches)."""
+    n = 0
+    for node in graph.node:
+        n += node.op_type == op_type
+        for a in node.attribute:
+            subgraphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs
+            n += sum(_count_ops(g, op_type) for g in subgraphs)
+    return n
+
+
+def _tick_per_node(quantizer: Any, bar: Any) -> None:
+    """Tick `bar` after each node ORT's MatMulNBits quantizer quantizes (it visits every MatMul
+    through `node_quantizer.quantize`; ORT 1.32). Without that hook the bar just jumps at the
+    end: progress is a courtesy, never a reason to fail."""
+    node_quantizer = getattr(quantizer, "node_quantizer", None)
+    if bar.disable or not callable(getattr(node_quantizer, "quantize", None)):
+        return
+    inner = node_quantizer.quantize
+
+    def quantize(*args: Any, **kwargs: Any) -> Any:
+        out = inner(*args, **kwargs)
+        bar.update()
+        return out
+
+    node_quantizer.quantize = quantize
 
 
 def _import_matmul_nbits():
@@ -387,7 +429,8 @@ def export_cached(
             fn = {"int8": quantize_int8, "int4": quantize_int4}[quantize]
             fn(src, tmp / "model.onnx")
         else:
-            export_stages(model, tmp / "model.onnx", first, last, with_embed, with_head, opset)
+            with progress.step(f"exporting {_label(entry / 'model.onnx')}"):
+                export_stages(model, tmp / "model.onnx", first, last, with_embed, with_head, opset)
 
     path = cached_entry(entry, write)
     if made_src and not keep_source:

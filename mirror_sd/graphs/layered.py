@@ -36,6 +36,7 @@ import onnx
 import torch
 from torch import nn
 
+from mirror_sd import progress
 from mirror_sd.graphs.export import (
     DEFAULT_OPSET,
     QUANT_BITS,
@@ -105,21 +106,27 @@ def _examples(model: CausalLM) -> dict[str, tuple[torch.Tensor, ...]]:
 
 
 def _export_parts(model: CausalLM, folder: Path, opset: int) -> None:
-    """Every part of `model` into `folder`, one exporter call (and one layer's copy) at a time."""
+    """Every part of `model` into `folder`, one exporter call (and one layer's copy) at a time,
+    a progress bar over the parts (`progress`)."""
     t, s = torch.export.Dim("T", min=1), torch.export.Dim("S", min=0)
     st = torch.export.Dim.DYNAMIC  # S + T: the exporter derives it
     ex = _examples(model)
-    export_module(_Embed(model), ex["embed"], folder / "embed.onnx", ["input_ids"], ["h"],
-                  {"input_ids": {1: t}}, opset, external_data=True)  # fmt: skip
-    export_module(_Prep(model), ex["prep"], folder / "prep.onnx", ["position_ids", "mask"],
-                  ["cos", "sin", "bias"], {"position_ids": {1: t}, "mask": {1: t, 2: st}},
-                  opset, external_data=False)  # fmt: skip
     shapes = {"h": {1: t}, "cos": {1: t}, "sin": {1: t}, "bias": {1: t, 2: st},
               "past_k": {1: s}, "past_v": {1: s}}  # fmt: skip
-    for i in range(model.num_layers):
-        export_module(_Layer(model, i), ex["layer"], folder / f"{part_name(i)}.onnx",
-                      list(shapes), ["h_out", "new_k", "new_v"], shapes, opset,
-                      external_data=True)  # fmt: skip
+    desc = f"exporting {model.config.model_type} per layer"
+    with progress.bar(model.num_layers + 2, desc=desc, unit="part") as bar:  # + embed, prep
+        export_module(_Embed(model), ex["embed"], folder / "embed.onnx", ["input_ids"], ["h"],
+                      {"input_ids": {1: t}}, opset, external_data=True)  # fmt: skip
+        bar.update()
+        export_module(_Prep(model), ex["prep"], folder / "prep.onnx", ["position_ids", "mask"],
+                      ["cos", "sin", "bias"], {"position_ids": {1: t}, "mask": {1: t, 2: st}},
+                      opset, external_data=False)  # fmt: skip
+        bar.update()
+        for i in range(model.num_layers):
+            export_module(_Layer(model, i), ex["layer"], folder / f"{part_name(i)}.onnx",
+                          list(shapes), ["h_out", "new_k", "new_v"], shapes, opset,
+                          external_data=True)  # fmt: skip
+            bar.update()
 
 
 def _entry(folder: str | Path, model: CausalLM, key_info: Mapping[str, Any], label: str,

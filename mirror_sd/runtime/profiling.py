@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from tqdm import tqdm
 
+from mirror_sd import progress
 from mirror_sd.devices.base import ModelRunner, SplitRunner, set_threads
 from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.graphs.model import CausalLM
@@ -170,6 +172,7 @@ def profile(
     (`agreement_by_layer` over `lens_layers`): compile() measures it first and frees the
     torch model before the ONNX Runtime sessions load. `extra_rows`: target row counts
     beyond 1..max_block to time (the batch policy's, `partition.batch_policy.batch_rows`).
+    A bar on stderr counts the measurements when progress is shown (`mirror_sd.progress`).
     """
     lens = lens_model if isinstance(lens_model, Mapping) else None
     n_layers = target.n_layers if lens is not None else lens_model.num_layers
@@ -180,32 +183,50 @@ def profile(
         set(range(1, max_block + 1)) | {n for n in extra_rows if n <= target.max_len // 2}
     )
     context = min(context, target.max_len - max(rows), draft.max_len - max(draft_rows))
-    t_target = {n: _time_rows(target, context, n, reps) for n in rows}
-    t_draft = {b: _time_rows(draft, context, b, reps) for b in draft_rows}
-    target.rollback(0)
-    draft.rollback(0)
-    if lens is None:
-        dtype, width = lens_model.model.embed_tokens.weight.dtype, lens_model.config.hidden_size
-    else:
-        dtype, width = torch.float32, target.hidden_size
-    hidden = torch.zeros(1, max_block, width, dtype=dtype)
-    t_exit = _median_time(lambda: target.exit_logits(hidden), reps)
-    layers = candidate_layers or lens_layers(n_layers)
-    slowdown = overlap_slowdown(
-        target, draft, context, max_block, min(4, max(draft_rows)), reps, budget
-    )
-    target.rollback(0)
+    # a tick per timed shape, then the exit head, the overlap probe and the agreements
+    with progress.bar(len(rows) + len(draft_rows) + 3, desc="profiling", unit="step") as bar:
+        t_target = _time_each(target, context, rows, reps, bar)
+        t_draft = _time_each(draft, context, draft_rows, reps, bar)
+        target.rollback(0)
+        draft.rollback(0)
+        if lens is None:
+            dtype = lens_model.model.embed_tokens.weight.dtype
+            width = lens_model.config.hidden_size
+        else:
+            dtype, width = torch.float32, target.hidden_size
+        hidden = torch.zeros(1, max_block, width, dtype=dtype)
+        t_exit = _median_time(lambda: target.exit_logits(hidden), reps)
+        bar.update()
+        layers = candidate_layers or lens_layers(n_layers)
+        slowdown = overlap_slowdown(
+            target, draft, context, max_block, min(4, max(draft_rows)), reps, budget
+        )
+        target.rollback(0)
+        bar.update()
+        accept = teacher_forced_agreement(target, draft, calibration_ids)
+        hit_rates = (
+            {k: v for k, v in lens.items() if k in layers}
+            if lens is not None
+            else agreement_by_layer(lens_model, calibration_ids, list(layers))
+        )
+        bar.update()
     return Profile(
         num_layers=n_layers,
         t_target=t_target,
         t_draft=t_draft,
         t_exit_head=t_exit,
-        accept_rate=teacher_forced_agreement(target, draft, calibration_ids),
-        hit_rate_by_exit_layer=(
-            {k: v for k, v in lens.items() if k in layers}
-            if lens is not None
-            else agreement_by_layer(lens_model, calibration_ids, list(layers))
-        ),
+        accept_rate=accept,
+        hit_rate_by_exit_layer=hit_rates,
         description=description,
         overlap_slowdown=round(slowdown, 3),
     )
+
+
+def _time_each(runner: ModelRunner, context: int, sizes: Sequence[int], reps: int,
+               bar: tqdm) -> dict[int, float]:  # fmt: skip
+    """{rows: `_time_rows(runner, context, rows, reps)`} for each size, a tick of `bar` each."""
+    times = {}
+    for n in sizes:
+        times[n] = _time_rows(runner, context, n, reps)
+        bar.update()
+    return times

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.graphs.model import CausalLM
+from mirror_sd.progress import bar as progress_bar  # `progress` is the argument's name here
 from mirror_sd.training.corpus import Corpus
 
 COLLECT_VERSION = 1
@@ -40,10 +40,11 @@ class Collected:
 @torch.inference_mode()
 def collect(
     model: CausalLM, chunks: Sequence[Sequence[int]], layers: Sequence[int], top_k: int = 8,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Collected:  # fmt: skip
     """Run `model` teacher-forced over each chunk, keeping the hidden state entering layer ℓ
-    (i.e. after layers [0, ℓ)) for each ℓ in `layers` and the final argmax / top-k."""
+    (i.e. after layers [0, ℓ)) for each ℓ in `layers` and the final argmax / top-k. A bar
+    over the chunks on stderr with `progress` (None: when `mirror_sd.progress` shows them)."""
     n = model.num_layers
     bad = [x for x in layers if not 0 < x <= n]
     if bad:
@@ -59,7 +60,8 @@ def collect(
     top = torch.empty(len(chunks), t, top_k, dtype=torch.long)
     pos = torch.arange(t).unsqueeze(0)
     mask = causal_mask(0, t)
-    for c, chunk in enumerate(tqdm(chunks, desc="target over corpus", disable=not progress)):
+    bar = progress_bar(chunks, desc="target over corpus", unit="chunk", show=progress)
+    for c, chunk in enumerate(bar):
         cache = model.new_cache(t)
         x = model.embed(torch.tensor([list(chunk)]))
         for i in range(n):
@@ -74,7 +76,7 @@ def collect(
 
 def collect_cached(
     model: CausalLM, model_identity: str, corpus: Corpus, layers: Sequence[int], folder: Path,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Collected:  # fmt: skip
     """`collect`, reusing a saved collection of the same (model, corpus) whose layers include
     `layers` (a collection of all layers serves every later request)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from mirror_sd import progress
 from mirror_sd.graphs.export import source_identity
 from mirror_sd.graphs.heads import ExitHead
 from mirror_sd.graphs.model import CausalLM
@@ -79,7 +80,8 @@ def train_head(
     model: CausalLM, col: Collected, layer: int, trim: VocabTrim, rank: int = 256,
     steps: int = 400, batch: int = 256, lr: float = 2e-3, holdout: int = 4, seed: int = 0,
 ) -> ExitHead:  # fmt: skip
-    """Train an `ExitHead` at `layer` on all but the last `holdout` chunks; metrics in .meta."""
+    """Train an `ExitHead` at `layer` on all but the last `holdout` chunks; metrics in .meta.
+    A bar over the steps on stderr when progress is shown (`mirror_sd.progress`)."""
     if not 0 < holdout < col.ids.shape[0]:
         raise ValueError(f"holdout must leave training chunks: 0 < {holdout} < {col.ids.shape[0]}")
     torch.manual_seed(seed)
@@ -96,7 +98,7 @@ def train_head(
     gen = torch.Generator().manual_seed(seed)
     t0, losses = time.perf_counter(), []
     head.train()
-    for _ in range(steps):
+    for _ in progress.bar(range(steps), desc=f"exit head at layer {layer}", unit="step"):
         pick = torch.randint(0, tr_h.shape[0], (batch,), generator=gen)
         loss = torch.nn.functional.cross_entropy(head(tr_h[pick].float()), tr_y[pick])
         opt.zero_grad(set_to_none=True)
@@ -132,6 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None, help="cache folder (default $MIRROR_SD_CACHE)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(args: argparse.Namespace) -> int:
