@@ -7,16 +7,18 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 DEMO_TARGET, DEMO_DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number iteratively."
 DEBUG_HELP = "show the Python traceback of an error instead of one line"
+QUIET_HELP = "no progress bars on stderr (export, quantization, profiling)"
 # The user's errors (one line, exit 2; see is_user_error), more in modules loaded lazily:
 USER_ERRORS = (ValueError, FileNotFoundError)
 LAZY_USER_ERRORS = {  # module -> exception class; when it raised, its module is loaded
     "mirror_sd.devices.ort_core": "ProviderUnavailableError",
-    "mirror_sd.graphs.zoo": "ModelFetchError",
+    "mirror_sd.graphs.gguf_fetch": "ModelFetchError",
     "mirror_sd.devices.torch_device": "DeviceUnavailableError",
 }
 SPEC_FLAGS = {  # CLI flag -> SpecConfig field
@@ -194,9 +196,19 @@ def _quant(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from mirror_sd.runtime import trace_tools
+    from mirror_sd.runtime.trace_tools import load_trace, summarize
 
-    return trace_tools.main_summarize(args.path, png=args.png, max_rounds=args.rounds)
+    trace = load_trace(args.path)  # a TraceError (ValueError) names what is wrong: exit 2
+    print(f"trace: {args.path}")
+    print(summarize(trace).table())
+    if args.png is not None:
+        from mirror_sd.runtime.trace_plot import plot_timeline
+
+        try:
+            print(f"timeline: {plot_timeline(trace, args.png, max_rounds=args.rounds)}")
+        except (ImportError, OSError) as exc:  # no matplotlib, or the PNG cannot be written
+            raise SystemExit(f"mirror-sd trace summarize: {exc}") from None
+    return 0
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -234,6 +246,7 @@ def _add_plan_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--branch-budget", default=None, help="branches per round or 'auto'")
     p.add_argument("--max-len", type=int, default=None, help="context length (KV cache rows)")
     p.add_argument("--cache", default=None, help="model cache folder (default $MIRROR_SD_CACHE)")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -332,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument(
         "--cache", default=None, help="model cache folder (default $MIRROR_SD_CACHE)"
     )
+    quant.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     quant.set_defaults(func=_quant)
 
     trace = sub.add_parser("trace", help="inspect a Chrome trace written by --trace")
@@ -400,12 +414,20 @@ def _fail(message: str) -> int:
     return 2
 
 
+def progress_shown(args: argparse.Namespace) -> AbstractContextManager[None]:
+    """Progress bars on for the command's long steps (`mirror_sd.progress`) unless `--quiet`."""
+    from mirror_sd import progress
+
+    return progress.shown(not getattr(args, "quiet", False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; a user error prints `mirror-sd: error: ...` and returns 2 (with
     `--debug`, it raises with its traceback instead). Other exceptions propagate."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with progress_shown(args):
+            return args.func(args)
     except SystemExit as exc:  # a subcommand's `raise SystemExit("mirror-sd bench: ...")`
         if args.debug or not isinstance(exc.code, str):
             raise

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from mirror_sd.compiler import _with_spec, compile
+from mirror_sd.compiler import compile
 from mirror_sd.partition import Profile, load_device_map
 from mirror_sd.partition.batch_policy import choose_per_batch
 from mirror_sd.runtime.plan import Plan
@@ -32,7 +32,7 @@ def save(plan: Plan, folder: str | Path) -> Path:
         "target": info.target,
         "draft": info.draft,
         "onnx": onnx_rel,
-        "device_map": _with_spec(load_device_map(info.device_map), plan.spec).to_dict(),
+        "device_map": load_device_map(info.device_map).with_speculation(plan.spec).to_dict(),
     }
     if info.mode_asked == "auto":  # the map said auto; plan.yaml keeps the verdict
         doc["mode_asked"] = "auto"

@@ -1,5 +1,6 @@
 """Decode-step kernel candidates on this CPU: one Qwen2.5-1.5B MLP projection (1536 -> 8960),
-random weights, at 1 row (decoding), 5 rows (verifying γ = 4) and 64 rows (a prefill chunk).
+random weights, at 1 row (decoding), 2 rows (a lone row padded where `devices.row_exact`
+says so), 5 rows (verifying γ = 4) and 64 rows (a prefill chunk).
 
     .venv/bin/python scripts/kernel_bench.py [--threads 2] [--seconds 0.5]
 
@@ -23,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from mirror_sd.devices.cpu_caps import host_caps
 
 K, N, BLOCK = 1536, 8960, 32
-ROWS = (1, 5, 64)
+ROWS = (1, 2, 5, 64)
 SHOWN_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 

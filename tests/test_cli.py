@@ -140,7 +140,8 @@ def test_which_exceptions_are_user_errors():
     from mirror_sd.api import TokenizerMismatchError
     from mirror_sd.cli import is_user_error
     from mirror_sd.devices.ort_core import ProviderUnavailableError
-    from mirror_sd.graphs.zoo import DiskSpaceError, UnknownModelError
+    from mirror_sd.graphs.model_registry import UnknownModelError
+    from mirror_sd.graphs.zoo import DiskSpaceError
     from mirror_sd.partition.placement import PlacementError
     from mirror_sd.runtime.prompts import PromptTooLongError
 

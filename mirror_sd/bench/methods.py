@@ -31,12 +31,12 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mirror_sd.bench import peers
+from mirror_sd.bench.output import Output
 from mirror_sd.bench.peers import PEER_METHODS, PINS
 from mirror_sd.runtime.drafters.sources import sources
 
@@ -72,24 +72,6 @@ KNOWN_METHODS = HF_METHODS + tuple(PLAN_METHODS)  # everything the base install 
 SELECTABLE_METHODS = KNOWN_METHODS + PEER_METHODS  # + the peers ('peers', 'llamacpp' extras)
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as Spec-Bench's PLD baseline
 NEAR_TIE = 1e-3  # a top-2 logit margin below this explains a mismatch by rounding
-
-
-@dataclass
-class Output:
-    """One timed generation. Round-level fields are None where a method does not expose them."""
-
-    tokens: list[int]
-    wall_s: float
-    accept_lengths: list[int] | None = None  # tokens committed per round
-    drafted: list[int] | None = None  # tokens proposed per round (draft-length policies)
-    round_hits: list[bool | None] | None = None
-    round_branches: list[int] | None = None
-    round_hit_ranks: list[int | None] | None = None  # mirror: the verdict's branch rank
-    rollout_steps: list[int] | None = None  # mirror: batched rollout steps per round
-    draft_s: float | None = None
-    exposed_draft_s: float | None = None
-    hit_rate: float | None = None
-    trace_path: str | None = None
 
 
 def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:

@@ -146,7 +146,7 @@ def ensure_converter(cache: str | Path | None = None, progress: bool = True) -> 
     pins = converter_pins()
     marker = venv / CONVERTER_MARKER
     cli = venv / "bin" / "optimum-cli"
-    from mirror_sd.graphs.zoo import locked
+    from mirror_sd.graphs.file_lock import locked
 
     with locked(venv.parent / "converter.lock"):
         if marker.is_file() and cli.is_file():
@@ -195,7 +195,7 @@ def convert(
     out = ir_dir(src, weight_format, cache)
     if is_converted(out):
         return out
-    from mirror_sd.graphs.zoo import locked
+    from mirror_sd.graphs.file_lock import locked
 
     with locked(out.parent / f"{out.name}.lock"):
         if is_converted(out):

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mirror_sd.bench import llamacpp
+from mirror_sd.bench.output import Output
 from mirror_sd.bench.ov_convert import TARGET_FORMAT, convert, plan_formats
 from mirror_sd.bench.peer_common import (
     PLD_ASSISTANT_TOKENS,
@@ -346,8 +347,6 @@ class OVMethod:
 
     def generate(self, ids: list[int], max_new_tokens: int, trace: str | None = None):
         """Greedy generation from the prompt token ids; Output.tokens: what really came out."""
-        from mirror_sd.bench.methods import Output  # here: methods imports this module
-
         inputs = self._inputs(ids)
         cfg = self.config(max_new_tokens)
         pipe = self._pipeline(ids, max_new_tokens)  # load and warm-up happen before the clock

@@ -176,11 +176,13 @@ def write_answers(results: dict, folder: Path) -> dict[str, Path]:
     return paths
 
 
-def _f(x, fmt: str = ".2f", suffix: str = "") -> str:
+def cell(x, fmt: str = ".2f", suffix: str = "") -> str:
+    """A number as a table cell: `x` in `fmt` plus `suffix`, or '–' for None."""
     return "–" if x is None else f"{x:{fmt}}{suffix}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table: header, separator, one line per row of cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -188,7 +190,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _vs_cell(c: dict | None) -> str:
     if c is None:
         return "–"
-    return (f"{_f(c['total_ratio'], '.2f', '×')} · med {_f(c['median_ratio'], '.2f', '×')} · "
+    return (f"{cell(c['total_ratio'], '.2f', '×')} · med {cell(c['median_ratio'], '.2f', '×')} · "
             f"won {c['won']}/{c['prompts']}")  # fmt: skip
 
 
@@ -231,20 +233,20 @@ def markdown(results: dict) -> str:
     for m in methods:
         s = agg[m][OVERALL]
         vs = s.get("vs", {})
-        rows.append([f"`{m}`", results["threads"][m]["threads"], _f(s["total_tokens_per_s"]),
-                     _f(s["mean_tokens_per_s"]),
-                     _f((vs.get("ar") or {}).get("total_ratio"), ".2f", "×"),
-                     _f((vs.get(fastest) or {}).get("total_ratio"), ".2f", "×"),
-                     _f(s["mean_accepted"]), _f(s["hit_rate"], ".0%"),
-                     _f(s["exposed_draft_fraction"], ".0%"),
-                     _f(s["identical_to_hf_ar"], ".0%"), _f(s["identical_to_ar"], ".0%")])  # fmt: skip
-    lines += ["## Overall", "", *_table(header, rows), ""]
+        rows.append([f"`{m}`", results["threads"][m]["threads"], cell(s["total_tokens_per_s"]),
+                     cell(s["mean_tokens_per_s"]),
+                     cell((vs.get("ar") or {}).get("total_ratio"), ".2f", "×"),
+                     cell((vs.get(fastest) or {}).get("total_ratio"), ".2f", "×"),
+                     cell(s["mean_accepted"]), cell(s["hit_rate"], ".0%"),
+                     cell(s["exposed_draft_fraction"], ".0%"),
+                     cell(s["identical_to_hf_ar"], ".0%"), cell(s["identical_to_ar"], ".0%")])  # fmt: skip
+    lines += ["## Overall", "", *markdown_table(header, rows), ""]
     refs = references(methods)
     if refs:
         body = [[f"`{m}`", *(_vs_cell(agg[m][OVERALL].get("vs", {}).get(r)) for r in refs)]
                 for m in methods]  # fmt: skip
         lines += ["## Against each reference (total ratio · median per-prompt ratio · prompts won)",
-                  "", *_table(["method", *(f"vs `{r}`" for r in refs)], body), ""]  # fmt: skip
+                  "", *markdown_table(["method", *(f"vs `{r}`" for r in refs)], body), ""]  # fmt: skip
     mem = results.get("memory")
     if mem:
         lines += [
@@ -265,9 +267,9 @@ def markdown(results: dict) -> str:
         ("Spec-Bench whole-machine speedup vs hf-ar per task (mean tok/s ÷ hf-ar's mean)",
          lambda s: s.get("whole_machine_speedup_vs_hf_ar"), methods),
     ):  # fmt: skip
-        body = [[f"`{m}`", *(_f(get(agg[m][t])) for t in tasks)] for m in which]
+        body = [[f"`{m}`", *(cell(get(agg[m][t])) for t in tasks)] for m in which]
         if any(c != "–" for r in body for c in r[1:]):
-            lines += [f"## {title}", "", *_table(["method", *tasks], body), ""]
+            lines += [f"## {title}", "", *markdown_table(["method", *tasks], body), ""]
     lines += ["## Mismatches", "", *_mismatch_lines(results["records"]), ""]
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 
-from mirror_sd.bench.report import _f, _table
+from mirror_sd.bench.report import cell, markdown_table
 from mirror_sd.partition import Profile, SpecConfig, choose
 
 
@@ -35,10 +35,10 @@ def markdown(choices: list, profile: Profile) -> str:
     best = max(choices, key=lambda c: c.speedup_mirror)
     rows = [
         [str(c.exit_layer), str(c.exit_top_k), str(c.num_draft_tokens), str(c.branch_budget),
-         _f(c.agreement), _f(c.hit_rate, ".3f"), _f(c.expected_tokens),
-         _f(c.t_round_mirror * 1e3, ".0f"), _f(c.t_round_vanilla * 1e3, ".0f"),
-         ("**" + _f(c.speedup_mirror) + "**") if c is best else _f(c.speedup_mirror),
-         _f(c.speedup_vanilla)]
+         cell(c.agreement), cell(c.hit_rate, ".3f"), cell(c.expected_tokens),
+         cell(c.t_round_mirror * 1e3, ".0f"), cell(c.t_round_vanilla * 1e3, ".0f"),
+         ("**" + cell(c.speedup_mirror) + "**") if c is best else cell(c.speedup_mirror),
+         cell(c.speedup_vanilla)]
         for c in choices
     ]  # fmt: skip
     head = (
@@ -46,4 +46,4 @@ def markdown(choices: list, profile: Profile) -> str:
         f"α = {profile.accept_rate}, overlap slowdown f = {profile.overlap_slowdown}, exit head "
         f"{profile.t_exit_head * 1e3:.1f} ms. Best mirror cell in bold."
     )
-    return "\n".join([head, "", *_table(header, rows)])
+    return "\n".join([head, "", *markdown_table(header, rows)])

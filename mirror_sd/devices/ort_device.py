@@ -2,9 +2,10 @@
 
 Its KV cache is preallocated per layer as (1, max_len, nkv, hd); every forward binds
 `past_*_i` as a pointer to rows [0, length) and `new_*_i` as a pointer to rows
-[length, length + T) of the same buffer (IOBinding, `ort_core.bind_kv`), so ORT reads and
+[length, length + T) of the same buffer (IOBinding, `ort_kv.bind_kv`), so ORT reads and
 writes the cache in place: only ids, positions and the mask go in and only the logits come
-out. Sessions, threads, KV buffers and placement come from `ort_core`.
+out. Sessions and threads come from `ort_core`, KV buffers from `ort_kv`, placement from
+`ort_placement`.
 """
 
 from __future__ import annotations
@@ -15,14 +16,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from mirror_sd.devices.ort_core import (
-    NUMPY_DTYPES,
-    OrtDevice,
-    RowCache,
-    SessionPool,
-    bind_kv,
-    host,
-    make_kv,
+from mirror_sd.devices.ort_core import OrtDevice, SessionPool
+from mirror_sd.devices.ort_kv import NUMPY_DTYPES, RowCache, bind_kv, host, make_kv
+from mirror_sd.devices.ort_placement import (
     node_placement,
     placement_summary,
     records_assignment_api,

@@ -37,15 +37,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from mirror_sd.devices.ort_core import (
-    NUMPY_DTYPES,
-    OrtDevice,
-    RowCache,
-    SessionPool,
-    bind_kv,
-    host,
-    kv_interface,
-    make_kv,
+from mirror_sd.devices.ort_core import OrtDevice, SessionPool
+from mirror_sd.devices.ort_kv import NUMPY_DTYPES, RowCache, bind_kv, host, kv_interface, make_kv
+from mirror_sd.devices.ort_placement import (
     merged_placement,
     placement_summary,
     records_assignment_api,

@@ -1,9 +1,9 @@
 """The precision a model folder's weights were published at (`partition.precision` input).
 
 A folder `mirror-sd models fetch` converted from a GGUF file holds fp32 tensors de-quantized
-from that file: its fetch record (`zoo.FETCH_MARKER`) names the GGUF, whose quantization type
-is in the file name (`...-q4_k_m.gguf`, `...Q8_0.gguf`). Any other Hugging Face folder says its
-dtype in config.json (`torch_dtype`, or `dtype` in newer transformers).
+from that file: its fetch record (`gguf_fetch.FETCH_MARKER`) names the GGUF, whose
+quantization type is in the file name (`...-q4_k_m.gguf`, `...Q8_0.gguf`). Any other Hugging
+Face folder says its dtype in config.json (`torch_dtype`, or `dtype` in newer transformers).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from mirror_sd.graphs.zoo import FETCH_MARKER
+from mirror_sd.graphs.gguf_fetch import FETCH_MARKER
 
 # GGUF quantization types by the widest format that holds them without loss of range:
 # <= 4 bits -> int4; 5, 6, 8 bits -> int8; float types by name

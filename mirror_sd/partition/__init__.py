@@ -8,8 +8,8 @@ from mirror_sd.partition.device_map import (
     OrtSpec,
     SimSpec,
     TorchSpec,
-    load_device_map,
 )
+from mirror_sd.partition.device_map_load import load_device_map
 from mirror_sd.partition.placement import (
     CutEdge,
     Placement,

@@ -5,8 +5,8 @@ final norm and its LM head (Kangaroo, arXiv 2404.18911). Its first k layers and 
 target's own, frozen; only the adapter is trained, on the target's own hidden states entering
 layer k and the target's own next-token choices over an offline corpus (`corpus.py`).
 
-It is written as an ordinary Hugging Face folder (the target's architecture with
-num_hidden_layers = k + 1) so that everything that takes a draft folder takes it unchanged:
+It is written as an ordinary Hugging Face folder (`adapter_folder`: the target's
+architecture with num_hidden_layers = k + 1) so that everything that takes a draft folder takes it unchanged:
 `load_model`, `mirror_sd.compile(target, draft=folder)`, the ONNX export with int8 weights,
 and VocabTrim of the draft head. That format has uniform decoder layers, so the adapter is a
 full decoder layer (attention *and* MLP, unlike Kangaroo's attention-only adapter),
@@ -25,12 +25,10 @@ a CPU step; agreement reported at the end uses the full head.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -39,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -50,15 +47,12 @@ from mirror_sd.graphs.loader import build_model, load_state_dict, load_tokenizer
 from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.graphs.model import CausalLM, DecoderLayer
 from mirror_sd.graphs.vocab_trim import VocabTrim
+from mirror_sd.training.adapter_folder import ADAPTER_FILE, write_draft_folder
 from mirror_sd.training.collect import Collected, collect_cached
 from mirror_sd.training.corpus import Corpus, build_corpus
 
-ADAPTER_FILE = "mirror_sd_adapter.json"
-"""Provenance file of a trained self-draft folder; written last, so it marks the folder done."""
-ADAPTER_VERSION = 1
-_WEIGHTS = "model.safetensors"
+ADAPTER_VERSION = 1  # of the settings key and the provenance format
 _IGNORE = -100  # held-out labels outside the candidate set: no cross-entropy term
-_NOT_COPIED = {"config.json", "model.safetensors.index.json", zoo.FETCH_MARKER, ADAPTER_FILE}
 
 
 @dataclass(frozen=True)
@@ -302,79 +296,6 @@ def _train_best_init(
     return trainer, layer, report
 
 
-# ----------------------------------------------------------------------------- the folder
-
-
-def _config_for(target_folder: Path, k: int) -> dict[str, Any]:
-    """The target's config.json with k + 1 layers (per-layer lists trimmed to match)."""
-    cfg = json.loads((target_folder / "config.json").read_text())
-    cfg["num_hidden_layers"] = k + 1
-    if isinstance(cfg.get("layer_types"), list):
-        cfg["layer_types"] = cfg["layer_types"][: k + 1]
-    if isinstance(cfg.get("max_window_layers"), int):
-        cfg["max_window_layers"] = min(cfg["max_window_layers"], k + 1)
-    return cfg
-
-
-def _draft_state(
-    raw: dict[str, torch.Tensor], k: int, adapter: DecoderLayer, tied: bool
-) -> dict[str, torch.Tensor]:
-    """The target's embedding, layers [0, k), final norm and LM head, plus the adapter as
-    layer k, all in the target's stored dtype."""
-    dtype = raw["model.embed_tokens.weight"].dtype
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in raw.items():
-        if name.startswith("model.layers."):
-            if int(name.split(".")[2]) < k:
-                state[name] = tensor
-        elif name in ("model.embed_tokens.weight", "model.norm.weight") or (
-            name == "lm_head.weight" and not tied
-        ):
-            state[name] = tensor
-    for name, tensor in adapter.state_dict().items():
-        state[f"model.layers.{k}.{name}"] = tensor.detach().to(dtype).contiguous()
-    return state
-
-
-def write_draft_folder(
-    target_folder: Path, raw: dict[str, torch.Tensor], k: int, adapter: DecoderLayer,
-    out: Path, provenance: dict[str, Any],
-) -> Path:  # fmt: skip
-    """Write the self-draft as a Hugging Face folder: config, weights, the target's tokenizer
-    and generation files, and the provenance file last. Built beside `out` and renamed into
-    place, so a folder with the provenance file is always complete.
-
-    Raises:
-        FileExistsError: `out` exists, is not empty and is not a self-draft folder.
-    """
-    out = Path(out).absolute()
-    if out.exists() and any(out.iterdir()) and not (out / ADAPTER_FILE).is_file():
-        raise FileExistsError(f"{out} exists and is not a self-draft folder; choose another -o")
-    cfg = _config_for(target_folder, k)
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in sorted(target_folder.iterdir()):
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in _NOT_COPIED:
-            shutil.copy2(f, tmp / f.name)
-    save_file(_draft_state(raw, k, adapter, tied), tmp / _WEIGHTS, metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (tmp / ADAPTER_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-
-def read_provenance(folder: str | Path) -> dict[str, Any]:
-    """The provenance of a self-draft folder (what `train_adapter` wrote)."""
-    path = Path(folder) / ADAPTER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a trained self-draft (no {ADAPTER_FILE})")
-    return json.loads(path.read_text())
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -494,37 +415,3 @@ def _summary(p: dict[str, Any], path: Path) -> str:
         f"(candidate set: held-out {p['heldout_top1_candidates']:.1%}, "
         f"train {p['train_top1_candidates']:.1%})"
     )
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = AdapterSettings()
-    p.add_argument("target", help="target model (known name or HF folder)")
-    p.add_argument("--layers", "-k", type=int, default=d.k, help="target layers kept (k)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps, one chunk each")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
-    p.add_argument("--seed", type=int, default=d.seed, help="training seed (chunk order)")
-    p.add_argument("--init", choices=INITS, default=d.init,
-                   help="adapter initialisation: target layer k, its last layer, or the better")  # fmt: skip
-    p.add_argument("--chunks", type=int, default=d.n_chunks, help="corpus chunks")
-    p.add_argument("--chunk-len", type=int, default=d.chunk_len, help="tokens per chunk")
-    p.add_argument("--candidates", type=int, default=d.candidates,
-                   help="output tokens in the training softmax")  # fmt: skip
-    p.add_argument("--distill", type=float, default=d.distill,
-                   help="weight of the KL term towards the target's distribution (0: off)")  # fmt: skip
-    p.add_argument("--attention-only", action="store_true",
-                   help="train only the adapter's attention and norms (its MLP stays as initialised)")  # fmt: skip
-    p.add_argument("-o", "--out", default=None, help="output folder (default: in the cache)")
-    p.add_argument("--cache", default=None, help="cache folder (default $MIRROR_SD_CACHE)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-
-
-def main(args: argparse.Namespace) -> int:
-    path = train_adapter(
-        args.target, args.layers, steps=args.steps, lr=args.lr, seed=args.seed,
-        n_chunks=args.chunks, chunk_len=args.chunk_len, out=args.out, cache=args.cache,
-        progress=not args.quiet, init=args.init, candidates=args.candidates,
-        distill=args.distill, train_mlp=not args.attention_only,
-    )  # fmt: skip
-    if args.quiet:
-        print(path)
-    return 0

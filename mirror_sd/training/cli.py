@@ -1,41 +1,150 @@
-"""`mirror-sd train exit-head | adapter` and `mirror-sd calibrate vocab`.
+"""`mirror-sd train exit-head | adapter` and `mirror-sd calibrate vocab`: the command lines of
+the training modules, which hold library code only.
 
-Each command lives in its own module as `add_arguments(parser)` + `main(args) -> int`.
+Each command is an `add_arguments(parser)` and a `run(args) -> int`; the library module
+loads when the parser is built (its defaults are the arguments' defaults). `exit-head`'s pair
+is still `exit_head.add_arguments` / `exit_head.main`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
+from pathlib import Path
 
-COMMANDS = {  # (group, name) -> (module, help)
-    ("train", "exit-head"): (
-        "mirror_sd.training.exit_head",
-        "train the target's exit head at ℓe (adapter before the shared LM head)",
-    ),
-    ("train", "adapter"): (
-        "mirror_sd.training.adapter",
-        "train a Kangaroo self-draft: the target's first k layers + an adapter layer",
-    ),
-    ("calibrate", "vocab"): (
-        "mirror_sd.training.vocab",
-        "count the target's own next-token choices for VocabTrim",
-    ),
-}
 GROUP_HELP = {
     "train": "train heads and adapters from the target's own hidden states (CPU, offline)",
     "calibrate": "calibration artifacts computed from the target's own outputs",
 }
 
 
+# --- train adapter ---------------------------------------------------------------------------
+def _adapter_arguments(p: argparse.ArgumentParser) -> None:
+    from mirror_sd.training.adapter import INITS, AdapterSettings
+
+    d = AdapterSettings()
+    p.add_argument("target", help="target model (known name or HF folder)")
+    p.add_argument("--layers", "-k", type=int, default=d.k, help="target layers kept (k)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps, one chunk each")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    p.add_argument("--seed", type=int, default=d.seed, help="training seed (chunk order)")
+    p.add_argument("--init", choices=INITS, default=d.init,
+                   help="adapter initialisation: target layer k, its last layer, or the better")  # fmt: skip
+    p.add_argument("--chunks", type=int, default=d.n_chunks, help="corpus chunks")
+    p.add_argument("--chunk-len", type=int, default=d.chunk_len, help="tokens per chunk")
+    p.add_argument("--candidates", type=int, default=d.candidates,
+                   help="output tokens in the training softmax")  # fmt: skip
+    p.add_argument("--distill", type=float, default=d.distill,
+                   help="weight of the KL term towards the target's distribution (0: off)")  # fmt: skip
+    p.add_argument("--attention-only", action="store_true",
+                   help="train only the adapter's attention and norms (its MLP stays as initialised)")  # fmt: skip
+    p.add_argument("-o", "--out", default=None, help="output folder (default: in the cache)")
+    p.add_argument("--cache", default=None, help="cache folder (default $MIRROR_SD_CACHE)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _adapter(args: argparse.Namespace) -> int:
+    from mirror_sd.training.adapter import train_adapter
+
+    path = train_adapter(
+        args.target, args.layers, steps=args.steps, lr=args.lr, seed=args.seed,
+        n_chunks=args.chunks, chunk_len=args.chunk_len, out=args.out, cache=args.cache,
+        progress=not args.quiet, init=args.init, candidates=args.candidates,
+        distill=args.distill, train_mlp=not args.attention_only,
+    )  # fmt: skip
+    if args.quiet:
+        print(path)
+    return 0
+
+
+# --- calibrate vocab -------------------------------------------------------------------------
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--ks {text!r}: expected integers like 8192,16384,0"
+        ) from None
+    if not ks or any(k < 0 for k in ks):
+        raise argparse.ArgumentTypeError(f"--ks {text!r}: expected integers >= 0 (0 = full)")
+    return ks
+
+
+def _vocab_arguments(p: argparse.ArgumentParser) -> None:
+    from mirror_sd.training.vocab import DEFAULT_CHUNK_LEN, DEFAULT_CHUNKS, REPORT_KS
+
+    p.add_argument("target", help="a known model name or a local HF folder")
+    p.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help="corpus chunks")
+    p.add_argument("--chunk-len", type=int, default=DEFAULT_CHUNK_LEN, help="tokens per chunk")
+    p.add_argument("--seed", type=int, default=0, help="corpus seed")
+    p.add_argument("--cache", default=None, help="cache folder (default $MIRROR_SD_CACHE)")
+    p.add_argument("-o", "--output", default=None, help="write the counts as JSON here")
+    p.add_argument("--ks", type=_ks, default=REPORT_KS, help="K values, comma-separated; 0 = full")
+    p.add_argument("--report", metavar="DRAFT", default=None,
+                   help="also measure DRAFT with each K: ONNX Runtime step time (1 and 5 rows) "
+                        "and top-1 agreement with the target on held-out text")  # fmt: skip
+    p.add_argument("--quantize", default="int8", choices=("none", "int8", "int4"),
+                   help="the draft's weights for --report (default int8, as the default map)")  # fmt: skip
+    p.add_argument("--heldout-chunks", type=int, default=4, help="held-out chunks for --report")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--json", default=None, help="write the --report result as JSON here")
+
+
+def _vocab(args: argparse.Namespace) -> int:
+    from mirror_sd.training.vocab import coverage_table, save_counts, vocab_counts
+
+    counts, source = vocab_counts(args.target, args.cache, args.chunks, args.chunk_len, args.seed)
+    print(f"counts: {source}")
+    print(
+        f"{int(counts.sum())} target tokens, {int((counts > 0).sum())} distinct, V = {counts.numel()}"
+    )
+    for k, cov in coverage_table(counts, args.ks):
+        print(f"  top-{k}: {cov:.2%} of the target's tokens (in-sample)")
+    if args.output:
+        print(f"counts written to {save_counts(args.output, counts, source)}")
+    if args.report:
+        from mirror_sd.training.vocab_report import format_report, vocab_trim_report
+
+        report = vocab_trim_report(
+            args.target, args.report, args.ks, cache=args.cache, quantize=args.quantize,
+            n_chunks=args.chunks, chunk_len=args.chunk_len, seed=args.seed,
+            heldout_chunks=args.heldout_chunks, threads=args.threads,
+        )  # fmt: skip
+        print(format_report(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+# --- the groups ------------------------------------------------------------------------------
+def _commands() -> dict:
+    """(group, name) -> (add_arguments, run, help)."""
+    from mirror_sd.training import exit_head
+
+    return {
+        ("train", "exit-head"): (
+            exit_head.add_arguments, exit_head.main,
+            "train the target's exit head at ℓe (adapter before the shared LM head)",
+        ),
+        ("train", "adapter"): (
+            _adapter_arguments, _adapter,
+            "train a Kangaroo self-draft: the target's first k layers + an adapter layer",
+        ),
+        ("calibrate", "vocab"): (
+            _vocab_arguments, _vocab,
+            "count the target's own next-token choices for VocabTrim",
+        ),
+    }  # fmt: skip
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The `train` and `calibrate` groups and their commands on `mirror-sd`'s subparsers."""
+    commands = _commands()
     for group, help_text in GROUP_HELP.items():
         p = sub.add_parser(group, help=help_text)
         gsub = p.add_subparsers(dest=f"{group}_cmd", required=True)
-        for (g, name), (module, cmd_help) in COMMANDS.items():
-            if g != group:
-                continue
-            mod = importlib.import_module(module)
-            cp = gsub.add_parser(name, help=cmd_help)
-            mod.add_arguments(cp)
-            cp.set_defaults(func=mod.main)
+        for (g, name), (add_arguments, run, cmd_help) in commands.items():
+            if g == group:
+                cp = gsub.add_parser(name, help=cmd_help)
+                add_arguments(cp)
+                cp.set_defaults(func=run)

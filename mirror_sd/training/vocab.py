@@ -10,14 +10,13 @@ Tokens the target never chose in the corpus tie at zero and are ranked by id
 (`VocabTrim.from_counts`): in a BPE vocabulary earlier ids are earlier merges, i.e. more
 frequent in the tokenizer's own (broad) training data, a sensible prior for the tail.
 
-`mirror-sd calibrate vocab TARGET` prints the in-sample coverage of several K; with
-`--report DRAFT` it also measures, per K, the draft's step time and its agreement with the
-target on held-out text (`training.vocab_report`).
+`mirror-sd calibrate vocab TARGET` (training/cli.py) prints the in-sample coverage of
+several K; with `--report DRAFT` it also measures, per K, the draft's step time and its
+agreement with the target on held-out text (`training.vocab_report`).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -146,58 +145,3 @@ def coverage_table(counts: torch.Tensor, ks: Sequence[int]) -> list[tuple[int, f
         k = counts.numel() if k <= 0 else min(k, counts.numel())
         out.append((k, float(ranked[k - 1]) / total))
     return out
-
-
-# --- the command line -----------------------------------------------------------------------
-def _ks(text: str) -> tuple[int, ...]:
-    try:
-        ks = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--ks {text!r}: expected integers like 8192,16384,0"
-        ) from None
-    if not ks or any(k < 0 for k in ks):
-        raise argparse.ArgumentTypeError(f"--ks {text!r}: expected integers >= 0 (0 = full)")
-    return ks
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", help="a known model name or a local HF folder")
-    p.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help="corpus chunks")
-    p.add_argument("--chunk-len", type=int, default=DEFAULT_CHUNK_LEN, help="tokens per chunk")
-    p.add_argument("--seed", type=int, default=0, help="corpus seed")
-    p.add_argument("--cache", default=None, help="cache folder (default $MIRROR_SD_CACHE)")
-    p.add_argument("-o", "--output", default=None, help="write the counts as JSON here")
-    p.add_argument("--ks", type=_ks, default=REPORT_KS, help="K values, comma-separated; 0 = full")
-    p.add_argument("--report", metavar="DRAFT", default=None,
-                   help="also measure DRAFT with each K: ONNX Runtime step time (1 and 5 rows) "
-                        "and top-1 agreement with the target on held-out text")  # fmt: skip
-    p.add_argument("--quantize", default="int8", choices=("none", "int8", "int4"),
-                   help="the draft's weights for --report (default int8, as the default map)")  # fmt: skip
-    p.add_argument("--heldout-chunks", type=int, default=4, help="held-out chunks for --report")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    p.add_argument("--json", default=None, help="write the --report result as JSON here")
-
-
-def main(args: argparse.Namespace) -> int:
-    counts, source = vocab_counts(args.target, args.cache, args.chunks, args.chunk_len, args.seed)
-    print(f"counts: {source}")
-    print(
-        f"{int(counts.sum())} target tokens, {int((counts > 0).sum())} distinct, V = {counts.numel()}"
-    )
-    for k, cov in coverage_table(counts, args.ks):
-        print(f"  top-{k}: {cov:.2%} of the target's tokens (in-sample)")
-    if args.output:
-        print(f"counts written to {save_counts(args.output, counts, source)}")
-    if args.report:
-        from mirror_sd.training.vocab_report import format_report, vocab_trim_report
-
-        report = vocab_trim_report(
-            args.target, args.report, args.ks, cache=args.cache, quantize=args.quantize,
-            n_chunks=args.chunks, chunk_len=args.chunk_len, seed=args.seed,
-            heldout_chunks=args.heldout_chunks, threads=args.threads,
-        )  # fmt: skip
-        print(format_report(report))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=1))
-    return 0

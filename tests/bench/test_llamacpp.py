@@ -136,12 +136,12 @@ def test_llama_names_parse_and_stay_unexpanded():
 
 
 def test_gguf_path_finds_the_zoo_gguf_and_refuses_other_folders(tmp_path):
-    from mirror_sd.graphs import zoo
+    from mirror_sd.graphs import gguf_fetch, model_registry
 
     folder = tmp_path / "models" / "smollm2-135m"
     folder.mkdir(parents=True)
-    (folder / zoo.FETCH_MARKER).write_text(json.dumps({"name": "smollm2-135m"}))
-    gguf = tmp_path / "gguf" / zoo.get_spec("smollm2-135m").gguf_file
+    (folder / gguf_fetch.FETCH_MARKER).write_text(json.dumps({"name": "smollm2-135m"}))
+    gguf = tmp_path / "gguf" / model_registry.get_spec("smollm2-135m").gguf_file
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF")
     assert llamacpp.gguf_path(folder, cache=tmp_path) == gguf

@@ -14,8 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from mirror_sd.devices import ort_core as od
-from mirror_sd.devices import ort_device
+from mirror_sd.devices import ort_core, ort_device, ort_kv, ort_placement
 from mirror_sd.devices.base import ModelRunner
 from mirror_sd.devices.ort_core import OrtDevice, ProviderUnavailableError
 from mirror_sd.devices.ort_device import OrtRunner
@@ -106,7 +105,7 @@ def test_runner_errors_name_the_problem(draft):
 
 def test_another_graph_is_not_a_runner(tmp_path):
     path = tmp_path / "copy.onnx"
-    path.write_bytes(od._identity_model(np.float32, (2, 16)))
+    path.write_bytes(ort_kv._identity_model(np.float32, (2, 16)))
     with pytest.raises(ValueError, match="not a whole exported model"):
         OrtRunner(path, CPU, 8)
 
@@ -167,14 +166,14 @@ def test_describe_lists_providers_with_options():
 
 def test_actual_providers_from_the_assignment_record(draft):
     _, path = draft
-    counts = od.actual_providers(CPU.session(path))
+    counts = ort_placement.actual_providers(CPU.session(path))
     assert set(counts) == {"CPUExecutionProvider"} and counts["CPUExecutionProvider"] > 50
 
 
 def test_actual_providers_from_a_profile_on_older_onnxruntime(draft, monkeypatch):
     model, path = draft
-    monkeypatch.setattr(od, "records_assignment_api", lambda: False)
-    monkeypatch.setattr(ort_device, "records_assignment_api", lambda: False)
+    for module in (ort_core, ort_placement, ort_device):
+        monkeypatch.setattr(module, "records_assignment_api", lambda: False)
     runner = OrtRunner(path, CPU, 8)  # profiles its first (warm-up) run
     assert runner.length == 0
     assert runner.placement.startswith("CPUExecutionProvider: ")
@@ -184,19 +183,21 @@ def test_actual_providers_from_a_profile_on_older_onnxruntime(draft, monkeypatch
 def test_actual_providers_needs_a_recording_session(draft):
     _, path = draft
     with pytest.raises(RuntimeError, match="record_placement=True"):
-        od.actual_providers(CPU.session(path, record_placement=False))
+        ort_placement.actual_providers(CPU.session(path, record_placement=False))
 
 
 def test_silent_fallback_is_reported_with_the_op_types():
     placement = {"OpenVINOExecutionProvider": {"MatMul": 290}, "CPUExecutionProvider": {"IsNaN": 4}}
     with pytest.warns(RuntimeWarning, match="4 of 294 nodes do not run on OpenVINO"):
-        summary = od.placement_summary(placement, "OpenVINOExecutionProvider", "draft")
+        summary = ort_placement.placement_summary(placement, "OpenVINOExecutionProvider", "draft")
     assert (
         summary == "OpenVINOExecutionProvider: 290 nodes, CPUExecutionProvider: 4 nodes (IsNaN x4)"
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        od.placement_summary({"CPUExecutionProvider": {"Add": 9}}, "CPUExecutionProvider")
+        ort_placement.placement_summary(
+            {"CPUExecutionProvider": {"Add": 9}}, "CPUExecutionProvider"
+        )
 
 
 def test_the_exported_graph_has_no_ops_known_to_fall_back(draft):
@@ -206,7 +207,7 @@ def test_the_exported_graph_has_no_ops_known_to_fall_back(draft):
     large ones, graphs/model.py `attend`) with one Softmax per branch.
     """
     _, path = draft
-    ops = od.node_placement(CPU.session(path))["CPUExecutionProvider"]
+    ops = ort_placement.node_placement(CPU.session(path))["CPUExecutionProvider"]
     assert "IsNaN" not in ops and ops["Softmax"] == 4 * 2
 
 

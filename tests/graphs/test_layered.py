@@ -49,15 +49,23 @@ def _inputs(model, first, last, with_embed, s, t, tree=False):
     )
 
 
+RANGES = [(0, 2, True, 0, 6, False), (0, 1, True, 5, 1, False), (1, 4, False, 9, 4, False),
+          (2, 4, False, 0, 1, False), (0, 4, True, 6, 5, True)]  # fmt: skip
+# Every range shape on Llama and on Gemma 3 (the family whose layers differ from one another:
+# sliding / global attention, four norms); the whole-model tree block on every other family,
+# which splices every one of its parts. Each family's own export is tested in test_export.py.
+FULL_MATRIX = ("llama", "gemma3_text")
+RANGE_CASES = [(fam, r) for fam in FULL_MATRIX for r in RANGES] + [
+    (fam, RANGES[-1]) for fam in FAMILIES if fam not in FULL_MATRIX
+]
+
+
 @pytest.mark.parametrize(
-    ("first", "last", "with_embed", "s", "t", "tree"),
-    [(0, 2, True, 0, 6, False), (0, 1, True, 5, 1, False), (1, 4, False, 9, 4, False),
-     (2, 4, False, 0, 1, False), (0, 4, True, 6, 5, True)],
-)  # fmt: skip
-def test_an_assembled_range_equals_a_whole_range_export(
-    parts, tmp_path, first, last, with_embed, s, t, tree
-):
+    ("parts", "case"), RANGE_CASES, indirect=["parts"], ids=[f"{f}-{r}" for f, r in RANGE_CASES]
+)
+def test_an_assembled_range_equals_a_whole_range_export(parts, tmp_path, case):
     """Same interface, same numbers: the splice computes what one export of the range does."""
+    first, last, with_embed, s, t, tree = case
     _, model, cache, _ = parts
     path = layered.range_cached(model, cache, KEY, first, last, with_embed)
     whole = ex.export_stages(model, tmp_path / "w.onnx", first, last, with_embed, False)
@@ -104,6 +112,7 @@ def test_every_split_comes_from_one_export_without_new_weight_bytes(parts):
         assert locations <= {p.name for p in folder.glob("*.onnx.data")}
 
 
+@pytest.mark.parametrize("parts", FULL_MATRIX, indirect=True)
 def test_a_cached_split_needs_no_weights(parts, tmp_path):
     """Once the parts are cached, a weightless (meta) model builds every split: compile()
     then never reads the target's weights for a second ℓe."""

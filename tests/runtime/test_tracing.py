@@ -10,8 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from mirror_sd.runtime import trace_tools
-from mirror_sd.runtime.trace_tools import TraceError, load_trace, plot_timeline, summarize
+from mirror_sd import cli
+from mirror_sd.runtime.trace_plot import plot_timeline
+from mirror_sd.runtime.trace_tools import TraceError, load_trace, summarize
 from tests.runtime.conftest import make_plan, tiny_model
 from tests.runtime.test_faults import FaultyRunner
 
@@ -157,9 +158,9 @@ def test_plot_timeline_writes_a_png(run, tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
 
 
-def test_main_summarize_prints_the_table(run, tmp_path, capsys):
+def test_trace_summarize_command_prints_the_table(run, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    assert trace_tools.main_summarize(run.path, png=tmp_path / "t.png") == 0
+    assert cli.main(["trace", "summarize", str(run.path), "--png", str(tmp_path / "t.png")]) == 0
     out = capsys.readouterr().out
     assert "busy: npu (torch cpu)" in out and "timeline:" in out
     assert (tmp_path / "t.png").read_bytes().startswith(PNG_MAGIC)
@@ -278,5 +279,13 @@ def test_load_trace_names_what_is_malformed(tmp_path, text, message):
 def test_missing_trace_file_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(TraceError, match="cannot read trace file"):
         load_trace(tmp_path / "nope.json")
-    assert trace_tools.main_summarize(tmp_path / "nope.json") == 2
-    assert "cannot read trace file" in capsys.readouterr().err
+    assert cli.main(["trace", "summarize", str(tmp_path / "nope.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mirror-sd: error: ") and "cannot read trace file" in err
+
+
+def test_unwritable_png_is_a_clear_error(run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "no-such-folder" / "t.png"
+    assert cli.main(["trace", "summarize", str(run.path), "--png", str(png)]) == 2
+    assert capsys.readouterr().err.startswith("mirror-sd: error: trace summarize: ")

@@ -12,7 +12,8 @@ import mirror_sd.api as api
 import mirror_sd.training.adapter as adapter
 from mirror_sd.cli import main as cli_main
 from mirror_sd.graphs.loader import load_model
-from mirror_sd.training.adapter import ADAPTER_FILE, read_provenance, train_adapter
+from mirror_sd.training.adapter import train_adapter
+from mirror_sd.training.adapter_folder import ADAPTER_FILE, read_provenance
 from mirror_sd.training.corpus import Corpus
 from tests.conftest import make_tiny, save_tiny_with_tokenizer
 
