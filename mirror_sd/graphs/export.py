@@ -171,10 +171,28 @@ def export_module(
     {axis: Dim}. With `external_data` the weights go to one file `<path>.data`. Returns `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    program = export_program(module, args, input_names, output_names, dynamic_shapes, opset)
+    program.save(str(path), external_data=external_data)
+    return path
+
+
+def export_program(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: Any,
+    opset: int = DEFAULT_OPSET,
+    optimize: bool = True,
+) -> torch.onnx.ONNXProgram:
+    """The `torch.onnx.ONNXProgram` of `module(*args)` (the one exporter call every export
+    makes; see `export_module`). `optimize` False keeps the graph as traced, each weight an
+    initializer named by its parameter's name (no constant folding yet): a template other
+    weights can be applied to (`layered`, one export per kind of layer)."""
     with warnings.catch_warnings(), quiet_exporter(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore", UserWarning)  # the exporter's notes on axis names
         warnings.simplefilter("ignore", FutureWarning)  # and on torch's own deprecations
-        program = torch.onnx.export(
+        return torch.onnx.export(
             module.eval(),
             args,
             input_names=input_names,
@@ -182,10 +200,9 @@ def export_module(
             dynamic_shapes=dynamic_shapes,
             opset_version=opset,
             dynamo=True,
+            optimize=optimize,
             verbose=False,
         )
-    program.save(str(path), external_data=external_data)
-    return path
 
 
 @contextmanager

@@ -44,6 +44,7 @@ from mirror_sd.graphs.export import (
     cache_key,
     cached_entry,
     export_module,
+    export_program,
     io_names,
     quantize_weights,
 )
@@ -106,13 +107,11 @@ def _examples(model: CausalLM) -> dict[str, tuple[torch.Tensor, ...]]:
 
 
 def _export_parts(model: CausalLM, folder: Path, opset: int) -> None:
-    """Every part of `model` into `folder`, one exporter call (and one layer's copy) at a time,
-    a progress bar over the parts (`progress`)."""
+    """Every part of `model` into `folder`, a progress bar over the parts (`progress`). The
+    exporter runs once per *kind* of layer (`_LayerTemplates`), not once per layer."""
     t, s = torch.export.Dim("T", min=1), torch.export.Dim("S", min=0)
     st = torch.export.Dim.DYNAMIC  # S + T: the exporter derives it
     ex = _examples(model)
-    shapes = {"h": {1: t}, "cos": {1: t}, "sin": {1: t}, "bias": {1: t, 2: st},
-              "past_k": {1: s}, "past_v": {1: s}}  # fmt: skip
     desc = f"exporting {model.config.model_type} per layer"
     with progress.bar(model.num_layers + 2, desc=desc, unit="part") as bar:  # + embed, prep
         export_module(_Embed(model), ex["embed"], folder / "embed.onnx", ["input_ids"], ["h"],
@@ -122,11 +121,64 @@ def _export_parts(model: CausalLM, folder: Path, opset: int) -> None:
                       ["cos", "sin", "bias"], {"position_ids": {1: t}, "mask": {1: t, 2: st}},
                       opset, external_data=False)  # fmt: skip
         bar.update()
+        templates = _LayerTemplates(ex["layer"], t, s, st, opset)
         for i in range(model.num_layers):
-            export_module(_Layer(model, i), ex["layer"], folder / f"{part_name(i)}.onnx",
-                          list(shapes), ["h_out", "new_k", "new_v"], shapes, opset,
-                          external_data=True)  # fmt: skip
+            templates.write(_Layer(model, i), folder / f"{part_name(i)}.onnx")
             bar.update()
+
+
+class _LayerTemplates:
+    """Layer graphs from one export per kind of layer. Exporting costs seconds per call (the
+    1.5B's 28 layers took most of a first compile), yet the layers of a model differ only in
+    their weights, apart from a few kinds (Gemma 3's sliding and full attention). So the first
+    layer of each kind is exported unoptimized (`export_program(optimize=False)`: weights are
+    initializers named by parameter), and every layer of that kind is that graph with its own
+    weights applied, then optimized and saved exactly as `export_module` would have: the
+    same graph, bit for bit the same outputs (tests/graphs/test_layered.py). A layer whose
+    parameters are not all named initializers of the template is exported on its own."""
+
+    OUTPUTS = ["h_out", "new_k", "new_v"]
+
+    def __init__(self, example: tuple[torch.Tensor, ...], t, s, st, opset: int):
+        self.example, self.opset = example, opset
+        self.shapes = {"h": {1: t}, "cos": {1: t}, "sin": {1: t}, "bias": {1: t, 2: st},
+                       "past_k": {1: s}, "past_v": {1: s}}  # fmt: skip
+        self.templates: dict[tuple, Any] = {}  # kind -> (program, unoptimized model) | None
+
+    def write(self, layer: nn.Module, path: Path) -> None:
+        weights = {**dict(layer.named_parameters()), **dict(layer.named_buffers())}
+        kind = layer_kind(layer)
+        if kind not in self.templates:
+            program = export_program(layer, self.example, list(self.shapes), self.OUTPUTS,
+                                     self.shapes, self.opset, optimize=False)  # fmt: skip
+            named = set(program.model.graph.initializers)
+            self.templates[kind] = (
+                (program, program.model.clone()) if set(weights) <= named else None
+            )
+        if self.templates[kind] is None:  # weights folded into constants: no template
+            export_module(layer, self.example, path, list(self.shapes), self.OUTPUTS,
+                          self.shapes, self.opset, external_data=True)  # fmt: skip
+            return
+        program, template = self.templates[kind]
+        program.model = template.clone()
+        program.apply_weights(weights)
+        program.optimize()  # what the exporter's default (optimize=True) runs
+        program.save(str(path), external_data=True)
+
+
+def layer_kind(layer: nn.Module) -> tuple:
+    """What decides a layer's graph apart from its weights' values: each submodule's class and
+    plain attributes (Gemma 3's window and rope table, head counts, eps) and every weight's
+    name, shape and dtype. Layers of one kind share one export (`_LayerTemplates`)."""
+    plain = (bool, int, float, str, type(None))
+    kind = []
+    for name, m in layer.named_modules():
+        attrs = sorted((k, v) for k, v in vars(m).items()
+                       if not k.startswith("_") and k != "training" and isinstance(v, plain))  # fmt: skip
+        kind.append((name, type(m).__qualname__, tuple(attrs)))
+    for name, w in [*layer.named_parameters(), *layer.named_buffers()]:
+        kind.append((name, tuple(w.shape), str(w.dtype)))
+    return tuple(kind)
 
 
 def _entry(folder: str | Path, model: CausalLM, key_info: Mapping[str, Any], label: str,

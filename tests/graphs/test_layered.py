@@ -150,3 +150,32 @@ def test_a_bad_range_is_a_clear_error(parts):
     _, model, cache, _ = parts
     with pytest.raises(IndexError, match=r"layer range \[3, 3\) empty or outside \[0, 4\]"):
         layered.range_cached(model, cache, KEY, 3, 3, False)
+
+
+@pytest.mark.parametrize(("family", "kinds"), [("llama", 1), ("gemma3_text", 2)])
+def test_the_exporter_runs_once_per_kind_of_layer(family, kinds, tmp_path, monkeypatch):
+    """Layers differing only in weights share one export (Llama's four: one call); Gemma 3's
+    sliding and full attention layers are two kinds. Each part still decodes as its own
+    layer: every part's output equals torch's layer on the same input, bit for bit where the
+    exporter's own per-layer graph is (checked above through the assembled ranges)."""
+    model = load_model(save_tiny(make_tiny(family, seed=3), tmp_path / family))
+    calls = []
+    real = layered.export_program
+    monkeypatch.setattr(layered, "export_program", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layered._export_parts(model, tmp_path / "parts", ex.DEFAULT_OPSET)
+    assert len(calls) == kinds
+    kinds_seen = {layered.layer_kind(layer) for layer in model.model.layers}
+    assert len(kinds_seen) == kinds
+    h, cos, sin, bias, pk, pv = layered._examples(model)["layer"]
+    h = torch.randn(h.shape)
+    pk, pv = torch.randn(pk.shape), torch.randn(pv.shape)
+    cos, sin = model.rope(torch.arange(5, 8)[None], torch.float32)
+    bias = ex.additive_mask(causal_mask(5, 3), torch.float32)
+    for i in range(model.num_layers):
+        sess = ort.InferenceSession(str(tmp_path / "parts" / f"{layered.part_name(i)}.onnx"))
+        got = sess.run(None, {"h": h.numpy(), "cos": cos.numpy(), "sin": sin.numpy(),
+                              "bias": bias.numpy(), "past_k": pk.numpy(), "past_v": pv.numpy()})  # fmt: skip
+        with torch.no_grad():
+            want = layered._Layer(model, i)(h, cos, sin, bias, pk, pv)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w.numpy(), atol=2e-5, rtol=1e-4)
