@@ -141,10 +141,14 @@ def test_mirror_at_another_exit_layer_assembles_the_split_without_torch(
     assert {f"range-0-{best}-embed.onnx", f"range-{best}-6.onnx"} <= names
 
 
-def test_an_ort_target_is_profiled_with_its_torch_model_freed(folders, tmp_path, monkeypatch):
+def test_an_ort_target_is_profiled_with_its_torch_model_freed_and_compiled_again_without_it(
+    folders, tmp_path, monkeypatch
+):
     """compile()'s peak memory: an exported target's torch model measures the logit lens and
     is freed *before* the target's ONNX Runtime sessions load, so the weights are in memory
-    once at a time; the lens agreement it measured is the profile's, unchanged."""
+    once at a time; the lens agreement it measured is the profile's, unchanged. The lens is
+    kept beside the per-layer export: compiling the same target again neither measures it nor
+    loads the target's weights (the draft's ONNX is reused too). One export serves both."""
     import gc
     import weakref
 
@@ -154,6 +158,7 @@ def test_an_ort_target_is_profiled_with_its_torch_model_freed(folders, tmp_path,
     from mirror_sd.runtime.profiling import CALIBRATION_TEXT, agreement_by_layer, lens_layers
 
     target, draft, _ = folders
+    onnx = tmp_path / "onnx"
     loaded, alive_at_open = [], []
     load = worker.load_model
 
@@ -169,36 +174,25 @@ def test_an_ort_target_is_profiled_with_its_torch_model_freed(folders, tmp_path,
         alive_at_open.append([f for f, ref in loaded if ref() is not None and f == str(target)])
         return opened(cls, *args, **kw)
 
-    monkeypatch.setattr(worker, "load_model", recording_load)
-    monkeypatch.setattr(builders, "load_model", recording_load)
-    monkeypatch.setattr(OrtSplitRunner, "from_graphs", classmethod(checking_open))
-    with api.compile(target, draft, ORT_MAP, mode="auto", max_len=128,
-                     onnx_dir=tmp_path / "onnx") as plan:  # fmt: skip
-        assert alive_at_open == [[]]  # one split opened, with no torch copy of the target left
-        lens = plan.report.profile.hit_rate_by_exit_layer
-        ref = plan.generate("w1 w2 w3", 16, mode="autoregressive").tokens
-        assert plan.generate("w1 w2 w3", 16).tokens == ref
+    with monkeypatch.context() as m:
+        m.setattr(worker, "load_model", recording_load)
+        m.setattr(builders, "load_model", recording_load)
+        m.setattr(OrtSplitRunner, "from_graphs", classmethod(checking_open))
+        with api.compile(target, draft, ORT_MAP, mode="auto", max_len=128, onnx_dir=onnx) as plan:
+            assert alive_at_open == [[]]  # one split opened, no torch copy of the target left
+            lens = plan.report.profile.hit_rate_by_exit_layer
+            ref = plan.generate("w1 w2 w3", 16, mode="autoregressive").tokens
+            assert plan.generate("w1 w2 w3", 16).tokens == ref
     model = load(target, "float32")
     ids = plan.tokenizer(CALIBRATION_TEXT)["input_ids"]
     assert lens == agreement_by_layer(model, ids, list(lens_layers(model.num_layers)))
-
-
-def test_a_second_compile_reads_the_kept_lens_and_no_weights(folders, tmp_path, monkeypatch):
-    """The lens agreement is kept beside the per-layer export: compiling the same target again
-    neither measures it nor loads the target's weights (only the draft's ONNX is reused too)."""
-    import mirror_sd.backends.ort as builders
-    import mirror_sd.export_worker as worker
-
-    target, draft, _ = folders
-    onnx = tmp_path / "onnx"
-    with api.compile(target, draft, ORT_MAP, mode="auto", max_len=128, onnx_dir=onnx) as plan:
-        first = plan.report.profile.hit_rate_by_exit_layer
     assert len(list(onnx.glob("qwen2-layers-*/lens-*.json"))) == 1
+
     loads = []
     for module in (worker, builders):
         monkeypatch.setattr(module, "load_model", lambda f, *a, **k: loads.append(f) or 1 / 0)
     with api.compile(target, draft, ORT_MAP, mode="auto", max_len=128, onnx_dir=onnx) as plan:
-        assert plan.report.profile.hit_rate_by_exit_layer == first
+        assert plan.report.profile.hit_rate_by_exit_layer == lens
         ref = plan.generate("w1 w2 w3", 12, mode="autoregressive").tokens
         assert plan.generate("w1 w2 w3", 12).tokens == ref
     assert loads == []
