@@ -244,7 +244,7 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
             heads.layers[len(heads.layers) // 2] if heads.files else max(1, t_cfg.num_layers // 2)
         )
     )
-    placement = place(_graph(t_cfg, d_cfg, exit_layer), _with_spec(dm, spec))  # validates
+    placement = place(_graph(t_cfg, d_cfg, exit_layer), dm.with_speculation(spec))  # validates
     # a model whose nodes span devices runs pipelined (pipelined.py); its first device names it
     t_split = spans_devices(placement, "target")
     d_split = d_folder is not None and spans_devices(placement, "draft")
@@ -384,12 +384,12 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
             )  # fmt: skip
     graph = _graph(r.t_cfg, r.d_cfg, spec.exit_layer)
     if spec.exit_layer != r.exit_layer:
-        placement = place(graph, _with_spec(r.dm, spec))
+        placement = place(graph, r.dm.with_speculation(spec))
     exit_head = build_exit_head(spec, spec.exit_layer, r.heads, t_model, b.e_trim)
     gen_cfg_file = r.t_folder / "generation_config.json"
     report = CompileReport(
         target=str(r.t_folder), draft=str(r.d_folder) if r.d_folder else None,
-        device_map=_with_spec(r.dm, spec).to_dict(),
+        device_map=r.dm.with_speculation(spec).to_dict(),
         graph=graph, placement=placement,
         mode_asked=r.mode_asked, choice=m.choice, profile=m.profile,
         onnx=str(b.onnx_path) if b.onnx_path else None,
@@ -464,10 +464,6 @@ def _graph(t_cfg, d_cfg, exit_layer: int) -> ModelGraph:
     if d_cfg is not None:
         graphs.append(ModelGraph.from_config(d_cfg, "draft"))
     return ModelGraph.compose(*graphs)
-
-
-def _with_spec(dm: DeviceMap, spec: SpecConfig) -> DeviceMap:
-    return DeviceMap(dm.devices, dm.placement, spec, dm.source)
 
 
 def _without_draft(dm: DeviceMap) -> DeviceMap:

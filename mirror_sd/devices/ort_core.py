@@ -23,6 +23,7 @@ from typing import Any
 
 import onnxruntime as ort
 
+from mirror_sd.backends.facts import HOST_CPU, provider_physical
 from mirror_sd.devices.ort_placement import RECORD_ASSIGNMENT, records_assignment_api
 from mirror_sd.graphs.export import cached_entry
 from mirror_sd.partition.device_map import ORT_PROVIDERS
@@ -113,12 +114,7 @@ class OrtDevice:
     @property
     def on_host_cpu(self) -> bool:
         """True when the first provider computes on this machine's CPU cores."""
-        name, options = self.providers[0]
-        if name == "CPUExecutionProvider":
-            return True
-        return name == "OpenVINOExecutionProvider" and str(
-            options.get("device_type", "CPU")
-        ).upper().startswith("CPU")
+        return provider_physical(*self.providers[0]) == HOST_CPU
 
     def describe(self) -> str:
         """e.g. 'onnxruntime OpenVINOExecutionProvider{device_type=NPU} > CPUExecutionProvider'."""

@@ -21,15 +21,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from mirror_sd.backends.facts import HOST_MEMORY, PROVIDER_MEMORY
 from mirror_sd.graphs.kv_cache import CacheFullError
 
-# Providers whose inputs and outputs live in device memory, and that memory's OrtValue name.
-# The others (CPU, OpenVINO, QNN, CoreML) take host memory and copy to the device themselves.
-DEVICE_MEMORY = {
-    "CUDAExecutionProvider": "cuda",
-    "TensorrtExecutionProvider": "cuda",
-    "DmlExecutionProvider": "dml",
-}
 NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -37,7 +31,7 @@ def session_memory(session: ort.InferenceSession) -> tuple[str, int]:
     """(OrtValue device type, device id) where the session's first provider wants tensors."""
     name = session.get_providers()[0]
     options = session.get_provider_options().get(name, {})
-    return DEVICE_MEMORY.get(name, "cpu"), int(options.get("device_id", 0))
+    return PROVIDER_MEMORY.get(name, HOST_MEMORY), int(options.get("device_id", 0))
 
 
 class HostKV:

@@ -47,7 +47,7 @@ def _prefill(runner: ModelRunner, context: int) -> None:
                    causal_mask(0, context))  # fmt: skip
 
 
-def _time_rows(runner: ModelRunner, context: int, rows: int, reps: int) -> float:
+def time_rows(runner: ModelRunner, context: int, rows: int, reps: int) -> float:
     """Median time of one forward of `rows` new rows after `context` cached rows."""
     ids = torch.zeros(1, rows, dtype=torch.long)
     pos = torch.arange(context, context + rows).unsqueeze(0)
@@ -82,7 +82,7 @@ def overlap_slowdown(
     bus and caches: a mirror round's suffix and rollouts then slow each other down, which
     the cost model must know to compare mirror with vanilla speculative decoding honestly.
     """
-    alone = _time_rows(target, context, rows, reps)
+    alone = time_rows(target, context, rows, reps)
     ids = torch.zeros(1, draft_rows, dtype=torch.long)
     pos = torch.arange(context, context + draft_rows).unsqueeze(0)
     mask = causal_mask(context, draft_rows)
@@ -102,7 +102,7 @@ def overlap_slowdown(
     worker.start()
     try:
         started.wait(timeout=60)
-        busy = _time_rows(target, context, rows, reps)
+        busy = time_rows(target, context, rows, reps)
     finally:
         stop.set()
         worker.join()
@@ -224,9 +224,9 @@ def profile(
 
 def _time_each(runner: ModelRunner, context: int, sizes: Sequence[int], reps: int,
                bar: tqdm) -> dict[int, float]:  # fmt: skip
-    """{rows: `_time_rows(runner, context, rows, reps)`} for each size, a tick of `bar` each."""
+    """{rows: `time_rows(runner, context, rows, reps)`} for each size, a tick of `bar` each."""
     times = {}
     for n in sizes:
-        times[n] = _time_rows(runner, context, n, reps)
+        times[n] = time_rows(runner, context, n, reps)
         bar.update()
     return times

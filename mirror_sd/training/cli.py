@@ -2,8 +2,7 @@
 the training modules, which hold library code only.
 
 Each command is an `add_arguments(parser)` and a `run(args) -> int`; the library module
-loads when the parser is built (its defaults are the arguments' defaults). `exit-head`'s pair
-is still `exit_head.add_arguments` / `exit_head.main`.
+loads when the parser is built (its defaults are the arguments' defaults).
 """
 
 from __future__ import annotations
@@ -16,6 +15,67 @@ GROUP_HELP = {
     "train": "train heads and adapters from the target's own hidden states (CPU, offline)",
     "calibrate": "calibration artifacts computed from the target's own outputs",
 }
+
+
+# --- train exit-head -------------------------------------------------------------------------
+def _exit_head_arguments(p: argparse.ArgumentParser) -> None:
+    from mirror_sd.training.exit_head import DEFAULTS
+
+    p.add_argument("target", help="a known model name or a local HF folder")
+    p.add_argument("--layers", default=None,
+                   help="comma-separated exit layers ℓe to train (default: N/4 .. 3N/4, step 2)")  # fmt: skip
+    p.add_argument("--rank", type=int, default=DEFAULTS["rank"], help="adapter width")
+    p.add_argument("--vocab", type=int, default=DEFAULTS["vocab"],
+                   help="VocabTrim K: LM-head rows the head keeps (0 = all)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="tokens per step")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--chunks", type=int, default=40, help="corpus chunks (last 4 held out)")
+    p.add_argument("--chunk-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None, help="cache folder (default $MIRROR_SD_CACHE)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _exit_head(args: argparse.Namespace) -> int:
+    from mirror_sd.graphs import zoo
+    from mirror_sd.graphs.export import source_identity
+    from mirror_sd.graphs.loader import load_model, load_tokenizer
+    from mirror_sd.graphs.vocab_trim import VocabTrim
+    from mirror_sd.training.collect import collect_cached
+    from mirror_sd.training.corpus import build_corpus
+    from mirror_sd.training.exit_head import DEFAULTS, heads_dir, train_head
+
+    folder = zoo.resolve_model(args.target, cache=args.cache)
+    model = load_model(folder, "float32")
+    n = model.num_layers
+    layers = (
+        [int(x) for x in args.layers.split(",")]
+        if args.layers
+        else list(range(max(1, n // 4), 3 * n // 4 + 1, 2))
+    )
+    corpus = build_corpus(load_tokenizer(folder), args.chunks, args.chunk_len, args.seed)
+    print(f"corpus: {corpus.description} ({corpus.identity})")
+    col = collect_cached(model, json.dumps(source_identity(folder)), corpus, layers,
+                         zoo.cache_dir(args.cache) / "train")  # fmt: skip
+    counts = col.counts(model.config.vocab_size)
+    k = args.vocab or model.config.vocab_size
+    trim = VocabTrim.from_counts(counts, k, source=f"{folder.name} argmax over {corpus.identity}")
+    print(f"VocabTrim K={k}: covers {trim.coverage(counts):.3f} of the target's choices")
+    out = heads_dir(args.cache, folder)
+    print(
+        f"{'ℓe':>3}  {'lens top1':>9}  {'lens top4':>9}  {'head top1':>9}  {'head top4':>9}  train s"
+    )
+    for layer in layers:
+        head = train_head(model, col, layer, trim, args.rank, args.steps, args.batch, args.lr,
+                          DEFAULTS["holdout"], args.seed)  # fmt: skip
+        head.meta.update(corpus=corpus.description, corpus_identity=corpus.identity)
+        head.save(out / f"exit-L{layer}-r{args.rank}-k{k}.pt")
+        m = head.meta
+        print(f"{layer:>3}  {m['lens']['top1']:>9.3f}  {m['lens']['top4']:>9.3f}  "
+              f"{m['trained']['top1']:>9.3f}  {m['trained']['top4']:>9.3f}  {m['train_seconds']:>7}")  # fmt: skip
+    print(f"heads written to {out}")
+    return 0
 
 
 # --- train adapter ---------------------------------------------------------------------------
@@ -119,11 +179,9 @@ def _vocab(args: argparse.Namespace) -> int:
 # --- the groups ------------------------------------------------------------------------------
 def _commands() -> dict:
     """(group, name) -> (add_arguments, run, help)."""
-    from mirror_sd.training import exit_head
-
     return {
         ("train", "exit-head"): (
-            exit_head.add_arguments, exit_head.main,
+            _exit_head_arguments, _exit_head,
             "train the target's exit head at ℓe (adapter before the shared LM head)",
         ),
         ("train", "adapter"): (

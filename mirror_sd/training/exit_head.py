@@ -1,4 +1,5 @@
-"""`mirror-sd train exit-head`: fit the target's exit head at ℓe to the target's own choices.
+"""The exit head at ℓe, fitted to the target's own choices (`mirror-sd train exit-head`; its command
+line is in training/cli.py).
 
 The data are the target's hidden states entering layer ℓe and its final argmax over the
 offline stdlib corpus (`collect`). The head is `graphs.heads.ExitHead` with a residual
@@ -14,7 +15,6 @@ when it chooses ℓe for `exit_head: trained`.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
@@ -117,59 +117,3 @@ def train_head(
         trained=agreement(head, ev_h, top[-holdout:]),
     )  # fmt: skip
     return head
-
-
-# --- CLI ------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", help="a known model name or a local HF folder")
-    p.add_argument("--layers", default=None,
-                   help="comma-separated exit layers ℓe to train (default: N/4 .. 3N/4, step 2)")  # fmt: skip
-    p.add_argument("--rank", type=int, default=DEFAULTS["rank"], help="adapter width")
-    p.add_argument("--vocab", type=int, default=DEFAULTS["vocab"],
-                   help="VocabTrim K: LM-head rows the head keeps (0 = all)")  # fmt: skip
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    p.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="tokens per step")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    p.add_argument("--chunks", type=int, default=40, help="corpus chunks (last 4 held out)")
-    p.add_argument("--chunk-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", default=None, help="cache folder (default $MIRROR_SD_CACHE)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def main(args: argparse.Namespace) -> int:
-    from mirror_sd.graphs import zoo
-    from mirror_sd.graphs.loader import load_model, load_tokenizer
-    from mirror_sd.training.collect import collect_cached
-    from mirror_sd.training.corpus import build_corpus
-
-    folder = zoo.resolve_model(args.target, cache=args.cache)
-    model = load_model(folder, "float32")
-    n = model.num_layers
-    layers = (
-        [int(x) for x in args.layers.split(",")]
-        if args.layers
-        else list(range(max(1, n // 4), 3 * n // 4 + 1, 2))
-    )
-    corpus = build_corpus(load_tokenizer(folder), args.chunks, args.chunk_len, args.seed)
-    print(f"corpus: {corpus.description} ({corpus.identity})")
-    col = collect_cached(model, json.dumps(source_identity(folder)), corpus, layers,
-                         zoo.cache_dir(args.cache) / "train")  # fmt: skip
-    counts = col.counts(model.config.vocab_size)
-    k = args.vocab or model.config.vocab_size
-    trim = VocabTrim.from_counts(counts, k, source=f"{folder.name} argmax over {corpus.identity}")
-    print(f"VocabTrim K={k}: covers {trim.coverage(counts):.3f} of the target's choices")
-    out = heads_dir(args.cache, folder)
-    print(
-        f"{'ℓe':>3}  {'lens top1':>9}  {'lens top4':>9}  {'head top1':>9}  {'head top4':>9}  train s"
-    )
-    for layer in layers:
-        head = train_head(model, col, layer, trim, args.rank, args.steps, args.batch, args.lr,
-                          DEFAULTS["holdout"], args.seed)  # fmt: skip
-        head.meta.update(corpus=corpus.description, corpus_identity=corpus.identity)
-        head.save(out / f"exit-L{layer}-r{args.rank}-k{k}.pt")
-        m = head.meta
-        print(f"{layer:>3}  {m['lens']['top1']:>9.3f}  {m['lens']['top4']:>9.3f}  "
-              f"{m['trained']['top1']:>9.3f}  {m['trained']['top4']:>9.3f}  {m['train_seconds']:>7}")  # fmt: skip
-    print(f"heads written to {out}")
-    return 0

@@ -24,7 +24,7 @@ from mirror_sd.graphs.export import export_cached, source_identity
 from mirror_sd.graphs.loader import load_model, load_tokenizer
 from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.graphs.trimmed_head import export_trimmed
-from mirror_sd.runtime.profiling import _time_rows
+from mirror_sd.runtime.profiling import time_rows
 from mirror_sd.runtime.prompts import eos_token_ids
 from mirror_sd.training.vocab import (
     DEFAULT_CHUNK_LEN,
@@ -84,8 +84,8 @@ def vocab_trim_report(
             "k": trim.size if trim else counts.numel(),
             "coverage_calibration": trim.coverage(counts) if trim else 1.0,
             "coverage_heldout": float(torch.isin(labels, kept).float().mean()),
-            "step_ms_1": round(_time_rows(r, context, 1, reps) * 1e3, 2),
-            "step_ms_5": round(_time_rows(r, context, 5, reps) * 1e3, 2),
+            "step_ms_1": round(time_rows(r, context, 1, reps) * 1e3, 2),
+            "step_ms_5": round(time_rows(r, context, 5, reps) * 1e3, 2),
             "agreement": _agreement(r, ids, labels),
             "onnx": str(path),
         })  # fmt: skip

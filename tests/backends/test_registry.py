@@ -13,9 +13,7 @@ import mirror_sd
 from mirror_sd.backends.facts import (
     FACTS,
     HOST_CPU,
-    PROVIDER_MEMORY,
     capabilities,
-    provider_physical,
 )
 from mirror_sd.backends.ort import OrtBackend
 from mirror_sd.backends.pytorch import TorchBackend
@@ -111,16 +109,18 @@ def test_capabilities_are_what_the_partitioner_was_told(spec, physical, memory, 
     assert caps.whole_models == isinstance(spec, OrtSpec)  # schema v1: ORT runs whole models
 
 
-def test_the_provider_facts_agree_with_the_devices_layer():
-    """The ORT family's provider rules are the ones OrtDevice and the KV buffers apply."""
+def test_an_ort_device_knows_when_it_computes_on_the_host_cores():
+    """OrtDevice applies the provider facts: the CPU provider and OpenVINO's CPU device share
+    the host's cores (the thread budget counts them); OpenVINO's NPU and CUDA do not."""
     from mirror_sd.devices.ort_core import OrtDevice
-    from mirror_sd.devices.ort_kv import DEVICE_MEMORY
 
-    assert PROVIDER_MEMORY == DEVICE_MEMORY
-    for name in ORT_PROVIDERS:
-        for options in ({}, {"device_type": "CPU"}, {"device_type": "NPU"}):
-            on_cpu = provider_physical(name, options) == HOST_CPU
-            assert OrtDevice(((name, options),)).on_host_cpu == on_cpu, (name, options)
+    cases = [(("CPUExecutionProvider", {}), True),
+             (("OpenVINOExecutionProvider", {}), True),
+             (("OpenVINOExecutionProvider", {"device_type": "CPU"}), True),
+             (("OpenVINOExecutionProvider", {"device_type": "NPU"}), False),
+             (("CUDAExecutionProvider", {"device_id": 0}), False)]  # fmt: skip
+    for provider, on_cpu in cases:
+        assert OrtDevice((provider,)).on_host_cpu == on_cpu, provider
 
 
 def test_precision_auto_is_resolved_by_each_family():
