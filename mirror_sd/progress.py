@@ -32,6 +32,12 @@ def enabled() -> bool:
     return _shown.get()
 
 
+def wanted(show: bool | None) -> bool:
+    """A function's `progress` argument resolved: None follows the switch (`enabled()`), so
+    library calls are silent unless the CLI or the caller turned progress on."""
+    return enabled() if show is None else bool(show)
+
+
 @contextmanager
 def shown(on: bool = True) -> Iterator[None]:
     """Show (or hide, `on=False`) progress while the block runs; the previous setting after."""

@@ -97,3 +97,21 @@ def test_an_export_worker_passes_its_bars_on(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert out["path"].endswith("model.onnx")
     assert "exporting qwen2-0-2" in err and "quantizing qwen2-0-2 to int8" in err
+
+
+def test_library_calls_with_progress_steps_follow_the_switch(tmp_path, capsys):
+    """Functions with a `progress` argument (the vocabulary counts compile() builds for a
+    trimmed draft, zoo fetches, adapter training) are silent unless the switch is on or the
+    caller asks: their default is None, not True."""
+    from mirror_sd.training.vocab import target_choices
+    from tests.conftest import save_tiny_with_tokenizer
+
+    folder = save_tiny_with_tokenizer(make_tiny("qwen2"), tmp_path / "m")
+    capsys.readouterr()  # transformers' own bar while saving
+    assert progress.wanted(None) is False and progress.wanted(True) is True
+    target_choices(folder, tmp_path / "c1", n_chunks=2, chunk_len=16)
+    assert capsys.readouterr().err == ""
+    with progress.shown():
+        assert progress.wanted(None) is True and progress.wanted(False) is False
+        target_choices(folder, tmp_path / "c2", n_chunks=2, chunk_len=16)
+    assert "%" in capsys.readouterr().err  # collect()'s bar over the chunks

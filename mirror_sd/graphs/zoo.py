@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mirror_sd import progress as progress_switch
 from mirror_sd.graphs import gguf_fetch
 from mirror_sd.graphs import model_registry as registry
 from mirror_sd.graphs.families import SUPPORTED_ARCHITECTURES
@@ -215,7 +216,7 @@ def _check_disk(folder: Path, needed: int) -> None:
 def fetch_model(
     name: str,
     cache: str | Path | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     dtype: str = "float32",
     *,
     keep_gguf: bool = False,
@@ -235,7 +236,8 @@ def fetch_model(
     Args:
         name: registry name (see `model_registry.MODELS`).
         cache: cache folder override (see :func:`cache_dir`).
-        progress: print step lines and progress bars to stderr.
+        progress: print step lines and progress bars to stderr (None: as
+            `mirror_sd.progress` is switched: off in the API, on in the CLI).
         dtype: ``float32`` (reproducible, the default), ``bfloat16`` or ``float16``.
         keep_gguf: keep the assembled GGUF in ``<cache>/gguf``.
         force: convert again even if a complete folder exists.
@@ -251,6 +253,7 @@ def fetch_model(
             failed.
     """
     spec = get_spec(name)
+    progress = progress_switch.wanted(progress)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}")
     if not spec.supported and not allow_unsupported:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mirror_sd import progress as progress_switch
 from mirror_sd.graphs import zoo
 from mirror_sd.graphs.config import load_config
 from mirror_sd.graphs.export import source_identity
@@ -315,7 +316,7 @@ def _say(progress: bool, msg: str) -> None:
 def train_adapter(
     target: str | Path, k: int = 2, *, steps: int = 100, lr: float = 1e-3, seed: int = 0,
     n_chunks: int = 40, chunk_len: int = 512, out: str | Path | None = None,
-    cache: str | Path | None = None, progress: bool = True, corpus: Corpus | None = None,
+    cache: str | Path | None = None, progress: bool | None = None, corpus: Corpus | None = None,
     **settings: Any,
 ) -> Path:  # fmt: skip
     """Train a Kangaroo self-draft for `target` (name or HF folder) keeping its first `k`
@@ -335,6 +336,7 @@ def train_adapter(
                         seed=seed, **settings)  # fmt: skip
     if s.steps < 1 or s.lr <= 0:
         raise ValueError(f"need steps >= 1 and lr > 0, got {s.steps}, {s.lr}")
+    progress = progress_switch.wanted(progress)
     folder = zoo.resolve_model(target, cache=cache)
     cfg = load_config(folder)
     check_k(cfg.num_layers, k)

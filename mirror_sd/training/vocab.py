@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mirror_sd import progress as progress_switch
 from mirror_sd.graphs import zoo
 from mirror_sd.graphs.config import load_config
 from mirror_sd.graphs.export import source_identity
@@ -43,7 +44,7 @@ REPORT_KS = (8192, 16384, 32768, 0)  # 0 = the full vocabulary
 
 def target_choices(
     target: str | Path, cache: str | Path | None = None, n_chunks: int = DEFAULT_CHUNKS,
-    chunk_len: int = DEFAULT_CHUNK_LEN, seed: int = 0, progress: bool = True,
+    chunk_len: int = DEFAULT_CHUNK_LEN, seed: int = 0, progress: bool | None = None,
     model: CausalLM | None = None,
 ) -> tuple[torch.Tensor, Corpus]:  # fmt: skip
     """(labels (C, T) int64, corpus): the target's argmax after every prefix of every corpus
@@ -52,6 +53,7 @@ def target_choices(
     `model` is the target already loaded (used only on a cache miss, and only when it is a
     float32 model on the CPU; otherwise the target is loaded in float32 for the pass).
     """
+    progress = progress_switch.wanted(progress)
     folder = zoo.resolve_model(target, cache=cache)
     corpus = build_corpus(load_tokenizer(folder), n_chunks, chunk_len, seed)
     blob = json.dumps([VOCAB_VERSION, source_identity(folder), corpus.identity], sort_keys=True)
@@ -79,7 +81,7 @@ def _cpu_fp32(model: CausalLM | None) -> bool:
 
 def vocab_counts(
     target: str | Path, cache: str | Path | None = None, n_chunks: int = DEFAULT_CHUNKS,
-    chunk_len: int = DEFAULT_CHUNK_LEN, seed: int = 0, progress: bool = True,
+    chunk_len: int = DEFAULT_CHUNK_LEN, seed: int = 0, progress: bool | None = None,
     model: CausalLM | None = None,
 ) -> tuple[torch.Tensor, str]:  # fmt: skip
     """(counts (V,) int64, source): how often the target chose each token, teacher-forced over

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mirror_sd import progress as progress_switch
 from mirror_sd.devices.ort_core import OrtDevice
 from mirror_sd.devices.ort_device import OrtRunner
 from mirror_sd.devices.trimmed import TrimmedVocabRunner
@@ -43,7 +44,7 @@ def vocab_trim_report(
     cache: str | Path | None = None, onnx_dir: str | Path | None = None,
     quantize: str = "int8", n_chunks: int = DEFAULT_CHUNKS, chunk_len: int = DEFAULT_CHUNK_LEN,
     seed: int = 0, heldout_chunks: int = 4, threads: int = 1, context: int = 128, reps: int = 5,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Measure `draft` with its head trimmed to each K of `ks` (0 = full vocabulary).
 
@@ -51,6 +52,7 @@ def vocab_trim_report(
     its EOS ids). Held-out chunks identical to a calibration chunk are dropped, so coverage
     and agreement are out of sample. Returns a JSON-able dict; `format_report` prints it.
     """
+    progress = progress_switch.wanted(progress)
     t_folder = zoo.resolve_model(target, cache=cache)
     d_folder = zoo.resolve_model(draft, cache=cache)
     counts, source = vocab_counts(t_folder, cache, n_chunks, chunk_len, seed, progress)
