@@ -151,6 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         max_queue=args.max_queue,
         engine=args.engine,
+        prefix_cache=not args.no_prefix_cache,
     )
     try:
         from mirror_sd.serve.server import listen, serve
@@ -277,6 +278,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    "or one request at a time")  # fmt: skip
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the plan or model's folder name)")  # fmt: skip
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt from scratch (default: reuse the K/V rows of "
+                   "finished requests that share its prefix)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from mirror_sd.serve.loadgen import MARKDOWN_HEADER, MAX_DURATION_S, run_load
 
@@ -21,9 +22,12 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--duration", type=float, default=MAX_DURATION_S, help="seconds, at most 60")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--system-file", default=None,
+                   help="a system prompt every request sends first (a shared prefix)")  # fmt: skip
     args = p.parse_args()
+    system = Path(args.system_file).read_text() if args.system_file else None
     report = run_load(args.base_url, args.model, args.clients, args.requests, args.duration,
-                      args.max_tokens)  # fmt: skip
+                      args.max_tokens, system=system)  # fmt: skip
     print(MARKDOWN_HEADER)
     print(report.markdown_row())
     print(json.dumps(report.to_dict(), indent=1))

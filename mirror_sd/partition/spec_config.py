@@ -36,6 +36,10 @@ class SpecConfig:
     retrieval: str = "none"  # model-free draft source tried before the model draft each round
     retrieval_min_match: int = 3  # use its proposal when the suffix match is at least this long
     retrieval_max_ngram: int = 4  # longest n-gram the pld / hd sources index
+    # keep finished sequences' K/V rows between generations; a prompt sharing their prefix
+    # prefills only the rest (chat turns, one system prompt). Off in the API (a fresh prefill
+    # is the reference); `mirror-sd serve` turns it on (docs/runtime.md, *Prefix caching*)
+    prefix_cache: bool = False
     # target and draft on one physical device (one CPU): while mirror overlaps them, "share"
     # keeps every core for both (the OS shares them; work-conserving), "split" gives the target
     # overlap_target_cores (0 = half) and the draft the rest. Alone, a pipeline has every core.
@@ -62,6 +66,10 @@ class SpecConfig:
                 raise ValueError(
                     f"speculation.{name} must be 0 (full vocabulary) or a positive integer, got {v!r}"
                 )
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(
+                f"speculation.prefix_cache must be true or false, got {self.prefix_cache!r}"
+            )
         if self.overlap not in OVERLAPS:
             raise ValueError(
                 f"speculation.overlap {self.overlap!r}: expected one of {', '.join(OVERLAPS)}"

@@ -176,7 +176,7 @@ class BatchJob:
             stats = GenerationStats.from_rounds(
                 self.settings.mode, seq.rounds, len(tokens), latency,
                 self.plan.draft_device.label if sched.draft is not None else None,
-                sched.state.fallback,
+                sched.state.fallback, seq.reused,
             )  # fmt: skip
             text = self.plan.tokenizer.decode(tokens, skip_special_tokens=True)
             results.append(GenerationResult(tokens, text, len(self.ids[seq.index]), stats,

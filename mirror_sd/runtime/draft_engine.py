@@ -12,7 +12,7 @@ and end: while it is idle).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,7 @@ from mirror_sd.devices.base import DeviceError, ModelRunner
 from mirror_sd.runtime.acceptance import Sampling, probs, sample
 from mirror_sd.runtime.branches import Branch
 from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy
-from mirror_sd.runtime.packing import PackedCache
+from mirror_sd.runtime.packing import PackedCache, common_prefix
 
 Key = tuple[Hashable, int]  # (sequence, branch number) in a rollout
 
@@ -45,25 +45,20 @@ class Rollout:
     rows: list[int]  # the sequence's branch rows holding [c, r_1, .., r_{m-1}]
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class DraftEngine:
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, cache: PackedCache | None = None):
+        """`cache`: the runner's packed cache kept from earlier generations (prefix caching,
+        `Plan.packed_cache`); a new, empty one when None."""
         self.runner = runner
-        self.cache = PackedCache(runner)
+        self.cache = cache if cache is not None else PackedCache(runner)
         self.gens: dict[Hashable, torch.Generator] = {}
         self.samplings: dict[Hashable, Sampling] = {}
 
-    def add(self, sid: Hashable, sampling: Sampling, gen: torch.Generator) -> None:
-        """A sequence joins; its tokens are picked under `sampling`, drawn with `gen`."""
-        self.cache.add(sid)
+    def add(self, sid: Hashable, sampling: Sampling, gen: torch.Generator,
+            prompt: Sequence[int] | None = None) -> None:  # fmt: skip
+        """A sequence joins; its tokens are picked under `sampling`, drawn with `gen`; with
+        its `prompt`, it takes over a retained prefix of the draft's cache (prefix caching)."""
+        self.cache.add(sid, prompt)
         self.samplings[sid], self.gens[sid] = sampling, gen
 
     def drop(self, sid: Hashable) -> None:

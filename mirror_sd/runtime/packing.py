@@ -10,13 +10,24 @@ float rounding. No realignment per round: a rejected draft row or a departed seq
 becomes a hole; `compact` (the cache's own `keep`) squeezes holes out only when they fill
 more than half of the written columns or a block would not fit. See docs/runtime.md, *Batches*.
 
+Prefix caching (`retain`): a sequence that leaves keeps its columns as a *retained entry*
+(its tokens and their rows, still owned by its slot, so no live row sees them). A sequence
+that joins with `add(sid, tokens)` takes over the retained entry sharing the longest prefix
+with its tokens: those columns become its first rows, and only the rest of its prompt is
+prefilled (a chat's next turn resends the history; a server's clients resend one system
+prompt). Entries are evicted oldest first when rows are needed. The cache can outlive one
+round loop (`Plan` keeps it between generations); `usable()` says whether its bookkeeping
+still matches the runner (a runner call that raised leaves it unusable: start afresh).
+
 All methods run on the owning pipeline's worker thread (one writer at a time).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -32,8 +43,8 @@ class PackedCache:
     any hashable id; `tokens[sid][k]` is the token held in column `cols[sid][k]`, at
     position k of that sequence."""
 
-    def __init__(self, runner: ModelRunner):
-        self.runner = runner
+    def __init__(self, runner: ModelRunner, retain: bool = False):
+        self.runner, self.retain = runner, retain
         self.owner = torch.full((runner.max_len,), HOLE, dtype=torch.long)  # column -> slot
         self.cols: dict[Hashable, list[int]] = {}
         self.tokens: dict[Hashable, list[int]] = {}
@@ -42,20 +53,77 @@ class PackedCache:
         self.compactions = 0  # realignments (a `keep` over the cache) and the rows they moved
         self.moved_rows = 0
         self.compact_s = 0.0  # seconds spent compacting
+        # prefix caching: slot -> (columns, tokens) of departed sequences, oldest first
+        self.retained: OrderedDict[int, tuple[list[int], list[int]]] = OrderedDict()
+        self.lookups = self.hits = self.rows_reused = self.evicted = 0
+        self._busy = False  # a runner call in flight (or one that raised)
         runner.rollback(0)
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Around every runner call that writes rows: an exception leaves the cache unusable."""
+        self._busy = True
+        yield
+        self._busy = False
+
+    def usable(self) -> bool:
+        """The bookkeeping matches the runner: no runner call raised, nobody else moved it."""
+        written = int((self.owner != HOLE).nonzero().max()) + 1 if (self.owner != HOLE).any() else 0
+        return not self._busy and written <= self.runner.length
+
+    def leave_all(self) -> None:
+        """Every live sequence leaves (a round loop ended without dropping them: cancelled);
+        with `retain` their rows become retained entries."""
+        for sid in list(self.cols):
+            self.drop(sid)
+
     # --- sequences -------------------------------------------------------------------------
-    def add(self, sid: Hashable) -> None:
-        """Start tracking a sequence with no cached rows."""
+    def add(self, sid: Hashable, tokens: Sequence[int] | None = None) -> int:
+        """Start tracking a sequence. With `retain` and its `tokens` (the prompt), it takes
+        over the retained entry sharing the longest prefix with them, at most all but the
+        last token (whose logits the caller needs): returns how many rows it reuses (0: it
+        starts with no cached rows)."""
         if sid in self._slot:
             raise ValueError(f"sequence {sid!r} is already in this cache")
-        self._slot[sid], self._slots = self._slots, self._slots + 1
-        self.cols[sid], self.tokens[sid] = [], []
+        best, reuse = None, 0
+        if self.retain and tokens:
+            self.lookups += 1
+            limit = len(tokens) - 1
+            for slot, (_, held) in self.retained.items():
+                n = common_prefix(held, tokens, limit)
+                if n > reuse:
+                    best, reuse = slot, n
+        if best is None:
+            self._slot[sid], self._slots = self._slots, self._slots + 1
+            self.cols[sid], self.tokens[sid] = [], []
+            return 0
+        cols, held = self.retained.pop(best)
+        self._slot[sid] = best
+        self.cols[sid], self.tokens[sid] = cols[:reuse], held[:reuse]
+        self.owner[cols[reuse:]] = HOLE
+        self._shrink()
+        self.hits += 1
+        self.rows_reused += reuse
+        return reuse
 
     def drop(self, sid: Hashable) -> None:
-        """The sequence left the batch: all its columns become holes."""
-        self.truncate(sid, 0)
+        """The sequence left the batch: its columns become holes, or, with `retain`, a
+        retained entry (the newest) that a later sequence with the same prefix can take."""
+        if self.retain and self.tokens[sid]:
+            self.retained[self._slot[sid]] = (self.cols[sid], self.tokens[sid])
+        else:
+            self.truncate(sid, 0)
         del self.cols[sid], self.tokens[sid], self._slot[sid]
+
+    def evict(self) -> bool:
+        """Drop the oldest retained entry (its columns become holes); False when none is left."""
+        if not self.retained:
+            return False
+        _, (cols, _) = self.retained.popitem(last=False)
+        self.owner[cols] = HOLE
+        self.evicted += 1
+        self._shrink()
+        return True
 
     def truncate(self, sid: Hashable, n: int) -> None:
         """Keep the sequence's first n cached tokens; its later columns become holes, and the
@@ -67,13 +135,18 @@ class PackedCache:
             return
         self.owner[cols[n:]] = HOLE
         del cols[n:], self.tokens[sid][n:]
+        self._shrink()
+
+    def _shrink(self) -> None:
+        """The written length moves back past trailing holes (a rollback: a pointer move)."""
         held = (self.owner[: self.runner.length] != HOLE).nonzero()
         self.runner.rollback(int(held[-1]) + 1 if held.numel() else 0)
 
     @property
     def holes(self) -> int:
-        """Written columns that no sequence holds."""
-        return self.runner.length - sum(len(c) for c in self.cols.values())
+        """Written columns that no sequence holds and no retained entry keeps."""
+        kept = sum(len(c) for c, _ in self.retained.values())
+        return self.runner.length - sum(len(c) for c in self.cols.values()) - kept
 
     # --- running rows ----------------------------------------------------------------------
     def inputs(
@@ -96,7 +169,9 @@ class PackedCache:
         new = {sid: list(toks) for sid, toks in new.items() if toks}
         self._room(sum(len(t) for t in new.values()))
         start = self.runner.length
-        return self._split(new, self.runner.forward(*self.inputs(new)), start)  # (T, V) rows
+        with self._writing():
+            logits = self.runner.forward(*self.inputs(new))
+        return self._split(new, logits, start)  # (T, V) rows
 
     def forward_prefix(self, new: Mapping[Hashable, Sequence[int]]) -> torch.Tensor:
         """A `SplitRunner`'s prefix on the packed new tokens -> hidden (1, T, D); the rows are
@@ -105,12 +180,14 @@ class PackedCache:
         self._room(sum(len(t) for t in new.values()))
         inputs = self.inputs(new)
         self._pending = (new, self.runner.length, inputs)
+        self._busy = True  # until the suffix records the rows
         return self.runner.forward_prefix(*inputs)
 
     def forward_suffix(self, hidden: torch.Tensor) -> dict[Hashable, torch.Tensor]:
         """The suffix after `forward_prefix`: each sequence's logits (t_s, V)."""
         new, start, (_, pos, mask) = self._pending
-        logits = self.runner.forward_suffix(hidden, pos, mask)  # (T, V)
+        with self._writing():
+            logits = self.runner.forward_suffix(hidden, pos, mask)  # (T, V)
         return self._split(new, logits, start)
 
     def split(self, new: Mapping[Hashable, Sequence[int]], rows: torch.Tensor) -> dict:
@@ -140,7 +217,8 @@ class PackedCache:
         """T rows with explicit positions and mask (1, T, S + T), after `reserve(T)`; row i is
         appended to sequence owners[i]'s columns. Returns logits (T, V)."""
         start = self.runner.length
-        logits = self.runner.forward(torch.tensor([list(ids)]), torch.tensor([list(pos)]), mask)
+        with self._writing():
+            logits = self.runner.forward(torch.tensor([list(ids)]), torch.tensor([list(pos)]), mask)
         for i, (sid, tok) in enumerate(zip(owners, ids, strict=True)):
             self._record(sid, [tok], start + i)
         return logits
@@ -162,7 +240,8 @@ class PackedCache:
             return
         self._room(len(tokens))
         start = self.runner.length
-        fill(self.runner, *self.inputs({sid: tokens}))
+        with self._writing():
+            fill(self.runner, *self.inputs({sid: tokens}))
         self._record(sid, tokens, start)
 
     def _record(self, sid: Hashable, tokens: list[int], start: int) -> None:
@@ -174,11 +253,13 @@ class PackedCache:
     # --- holes -----------------------------------------------------------------------------
     def _room(self, t: int) -> None:
         """Compact first when T more rows would not fit, or holes are over MAX_HOLE_SHARE."""
+        while self.runner.length - self.holes + t > self.runner.max_len and self.evict():
+            pass  # retained prefixes make room for live rows, oldest first
         n = self.runner.length
         if n + t > self.runner.max_len or (n and self.holes > MAX_HOLE_SHARE * n):
             self.compact()
         if self.runner.length + t > self.runner.max_len:
-            held = self.runner.length - self.holes
+            held = self._live_rows()
             raise CacheFullError(
                 f"{self.runner.name}: the batch holds {held} rows and needs {t} more, over "
                 f"the cache's {self.runner.max_len}: raise max_len or run fewer sequences"
@@ -193,7 +274,8 @@ class PackedCache:
         if first == len(held) and len(held) == n:
             return
         t0 = time.perf_counter()
-        self.runner.keep(first, held[first:])
+        with self._writing():
+            self.runner.keep(first, held[first:])
         self.compact_s += time.perf_counter() - t0
         self.compactions += 1
         self.moved_rows += len(held) - first
@@ -202,3 +284,18 @@ class PackedCache:
         self.owner[len(held) : n] = HOLE
         for sid, cols in self.cols.items():
             self.cols[sid] = [remap[c] for c in cols]
+        for slot, (cols, toks) in self.retained.items():
+            self.retained[slot] = ([remap[c] for c in cols], toks)
+
+    def _live_rows(self) -> int:
+        """Columns live sequences hold."""
+        return sum(len(c) for c in self.cols.values())
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
+    """Length of the longest common prefix of two token lists (at most `limit`)."""
+    n = min(len(a), len(b), len(a) if limit is None else limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

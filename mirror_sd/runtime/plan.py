@@ -28,6 +28,7 @@ from mirror_sd.runtime.compile_report import CompileReport
 from mirror_sd.runtime.draft_engine import DraftEngine
 from mirror_sd.runtime.draft_policy import DraftPolicy
 from mirror_sd.runtime.drafters.sources import fork, make_source
+from mirror_sd.runtime.packing import PackedCache
 from mirror_sd.runtime.pipelines import Pipeline
 from mirror_sd.runtime.prompts import Prompt, eos_token_ids
 from mirror_sd.runtime.results import GenerationResult
@@ -75,6 +76,9 @@ class Plan:
             tuple[str, int], object
         ] = {}  # retrieval sources keep plan-level memory
         self.draft_disabled: str | None = None  # set when the draft hung: never used again
+        # prefix caching: each runner's packed cache, kept between generations, with the
+        # target's exit layer it was written under
+        self._kept: dict[str, tuple[PackedCache, object]] = {}
 
     # --- generation -----------------------------------------------------------------------
     def generate(
@@ -174,16 +178,37 @@ class Plan:
         say autoregressive, `model_draft` is off, or a hang disabled it for this plan)."""
         tracer = Tracer()
         tracer.add_device(self.target_device.alias, self.target_device.label)
-        engine = None
-        if (self.draft is not None and spec.model_draft and self.draft_disabled is None
-                and settings.mode != "autoregressive"):  # fmt: skip
+        drafts = (self.draft is not None and spec.model_draft and self.draft_disabled is None
+                  and settings.mode != "autoregressive")  # fmt: skip
+        if drafts:
             tracer.add_device(self.draft_device.alias, self.draft_device.label)
-            engine = DraftEngine(self.draft)
         if spec.exit_layer != "auto" and hasattr(self.target, "exit_layer"):
             self.target.exit_layer = int(spec.exit_layer)
+        engine = None
+        if drafts:
+            engine = DraftEngine(self.draft, self.packed_cache("draft", spec))
         exit_head = self.exit_head.exit_logits if self.exit_head is not None else None
         return VerificationScheduler(self.target, self.target_pipe, engine, self.draft_pipe,
-                                     settings, tracer, exit_head)  # fmt: skip
+                                     settings, tracer, exit_head,
+                                     self.packed_cache("target", spec))  # fmt: skip
+
+    def packed_cache(self, role: str, spec: SpecConfig) -> PackedCache:
+        """The packed cache of the `role` ("target" | "draft") runner for a round loop under
+        `spec`. With `spec.prefix_cache` the plan keeps it between generations, so retained
+        prefixes (finished sequences' rows) serve later prompts; it starts afresh when its
+        bookkeeping no longer matches the runner (a runner call raised) or the target's exit
+        layer moved. Without, every round loop starts from an empty cache."""
+        runner = self.target if role == "target" else self.draft
+        layer = getattr(self.target, "exit_layer", None)
+        kept = self._kept.pop(role, None)
+        if spec.prefix_cache and kept is not None and kept[1] == layer and kept[0].usable():
+            kept[0].leave_all()  # sequences a cancelled loop left live become retained
+            cache = kept[0]
+        else:
+            cache = PackedCache(runner, retain=spec.prefix_cache)
+        if spec.prefix_cache:
+            self._kept[role] = (cache, layer)
+        return cache
 
     def sequence(self, index: int, ids: list[int], max_new_tokens: int, sampling: Sampling,
                  seed: int, spec: SpecConfig) -> SeqState:  # fmt: skip
@@ -202,6 +227,8 @@ class Plan:
         saved to `trace` (its path returned)."""
         if sched.state.draft_hung:
             self.draft_disabled = sched.state.fallback
+        if sched.state.fallback is not None:  # the draft failed mid-call: its rows are suspect
+            self._kept.pop("draft", None)
         for prompt, output in finished:
             self.learn(prompt, output, spec)
         return str(sched.tracer.save(trace)) if trace else None

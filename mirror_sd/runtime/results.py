@@ -24,9 +24,11 @@ class GenerationStats:
     draft_device: str | None  # which device / EP ran the draft
     fallback: str | None  # why the draft was dropped mid-generation, if it was
     tokens_by_source: dict[str, int]  # committed tokens per proposer of their round's block
+    prompt_rows_reused: int = 0  # prompt tokens whose target K/V came from the prefix cache
 
     @classmethod
-    def from_rounds(cls, mode, rounds: list[RoundLog], new_tokens, wall_s, draft_device, fallback):
+    def from_rounds(cls, mode, rounds: list[RoundLog], new_tokens, wall_s, draft_device, fallback,
+                    prompt_rows_reused: int = 0):  # fmt: skip
         mirrored = [r for r in rounds if r.hit is not None]
         return cls(
             mode=mode,
@@ -44,6 +46,7 @@ class GenerationStats:
             draft_device=draft_device,
             fallback=fallback,
             tokens_by_source=_by_source(rounds),
+            prompt_rows_reused=prompt_rows_reused,
         )
 
     def to_dict(self) -> dict:

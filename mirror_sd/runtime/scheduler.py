@@ -104,6 +104,7 @@ class SeqState:
     produced: list[int] = field(default_factory=list)
     rounds: list[RoundLog] = field(default_factory=list)
     finished_at: float | None = None  # tracer time when it left the batch
+    reused: int = 0  # prompt rows the target's cache held already (prefix caching)
 
 
 @dataclass
@@ -122,8 +123,12 @@ class VerificationScheduler:
         settings: RoundSettings,
         tracer: Tracer,
         exit_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        target_cache: PackedCache | None = None,
     ):
-        self.target, self.tp = PackedCache(target), target_pipe
+        """`target_cache`: the target's packed cache kept from earlier generations (prefix
+        caching, `Plan.packed_cache`); a new, empty one when None."""
+        self.target = target_cache if target_cache is not None else PackedCache(target)
+        self.tp = target_pipe
         self.draft, self.dp = draft, draft_pipe
         self.base, self.s, self.tracer = settings, settings, tracer  # s: this round's (`at`)
         self.exit_logits = exit_head or target.exit_logits  # hidden (1, T, D) -> (T, V)
@@ -353,14 +358,15 @@ class VerificationScheduler:
         return (self._taken + prior * PRIOR_TOKENS) / (self._judged + PRIOR_TOKENS)
 
     def _join(self, seq: SeqState) -> None:
-        """A sequence joins: its prompt (but the last token) is prefilled on the target; the
-        draft feeds it at its first drafting step; its retrieval source starts on it."""
+        """A sequence joins: its prompt (but the last token) is prefilled on the target, past
+        the rows a retained prefix gives it (prefix caching); the draft feeds it at its first
+        drafting step; its retrieval source starts on it."""
         self._threads()
-        self.target.add(seq.index)
+        seq.reused = self.target.add(seq.index, seq.committed)
         self.tp.submit(self.tracer, "target.prefill", self.target.fill, seq.index,
-                       seq.committed[:-1]).result()  # fmt: skip
+                       seq.committed[seq.reused : -1]).result()  # fmt: skip
         if self.draft is not None and not self.state.draft_hung:
-            self.draft.add(seq.index, seq.sampling, seq.draft_gen)
+            self.draft.add(seq.index, seq.sampling, seq.draft_gen, seq.committed)
         if seq.retrieval is not None:
             gate = Combined(seq.retrieval, None, threshold=self.s.retrieval_min_match)
             gate.reset(seq.committed)

@@ -54,8 +54,9 @@ class BatchEngine:
 
     name = "batch"
 
-    def __init__(self, plan, max_queue: int, observer: GenerationObserver | None = None):
-        self.plan = plan
+    def __init__(self, plan, max_queue: int, observer: GenerationObserver | None = None,
+                 prefix_cache: bool = False):  # fmt: skip
+        self.plan, self.prefix_cache = plan, prefix_cache
         self.observer = observer
         self.max_queue = max_queue
         self._waiting: deque[Ticket] = deque()
@@ -111,7 +112,7 @@ class BatchEngine:
                     return
             deferred: list[tuple[Ticket, list[Event]]] = []
             try:
-                with self.plan.batch_session() as session:
+                with self.plan.batch_session(prefix_cache=self.prefix_cache) as session:
                     deferred = self._session(session)
             except Exception:  # a bug: log it, tell the clients involved no more than that
                 log.exception("batch session failed")

@@ -18,6 +18,9 @@ TOKENS_PER_ROUND_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 ENGINES = ("batch", "serial")  # continuous batching (plan.batch_session) or one at a time
 DEFAULT_ENGINE = "batch"
+# reuse the K/V rows of finished requests for a prompt sharing their prefix (chat turns, one
+# system prompt; docs/runtime.md, *Prefix caching*); `--no-prefix-cache` turns it off
+DEFAULT_PREFIX_CACHE = True
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,8 @@ class ServeConfig:
 
     `model_name` is the id clients send as `model` and `/v1/models` lists; `max_queue` bounds
     the requests waiting for the plan (a full queue answers 429 with Retry-After); `engine`:
-    `batch` (continuous batching, the default) or `serial` (one generation at a time).
+    `batch` (continuous batching, the default) or `serial` (one generation at a time);
+    `prefix_cache`: keep finished requests' K/V rows for later prompts with the same prefix.
     """
 
     model_name: str
@@ -35,6 +39,7 @@ class ServeConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     engine: str = DEFAULT_ENGINE
+    prefix_cache: bool = DEFAULT_PREFIX_CACHE
 
     def __post_init__(self) -> None:
         if not self.model_name:

@@ -125,8 +125,9 @@ class SerialEngine:
 
     name = "serial"
 
-    def __init__(self, plan, max_queue: int, observer: GenerationObserver | None = None):
-        self.plan = plan
+    def __init__(self, plan, max_queue: int, observer: GenerationObserver | None = None,
+                 prefix_cache: bool = False):  # fmt: skip
+        self.plan, self.prefix_cache = plan, prefix_cache
         self.observer = observer
         self._queue: queue.Queue[Ticket | None] = queue.Queue(maxsize=max_queue)
         self._running: Ticket | None = None
@@ -196,7 +197,8 @@ class SerialEngine:
         req = ticket.request
         cutter = StopCutter(req.stop)
         streamed, cancelled = "", False
-        pieces = self.plan.stream(req.prompt, req.max_tokens, **req.plan_kwargs())
+        pieces = self.plan.stream(req.prompt, req.max_tokens, prefix_cache=self.prefix_cache,
+                                  **req.plan_kwargs())  # fmt: skip
         try:
             for piece in pieces:
                 streamed += piece

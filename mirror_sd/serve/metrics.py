@@ -84,6 +84,19 @@ class ServeMetrics:
             f"{PREFIX}_batch_size", "Sequences live in each round of the batched engine",
             buckets=BATCH_SIZE_BUCKETS, registry=r,
         )  # fmt: skip
+        self.prefix_hits = Counter(
+            f"{PREFIX}_prefix_cache_hits", "Generations whose prompt reused cached K/V rows",
+            registry=r,
+        )  # fmt: skip
+        self.prefill_saved = Counter(
+            f"{PREFIX}_prefix_cache_reused_tokens",
+            "Prompt tokens not prefilled: their K/V rows came from the prefix cache", registry=r,
+        )  # fmt: skip
+        self.prefix_hit_rate = Gauge(
+            f"{PREFIX}_prefix_cache_hit_rate", "Share of generations with a prefix-cache hit",
+            registry=r,
+        )  # fmt: skip
+        self._served = self._hit = 0
         # the engine's state, read at scrape time (bind_engine)
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Requests waiting", registry=r)
         self.running = Gauge(
@@ -134,6 +147,12 @@ class ServeMetrics:
                 self.branch_hits.inc(int(r.hit))
         if stats.fallback:
             self.fallbacks.inc()
+        self._served += 1
+        if stats.prompt_rows_reused:
+            self._hit += 1
+            self.prefix_hits.inc()
+            self.prefill_saved.inc(stats.prompt_rows_reused)
+        self.prefix_hit_rate.set(self._hit / self._served)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

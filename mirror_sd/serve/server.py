@@ -25,10 +25,11 @@ STARTUP_POLL_S = 0.05
 
 def build(plan, config: ServeConfig) -> tuple[Routes, Engine]:
     """The routes over the configured engine (`BatchEngine` or `SerialEngine`) that owns
-    `plan`, with metrics bound to it."""
+    `plan`, with metrics bound to it; generations keep the prefix cache on or off as `config`
+    says (a setting of the engine's calls: the plan itself is left as it was)."""
     metrics = ServeMetrics()
     kind = BatchEngine if config.engine == "batch" and _batches(plan) else SerialEngine
-    engine = kind(plan, config.max_queue, observer=metrics)
+    engine = kind(plan, config.max_queue, observer=metrics, prefix_cache=config.prefix_cache)
     metrics.bind_engine(engine)
     return Routes(engine, metrics, config), engine
 
