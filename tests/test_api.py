@@ -44,6 +44,23 @@ def test_compiled_plan_is_lossless_in_every_mode(plan):
     assert ref.prompt_tokens > 5  # the chat template was applied
 
 
+def test_prefix_cache_keeps_chat_turns_identical_on_the_default_map(plan):
+    """The default map's ONNX Runtime target (int4 where the CPU runs it: a padded one-row
+    step on AVX2) and draft with `prefix_cache`: each turn resends the history, reuses the
+    last turn's rows, and gives the tokens a fresh prefill gives, in every mode."""
+    for mode in ("autoregressive", "speculative", "mirror"):
+        out = {}
+        for on in (False, True):
+            prompt, turns = [5, 6, 7, 8, 9], []
+            for turn in range(3):
+                res = plan.generate(prompt, 10, mode=mode, prefix_cache=on)
+                turns.append(res.tokens)
+                prompt = prompt + res.tokens + [30 + turn]
+                assert (res.stats.prompt_rows_reused > 0) == (on and turn > 0), (mode, turn)
+            out[on] = turns
+        assert out[True] == out[False], mode
+
+
 def test_auto_settings_were_chosen_and_explained(plan):
     assert isinstance(plan.spec.exit_layer, int) and isinstance(plan.spec.branch_budget, int)
     text = api.describe(plan)
