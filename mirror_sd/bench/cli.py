@@ -122,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
             hf_threads=args.hf_threads, hf_dtype=args.hf_dtype, cache=args.cache, speculation=_speculation(args),
             progress=not args.quiet, peer_target_format=args.peer_target_format,
             peer_draft_format=args.peer_draft_format, peer_residency=args.peer_residency,
+            resume=args.resume,
         )  # fmt: skip
         try:
             results = run_bench(cfg)
@@ -249,6 +250,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="batch sizes, e.g. 1,2,4: batched ar / speculative / mirror (--methods "
                         "picks among them) into OUT/batch.md and batch.json")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run that stopped: keep the questions OUT/records.jsonl "
+                   "finished (same methods), run the rest")  # fmt: skip
     p.set_defaults(func=_run)
     return p
 

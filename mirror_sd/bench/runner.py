@@ -16,6 +16,7 @@ so a mismatch is explained as a near-tie or reported as a bug, never hidden.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -41,6 +42,7 @@ from mirror_sd.bench.specbench import TASKS, Question, default_path, load_questi
 
 SCHEMA = "mirror-sd-bench/1"
 TRACE_FILE = "trace_mirror.json"
+JOURNAL_FILE = "records.jsonl"  # one line per finished question (all its methods): --resume
 
 
 @dataclass
@@ -75,6 +77,7 @@ class BenchConfig:
     warmup: bool = True
     progress: bool = True
     command: str | None = None  # the command line to record; None: sys.argv
+    resume: bool = False  # keep the questions `out/records.jsonl` finished, run the rest
 
 
 def machine_info() -> dict:
@@ -277,7 +280,11 @@ def run_bench(cfg: BenchConfig) -> dict:
             for m in methods.values():
                 m.warm_up(prompts[0], cfg.max_new_tokens)
         memory["after_warmup_gib"] = rss_gib()
-        records = _run_all(questions, prompts, methods, plan, cfg)
+        journal = out_dir / JOURNAL_FILE
+        done = load_journal(journal, names) if cfg.resume else {}
+        if not cfg.resume:
+            journal.unlink(missing_ok=True)
+        records = _run_all(questions, prompts, methods, plan, cfg, journal, done)
         trace = None
         if "mirror" in methods:  # untimed: one traced mirror run on the first question
             res = methods["mirror"].generate(prompts[0], cfg.max_new_tokens,
@@ -290,7 +297,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             "versions": versions(),
             "models": {"target": cfg.target, "target_folder": plan.report.target,
                        "draft": cfg.draft, "draft_folder": plan.report.draft},
-            "settings": _settings(cfg, names, eos, qpath, hf_threads, pin),
+            "settings": {**_settings(cfg, names, eos, qpath, hf_threads, pin),
+                         "resumed_questions": len(done)},
             "plan": _plan_info(plan),
             "threads": {name: m.describe() for name, m in methods.items()},
             "questions": [{**asdict(q), "prompt_tokens": len(p)}
@@ -310,13 +318,46 @@ def run_bench(cfg: BenchConfig) -> dict:
     return results
 
 
-def _run_all(questions, prompts, methods: dict, plan, cfg: BenchConfig) -> list[dict]:
+def load_journal(path: Path, names: list[str]) -> dict[tuple[int, int], list[dict]]:
+    """The finished questions of an interrupted run: {(repeat, question_id): its records},
+    each marked `resumed` (timed by an earlier process). Raises ValueError when the journal's
+    methods are not this run's (resuming would compare runs of different settings)."""
+    done: dict[tuple[int, int], list[dict]] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            group = json.loads(line)
+        except json.JSONDecodeError:  # the line an interruption cut short: run it again
+            continue
+        methods = [r["method"] for r in group]
+        if methods != names:
+            raise ValueError(
+                f"--resume: {path} holds methods {methods}, this run has {names}; resume with "
+                "the same --methods and --peer-precision, or write to another --out"
+            )
+        done[(group[0]["repeat"], group[0]["question_id"])] = [
+            {**r, "resumed": True} for r in group
+        ]
+    return done
+
+
+def _run_all(questions, prompts, methods: dict, plan, cfg: BenchConfig, journal: Path,
+             done: dict[tuple[int, int], list[dict]]) -> list[dict]:  # fmt: skip
+    """Every method on every question, interleaved; each finished question is appended to
+    `journal` at once, and the questions in `done` (a resumed run's) are not run again."""
     records = []
     bar = tqdm(total=len(questions) * len(methods) * cfg.repeat, desc="spec-bench", unit="gen",
                disable=not cfg.progress)  # fmt: skip
     passes = [(k, q, p) for k in range(cfg.repeat) for q, p in zip(questions, prompts, strict=True)]
     try:
         for k, q, prompt in passes:
+            if (k, q.question_id) in done:
+                records += done[(k, q.question_id)]
+                bar.update(len(methods))
+                continue
             group = []
             for name, method in methods.items():
                 bar.set_postfix_str(f"{q.task} q{q.question_id} {name}")
@@ -326,6 +367,8 @@ def _run_all(questions, prompts, methods: dict, plan, cfg: BenchConfig) -> list[
                 bar.update()
             _check(group, plan, prompt, (plan.target_device.label, f"transformers {cfg.hf_dtype}"))
             records += group
+            with journal.open("a") as f:
+                f.write(json.dumps(group) + "\n")
     finally:
         bar.close()
     return records
