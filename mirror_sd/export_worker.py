@@ -23,6 +23,7 @@ import codecs
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror_sd import progress
-from mirror_sd.graphs.export import export_cached, source_identity
+from mirror_sd.graphs.export import export_cached, find_cached, source_identity
 from mirror_sd.graphs.layered import export_layers_cached, layers_entry
 from mirror_sd.graphs.loader import load_model, release_memory, weightless_model
 from mirror_sd.graphs.model import CausalLM
@@ -54,10 +55,19 @@ def weight_bytes(folder: str | Path) -> int:
 
 def export_draft(folder: str, onnx_dir: str, quantize: str | None) -> dict[str, Any]:
     """The whole model exported (and quantized) into the cache: {"path": model.onnx}. The
-    fp32 export a quantized draft is made from is not kept (`keep_source`): disk."""
+    fp32 export a quantized draft is made from is not kept: disk. The torch model is freed
+    before the quantizer loads that fp32 export, so the two never share the memory."""
     model = load_model(folder, "float32")
     key = source_identity(folder)
-    path = export_cached(model, onnx_dir, key, quantize=quantize, keep_source=False)
+    if not quantize or find_cached(model, onnx_dir, key, quantize) is not None:
+        return {"path": str(export_cached(model, onnx_dir, key, quantize=quantize))}
+    made = find_cached(model, onnx_dir, key) is None
+    src = export_cached(model, onnx_dir, key)  # the quantizer's fp32 input
+    del model
+    release_memory()
+    path = export_cached(weightless_model(folder), onnx_dir, key, quantize=quantize)
+    if made:
+        shutil.rmtree(src.parent, ignore_errors=True)
     return {"path": str(path)}
 
 

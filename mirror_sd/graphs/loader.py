@@ -122,11 +122,13 @@ def load_model(folder: str | Path, dtype: str | torch.dtype = "float32") -> Caus
 
 
 def release_memory() -> None:
-    """Collect garbage and hand the freed heap back to the operating system: glibc keeps freed
-    memory in its arenas for reuse, counted in the RSS (`malloc_trim(0)`; a no-op on other C
-    libraries). It returns only what is really free: after the 0.5B draft's export and
-    quantization in-process it returned 1.1 of 4.6 GB, the rest still referenced by torch's
-    exporter, which is why large exports run in `export_worker`'s process."""
+    """Drop what torch's exporter still references, collect garbage and hand the freed heap
+    back to the operating system. The exporter (through dynamo's caches) keeps every module
+    it traced alive after `export()` returns, weights included, until `torch.compiler.reset()`
+    (after the 0.5B draft's export and quantization in-process, malloc_trim alone returned 1.1
+    of 4.6 GB); glibc keeps freed memory in its arenas, counted in the RSS, until
+    `malloc_trim(0)` (a no-op on other C libraries)."""
+    torch.compiler.reset()
     gc.collect()
     with contextlib.suppress(AttributeError, OSError):  # not glibc
         ctypes.CDLL(None).malloc_trim(0)
