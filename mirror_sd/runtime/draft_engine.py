@@ -179,7 +179,7 @@ class DraftEngine:
         cache, n_of, chain = self.cache, {}, {}
         for sid, (committed, block, _) in work.items():
             n_of[sid], chain[sid] = len(committed), self._sync(sid, committed + block)
-            cache.add(_branches(sid))
+            cache.add(_branches(sid), transient=True)
         keys = [(sid, k) for sid, (_, _, brs) in work.items() for k in range(len(brs))]
         br = {(sid, k): work[sid][2][k] for sid, k in keys}
         own: dict[Key, list[int]] = {key: [] for key in keys}  # its rows: branch-row indices

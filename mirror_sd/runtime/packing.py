@@ -57,6 +57,7 @@ class PackedCache:
         self.retained: OrderedDict[int, tuple[list[int], list[int]]] = OrderedDict()
         self.lookups = self.hits = self.rows_reused = self.evicted = 0
         self._busy = False  # a runner call in flight (or one that raised)
+        self._transient: set[Hashable] = set()  # sequences never retained (`add`)
         runner.rollback(0)
 
     @contextmanager
@@ -78,13 +79,17 @@ class PackedCache:
             self.drop(sid)
 
     # --- sequences -------------------------------------------------------------------------
-    def add(self, sid: Hashable, tokens: Sequence[int] | None = None) -> int:
+    def add(self, sid: Hashable, tokens: Sequence[int] | None = None,
+            transient: bool = False) -> int:  # fmt: skip
         """Start tracking a sequence. With `retain` and its `tokens` (the prompt), it takes
         over the retained entry sharing the longest prefix with them, at most all but the
         last token (whose logits the caller needs): returns how many rows it reuses (0: it
-        starts with no cached rows)."""
+        starts with no cached rows). A `transient` sequence (a draft's branch rows, which are
+        no prefix from position 0) is never retained when it leaves."""
         if sid in self._slot:
             raise ValueError(f"sequence {sid!r} is already in this cache")
+        if transient:
+            self._transient.add(sid)
         best, reuse = None, 0
         if self.retain and tokens:
             self.lookups += 1
@@ -109,11 +114,12 @@ class PackedCache:
     def drop(self, sid: Hashable) -> None:
         """The sequence left the batch: its columns become holes, or, with `retain`, a
         retained entry (the newest) that a later sequence with the same prefix can take."""
-        if self.retain and self.tokens[sid]:
+        if self.retain and self.tokens[sid] and sid not in self._transient:
             self.retained[self._slot[sid]] = (self.cols[sid], self.tokens[sid])
         else:
             self.truncate(sid, 0)
         del self.cols[sid], self.tokens[sid], self._slot[sid]
+        self._transient.discard(sid)
 
     def evict(self) -> bool:
         """Drop the oldest retained entry (its columns become holes); False when none is left."""

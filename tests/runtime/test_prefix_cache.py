@@ -118,3 +118,18 @@ def test_an_exception_in_a_runner_call_leaves_the_cache_unusable(models, monkeyp
     fresh.add("b"), fresh.fill("b", [4, 5, 6])
     runner.rollback(1)
     assert not fresh.usable()
+
+
+def test_only_real_sequences_are_retained_never_branch_rows(models, plan_factory):
+    """Mirror rounds roll out branches in the draft's cache; when they end, their rows are
+    holes, never retained entries (a branch's tokens are no prefix from position 0)."""
+    target, draft = models
+    plan = plan_factory(target, draft, mode="mirror", prefix_cache=True)
+    prompt = [5, 6, 7, 8, 9, 10]
+    res = plan.generate(prompt, 16)
+    assert res.stats.hit_rate is not None  # branches were rolled out
+    for role in ("target", "draft"):
+        cache = plan._kept[role][0]
+        assert len(cache.retained) == 1, role
+        ((_, held),) = cache.retained.values()
+        assert held == (prompt + res.tokens)[: len(held)], role
