@@ -79,7 +79,8 @@ def export_target(folder: str, onnx_dir: str, exit_layer: int, quantize: str | N
 
     With `quantize`, every step that needs the torch model (the fp32 head and parts, the lens)
     runs first and the model is freed before the quantizer loads the fp32 ranges: the two
-    never share the memory (on the 1.5B: an 11 GB peak when they did, 6.5 GB now)."""
+    never share the memory (on the 1.5B the worker reached 11.1 GB when they did; its parts
+    export alone peaks near 6.5 GB)."""
     from mirror_sd.devices.ort_split import export_head_cached, export_split
 
     model = load_model(folder, "float32")

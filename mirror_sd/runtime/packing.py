@@ -55,7 +55,7 @@ class PackedCache:
         self.compact_s = 0.0  # seconds spent compacting
         # prefix caching: slot -> (columns, tokens) of departed sequences, oldest first
         self.retained: OrderedDict[int, tuple[list[int], list[int]]] = OrderedDict()
-        self.lookups = self.hits = self.rows_reused = self.evicted = 0
+        self.evicted = 0  # retained entries dropped to make room
         self._busy = False  # a runner call in flight (or one that raised)
         self._transient: set[Hashable] = set()  # sequences never retained (`add`)
         runner.rollback(0)
@@ -92,7 +92,6 @@ class PackedCache:
             self._transient.add(sid)
         best, reuse = None, 0
         if self.retain and tokens:
-            self.lookups += 1
             limit = len(tokens) - 1
             for slot, (_, held) in self.retained.items():
                 n = common_prefix(held, tokens, limit)
@@ -107,8 +106,6 @@ class PackedCache:
         self.cols[sid], self.tokens[sid] = cols[:reuse], held[:reuse]
         self.owner[cols[reuse:]] = HOLE
         self._shrink()
-        self.hits += 1
-        self.rows_reused += reuse
         return reuse
 
     def drop(self, sid: Hashable) -> None:

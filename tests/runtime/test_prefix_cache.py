@@ -40,7 +40,6 @@ def test_a_joining_sequence_takes_the_longest_retained_prefix(models):
     assert (out - ref).abs().max() <= TOL  # reused rows are that prefix's rows
     # a prompt equal to a retained entry reuses all but its last token
     assert cache.add("d", [1, 2, 9, 9]) == 3
-    assert (cache.lookups, cache.hits, cache.rows_reused) == (4, 2, 7)  # a, b missed
     # no common prefix: a fresh sequence
     assert cache.add("e", [5, 5]) == 0 and cache.tokens["e"] == []
 
