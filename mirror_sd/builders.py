@@ -21,6 +21,7 @@ from mirror_sd.graphs.checkpoint import checkpoint_precision
 from mirror_sd.graphs.config import load_config
 from mirror_sd.graphs.export import export_cached, source_identity
 from mirror_sd.graphs.loader import load_model, load_tokenizer
+from mirror_sd.graphs.streams import StreamTable
 from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.partition.precision import AUTO
 from mirror_sd.partition.threads import ThreadBudget
@@ -68,16 +69,44 @@ def target_runner(spec, folder: Path, exit_layer: int, max_len: int, onnx_root: 
 
 
 def draft_runner(spec, folder: Path, max_len: int, onnx_dir: Path, trim: VocabTrim | None = None,
-                  budget: ThreadBudget | None = None, onnx: Path | None = None):  # fmt: skip
+                  budget: ThreadBudget | None = None, onnx: Path | None = None,
+                  streams: StreamTable | None = None):  # fmt: skip
     """(runner, label, ONNX path or None) for the draft on its device, built by its backend;
     an ORT device gets the exported draft (`onnx` when it was exported already). With a
     `trim`, the draft's LM head keeps only the trim's K rows (exported under its own cache key)
-    and `TrimmedVocabRunner` restores (T, V) logits, -inf outside the kept set.
+    and `TrimmedVocabRunner` restores (T, V) logits, -inf outside the kept set. With
+    `streams`, the draft's embedding also reads the stream rows (speculative streaming).
 
     Raises:
         TypeError: no backend runs the spec's type.
     """
-    return backend_for(spec).draft_runner(spec, folder, max_len, onnx_dir, trim, budget, onnx)
+    return backend_for(spec).draft_runner(spec, folder, max_len, onnx_dir, trim, budget, onnx,
+                                          streams)  # fmt: skip
+
+
+def draft_streams(setting: str, d_folder: Path, t_folder: Path, d_cfg, cache) -> StreamTable:
+    """The draft's stream rows for `speculation.draft_streams` ("trained": the table `mirror-sd
+    train streams` cached for this draft and target; else a table's folder), checked against
+    the draft's vocabulary and width.
+
+    Raises:
+        FileNotFoundError: "trained" but none is cached, or no table in the folder given.
+        ValueError: the table was made for another draft.
+    """
+    if setting == "trained":
+        from mirror_sd.training.streams import trained_streams
+
+        found = trained_streams(cache, d_folder, t_folder)
+        if found is None:
+            raise FileNotFoundError(
+                f"speculation.draft_streams: trained, but no stream rows are cached for the "
+                f"draft {d_folder.name} with the target {t_folder.name}: run `mirror-sd train "
+                f"streams {t_folder} --draft {d_folder}` first, or set draft_streams: none"
+            )
+        setting = str(found)
+    table = StreamTable.load(Path(setting).expanduser())
+    table.check(d_cfg.vocab_size, d_cfg.hidden_size)
+    return table
 
 
 def draft_trim(k: int, given: VocabTrim | str | Path | None, t_folder: Path, t_tok, t_model,

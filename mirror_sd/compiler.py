@@ -23,6 +23,7 @@ from typing import Any
 from mirror_sd.backends.registry import backend_for
 from mirror_sd.builders import (
     draft_runner,
+    draft_streams,
     draft_trim,
     resolve_precision,
     target_runner,
@@ -35,6 +36,7 @@ from mirror_sd.graphs.config import ModelConfig, load_config
 from mirror_sd.graphs.loader import load_tokenizer, release_memory
 from mirror_sd.graphs.model import ROW_INVARIANT_ROWS
 from mirror_sd.graphs.model_graph import ModelGraph
+from mirror_sd.graphs.streams import StreamTable
 from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.partition import (
     DeviceMap,
@@ -124,6 +126,7 @@ class Built:
     d_trim: VocabTrim | None = None
     d_trim_cov: float | None = None
     e_trim: VocabTrim | None = None  # the exit head's vocabulary trim
+    d_streams: StreamTable | None = None  # the draft's stream rows (speculative streaming)
 
 
 @dataclass(frozen=True)
@@ -311,6 +314,13 @@ def build(r: Resolved, given_trim: VocabTrim | str | Path | None = None) -> Buil
                 spec.draft_vocab_size, given_trim, r.t_folder, r.t_tok, t_model, r.cache
             )
             b.spec = spec.with_(draft_vocab_size=b.d_trim.size)
+        if spec.draft_streams != "none":
+            if r.d_split:
+                raise DeviceMapError("speculation.draft_streams", "a draft spread over devices "
+                                     "runs without stream rows: set draft_streams: none",
+                                     dm.source)  # fmt: skip
+            b.d_streams = draft_streams(spec.draft_streams, r.d_folder, r.t_folder, r.d_cfg,
+                                        r.cache)  # fmt: skip
         if r.d_split:
             if b.d_trim is not None:
                 raise DeviceMapError("speculation.draft_vocab_size", "a draft spread over "
@@ -321,8 +331,9 @@ def build(r: Resolved, given_trim: VocabTrim | str | Path | None = None) -> Buil
             )
         else:
             b.d_runner, b.d_label, b.onnx_path = draft_runner(
-                r.d_spec, r.d_folder, spec.max_len, r.onnx_root, b.d_trim, budget, d_onnx
-            )
+                r.d_spec, r.d_folder, spec.max_len, r.onnx_root, b.d_trim, budget, d_onnx,
+                b.d_streams,
+            )  # fmt: skip
     if spec.exit_head == "lm_head" and spec.exit_vocab_size:
         b.e_trim, _ = draft_trim(spec.exit_vocab_size, None, r.t_folder, r.t_tok, t_model, r.cache)
     return b
@@ -395,6 +406,7 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         onnx=str(b.onnx_path) if b.onnx_path else None,
         draft_placement=getattr(b.d_runner, "placement", None), draft_trim=b.d_trim,
         draft_trim_coverage=b.d_trim_cov, exit_heads=r.heads, kept_split=kept_split,
+        draft_streams=b.d_streams,
         precision=r.precision,
         batch_policy=(
             choose_per_batch(m.profile, spec.mode, spec.num_draft_tokens)
@@ -418,6 +430,7 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         accept_rate=m.profile.accept_rate if m.profile is not None else None,
         exit_head=exit_head,
         batch_policy=report.batch_policy,
+        draft_streams=b.d_streams.ids() if b.d_streams is not None else (),
     )
 
 

@@ -60,6 +60,8 @@ def describe(plan: Plan) -> str:
         lines.append(f"draft placement: {info.draft_placement}")
     if info.draft_trim is not None:
         lines.append(_describe_trim(info.draft_trim, info.draft_trim_coverage))
+    if info.draft_streams is not None:
+        lines.append(_describe_streams(info.draft_streams))
     for edge in placement.cut_edges():
         lines.append(f"cut edge {edge.src} -> {edge.dst}: {edge.bytes_per_round} bytes/round")
     lines.append(
@@ -103,3 +105,11 @@ def _describe_trim(trim: VocabTrim, coverage: float | None) -> str:
         f"draft vocabulary: VocabTrim, {trim.size} of {trim.vocab_size} tokens{cov} "
         f"(lossless: the target verifies with its full head); counts: {trim.source or '?'}"
     )
+
+
+def _describe_streams(table) -> str:
+    """One line on the draft's stream rows: how many, and their held-out guess accuracy."""
+    acc = table.provenance.get("agreement_after", {})
+    shown = ", ".join(f"stream {j}: {v:.0%}" for j, v in acc.items()) if acc else "not recorded"
+    return (f"draft streams: {table.k} stream row(s) per chain forward (speculative streaming; "
+            f"held-out guess accuracy {shown})")  # fmt: skip

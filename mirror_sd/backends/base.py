@@ -25,6 +25,7 @@ from mirror_sd.backends.facts import Facts
 from mirror_sd.partition.device_map import DeviceSpec
 
 if TYPE_CHECKING:
+    from mirror_sd.graphs.streams import StreamTable
     from mirror_sd.graphs.vocab_trim import VocabTrim
     from mirror_sd.partition.cost_model import Profile
     from mirror_sd.partition.device_map import DeviceMap, TorchSpec
@@ -76,5 +77,6 @@ class Backend(Facts):
     @abstractmethod
     def draft_runner(self, spec: Any, folder: Path, max_len: int, onnx_dir: Path,
                      trim: VocabTrim | None = None, budget: ThreadBudget | None = None,
-                     onnx: Path | None = None) -> tuple[Any, str, Path | None]:  # fmt: skip
+                     onnx: Path | None = None, streams: StreamTable | None = None
+                     ) -> tuple[Any, str, Path | None]:  # fmt: skip
         """(runner, label, ONNX path or None) for the draft (`builders.draft_runner`)."""

@@ -25,6 +25,7 @@ from mirror_sd.devices.trimmed import TrimmedVocabRunner
 from mirror_sd.export_worker import cached_lens, measure_lens
 from mirror_sd.graphs.export import find_cached, source_identity
 from mirror_sd.graphs.loader import load_model, release_memory, weightless_model
+from mirror_sd.graphs.streams import StreamTable, add_streams_onnx
 from mirror_sd.graphs.trimmed_head import export_trimmed
 from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.partition.device_map import OrtSpec
@@ -120,9 +121,12 @@ class OrtBackend(OrtFacts, Backend):
 
     def draft_runner(self, spec: OrtSpec, folder: Path, max_len: int, onnx_dir: Path,
                      trim: VocabTrim | None = None, budget: ThreadBudget | None = None,
-                     onnx: Path | None = None) -> tuple[Any, str, Path]:  # fmt: skip
+                     onnx: Path | None = None, streams: StreamTable | None = None
+                     ) -> tuple[Any, str, Path]:  # fmt: skip
         """The exported draft (`onnx` when `draft_export` made it already); with a `trim`, its
-        head keeps the trim's K rows (exported under its own cache key)."""
+        head keeps the trim's K rows (exported under its own cache key); with `streams`, a
+        copy of the graph whose embedding also reads the stream rows runs (`graphs.streams`;
+        the path returned is the plain graph's)."""
         dev = self.device(spec, budget, "draft")
         if trim is None:
             path = onnx or self.draft_export(spec, folder, onnx_dir)
@@ -130,6 +134,7 @@ class OrtBackend(OrtFacts, Backend):
             model = load_model(folder, "float32")
             path = export_trimmed(model, onnx_dir, source_identity(folder), trim, _quant(spec))
             del model
-        runner = OrtRunner(path, dev, max_len, name="draft", alias=spec.alias)
+        graph = add_streams_onnx(path, streams) if streams is not None else path
+        runner = OrtRunner(graph, dev, max_len, name="draft", alias=spec.alias)
         label = f"onnxruntime {runner.session.get_providers()[0]}"
         return (TrimmedVocabRunner(runner, trim) if trim else runner), label, path

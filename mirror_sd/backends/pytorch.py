@@ -18,6 +18,7 @@ from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.devices.trimmed import TrimmedVocabRunner
 from mirror_sd.graphs.loader import load_model
 from mirror_sd.graphs.quantize import quantize_linears
+from mirror_sd.graphs.streams import StreamTable, with_streams
 from mirror_sd.graphs.trimmed_head import with_trimmed_head
 from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.partition.device_map import DeviceSpec, TorchSpec
@@ -93,12 +94,16 @@ class TorchBackend(TorchFacts, Backend):
 
     def draft_runner(self, spec: DeviceSpec, folder: Path, max_len: int, onnx_dir: Path,
                      trim: VocabTrim | None = None, budget: ThreadBudget | None = None,
-                     onnx: Path | None = None) -> tuple[Any, str, None]:  # fmt: skip
+                     onnx: Path | None = None, streams: StreamTable | None = None
+                     ) -> tuple[Any, str, None]:  # fmt: skip
         """The draft's torch model; with a `trim`, its head keeps the trim's K rows and
-        `TrimmedVocabRunner` restores (T, V) logits, -inf outside the kept set."""
+        `TrimmedVocabRunner` restores (T, V) logits, -inf outside the kept set; with
+        `streams`, its embedding also reads the stream rows (`graphs.streams`)."""
         host = self.torch_spec(spec)
         dev = self.device(spec, budget.draft() if budget else None)
         model = _with_quantize(load_model(folder, host.dtype), host.quantize)
+        if streams is not None:
+            model = with_streams(model, streams)
         label = self.label(spec, dev)
         if trim is None:
             return TorchRunner(model, dev, max_len, name="draft"), label, None

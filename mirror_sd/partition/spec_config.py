@@ -28,6 +28,7 @@ class SpecConfig:
     exit_head: str = "lm_head"  # "lm_head" (final norm + LM head at ℓe), "trained" or a head file
     exit_vocab_size: int = 0  # VocabTrim for the exit head: K most frequent target tokens; 0 = all
     draft_vocab_size: int = 0  # VocabTrim for the draft's LM head: K tokens; 0 = full vocabulary
+    draft_streams: str = "none"  # speculative streaming: "none", "trained" or a stream table folder
     draft_stop: str = "none"  # stop drafting early: none | confidence (Kangaroo) | entropy (SVIP)
     draft_stop_threshold: float = 0.0  # confidence: stop below this top-1 prob; entropy: above nats
     max_len: int = 2048  # context length: KV cache rows preallocated on both devices
@@ -59,6 +60,12 @@ class SpecConfig:
                 f"speculation.exit_head {self.exit_head!r}: expected 'lm_head' (final norm + LM "
                 "head at the exit layer), 'trained' (the head `mirror-sd train exit-head` cached "
                 "for this target and ℓe) or the path of a trained head file"
+            )
+        if not isinstance(self.draft_streams, str) or not self.draft_streams:
+            raise ValueError(
+                f"speculation.draft_streams {self.draft_streams!r}: expected 'none', 'trained' "
+                "(the stream rows `mirror-sd train streams` cached for this draft and target) "
+                "or the folder of a stream table"
             )
         for name in ("exit_vocab_size", "draft_vocab_size"):
             v = getattr(self, name)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mirror_sd.graphs.model_graph import ModelGraph
+    from mirror_sd.graphs.streams import StreamTable
     from mirror_sd.graphs.vocab_trim import VocabTrim
     from mirror_sd.partition.cost_model import Choice, Profile
     from mirror_sd.partition.placement import Placement
@@ -38,6 +39,7 @@ class CompileReport:
     precision: device alias -> how its `quantize: auto` / `dtype: auto` was resolved
     batch_policy: mode and γ per live batch size (`partition.batch_policy`; () without a
         profile)
+    draft_streams: the draft's stream rows (speculative streaming), or None
     """
 
     target: str
@@ -56,3 +58,4 @@ class CompileReport:
     kept_split: tuple[int, int] | None = None
     precision: dict[str, str] = field(default_factory=dict)
     batch_policy: tuple = ()
+    draft_streams: StreamTable | None = None

@@ -46,11 +46,17 @@ class Rollout:
 
 
 class DraftEngine:
-    def __init__(self, runner: ModelRunner, cache: PackedCache | None = None):
+    def __init__(self, runner: ModelRunner, cache: PackedCache | None = None,
+                 streams: Sequence[int] = ()):  # fmt: skip
         """`cache`: the runner's packed cache kept from earlier generations (prefix caching,
-        `Plan.packed_cache`); a new, empty one when None."""
+        `Plan.packed_cache`); a new, empty one when None. `streams`: the input ids of the
+        draft's stream rows (speculative streaming, `graphs.streams`); empty: one token per
+        chain forward."""
         self.runner = runner
         self.cache = cache if cache is not None else PackedCache(runner)
+        self.streams = list(streams)
+        self.forwards = 0  # chain forwards and the tokens they drafted (tokens per forward)
+        self.drafted = 0
         self.gens: dict[Hashable, torch.Generator] = {}
         self.samplings: dict[Hashable, Sampling] = {}
 
@@ -139,10 +145,13 @@ class DraftEngine:
             missing = self._sync(sid, seq)
             self.cache.fill(sid, missing[:-1])
             feed[sid] = missing[-1:]
+        if self.streams:
+            return self._chain_streamed({sid: f[0] for sid, f in feed.items()}, gamma, policy)
         tokens: dict[Hashable, list[int]] = {sid: [] for sid in committed}
         qs: dict[Hashable, list[torch.Tensor]] = {sid: [] for sid in committed}
         active = list(committed)
         for step in range(gamma):
+            self.forwards, self.drafted = self.forwards + 1, self.drafted + len(active)
             logits = self.cache.forward({sid: feed[sid] for sid in active})
             last = torch.cat([self._check(logits[sid])[-1:] for sid in active])  # (R, V)
             picked, q = self._pick(active, last)
@@ -160,6 +169,81 @@ class DraftEngine:
                 break
         return {sid: Draft(tokens[sid], torch.cat(qs[sid]) if qs[sid] else None)
                 for sid in committed}  # fmt: skip
+
+    def _chain_streamed(self, feed: dict[Hashable, int], gamma: int,
+                        policy: DraftPolicy) -> dict[Hashable, Draft]:  # fmt: skip
+        """`chain` with stream rows (speculative streaming): each forward feeds a sequence's
+        unfed token, the guesses the previous forward's streams made, and stream rows after
+        them. Tokens are picked from the real rows in order, exactly as the one-token chain
+        picks them (same sampling, same generator draws); a pick that equals the next guess
+        makes that guess's row valid and the next pick is read from it. Rows past the first
+        wrong guess, and every stream row, are dropped; the streams' argmaxes become the next
+        guesses only when every guess held. Output: the one-token chain's (up to the
+        rounding of a multi-row forward), in fewer forwards."""
+        tokens: dict[Hashable, list[int]] = {sid: [] for sid in feed}
+        qs: dict[Hashable, list[torch.Tensor]] = {sid: [] for sid in feed}
+        guesses: dict[Hashable, list[int]] = {sid: [] for sid in feed}
+        active, cache = list(feed), self.cache
+        while active:
+            plan = {}  # sid -> (real rows, stream ids)
+            for sid in active:
+                left = gamma - len(tokens[sid])
+                g = guesses[sid][: left - 1]
+                plan[sid] = ([feed[sid], *g], self.streams[: max(0, left - 1 - len(g))])
+                cache.add(_streams(sid), transient=True)
+            t = sum(len(r) + len(s) for r, s in plan.values())
+            cache.reserve(t)
+            owners, ids, pos, mask = self._stream_rows(plan, t)
+            logits = self._check(cache.run_rows(owners, ids, pos, mask))
+            self.forwards += 1
+            still, at = [], 0
+            for sid in active:
+                real, streams = plan[sid]
+                held = len(cache.tokens[sid]) - len(real)  # rows before this forward
+                i = 0
+                while True:  # pick from real row i
+                    row = logits[at + i : at + i + 1]
+                    picked, q = self._pick([sid], row)
+                    tokens[sid].append(picked[0])
+                    if q[0] is not None:
+                        qs[sid].append(q[0])
+                    done = len(tokens[sid]) == gamma or self._stops(policy, row, q)[0]
+                    if done or i + 1 >= len(real) or real[i + 1] != picked[0]:
+                        break
+                    i += 1
+                self.drafted += i + 1
+                cache.truncate(sid, held + i + 1)  # rows whose input was confirmed
+                cache.drop(_streams(sid))
+                confirmed_all = i + 1 == len(real)
+                s0 = at + len(real)
+                guesses[sid] = (logits[s0 : s0 + len(streams)].argmax(-1).tolist()
+                                if confirmed_all and not done else [])  # fmt: skip
+                at += len(real) + len(streams)
+                if not done:
+                    feed[sid] = tokens[sid][-1]
+                    still.append(sid)
+            active = still
+        return {sid: Draft(tokens[sid], torch.cat(qs[sid]) if qs[sid] else None) for sid in feed}
+
+    def _stream_rows(self, plan: Mapping[Hashable, tuple[list[int], list[int]]],
+                     t: int) -> tuple[list[Hashable], list[int], list[int], torch.Tensor]:  # fmt: skip
+        """Owners, ids, positions and mask (1, T, S + T) of one streamed chain forward: per
+        sequence its real rows (causal over its columns) then its stream rows, which see the
+        sequence, its real rows and the streams before them; stream j sits at the last real
+        row's position + j."""
+        cache, s = self.cache, self.runner.length
+        mask = torch.zeros(1, t, s + t, dtype=torch.bool)
+        owners, ids, pos = [], [], []
+        for sid, (real, streams) in plan.items():
+            cols, n0, first = cache.cols[sid], len(cache.tokens[sid]), len(ids)
+            for k, tok in enumerate([*real, *streams]):
+                i = len(ids)
+                mask[0, i, cols] = True
+                mask[0, i, s + first : s + i + 1] = True
+                owners.append(sid if k < len(real) else _streams(sid))
+                ids.append(tok)
+                pos.append(n0 + k)
+        return owners, ids, pos, mask
 
     # --- mirror: branch rollouts -----------------------------------------------------------
     def rollout(
@@ -275,3 +359,8 @@ class _BranchKey(tuple):
 
 def _branches(sid: Hashable) -> _BranchKey:
     return _BranchKey(("branches", sid))
+
+
+def _streams(sid: Hashable) -> _BranchKey:
+    """The owner of a sequence's stream rows in one streamed chain forward (dropped after)."""
+    return _BranchKey(("streams", sid))

@@ -58,6 +58,7 @@ class Plan:
         accept_rate: float | None = None,
         exit_head=None,
         batch_policy: tuple[BatchSetting, ...] = (),
+        draft_streams: Sequence[int] = (),
     ):
         self.target, self.draft = target, draft
         self.target_device, self.draft_device = target_device, draft_device
@@ -69,6 +70,7 @@ class Plan:
         self.exit_head = exit_head  # graphs.heads.ExitHead, or None: the runner's own head
         self.batch_policy = batch_policy  # mode and γ per live batch size (partition.batch_policy)
         self.device_specs = device_specs  # (target's, draft's) map entries: the thread budget
+        self.draft_streams = list(draft_streams)  # input ids of the draft's stream rows
         self.target_pipe = Pipeline(target_device.alias, "verification")
         self.draft_pipe = Pipeline(draft_device.alias, "draft streaming") if draft_device else None
         self._busy = threading.Lock()
@@ -186,7 +188,7 @@ class Plan:
             self.target.exit_layer = int(spec.exit_layer)
         engine = None
         if drafts:
-            engine = DraftEngine(self.draft, self.packed_cache("draft", spec))
+            engine = DraftEngine(self.draft, self.packed_cache("draft", spec), self.draft_streams)
         exit_head = self.exit_head.exit_logits if self.exit_head is not None else None
         return VerificationScheduler(self.target, self.target_pipe, engine, self.draft_pipe,
                                      settings, tracer, exit_head,
