@@ -364,6 +364,8 @@ def measure(r: Resolved, b: Built) -> Measured:
             if r.heads.files
             else replace(prof, t_exit_head=t_exit)
         )
+    if b.d_streams is not None:  # the chain's cost with stream rows, by their accuracy
+        prof = replace(prof, stream_accuracy=b.d_streams.guess_accuracy())
     # maximize predicted speedup: a hidden draft with a near-zero hit rate (an early ℓe
     # whose exit head rarely contains the verdict) loses to a later ℓe that hits
     choice = choose(prof, spec, exit_layers=r.heads.layers or None, prefer_hidden=False)
@@ -397,6 +399,11 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
     if spec.exit_layer != r.exit_layer:
         placement = place(graph, r.dm.with_speculation(spec))
     exit_head = build_exit_head(spec, spec.exit_layer, r.heads, t_model, b.e_trim)
+    # stream rows run unless the measured profile says the one-token chain is cheaper
+    streams_used = b.d_streams is not None and (
+        m.profile is None or not m.profile.stream_accuracy
+        or m.profile.streams_pay(spec.num_draft_tokens)
+    )  # fmt: skip
     gen_cfg_file = r.t_folder / "generation_config.json"
     report = CompileReport(
         target=str(r.t_folder), draft=str(r.d_folder) if r.d_folder else None,
@@ -406,7 +413,7 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         onnx=str(b.onnx_path) if b.onnx_path else None,
         draft_placement=getattr(b.d_runner, "placement", None), draft_trim=b.d_trim,
         draft_trim_coverage=b.d_trim_cov, exit_heads=r.heads, kept_split=kept_split,
-        draft_streams=b.d_streams,
+        draft_streams=b.d_streams, draft_streams_used=streams_used,
         precision=r.precision,
         batch_policy=(
             choose_per_batch(m.profile, spec.mode, spec.num_draft_tokens)
@@ -430,7 +437,7 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         accept_rate=m.profile.accept_rate if m.profile is not None else None,
         exit_head=exit_head,
         batch_policy=report.batch_policy,
-        draft_streams=b.d_streams.ids() if b.d_streams is not None else (),
+        draft_streams=b.d_streams.ids() if streams_used else (),
     )
 
 

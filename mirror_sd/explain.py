@@ -61,7 +61,8 @@ def describe(plan: Plan) -> str:
     if info.draft_trim is not None:
         lines.append(_describe_trim(info.draft_trim, info.draft_trim_coverage))
     if info.draft_streams is not None:
-        lines.append(_describe_streams(info.draft_streams))
+        lines.append(_describe_streams(info.draft_streams, info.draft_streams_used, prof,
+                                       plan.spec.num_draft_tokens))  # fmt: skip
     for edge in placement.cut_edges():
         lines.append(f"cut edge {edge.src} -> {edge.dst}: {edge.bytes_per_round} bytes/round")
     lines.append(
@@ -107,9 +108,18 @@ def _describe_trim(trim: VocabTrim, coverage: float | None) -> str:
     )
 
 
-def _describe_streams(table) -> str:
-    """One line on the draft's stream rows: how many, and their held-out guess accuracy."""
-    acc = table.provenance.get("agreement_after", {})
-    shown = ", ".join(f"stream {j}: {v:.0%}" for j, v in acc.items()) if acc else "not recorded"
-    return (f"draft streams: {table.k} stream row(s) per chain forward (speculative streaming; "
-            f"held-out guess accuracy {shown})")  # fmt: skip
+def _describe_streams(table, used: bool, prof, gamma: int) -> str:
+    """One line on the draft's stream rows: how many, their held-out guess accuracy, and
+    whether the plan runs them (with the chain times the cost model compared)."""
+    acc = table.guess_accuracy()
+    shown = ", ".join(f"{a:.0%}" for a in acc) if acc else "not recorded"
+    line = (f"draft streams: {table.k} stream row(s) (speculative streaming; held-out guess "
+            f"accuracy per stream {shown})")  # fmt: skip
+    if prof is not None and acc:
+        from mirror_sd.partition.cost_model import streamed_chain_time
+
+        t_s = streamed_chain_time(gamma, acc, prof.draft) * 1e3
+        line += (
+            f"; a {gamma}-token chain {t_s:.0f} ms streamed vs {gamma * prof.draft(1) * 1e3:.0f} ms"
+        )
+    return line + ("" if used else "; off: the one-token chain is predicted faster here")

@@ -65,6 +65,11 @@ class StreamTable:
             raise ValueError(f"asked for {n} streams; the table has {self.k}")
         return [self.vocab_size + j for j in range(n)]
 
+    def guess_accuracy(self) -> tuple[float, ...]:
+        """Held-out accuracy of each stream's guess of the draft's own token (from training's
+        provenance, `guess_accuracy`); empty when not recorded."""
+        return tuple(float(a) for a in self.provenance.get("guess_accuracy", ()))
+
     def identity(self) -> str:
         """A short hash of the rows and V (an export's cache key part)."""
         h = hashlib.sha256(json.dumps([self.vocab_size, list(self.rows.shape)]).encode())

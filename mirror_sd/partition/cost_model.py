@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,9 @@ class Profile:
             at ℓe equals the target's token (logit-lens agreement); the rank model below turns
             it into top-κ coverage. Empty: `ASSUMED_AGREEMENT_BY_DEPTH` is used.
         description: free text (machine, models, dtype).
+        stream_accuracy: the draft's stream rows (speculative streaming): held-out accuracy of
+            stream j's guess of the draft's own token, j = 1..k; empty: no stream rows. The
+            chain then costs `chain(γ)` (the cheaper of streamed and one token per step).
     """
 
     num_layers: int
@@ -65,6 +70,7 @@ class Profile:
     hit_rate_by_exit_layer: dict[int, float] = field(default_factory=dict)
     description: str = ""
     overlap_slowdown: float = 1.0
+    stream_accuracy: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_layers, int) or self.num_layers < 2:
@@ -95,6 +101,20 @@ class Profile:
         """t_d(b), linearly interpolated between measured b. Raises ValueError outside them."""
         return _interp(self.t_draft, b, "t_draft")
 
+    def chain(self, gamma: int) -> float:
+        """Expected time of the draft's chain of γ tokens: γ one-row steps, or, with stream
+        rows, the streamed chain when it is predicted cheaper (`streams_pay`)."""
+        plain = gamma * self.draft(1)
+        if not self.stream_accuracy:
+            return plain
+        return min(plain, streamed_chain_time(gamma, self.stream_accuracy, self.draft))
+
+    def streams_pay(self, gamma: int) -> bool:
+        """Does the streamed chain beat γ one-row steps at this γ (by the measured t_d(rows))?"""
+        return bool(self.stream_accuracy) and streamed_chain_time(
+            gamma, self.stream_accuracy, self.draft
+        ) < gamma * self.draft(1)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (table keys become strings)."""
         d = asdict(self)
@@ -115,6 +135,7 @@ class Profile:
             )
         for name in ("t_target", "t_draft", "hit_rate_by_exit_layer"):
             data[name] = {int(k): float(v) for k, v in data.get(name, {}).items()}
+        data["stream_accuracy"] = tuple(float(a) for a in data.get("stream_accuracy", ()))
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -152,6 +173,34 @@ def prefix_time(t_block: float, exit_layer: int, num_layers: int) -> float:
 def suffix_time(t_block: float, exit_layer: int, num_layers: int) -> float:
     """t_suf = t_T − t_pre: layers [ℓe, N), final norm and LM head."""
     return t_block - prefix_time(t_block, exit_layer, num_layers)
+
+
+def streamed_chain_time(gamma: int, accuracy: Sequence[float],
+                        t_draft: Callable[[int], float]) -> float:  # fmt: skip
+    """Expected time of a streamed chain of γ tokens (docs/algorithm.md, *Multi-token
+    drafts*): each forward runs 1 + g + s rows (the picked token, g guesses worth checking, s
+    fresh streams) and yields 1 + m tokens, m = the guesses that held in a row; guess i holds
+    with probability accuracy[i - 1] once guesses 1..i-1 held (the held-out per-stream
+    accuracy, taken as that conditional: optimistic when errors cluster). Fresh guesses exist
+    only after every checked guess held. `t_draft(rows)`: one draft forward."""
+    k = len(accuracy)
+
+    @cache
+    def expect(left: int, g: int) -> float:
+        if left <= 0:
+            return 0.0
+        g = min(g, left - 1)
+        s = min(k, left - 1 - g)
+        total, p_run = t_draft(1 + g + s), 1.0
+        for m in range(g + 1):  # m guesses held, then a miss (or no guess left)
+            p = p_run * (1 - accuracy[m]) if m < g else p_run
+            nxt = s if m == g else 0
+            total += p * expect(left - 1 - m, nxt)
+            if m < g:
+                p_run *= accuracy[m]
+        return total
+
+    return expect(gamma, 0)
 
 
 def vanilla_round_time(t_block: float, t_draft_1: float, gamma: int) -> float:
@@ -394,7 +443,8 @@ def _evaluate(
     """The predictions for one combination (candidates, assumptions and spec filled later)."""
     n, t_t, nb = profile.num_layers, profile.target(gamma + 1), num_branches(gamma, kappa)
     t_pre, t_suf = prefix_time(t_t, layer, n), suffix_time(t_t, layer, n)
-    t_d1, t_db = profile.draft(1), profile.draft(min(budget, nb))
+    # t_d1: per drafted token of a chain (streamed where stream rows pay)
+    t_d1, t_db = profile.chain(gamma) / gamma, profile.draft(min(budget, nb))
     agreement, source = exit_agreement(profile, layer)
     h = hit_rate(alpha, gamma, kappa, budget, agreement)
     tokens, t_ar = expected_tokens(alpha, gamma), profile.target(1)

@@ -39,7 +39,9 @@ class CompileReport:
     precision: device alias -> how its `quantize: auto` / `dtype: auto` was resolved
     batch_policy: mode and γ per live batch size (`partition.batch_policy`; () without a
         profile)
-    draft_streams: the draft's stream rows (speculative streaming), or None
+    draft_streams, draft_streams_used: the draft's stream rows (speculative streaming) or
+        None, and whether the plan runs them (the cost model turns them off where the profile
+        predicts the one-token chain cheaper)
     """
 
     target: str
@@ -59,3 +61,4 @@ class CompileReport:
     precision: dict[str, str] = field(default_factory=dict)
     batch_policy: tuple = ()
     draft_streams: StreamTable | None = None
+    draft_streams_used: bool = False
