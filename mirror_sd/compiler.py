@@ -399,9 +399,10 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
     if spec.exit_layer != r.exit_layer:
         placement = place(graph, r.dm.with_speculation(spec))
     exit_head = build_exit_head(spec, spec.exit_layer, r.heads, t_model, b.e_trim)
-    # stream rows run unless the measured profile says the one-token chain is cheaper
+    # with `mode: auto` stream rows run unless the measured profile says the one-token chain
+    # is cheaper; a mode given by the user runs them as asked
     streams_used = b.d_streams is not None and (
-        m.profile is None or not m.profile.stream_accuracy
+        r.mode_asked != "auto" or m.profile is None or not m.profile.stream_accuracy
         or m.profile.streams_pay(spec.num_draft_tokens)
     )  # fmt: skip
     gen_cfg_file = r.t_folder / "generation_config.json"

@@ -122,4 +122,6 @@ def _describe_streams(table, used: bool, prof, gamma: int) -> str:
         line += (
             f"; a {gamma}-token chain {t_s:.0f} ms streamed vs {gamma * prof.draft(1) * 1e3:.0f} ms"
         )
-    return line + ("" if used else "; off: the one-token chain is predicted faster here")
+    return line + (
+        "" if used else "; off (mode auto): the one-token chain is predicted faster here"
+    )

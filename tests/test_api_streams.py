@@ -49,12 +49,16 @@ def _profile(extra_row_cost: float) -> Profile:
 def test_the_cost_model_keeps_streams_only_where_they_pay(folders, extra, used):
     target, draft, root, table = folders
     with api.compile(target, draft, TORCH_DRAFT_MAP, cache=root, draft_streams=str(table),
-                     profile_data=_profile(extra), mode="speculative", exit_layer=3,
+                     profile_data=_profile(extra), mode="auto", exit_layer=3,
                      max_len=256) as p:  # fmt: skip
         assert p.report.draft_streams_used is used
         assert p.draft_streams == ([V, V + 1] if used else [])
-        assert ("off: the one-token chain is predicted faster" in api.describe(p)) is not used
+        assert ("off (mode auto): the one-token chain" in api.describe(p)) is not used
         _lossless(p, "w3 w1")
+    with api.compile(target, draft, TORCH_DRAFT_MAP, cache=root, draft_streams=str(table),
+                     profile_data=_profile(extra), mode="speculative", exit_layer=3,
+                     max_len=256) as p:  # fmt: skip
+        assert p.report.draft_streams_used  # a mode the user fixed runs them as asked
 
 
 def test_bad_stream_settings_are_clear_errors(folders, tmp_path):

@@ -7,7 +7,8 @@
     speculative  our plan, mode="speculative": draft then verify, no overlap
     mirror       our plan, mode="mirror"
     (+ pld, sam, hd, mirror+sam: model-free draft sources; speculative+conf, mirror+conf,
-     speculative+entropy, mirror+entropy: draft-length policies)
+     speculative+entropy, mirror+entropy: draft-length policies; speculative+streams,
+     mirror+streams: the draft's stream rows, on a plan compiled with them)
     speculative+conf+sam  SAM-Decoding's hybrid: a suffix-automaton match long enough is the
                  block, else the draft model drafts until its confidence drops (at most
                  HYBRID_MAX_DRAFT tokens: with a confidence stop γ is only a ceiling)
@@ -61,8 +62,13 @@ HYBRID_METHODS = {
                              "draft_stop": "confidence", "draft_stop_threshold": 0.6,
                              "num_draft_tokens": HYBRID_MAX_DRAFT},
 }  # fmt: skip
+# speculative streaming (SpecConfig.draft_streams): the plan must be compiled with stream
+# rows (`--set draft_streams=trained --set mode=speculative`); every other plan method runs
+# without them
+STREAM_METHODS = {f"{mode}+streams": {"mode": mode} for mode in ("speculative", "mirror")}
 PLAN_METHODS = {
     **{k: {"mode": v} for k, v in PLAN_MODES.items()},
+    **STREAM_METHODS,
     **RETRIEVAL_METHODS,
     **POLICY_METHODS,
     **HYBRID_METHODS,
@@ -174,8 +180,17 @@ class PlanMethod:
         if name not in PLAN_METHODS:
             raise ValueError(f"{name!r} is not a plan method ({', '.join(PLAN_METHODS)})")
         self.name, self.plan, self.eos = name, plan, list(eos)
-        self.settings = PLAN_METHODS[name]
+        self.settings = dict(PLAN_METHODS[name])
         self.mode = self.settings["mode"]
+        compiled = getattr(getattr(plan, "spec", None), "draft_streams", "none")
+        if name in STREAM_METHODS and compiled == "none":
+            raise ValueError(
+                f"method {name!r} needs a plan compiled with stream rows: add "
+                "--set draft_streams=trained (after `mirror-sd train streams`) and a fixed "
+                "mode (--set mode=speculative): with mode auto the cost model may turn them off"
+            )
+        if name not in STREAM_METHODS and compiled != "none":
+            self.settings["draft_streams"] = "none"  # one draft token per forward
 
     def describe(self) -> dict:
         budget = self.plan.thread_budget() if hasattr(self.plan, "thread_budget") else None

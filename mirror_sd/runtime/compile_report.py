@@ -40,8 +40,8 @@ class CompileReport:
     batch_policy: mode and γ per live batch size (`partition.batch_policy`; () without a
         profile)
     draft_streams, draft_streams_used: the draft's stream rows (speculative streaming) or
-        None, and whether the plan runs them (the cost model turns them off where the profile
-        predicts the one-token chain cheaper)
+        None, and whether the plan runs them (with `mode: auto` the cost model turns them
+        off where the profile predicts the one-token chain cheaper)
     """
 
     target: str

@@ -188,7 +188,8 @@ class Plan:
             self.target.exit_layer = int(spec.exit_layer)
         engine = None
         if drafts:
-            engine = DraftEngine(self.draft, self.packed_cache("draft", spec), self.draft_streams)
+            streams = self.draft_streams if spec.draft_streams != "none" else ()
+            engine = DraftEngine(self.draft, self.packed_cache("draft", spec), streams)
         exit_head = self.exit_head.exit_logits if self.exit_head is not None else None
         return VerificationScheduler(self.target, self.target_pipe, engine, self.draft_pipe,
                                      settings, tracer, exit_head,
@@ -265,6 +266,12 @@ class Plan:
             raise ValueError(
                 "mode 'auto' is resolved by compile() (the best predicted mode); a Plan built "
                 "by hand needs mirror, speculative or autoregressive"
+            )
+        if spec.draft_streams not in ("none", self.spec.draft_streams):
+            raise ValueError(
+                f"draft_streams {spec.draft_streams!r}: stream rows are built into the draft by "
+                "compile(); compile with speculation.draft_streams to run them (a call can "
+                "only turn them off, with 'none')"
             )
         has_draft = (self.draft is not None and spec.model_draft) or spec.retrieval != "none"
         mode = spec.mode if has_draft else "autoregressive"

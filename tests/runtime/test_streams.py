@@ -166,7 +166,7 @@ def test_onnx_draft_reads_stream_rows(draft, onnx_drafts, quant):
 def _stream_plan(target, draft, table, oracle=None, **spec):
     runner = TorchRunner(with_streams(draft, table), TorchDevice(), 512, name="draft")
     plan = make_plan(target, None, draft_runner=OracleRunner(runner, oracle) if oracle else runner,
-                     **spec)  # fmt: skip
+                     draft_streams="table", **spec)  # fmt: skip
     plan.draft_streams = table.ids()
     return plan
 
@@ -218,3 +218,24 @@ def test_sampling_stays_lossless_with_streams(tmp_path):
         plan.close()
     assert chi2(pairs.flatten(), joint.flatten()) < CHI2_99_9[35]
     assert chi2(thirds, third) < CHI2_99_9[5]
+
+
+def test_a_call_can_turn_streams_off_but_not_on(tmp_path, draft):
+    target = tiny_model(tmp_path, seed=0, num_hidden_layers=4)
+    table, prompt = _table(draft), [3, 1, 4, 1, 5]
+    want = greedy_decode(target, prompt, 16)
+    plan = _stream_plan(target, draft, table, oracle=prompt + want, mode="speculative",
+                        num_draft_tokens=4)  # fmt: skip
+    try:
+        assert plan.generate(prompt, 16, draft_streams="none").tokens == want
+        assert plan.draft.stream_rows == 0
+        assert plan.generate(prompt, 16).tokens == want
+        assert plan.draft.stream_rows > 0
+    finally:
+        plan.close()
+    plain = make_plan(target, draft, mode="speculative")
+    try:
+        with pytest.raises(ValueError, match="compile with speculation.draft_streams"):
+            plain.generate(prompt, 4, draft_streams="trained")
+    finally:
+        plain.close()

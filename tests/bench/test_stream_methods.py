@@ -1,0 +1,31 @@
+"""The benchmark's stream methods: `+streams` needs a plan compiled with stream rows, and
+every other plan method runs such a plan without them (one draft token per forward)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from mirror_sd.bench.methods import PlanMethod, parse_methods
+from mirror_sd.partition.spec_config import SpecConfig
+
+
+def _plan(streams: str):
+    return SimpleNamespace(spec=SpecConfig(draft_streams=streams))
+
+
+def test_stream_methods_parse_and_need_stream_rows():
+    assert parse_methods("speculative+streams,mirror+streams") == (
+        "speculative+streams", "mirror+streams",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="--set draft_streams=trained"):
+        PlanMethod("speculative+streams", _plan("none"), [])
+
+
+def test_other_methods_turn_a_plans_streams_off():
+    with_rows = _plan("trained")
+    assert PlanMethod("speculative+streams", with_rows, []).settings == {"mode": "speculative"}
+    assert PlanMethod("speculative", with_rows, []).settings["draft_streams"] == "none"
+    assert PlanMethod("speculative+conf+sam", with_rows, []).settings["draft_streams"] == "none"
+    assert "draft_streams" not in PlanMethod("speculative", _plan("none"), []).settings
