@@ -21,7 +21,10 @@ V = 97
 def folders(tmp_path_factory):
     target, draft, root = tiny_pair(tmp_path_factory.mktemp("streams"))
     rows = torch.randn(2, 64, generator=torch.Generator().manual_seed(0)) * 0.1
-    table = StreamTable(rows, V, {"guess_accuracy": [0.6, 0.4]}).save(root / "table")
+    streams = [{"stream": j + 1, "draft_top1": a} for j, a in enumerate((0.6, 0.4))]
+    table = StreamTable(rows, V, {"agreement": {"after": {"streams": streams}}}).save(
+        root / "table"
+    )
     return target, draft, root, table
 
 

@@ -66,9 +66,11 @@ class StreamTable:
         return [self.vocab_size + j for j in range(n)]
 
     def guess_accuracy(self) -> tuple[float, ...]:
-        """Held-out accuracy of each stream's guess of the draft's own token (from training's
-        provenance, `guess_accuracy`); empty when not recorded."""
-        return tuple(float(a) for a in self.provenance.get("guess_accuracy", ()))
+        """Held-out accuracy of each stream's guess of the draft's own (teacher-forced) token,
+        stream 1 first, as training measured it (`agreement.after.streams[j].draft_top1` in
+        the provenance, `training.streams`); empty when not recorded."""
+        after = self.provenance.get("agreement", {}).get("after", {})
+        return tuple(float(x["draft_top1"]) for x in after.get("streams", ()))
 
     def identity(self) -> str:
         """A short hash of the rows and V (an export's cache key part)."""

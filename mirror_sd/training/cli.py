@@ -1,5 +1,5 @@
-"""`mirror-sd train exit-head | adapter` and `mirror-sd calibrate vocab`: the command lines of
-the training modules, which hold library code only.
+"""`mirror-sd train exit-head | adapter | streams` and `mirror-sd calibrate vocab`: the command
+lines of the training modules, which hold library code only.
 
 Each command is an `add_arguments(parser)` and a `run(args) -> int`; the library module
 loads when the parser is built (its defaults are the arguments' defaults).
@@ -117,6 +117,59 @@ def _adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train streams ---------------------------------------------------------------------------
+def _streams_arguments(p: argparse.ArgumentParser) -> None:
+    from mirror_sd.training.streams import DEFAULTS as D
+
+    p.add_argument("target", help="target model (known name or HF folder): its argmax is the label")
+    p.add_argument("--draft", required=True, help="draft model (known name or HF folder), frozen")
+    p.add_argument("--k", type=int, default=D["k"], help="stream rows (guesses per forward)")
+    p.add_argument("--steps", type=int, default=D["steps"], help="optimizer steps, one chunk each")
+    p.add_argument("--lr", type=float, default=D["lr"], help="peak learning rate (Adam)")
+    p.add_argument("--chunks", type=int, default=D["n_chunks"], help="corpus chunks")
+    p.add_argument("--chunk-len", type=int, default=D["chunk_len"], help="tokens per chunk")
+    p.add_argument("--positions", type=int, default=D["positions"],
+                   help="base positions per step, each with all k stream rows")  # fmt: skip
+    p.add_argument("--seed", type=int, default=D["seed"], help="training seed")
+    p.add_argument("--cache", default=None, help="cache folder (default $MIRROR_SD_CACHE)")
+    p.add_argument("-o", "--out", default=None, help="output folder (default: in the cache)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _streams(args: argparse.Namespace) -> int:
+    from mirror_sd.training.streams import train_streams
+
+    path = train_streams(
+        args.target, args.draft, args.k, steps=args.steps, lr=args.lr, seed=args.seed,
+        n_chunks=args.chunks, chunk_len=args.chunk_len, out=args.out, cache=args.cache,
+        progress=not args.quiet, positions=args.positions,
+    )  # fmt: skip
+    print(_streams_summary(path))
+    return 0
+
+
+def _streams_summary(folder: Path) -> str:
+    """Where the table is, how well each stream guesses before and after training, and how a
+    device map uses it."""
+    from mirror_sd.graphs.streams import StreamTable
+
+    p = StreamTable.load(folder).provenance
+    before, after = (p["agreement"][w]["streams"] for w in ("before", "after"))
+    lines = [
+        f"stream rows: {folder}",
+        f"  k = {p['k']}: draft {Path(p['draft']['folder']).name}, target "
+        f"{Path(p['target']['folder']).name}, {p['settings']['steps']} steps, {p['train_seconds']} s",
+        "  held-out top-1 of each stream's guess, before -> after training:",
+    ]
+    for b, a in zip(before, after, strict=True):
+        lines.append(f"    stream {b['stream']}: the target's token {b['target_top1']:.1%} -> "
+                     f"{a['target_top1']:.1%}, the draft's own choice {b['draft_top1']:.1%} -> "
+                     f"{a['draft_top1']:.1%}")  # fmt: skip
+    lines.append("  use it: `speculation: {draft_streams: trained}` in a device map (this draft "
+                 f"and target), or `draft_streams: {folder}`")  # fmt: skip
+    return "\n".join(lines)
+
+
 # --- calibrate vocab -------------------------------------------------------------------------
 def _ks(text: str) -> tuple[int, ...]:
     try:
@@ -187,6 +240,10 @@ def _commands() -> dict:
         ("train", "adapter"): (
             _adapter_arguments, _adapter,
             "train a Kangaroo self-draft: the target's first k layers + an adapter layer",
+        ),
+        ("train", "streams"): (
+            _streams_arguments, _streams,
+            "train the draft's stream rows (speculative streaming: k tokens guessed per forward)",
         ),
         ("calibrate", "vocab"): (
             _vocab_arguments, _vocab,
