@@ -187,6 +187,14 @@ def check_block_bounds(spec, source: str = "<dict>", vocab_size: int | None = No
         DeviceMapError: naming the key and the largest value that works.
     """
     gamma = spec.num_draft_tokens
+    tree = 1 + gamma * (1 + spec.tree_siblings)
+    if spec.tree_siblings and tree > ROW_INVARIANT_ROWS:
+        raise DeviceMapError(
+            "speculation.tree_siblings", f"{spec.tree_siblings} sibling leaves per draft token "
+            f"make a {tree}-row tree with γ = {gamma}; at most {ROW_INVARIANT_ROWS} rows verify "
+            f"row-invariantly (lossless), so use at most {(ROW_INVARIANT_ROWS - 1) // gamma - 1}",
+            source,
+        )  # fmt: skip
     if gamma + 1 > ROW_INVARIANT_ROWS:
         raise DeviceMapError(
             "speculation.num_draft_tokens", f"{gamma} draft tokens make a {gamma + 1}-row block; "

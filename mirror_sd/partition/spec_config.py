@@ -29,6 +29,9 @@ class SpecConfig:
     exit_vocab_size: int = 0  # VocabTrim for the exit head: K most frequent target tokens; 0 = all
     draft_vocab_size: int = 0  # VocabTrim for the draft's LM head: K tokens; 0 = full vocabulary
     draft_streams: str = "none"  # speculative streaming: "none", "trained" or a stream table folder
+    tree_siblings: int = (
+        0  # speculative, greedy: the draft's next-best tokens per depth as tree leaves
+    )
     draft_stop: str = "none"  # stop drafting early: none | confidence (Kangaroo) | entropy (SVIP)
     draft_stop_threshold: float = 0.0  # confidence: stop below this top-1 prob; entropy: above nats
     max_len: int = 2048  # context length: KV cache rows preallocated on both devices
@@ -67,7 +70,7 @@ class SpecConfig:
                 "(the stream rows `mirror-sd train streams` cached for this draft and target) "
                 "or the folder of a stream table"
             )
-        for name in ("exit_vocab_size", "draft_vocab_size"):
+        for name in ("exit_vocab_size", "draft_vocab_size", "tree_siblings"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(

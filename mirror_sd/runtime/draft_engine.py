@@ -36,6 +36,9 @@ class Draft:
     tokens: list[int]
     q: torch.Tensor | None  # (len(tokens), V) or None (greedy, or a deterministic proposal)
     source: str = "draft"  # draft | branch | target | a retrieval source's name
+    # per token: the draft's next-best tokens at that depth (greedy chains asked for sibling
+    # leaves, `chain(..., siblings)`); the target verifies them as a token tree. None: a chain
+    alts: list[list[int]] | None = None
 
 
 @dataclass
@@ -130,8 +133,9 @@ class DraftEngine:
 
     # --- chain drafting --------------------------------------------------------------------
     def chain(
-        self, committed: Mapping[Hashable, list[int]], gamma: int, policy: DraftPolicy = NEVER_STOP
-    ) -> dict[Hashable, Draft]:
+        self, committed: Mapping[Hashable, list[int]], gamma: int,
+        policy: DraftPolicy = NEVER_STOP, siblings: int = 0,
+    ) -> dict[Hashable, Draft]:  # fmt: skip
         """Up to γ draft tokens continuing each sequence's committed tokens.
 
         Each sequence first syncs (keeps the longest cached prefix of its committed tokens,
@@ -139,6 +143,9 @@ class DraftEngine:
         a time (a prompt), then every step is one packed forward over the sequences still
         drafting. A sequence whose policy stops keeps the token that triggered the stop
         proposed but unfed, so its cache holds committed + d_1..d_{m-1} for m tokens.
+        With `siblings` > 0 a greedy sequence's draft also lists, per token, the next
+        `siblings` best tokens of the same draft row (`Draft.alts`: sibling leaves of a token
+        tree; read from logits the chain computes anyway).
         """
         feed: dict[Hashable, list[int]] = {}
         for sid, seq in committed.items():
@@ -146,7 +153,10 @@ class DraftEngine:
             self.cache.fill(sid, missing[:-1])
             feed[sid] = missing[-1:]
         if self.streams:
-            return self._chain_streamed({sid: f[0] for sid, f in feed.items()}, gamma, policy)
+            drafts = self._chain_streamed({s: f[0] for s, f in feed.items()}, gamma, policy,
+                                          siblings)  # fmt: skip
+            return drafts
+        alts: dict[Hashable, list[list[int]]] = {sid: [] for sid in committed}
         tokens: dict[Hashable, list[int]] = {sid: [] for sid in committed}
         qs: dict[Hashable, list[torch.Tensor]] = {sid: [] for sid in committed}
         active = list(committed)
@@ -161,17 +171,17 @@ class DraftEngine:
                 if q[r] is not None:
                     qs[sid].append(q[r])
                 tokens[sid].append(picked[r])
+                alts[sid].append(self._alts(sid, last[r], picked[r], siblings))
                 if step + 1 < gamma and not stops[r]:
                     feed[sid] = [picked[r]]
                     still.append(sid)
             active = still
             if not active:
                 break
-        return {sid: Draft(tokens[sid], torch.cat(qs[sid]) if qs[sid] else None)
-                for sid in committed}  # fmt: skip
+        return {sid: _draft(tokens[sid], qs[sid], alts[sid]) for sid in committed}
 
-    def _chain_streamed(self, feed: dict[Hashable, int], gamma: int,
-                        policy: DraftPolicy) -> dict[Hashable, Draft]:  # fmt: skip
+    def _chain_streamed(self, feed: dict[Hashable, int], gamma: int, policy: DraftPolicy,
+                        siblings: int = 0) -> dict[Hashable, Draft]:  # fmt: skip
         """`chain` with stream rows (speculative streaming): each forward feeds a sequence's
         unfed token, the guesses the previous forward's streams made, and stream rows after
         them. Tokens are picked from the real rows in order, exactly as the one-token chain
@@ -183,6 +193,7 @@ class DraftEngine:
         tokens: dict[Hashable, list[int]] = {sid: [] for sid in feed}
         qs: dict[Hashable, list[torch.Tensor]] = {sid: [] for sid in feed}
         guesses: dict[Hashable, list[int]] = {sid: [] for sid in feed}
+        alts: dict[Hashable, list[list[int]]] = {sid: [] for sid in feed}
         active, cache = list(feed), self.cache
         while active:
             plan = {}  # sid -> (real rows, stream ids)
@@ -205,6 +216,7 @@ class DraftEngine:
                     row = logits[at + i : at + i + 1]
                     picked, q = self._pick([sid], row)
                     tokens[sid].append(picked[0])
+                    alts[sid].append(self._alts(sid, row[0], picked[0], siblings))
                     if q[0] is not None:
                         qs[sid].append(q[0])
                     done = len(tokens[sid]) == gamma or self._stops(policy, row, q)[0]
@@ -223,7 +235,15 @@ class DraftEngine:
                     feed[sid] = tokens[sid][-1]
                     still.append(sid)
             active = still
-        return {sid: Draft(tokens[sid], torch.cat(qs[sid]) if qs[sid] else None) for sid in feed}
+        return {sid: _draft(tokens[sid], qs[sid], alts[sid]) for sid in feed}
+
+    def _alts(self, sid: Hashable, row: torch.Tensor, picked: int, siblings: int) -> list[int]:
+        """The `siblings` best tokens of a draft row other than the one picked (greedy
+        sequences only: a sampled token's siblings would need their own law)."""
+        if not siblings or not self.samplings[sid].greedy:
+            return []
+        top = row.topk(min(siblings + 1, row.shape[-1])).indices.tolist()
+        return [t for t in top if t != picked][:siblings]
 
     def _stream_rows(self, plan: Mapping[Hashable, tuple[list[int], list[int]]],
                      t: int) -> tuple[list[Hashable], list[int], list[int], torch.Tensor]:  # fmt: skip
@@ -351,6 +371,12 @@ class DraftEngine:
         """Every sequence's remaining branch rows become holes."""
         for key in [k for k in self.cache.cols if isinstance(k, _BranchKey)]:
             self.cache.drop(key)
+
+
+def _draft(tokens: list[int], qs: list[torch.Tensor], alts: list[list[int]]) -> Draft:
+    """A chain's Draft: q stacked when sampled; `alts` kept only when some token has one."""
+    return Draft(tokens, torch.cat(qs) if qs else None,
+                 alts=alts if any(alts) else None)  # fmt: skip
 
 
 class _BranchKey(tuple):

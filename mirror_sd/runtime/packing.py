@@ -33,6 +33,7 @@ import torch
 
 from mirror_sd.devices.base import ModelRunner, fill
 from mirror_sd.graphs.kv_cache import CacheFullError
+from mirror_sd.graphs.masks import tree_mask
 
 HOLE = -1  # owner of a column no sequence holds (rejected row, departed sequence)
 MAX_HOLE_SHARE = 0.5  # compact before a forward when holes exceed this share of the columns
@@ -153,28 +154,61 @@ class PackedCache:
 
     # --- running rows ----------------------------------------------------------------------
     def inputs(
-        self, new: Mapping[Hashable, Sequence[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, new: Mapping[Hashable, Sequence[int]],
+        trees: Mapping[Hashable, Sequence[int]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """ids, position_ids (1, T) and mask (1, T, S + T) for the new tokens of each sequence,
-        packed in `new`'s order after the S written columns."""
+        packed in `new`'s order after the S written columns. A sequence in `trees` gives its
+        rows' parents (index among its new rows, -1 for the first): its rows form a token
+        tree (each sees its ancestors and itself, at its position + depth) instead of a chain."""
         s = self.runner.length
         ids = [t for toks in new.values() for t in toks]
         who = torch.tensor([self._slot[sid] for sid, toks in new.items() for _ in toks])  # (T,)
-        pos = [len(self.tokens[sid]) + i for sid, toks in new.items() for i in range(len(toks))]
         past = self.owner[:s][None, :] == who[:, None]  # (T, S): own columns only
         t = len(ids)
         own = (who[:, None] == who[None, :]) & torch.ones(t, t, dtype=torch.bool).tril()
+        pos, at = [], 0
+        for sid, toks in new.items():
+            n, parents = len(self.tokens[sid]), (trees or {}).get(sid)
+            if parents is None:
+                pos += [n + i for i in range(len(toks))]
+            else:
+                block = tree_mask(0, parents)[0]  # (t_s, t_s): ancestors and itself
+                own[at : at + len(toks), at : at + len(toks)] = block
+                pos += [n + int(d) - 1 for d in block.sum(-1)]  # depth = ancestors
+            at += len(toks)
         mask = torch.cat([past, own], dim=1)[None]  # (1, T, S + T)
         return torch.tensor([ids]), torch.tensor([pos]), mask
 
-    def forward(self, new: Mapping[Hashable, Sequence[int]]) -> dict[Hashable, torch.Tensor]:
-        """Append each sequence's new tokens in one forward; returns its logits (t_s, V)."""
+    def forward(self, new: Mapping[Hashable, Sequence[int]],
+                trees: Mapping[Hashable, Sequence[int]] | None = None
+                ) -> dict[Hashable, torch.Tensor]:  # fmt: skip
+        """Append each sequence's new tokens in one forward (a token tree for a sequence in
+        `trees`, see `inputs`); returns its logits (t_s, V). A tree's rows are recorded in
+        row order: `prune` keeps the accepted path's."""
         new = {sid: list(toks) for sid, toks in new.items() if toks}
         self._room(sum(len(t) for t in new.values()))
         start = self.runner.length
         with self._writing():
-            logits = self.runner.forward(*self.inputs(new))
+            logits = self.runner.forward(*self.inputs(new, trees))
         return self._split(new, logits, start)  # (T, V) rows
+
+    def prune(self, sid: Hashable, start: int, keep: Sequence[int]) -> None:
+        """Of the sequence's rows from its `start`-th on (a token tree's block), keep the
+        `keep`-th ones (increasing: a root-to-node path), in order; the rest become holes.
+        The kept rows were written at their path positions, so they read as a chain."""
+        cols, toks = self.cols[sid], self.tokens[sid]
+        if list(keep) != sorted(set(keep)) or (
+            keep and not 0 <= keep[0] <= keep[-1] < len(cols) - start
+        ):
+            raise ValueError(
+                f"prune {sid!r}: rows {list(keep)} are not increasing rows of its block"
+            )
+        block = cols[start:]
+        self.owner[[c for i, c in enumerate(block) if i not in set(keep)]] = HOLE
+        cols[start:] = [block[i] for i in keep]
+        toks[start:] = [toks[start + i] for i in keep]
+        self._shrink()
 
     def forward_prefix(self, new: Mapping[Hashable, Sequence[int]]) -> torch.Tensor:
         """A `SplitRunner`'s prefix on the packed new tokens -> hidden (1, T, D); the rows are

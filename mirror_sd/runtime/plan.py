@@ -289,6 +289,7 @@ class Plan:
             spec.draft_timeout_s,
             retrieval_min_match=spec.retrieval_min_match,
             draft_stop=DraftPolicy(spec.draft_stop, spec.draft_stop_threshold),
+            tree_siblings=spec.tree_siblings,
             accept_rate=self.accept_rate,
             threads=self.thread_budget(spec),
             # the per-batch-size policy was chosen for the plan's mode and γ: a call that

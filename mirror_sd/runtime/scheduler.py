@@ -42,6 +42,7 @@ from mirror_sd.runtime.drafters import Combined, DraftSource
 from mirror_sd.runtime.fallback import DraftFailed, await_draft, drop_draft
 from mirror_sd.runtime.packing import PackedCache
 from mirror_sd.runtime.pipelines import Pipeline
+from mirror_sd.runtime.token_tree import TokenTree, verify_tree_greedy
 from mirror_sd.runtime.tracing import Tracer
 
 PRIOR_TOKENS = 8  # weight of the plan's α prior in the running acceptance estimate
@@ -62,6 +63,7 @@ class RoundSettings:
     accept_rate: float | None = None  # the plan's measured α: prior for ranking branches
     threads: ThreadBudget | None = None  # threads per pipeline and phase; None: leave as built
     by_batch: tuple[BatchSetting, ...] = ()  # mode and γ per live batch size; () = these
+    tree_siblings: int = 0  # speculative rounds: draft's next-best tokens verified as leaves
 
     def at(self, live: int) -> RoundSettings:
         """The settings of a round with `live` sequences (`partition.batch_policy`)."""
@@ -222,8 +224,9 @@ class VerificationScheduler:
         t_draft = 0.0
         if need and self._draft_alive():
             t0 = self.tracer.now()
+            siblings = self.s.tree_siblings if self.s.mode == "speculative" else 0
             fut = self.dp.submit(self.tracer, "draft.chain", self.draft.chain, need,
-                                 self.s.gamma, self.s.draft_stop)  # fmt: skip
+                                 self.s.gamma, self.s.draft_stop, siblings)  # fmt: skip
             with contextlib.suppress(DraftFailed):  # dropped: empty blocks, target-only
                 blocks.update(self._draft_result(fut))
             t_draft = self.tracer.now() - t0
@@ -264,19 +267,34 @@ class VerificationScheduler:
         return new
 
     def _plain_round(self, live, blocks, t_draft: float) -> dict[int, list[int]]:
-        """Speculative (or γ = 0) verification of every block in one target forward."""
+        """Speculative (or γ = 0) verification of every block in one target forward; a
+        greedy block with sibling leaves (`Draft.alts`) is verified as a token tree."""
         t1 = self.tracer.now()
-        rows = {s.index: [s.committed[-1], *blocks[s.index].tokens] for s in live}
-        logits = self.tp.submit(self.tracer, "target.verify", self.target.forward, rows).result()
+        trees = {s.index: TokenTree.with_siblings(blocks[s.index].tokens, blocks[s.index].alts,
+                                                  root=s.committed[-1])
+                 for s in live if blocks[s.index].alts and s.sampling.greedy}  # fmt: skip
+        rows = {s.index: trees[s.index].tokens if s.index in trees
+                else [s.committed[-1], *blocks[s.index].tokens] for s in live}  # fmt: skip
+        parents = {k: t.parents for k, t in trees.items()}
+        logits = self.tp.submit(self.tracer, "target.verify", self.target.forward, rows,
+                                parents).result()  # fmt: skip
         t2 = self.tracer.now()
         new = {}
         for seq in live:
-            block = blocks[seq.index]
-            v = self._verify(seq, block, logits[seq.index])
-            new[seq.index] = self._commit(seq, block, v)
+            block, tree = blocks[seq.index], trees.get(seq.index)
+            source = block.source
+            if tree is None:
+                v = self._verify(seq, block, logits[seq.index])
+                new[seq.index] = self._commit(seq, block, v)
+            else:
+                tv = verify_tree_greedy(tree, logits[seq.index])
+                self.target.prune(seq.index, len(seq.committed) - 1, tv.keep_rows)
+                new[seq.index], v = [*tv.tokens, tv.correction], tv.as_verdict()
+                if any(i > len(block.tokens) for i in tv.accepted):
+                    source = f"{source}-tree"  # the accepted path took a sibling leaf
             seq.rounds.append(RoundLog(
                 v.accepted, v.accepted + 1, None, t_suf=t2 - t1, t_draft=t_draft,
-                exposed=t_draft, source=block.source, drafted=len(block.tokens),
+                exposed=t_draft, source=source, drafted=len(block.tokens),
             ))  # fmt: skip
         return new
 

@@ -74,6 +74,20 @@ class TokenTree:
                 node = same[0] if same else tree.add(node, t)
         return tree
 
+    @classmethod
+    def with_siblings(cls, tokens: Sequence[int], alts: Sequence[Sequence[int]], *,
+                      root: int) -> TokenTree:  # fmt: skip
+        """A greedy draft chain (nodes 1..γ) plus, at each depth j, the draft's next-best
+        tokens `alts[j]` as leaves beside d_j (after the chain, so the chain's rows come
+        first). All deterministic: the greedy walk takes a leaf when the target's token is
+        one."""
+        tree = cls.chain(tokens, root=root)
+        for j, leaves in enumerate(alts):
+            for t in leaves:
+                if t != tokens[j]:
+                    tree.add(j, t)
+        return tree
+
     def add(self, parent: int, token: int, q: torch.Tensor | None = None) -> int:
         """Append `token` as the last child of node `parent`; returns its index.
 

@@ -1,0 +1,65 @@
+"""Token trees in the round loop: speculative rounds verify a greedy draft chain plus its
+next-best tokens as sibling leaves in one target forward (PackedCache tree rows, prune to the
+accepted path); output stays the target's greedy decoding, alone and in batches."""
+
+from __future__ import annotations
+
+import torch
+
+from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
+from mirror_sd.runtime.acceptance import Sampling
+from mirror_sd.runtime.autoregressive import extend, greedy_decode
+from mirror_sd.runtime.draft_engine import DraftEngine
+from mirror_sd.runtime.packing import PackedCache
+from mirror_sd.runtime.token_tree import TokenTree
+from tests.runtime.conftest import make_plan, tiny_model
+
+
+def test_packed_tree_rows_then_prune_read_as_the_accepted_chain(tmp_path):
+    """Two sequences in one forward, one a chain, one a tree; after pruning the tree to a
+    path, the next token's logits equal those of decoding that path as a plain chain."""
+    model = tiny_model(tmp_path, seed=0, num_hidden_layers=2)
+    cache = PackedCache(TorchRunner(model, TorchDevice(), 128))
+    a, b = [5, 6, 7], [9, 8, 7, 6]
+    cache.add("a"), cache.add("b")
+    cache.fill("a", a[:-1]), cache.fill("b", b[:-1])
+    tree = TokenTree.with_siblings([11, 12], [[13], [14, 15]], root=b[-1])
+    # nodes: 0 root, 1 d1=11, 2 d2=12, 3 leaf 13 (beside d1), 4 leaf 14, 5 leaf 15 (beside d2)
+    assert tree.parents == [-1, 0, 1, 0, 1, 1]
+    ids, pos, mask = cache.inputs({"a": [a[-1], 20], "b": tree.tokens}, {"b": tree.parents})
+    assert pos.tolist() == [[2, 3, 3, 4, 5, 4, 5, 5]]
+    cache.forward({"a": [a[-1], 20], "b": tree.tokens}, {"b": tree.parents})
+    cache.prune("b", len(b) - 1, [0, 1, 4])  # root, d1 = 11, leaf 14
+    assert cache.tokens["b"] == [9, 8, 7, 6, 11, 14]
+    nxt = cache.forward({"b": [30]})["b"][-1]
+    ref = extend(model, model.new_cache(64), b + [11, 14, 30])[-1]
+    torch.testing.assert_close(nxt, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_draft_lists_siblings_only_for_greedy_sequences(tmp_path):
+    draft = tiny_model(tmp_path, seed=1, num_hidden_layers=2)
+    engine = DraftEngine(TorchRunner(draft, TorchDevice(), 128, name="draft"))
+    engine.add("g", Sampling(), torch.Generator(), [1, 2, 3])
+    engine.add("s", Sampling(temperature=1.0), torch.Generator().manual_seed(0), [1, 2, 3])
+    out = engine.chain({"g": [1, 2, 3], "s": [1, 2, 3]}, 3, siblings=2)
+    assert out["s"].alts is None
+    alts = out["g"].alts
+    assert len(alts) == 3 and all(len(x) == 2 and out["g"].tokens[j] not in x
+                                  for j, x in enumerate(alts))  # fmt: skip
+
+
+def test_tree_rounds_are_lossless_and_take_siblings(tmp_path):
+    target = tiny_model(tmp_path, seed=0, num_hidden_layers=4)
+    draft = tiny_model(tmp_path, seed=1, num_hidden_layers=2)
+    prompts = [[3, 1, 4, 1, 5], [2, 7, 1, 8], [9, 9, 2], [4, 4, 4, 4], [1, 2]]
+    want = [greedy_decode(target, p, 32) for p in prompts]
+    plan = make_plan(target, draft, mode="speculative", num_draft_tokens=4, tree_siblings=4)
+    try:
+        batch = plan.generate(prompts, 32)
+        alone = [plan.generate(p, 32) for p in prompts]
+    finally:
+        plan.close()
+    assert [r.tokens for r in batch] == want
+    assert [r.tokens for r in alone] == want
+    sources = [g.source for r in alone for g in r.rounds]
+    assert any(s.endswith("-tree") for s in sources)  # some round accepted a sibling leaf
