@@ -8,7 +8,8 @@
     mirror       our plan, mode="mirror"
     (+ pld, sam, hd, mirror+sam: model-free draft sources; speculative+conf, mirror+conf,
      speculative+entropy, mirror+entropy: draft-length policies; speculative+streams,
-     mirror+streams: the draft's stream rows, on a plan compiled with them)
+     mirror+streams: the draft's stream rows, on a plan compiled with them; speculative+tree:
+     the draft's 2 next-best tokens per depth verified as sibling leaves)
     speculative+conf+sam  SAM-Decoding's hybrid: a suffix-automaton match long enough is the
                  block, else the draft model drafts until its confidence drops (at most
                  HYBRID_MAX_DRAFT tokens: with a confidence stop γ is only a ceiling)
@@ -66,9 +67,13 @@ HYBRID_METHODS = {
 # rows (`--set draft_streams=trained --set mode=speculative`); every other plan method runs
 # without them
 STREAM_METHODS = {f"{mode}+streams": {"mode": mode} for mode in ("speculative", "mirror")}
+# token trees: the draft's next-best tokens at each depth as sibling leaves (greedy)
+TREE_SIBLINGS = 2
+TREE_METHODS = {"speculative+tree": {"mode": "speculative", "tree_siblings": TREE_SIBLINGS}}
 PLAN_METHODS = {
     **{k: {"mode": v} for k, v in PLAN_MODES.items()},
     **STREAM_METHODS,
+    **TREE_METHODS,
     **RETRIEVAL_METHODS,
     **POLICY_METHODS,
     **HYBRID_METHODS,

@@ -29,3 +29,8 @@ def test_other_methods_turn_a_plans_streams_off():
     assert PlanMethod("speculative", with_rows, []).settings["draft_streams"] == "none"
     assert PlanMethod("speculative+conf+sam", with_rows, []).settings["draft_streams"] == "none"
     assert "draft_streams" not in PlanMethod("speculative", _plan("none"), []).settings
+
+
+def test_tree_method_asks_for_sibling_leaves():
+    method = PlanMethod("speculative+tree", _plan("none"), [])
+    assert method.settings == {"mode": "speculative", "tree_siblings": 2}
