@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-METHOD_MODES = {"ar": "autoregressive", "speculative": "speculative", "mirror": "mirror"}
-
 
 @dataclass(frozen=True)
 class BatchRow:
@@ -50,16 +48,19 @@ def run(
     """Run every (method, batch size) over `prompts` (token ids) on `plan`.
 
     Raises:
-        ValueError: a method other than those in METHOD_MODES.
+        ValueError: a method that is not a plan method (`methods.PLAN_METHODS`: modes, retrieval
+            sources, draft-length policies, the SAM hybrid, ...).
     """
-    unknown = [m for m in methods if m not in METHOD_MODES]
+    from mirror_sd.bench.methods import PLAN_METHODS
+
+    unknown = [m for m in methods if m not in PLAN_METHODS]
     if unknown:
-        raise ValueError(f"batch bench methods {unknown}: expected {', '.join(METHOD_MODES)}")
-    kw = {"eos_token_id": list(eos)}
-    single = {
-        m: [plan.generate(p, max_new_tokens, mode=METHOD_MODES[m], **kw) for p in prompts]
-        for m in dict.fromkeys(["ar", *methods])
+        raise ValueError(f"batch bench methods {unknown}: expected plan methods "
+                         f"({', '.join(PLAN_METHODS)})")  # fmt: skip
+    kw = {
+        m: {"eos_token_id": list(eos), **PLAN_METHODS[m]} for m in dict.fromkeys(["ar", *methods])
     }
+    single = {m: [plan.generate(p, max_new_tokens, **kw[m]) for p in prompts] for m in kw}
     rows = []
     for method in methods:
         for b in sizes:
@@ -70,7 +71,7 @@ def run(
                 results, walls, realign = [], [], 0.0
                 for k in range(0, len(prompts), b):
                     group = plan.generate(list(prompts[k : k + b]), max_new_tokens,
-                                          mode=METHOD_MODES[method], **kw)  # fmt: skip
+                                          **kw[method])  # fmt: skip
                     results += group
                     walls.append(group[0].batch.wall_s)
                     realign += group[0].batch.realign_s

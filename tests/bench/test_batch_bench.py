@@ -31,6 +31,19 @@ def test_rows_per_method_and_size_with_identical_counts(tmp_path):
     assert "| speculative | 4 |" in table and "4/4 | 4/4 |" in table
 
 
+def test_every_plan_method_runs_in_batches(tmp_path):
+    """Retrieval sources, the SAM hybrid and sibling trees in batches: each sequence's tokens
+    are its batch-1 run's and the target's."""
+    target = tiny_model(tmp_path, "qwen2", seed=0, num_hidden_layers=4)
+    draft = tiny_model(tmp_path, "qwen2", seed=1, num_hidden_layers=2)
+    prompts = [[5, 3, 9, 5, 3], [1, 2, 1, 2, 1], [7, 7, 2, 8, 4]]
+    methods = ["speculative+conf+sam", "pld", "speculative+tree"]
+    with make_plan(target, draft, mode="speculative", num_draft_tokens=3) as plan:
+        rows = batch_bench.run(plan, prompts, [1, 3], 12, methods=methods)
+    assert [(r.method, r.batch) for r in rows] == [(m, b) for m in methods for b in (1, 3)]
+    assert all(r.identical_to_batch1 == r.identical_to_ar == 3 for r in rows)
+
+
 def test_bad_sizes_and_methods_are_named():
     assert batch_bench.parse_sizes("1, 2,4") == [1, 2, 4]
     for bad in ("", "0,2", "a"):
