@@ -9,7 +9,7 @@ llama.cpp peers llama-ar, llama-sd, llama-pld with the `llamacpp` extra).
     mirror-sd bench --from-results DIR/results.json --simulate PROFILE.json [--out DIR]
     mirror-sd bench --from-results DIR/results.json        # re-render results.md / speedup.png
     mirror-sd bench --ablation RUN1=int8 --ablation RUN2=int4 --out DIR   # one table over runs
-    mirror-sd bench --target T --draft D --batch 1,2,4 [--methods ar,speculative,mirror]
+    mirror-sd bench --target T --draft D --batch 1,2,4 [--methods ar,speculative,...]
 
 Imports stay light here: torch and transformers load only when a command runs.
 """
@@ -247,8 +247,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sim-exit-layer", type=int, default=None,
                    help="ℓe on the simulated target (default: same depth fraction)")  # fmt: skip
     p.add_argument("--batch", default=None, metavar="SIZES",
-                   help="batch sizes, e.g. 1,2,4: batched ar / speculative / mirror (--methods "
-                        "picks among them) into OUT/batch.md and batch.json")  # fmt: skip
+                   help="batch sizes, e.g. 1,2,4: batched plan methods (default ar, "
+                        "speculative, mirror; --methods takes any plan method, e.g. "
+                        "speculative+conf+sam) into OUT/batch.md and batch.json")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true",
                    help="continue a run that stopped: keep the questions OUT/records.jsonl "
