@@ -181,7 +181,7 @@ class _Data:
             return F.linear(model.norm(self.col.hidden[self.n][c : c + 1].float()), model.head)
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
+def lr_schedule(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak learning rate."""
     if step < warmup:
         return (step + 1) / warmup
@@ -198,7 +198,7 @@ class _Trainer:
         self.opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
         warm = max(1, s.steps // 20)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda i: _schedule(i, s.steps, warm)
+            self.opt, lambda i: lr_schedule(i, s.steps, warm)
         )
         g = torch.Generator().manual_seed(s.seed)
         epochs = -(-s.steps // len(data.train))
@@ -308,7 +308,8 @@ def _key(target_id: dict[str, Any], corpus: Corpus, s: AdapterSettings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _say(progress: bool, msg: str) -> None:
+def say(progress: bool, msg: str) -> None:
+    """Print a training status line on stdout when progress is shown."""
     if progress:
         print(msg, flush=True)
 
@@ -351,7 +352,7 @@ def train_adapter(
         zoo.cache_dir(cache) / "adapters" / f"{folder.name}-k{k}-{_key(target_id, corpus, s)}"
     )  # fmt: skip
     if out is None and (dest / ADAPTER_FILE).is_file():
-        _say(progress, f"cached self-draft: {dest}")
+        say(progress, f"cached self-draft: {dest}")
         return dest
     start = time.perf_counter()
     raw = load_state_dict(folder)
@@ -384,7 +385,7 @@ def train_adapter(
     }
     del model, col
     path = write_draft_folder(folder, raw, k, trainer.model.adapter, dest, provenance)
-    _say(progress, _summary(provenance, path))
+    say(progress, _summary(provenance, path))
     return path
 
 
@@ -395,7 +396,7 @@ def _final_report(
     (what the draft proposes at run time), and, over the candidate set only (a full-head
     pass costs ~240 GFLOP per 512-token chunk of the 1.5B), on the held-out and training
     chunks (as many, evenly spread): their gap shows over-fitting."""
-    _say(progress, f"evaluating on {len(data.held)} held-out chunks (full vocabulary)")
+    say(progress, f"evaluating on {len(data.held)} held-out chunks (full vocabulary)")
     held = evaluate(model, data, data.held, target.lm_head.weight.detach().float())
     held_c = evaluate(model, data, data.held)
     step = max(1, len(data.train) // len(data.held))

@@ -29,7 +29,7 @@ from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.graphs.model import CausalLM
 from mirror_sd.graphs.streams import STREAMS_FILE, STREAMS_META, StreamTable, with_streams
 from mirror_sd.progress import bar as progress_bar
-from mirror_sd.training.adapter import _say, _schedule, candidate_set, holdout_split
+from mirror_sd.training.adapter import candidate_set, holdout_split, lr_schedule, say
 from mirror_sd.training.collect import Collected, collect_cached
 from mirror_sd.training.corpus import Corpus, build_corpus
 
@@ -116,7 +116,7 @@ def train_streams(
     name = f"{t_folder.name}-k{k}-{key}"
     dest = Path(out) if out is not None else streams_dir(cache, d_folder) / name
     if _read_json(dest / STREAMS_META).get("key") == key and (dest / STREAMS_FILE).is_file():
-        _say(progress, f"cached stream rows: {dest}")
+        say(progress, f"cached stream rows: {dest}")
         return dest
     start = time.perf_counter()
     col = collect_cached(_Lazy(t_folder), json.dumps(t_id), corpus, [],
@@ -124,7 +124,7 @@ def train_streams(
     run = _Run(load_model(d_folder, "float32").requires_grad_(False), col, s)
     state = torch.load(dest / PARTIAL, weights_only=True) if (dest / PARTIAL).is_file() else {}
     if state.get("key") == key:
-        _say(progress, f"resuming {dest / PARTIAL} at step {state['step']} of {steps}")
+        say(progress, f"resuming {dest / PARTIAL} at step {state['step']} of {steps}")
     else:  # none, or another run's
         state = {"key": key, "step": 0, "before": run.evaluate(), "seconds": 0.0}
     run.fit(state, dest / PARTIAL, start, progress)
@@ -223,7 +223,7 @@ class _Run:
         steps = range(state["step"], s["steps"])
         for i in progress_bar(steps, desc="stream rows", unit="step", show=progress):
             for group in opt.param_groups:
-                group["lr"] = s["lr"] * _schedule(i, s["steps"], max(1, s["steps"] // 20))
+                group["lr"] = s["lr"] * lr_schedule(i, s["steps"], max(1, s["steps"] // 20))
             cache, _ = self.context(self.order[i])
             ce, n = self.loss(self.order[i], self.positions(i), cache)
             (ce / max(1, n)).backward()

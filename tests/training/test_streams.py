@@ -113,18 +113,18 @@ class _Interrupted(Exception):
 def test_an_interrupted_run_resumes_to_the_same_table(pair, tmp_path, monkeypatch):
     kw = dict(steps=12, lr=3e-2, corpus=_corpus(8, 24), cache=tmp_path, checkpoint_every=5, **FAST)
     whole = StreamTable.load(train_streams(*pair, 2, out=tmp_path / "whole", **kw))
-    schedule = streams._schedule
+    schedule = streams.lr_schedule
 
     def interrupted(step, total, warm):
         if step == 7:
             raise _Interrupted
         return schedule(step, total, warm)
 
-    monkeypatch.setattr(streams, "_schedule", interrupted)
+    monkeypatch.setattr(streams, "lr_schedule", interrupted)
     with pytest.raises(_Interrupted):
         train_streams(*pair, 2, out=tmp_path / "resumed", **kw)
     assert torch.load(tmp_path / "resumed" / PARTIAL, weights_only=True)["step"] == 5
-    monkeypatch.setattr(streams, "_schedule", schedule)
+    monkeypatch.setattr(streams, "lr_schedule", schedule)
     fit, starts = streams._Run.fit, []
     monkeypatch.setattr(streams._Run, "fit", lambda self, state, *a: (
         starts.append(state["step"]), fit(self, state, *a)))  # fmt: skip
