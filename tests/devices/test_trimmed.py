@@ -18,7 +18,14 @@ from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.runtime.autoregressive import extend, greedy_decode
 from mirror_sd.runtime.draft_engine import DraftEngine
 from tests.conftest import make_tiny, save_tiny
-from tests.runtime.conftest import CHI2_99_9, chi2, make_plan, target_dists, tiny_model
+from tests.runtime.conftest import (
+    CHI2_99_9,
+    chi2,
+    make_plan,
+    sample_counts,
+    target_dists,
+    tiny_model,
+)
 
 V = 97
 
@@ -164,16 +171,7 @@ def test_sampling_stays_lossless_with_a_trimmed_draft(tmp_path):
     prompt = [1, 2, 3]
 
     joint, third = target_dists(target, prompt, v)
-    n = 1000
-    pairs = torch.zeros(v, v, dtype=torch.double)
-    thirds = torch.zeros(v, dtype=torch.double)
-    try:
-        for seed in range(n):
-            a, b, c = plan.generate(prompt, 3, seed=seed).tokens
-            pairs[a, b] += 1
-            thirds[c] += 1
-    finally:
-        plan.close()
+    pairs, thirds = sample_counts(plan, prompt, v)
     assert thirds[[1, 3, 4]].sum() > 0  # tokens the draft cannot propose still come out
 
     assert chi2(pairs.flatten(), joint.flatten()) < CHI2_99_9[35]

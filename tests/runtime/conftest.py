@@ -80,3 +80,18 @@ def target_dists(model, prompt, v: int):
         joint[a, b] = p1[a] * p_next(prompt + [a])[b]
         third += joint[a, b] * p_next(prompt + [a, b])
     return joint, third
+
+
+def sample_counts(plan, prompt, v: int, n: int = 1000):
+    """Counts of (t1, t2) pairs (v, v) and of t3 (v,) over n seeded 3-token generations of
+    `plan` (closed after): what the sampling tests compare with `target_dists`."""
+    pairs = torch.zeros(v, v, dtype=torch.double)
+    thirds = torch.zeros(v, dtype=torch.double)
+    try:
+        for seed in range(n):
+            a, b, c = plan.generate(prompt, 3, seed=seed).tokens
+            pairs[a, b] += 1
+            thirds[c] += 1
+    finally:
+        plan.close()
+    return pairs, thirds

@@ -16,7 +16,14 @@ from mirror_sd.graphs.streams import StreamTable, add_streams_onnx, with_streams
 from mirror_sd.runtime.acceptance import Sampling
 from mirror_sd.runtime.autoregressive import greedy_decode
 from mirror_sd.runtime.draft_engine import DraftEngine
-from tests.runtime.conftest import CHI2_99_9, chi2, make_plan, target_dists, tiny_model
+from tests.runtime.conftest import (
+    CHI2_99_9,
+    chi2,
+    make_plan,
+    sample_counts,
+    target_dists,
+    tiny_model,
+)
 
 V = 97
 
@@ -206,16 +213,7 @@ def test_sampling_stays_lossless_with_streams(tmp_path):
                         temperature=1.0)  # fmt: skip
     prompt = [1, 2, 3]
     joint, third = target_dists(target, prompt, v)
-    n = 1000
-    pairs = torch.zeros(v, v, dtype=torch.double)
-    thirds = torch.zeros(v, dtype=torch.double)
-    try:
-        for seed in range(n):
-            a, b, c = plan.generate(prompt, 3, seed=seed).tokens
-            pairs[a, b] += 1
-            thirds[c] += 1
-    finally:
-        plan.close()
+    pairs, thirds = sample_counts(plan, prompt, v)
     assert chi2(pairs.flatten(), joint.flatten()) < CHI2_99_9[35]
     assert chi2(thirds, third) < CHI2_99_9[5]
 
