@@ -244,6 +244,13 @@ class VerificationScheduler:
             self._taken += v.accepted
         return v
 
+    def _observe(self, seq: SeqState, rows: list[int], logits: torch.Tensor) -> None:
+        """Hand the verified block and the target's logits to the sequence's retrieval
+        source (Token Recycling learns its successors from them)."""
+        gate = self._gates.get(seq.index)
+        if gate is not None:
+            gate.observe(rows, logits)
+
     def _commit(self, seq: SeqState, block: Draft, v: Verdict) -> list[int]:
         """The target keeps x_n, d_1..d_a; the round adds d_1..d_a and the correction."""
         self.target.truncate(seq.index, len(seq.committed) + v.accepted)
@@ -283,6 +290,7 @@ class VerificationScheduler:
         for seq in live:
             block, tree = blocks[seq.index], trees.get(seq.index)
             source = block.source
+            self._observe(seq, rows[seq.index], logits[seq.index])
             if tree is None:
                 v = self._verify(seq, block, logits[seq.index])
                 new[seq.index] = self._commit(seq, block, v)
@@ -332,6 +340,7 @@ class VerificationScheduler:
         verdicts, new = {}, {}
         for seq in live:
             block = blocks[seq.index]
+            self._observe(seq, rows[seq.index], logits[seq.index])
             v = verdicts[seq.index] = self._verify(seq, block, logits[seq.index])
             new[seq.index] = self._commit(seq, block, v)
             rank = next((i for i, b in enumerate(ranked[seq.index])

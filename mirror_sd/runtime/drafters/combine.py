@@ -57,6 +57,13 @@ class Combined:
         if self.fallback is not None:
             self.fallback.extend(tokens)
 
+    def observe(self, rows: Sequence[int], logits) -> None:
+        """A verification block and the target's logits after each row, for sources that
+        learn from them (Token Recycling); others ignore it."""
+        for source in (self.retrieval, self.fallback):
+            if hasattr(source, "observe"):
+                source.observe(rows, logits)
+
     def propose(self, max_tokens: int) -> Proposal:
         """The retrieval proposal when it qualifies, else the fallback's proposal."""
         check_max_tokens(max_tokens)
