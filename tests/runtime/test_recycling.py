@@ -3,10 +3,11 @@ proposes, and plans drafting from it alone that stay the target's greedy decodin
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mirror_sd.runtime.autoregressive import greedy_decode
-from mirror_sd.runtime.drafters.recycling import TokenRecycling
+from mirror_sd.runtime.drafters.recycling import JacobiGuesses, TokenRecycling
 from tests.runtime.conftest import make_plan, tiny_model
 
 
@@ -43,13 +44,28 @@ def test_forks_share_the_table():
     assert b.propose(1).tokens == (6,) and plan_source.table is a.table is b.table
 
 
-def test_plans_drafting_from_recycled_successors_are_the_target(tmp_path):
+def test_jacobi_guesses_are_the_targets_predictions_past_the_rejection():
+    src = JacobiGuesses(k=2)
+    src.reset([4, 1])
+    # block [1, 2, 9, 7]: the target agrees with 2, then says 3 (rejecting 9); its argmaxes
+    # at the rows of the rejected tokens are 6 and 7: guesses for the tokens after the 3
+    src.observe([1, 2, 9, 7], _logits([2, 3, 6, 7]))
+    src.extend([2, 3])  # the commit the greedy verdict predicts
+    assert src.propose(2).tokens == (6, 7)
+    assert src.propose(4).tokens == (6, 7, 7, 7)  # then the walk: 7's successor is 7
+    src.observe([3, 6, 7], _logits([5, 5, 5]))
+    src.extend([5])  # another commit (sampled): the guesses are dropped
+    assert src.propose(2).tokens == (5, 5)  # only the walk from 5 remains
+
+
+@pytest.mark.parametrize("source", ["recycle", "jacobi"])
+def test_plans_drafting_from_recycled_successors_are_the_target(tmp_path, source):
     """Retrieval only (no draft model), alone and in a batch: the table fills from the
     target's own verifications and its proposals are accepted, output unchanged."""
     target = tiny_model(tmp_path, seed=0, num_hidden_layers=4)
     prompts = [[3, 1, 4, 1, 5], [2, 7, 1, 8]]
     want = [greedy_decode(target, p, 40) for p in prompts]
-    plan = make_plan(target, None, mode="speculative", retrieval="recycle", retrieval_min_match=1,
+    plan = make_plan(target, None, mode="speculative", retrieval=source, retrieval_min_match=1,
                      num_draft_tokens=4)  # fmt: skip
     try:
         alone = [plan.generate(p, 40) for p in prompts]
@@ -58,5 +74,5 @@ def test_plans_drafting_from_recycled_successors_are_the_target(tmp_path):
         plan.close()
     assert [r.tokens for r in alone] == want and [r.tokens for r in batch] == want
     rounds = [g for r in alone for g in r.rounds]
-    assert any(g.source == "recycle" and g.accepted > 0 for g in rounds)
+    assert any(g.source == source and g.accepted > 0 for g in rounds)
     assert len(rounds) < sum(len(w) for w in want)  # fewer rounds than tokens

@@ -56,7 +56,10 @@ class TokenRecycling:
         """The walk along first successors from the last committed token (at most
         `max_tokens`; shorter where a token has no entry yet)."""
         check_max_tokens(max_tokens)
-        tokens, tok = [], self._last
+        return self._walk([], self._last, max_tokens)
+
+    def _walk(self, tokens: list[int], tok: int | None, max_tokens: int) -> Proposal:
+        """`tokens` extended along first successors from `tok`, up to `max_tokens`."""
         while len(tokens) < max_tokens and tok is not None and tok in self.table:
             tok = self.table[tok][0]
             tokens.append(tok)
@@ -68,3 +71,50 @@ class TokenRecycling:
 @register("recycle", "Token Recycling: successors from the target's own verification logits")
 def _recycle(settings: SourceSettings) -> TokenRecycling:
     return TokenRecycling()
+
+
+class JacobiGuesses(TokenRecycling):
+    """Jacobi iterates, retrieval-augmented (the training-free part of TR-Jacobi, MSN's
+    decoding): after a verification that rejected d_{a+1}, the target's argmaxes at the
+    block rows past the correction were computed from the draft's (wrong) tokens, which is
+    one Jacobi iteration for the positions after the correction; they are the next block's
+    guesses, extended by the recycled-successor walk from the last guess (the shared table
+    of `TokenRecycling`). Guesses are kept only if the sequence commits exactly what the
+    greedy verdict predicted (a sampled commit drops them)."""
+
+    def __init__(self, k: int = SUCCESSORS, name: str = "jacobi") -> None:
+        super().__init__(k, name)
+        self._guess: list[int] = []
+        self._after: list[int] = []  # the commit the guesses assume
+
+    def reset(self, context: Sequence[int]) -> None:
+        super().reset(context)
+        self._guess, self._after = [], []
+
+    def observe(self, rows: Sequence[int], logits: torch.Tensor) -> None:
+        super().observe(rows, logits)
+        best = logits.argmax(-1).tolist()
+        a = 0
+        while a + 1 < len(rows) and rows[a + 1] == best[a]:
+            a += 1
+        self._after = [*rows[1 : a + 1], best[a]]
+        self._guess = best[a + 1 : len(rows)]
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        if list(tokens) != self._after:
+            self._guess = []
+        self._after = []
+        super().extend(tokens)
+
+    def propose(self, max_tokens: int) -> Proposal:
+        """The Jacobi guesses, then first successors from the last one, at most
+        `max_tokens`."""
+        check_max_tokens(max_tokens)
+        tokens = list(self._guess[:max_tokens])
+        return self._walk(tokens, tokens[-1] if tokens else self._last, max_tokens)
+
+
+@register("jacobi", "Jacobi iterates from the target's own verification, extended by recycled "
+          "successors (TR-Jacobi without training)")  # fmt: skip
+def _jacobi(settings: SourceSettings) -> JacobiGuesses:
+    return JacobiGuesses()
