@@ -34,3 +34,13 @@ def test_other_methods_turn_a_plans_streams_off():
 def test_tree_method_asks_for_sibling_leaves():
     method = PlanMethod("speculative+tree", _plan("none"), [])
     assert method.settings == {"mode": "speculative", "tree_siblings": 2}
+
+
+def test_a_peer_with_its_own_conversion_is_another_model_not_a_failure():
+    from mirror_sd.bench.runner import _verdict
+
+    m = {"near_tie": False, "margin": 0.5}
+    dtypes = ("onnxruntime int4", "transformers float32")
+    assert "another model" in _verdict({"method": "ov-ar"}, "ar", m, dtypes)
+    assert "another model" in _verdict({"method": "llama-sd"}, "ar", m, dtypes)
+    assert "investigate" in _verdict({"method": "speculative"}, "ar", m, dtypes)
