@@ -47,7 +47,7 @@ from mirror_sd.partition import (
     place,
 )
 from mirror_sd.partition.batch_policy import batch_rows, choose_per_batch
-from mirror_sd.partition.block_bounds import check_block_bounds
+from mirror_sd.partition.block_bounds import check_block_bounds, tree_rounding
 from mirror_sd.partition.placement import Placement
 from mirror_sd.partition.stages import model_aliases
 from mirror_sd.partition.threads import ThreadBudget
@@ -228,6 +228,8 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
     budget = ThreadBudget.for_devices(
         t_spec, d_spec, spec.overlap, spec.overlap_target_cores or None
     )
+    if spec.tree_siblings and tree_rounding(t_spec):
+        raise DeviceMapError("speculation.tree_siblings", tree_rounding(t_spec), dm.source)
     for role, device in (("target", t_spec), ("draft", d_spec)):  # a missing execution
         if device is not None:  # provider fails here, before any export
             backend_for(device).check(device, budget, role)
@@ -404,6 +406,7 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         exit_head=exit_head,
         batch_policy=report.batch_policy,
         draft_streams=b.d_streams.ids() if streams_used else (),
+        trees=tree_rounding(r.t_spec),
     )
 
 

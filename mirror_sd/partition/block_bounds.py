@@ -48,3 +48,19 @@ def check_block_bounds(spec, source: str = "<dict>", vocab_size: int | None = No
                 "speculation.exit_top_k", f"κ = {spec.exit_top_k} exit candidates per position, "
                 f"but the exit head scores {heads} tokens; use at most {heads}", source,
             )  # fmt: skip
+
+
+def tree_rounding(t_spec) -> str | None:
+    """Why token trees cannot stay lossless on this target, or None when they can.
+
+    A tree's later branches see keys that are not one contiguous prefix, so their attention
+    sums round differently from decoding the path alone (docs/runtime.md, *Row invariance*).
+    An fp32 target turns that into last-bit noise (a flip only at a near-tie); a quantized
+    target (int8 activations) or bf16/fp16 arithmetic turns it into other tokens."""
+    quant = getattr(t_spec, "quantize", "none") or "none"
+    dtype = getattr(t_spec, "dtype", "float32")
+    if quant != "none" or dtype != "float32":
+        return (f"the target runs {quant if quant != 'none' else dtype}: a tree's branches round "
+                "differently from one-row decoding and that changes tokens; tree_siblings needs "
+                "an fp32 target (quantize: none, dtype: float32)")  # fmt: skip
+    return None

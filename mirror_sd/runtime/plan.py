@@ -59,6 +59,7 @@ class Plan:
         exit_head=None,
         batch_policy: tuple[BatchSetting, ...] = (),
         draft_streams: Sequence[int] = (),
+        trees: str | None = None,
     ):
         self.target, self.draft = target, draft
         self.target_device, self.draft_device = target_device, draft_device
@@ -71,6 +72,7 @@ class Plan:
         self.batch_policy = batch_policy  # mode and γ per live batch size (partition.batch_policy)
         self.device_specs = device_specs  # (target's, draft's) map entries: the thread budget
         self.draft_streams = list(draft_streams)  # input ids of the draft's stream rows
+        self.no_trees = trees  # why token trees would not stay lossless here (None: they do)
         self.target_pipe = Pipeline(target_device.alias, "verification")
         self.draft_pipe = Pipeline(draft_device.alias, "draft streaming") if draft_device else None
         self._busy = threading.Lock()
@@ -273,6 +275,8 @@ class Plan:
                 "compile(); compile with speculation.draft_streams to run them (a call can "
                 "only turn them off, with 'none')"
             )
+        if spec.tree_siblings and self.no_trees:
+            raise ValueError(f"tree_siblings: {self.no_trees}")
         has_draft = (self.draft is not None and spec.model_draft) or spec.retrieval != "none"
         mode = spec.mode if has_draft else "autoregressive"
         if not isinstance(spec.branch_budget, int):

@@ -4,6 +4,7 @@ accepted path); output stays the target's greedy decoding, alone and in batches.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
@@ -63,3 +64,21 @@ def test_tree_rounds_are_lossless_and_take_siblings(tmp_path):
     assert [r.tokens for r in alone] == want
     sources = [g.source for r in alone for g in r.rounds]
     assert any(s.endswith("-tree") for s in sources)  # some round accepted a sibling leaf
+
+
+def test_trees_are_refused_where_their_rounding_changes_tokens(tmp_path):
+    from mirror_sd.partition.block_bounds import tree_rounding
+    from mirror_sd.partition.device_map import OrtSpec, TorchSpec
+
+    assert tree_rounding(OrtSpec("a")) is None and tree_rounding(TorchSpec("b")) is None
+    assert "int4" in tree_rounding(OrtSpec("a", quantize="int4"))
+    assert "bfloat16" in tree_rounding(TorchSpec("b", dtype="bfloat16"))
+    target = tiny_model(tmp_path, seed=0, num_hidden_layers=2)
+    plan = make_plan(target, tiny_model(tmp_path, seed=1, num_hidden_layers=1), mode="speculative")
+    plan.no_trees = tree_rounding(OrtSpec("a", quantize="int4"))  # as compile() sets it
+    try:
+        with pytest.raises(ValueError, match="tree_siblings: the target runs int4"):
+            plan.generate([1, 2, 3], 4, tree_siblings=2)
+        assert len(plan.generate([1, 2, 3], 4).tokens) == 4  # chains still run
+    finally:
+        plan.close()
