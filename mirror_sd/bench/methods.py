@@ -79,8 +79,10 @@ PLAN_METHODS = {
     **HYBRID_METHODS,
 }
 ALL_METHODS = HF_METHODS + tuple(PLAN_MODES)  # the default set
-KNOWN_METHODS = HF_METHODS + tuple(PLAN_METHODS)  # everything the base install runs
-SELECTABLE_METHODS = KNOWN_METHODS + PEER_METHODS  # + the peers ('peers', 'llamacpp' extras)
+# everything the base install runs on any plan (the stream methods need a plan compiled with
+# stream rows)
+KNOWN_METHODS = HF_METHODS + tuple(m for m in PLAN_METHODS if m not in STREAM_METHODS)
+SELECTABLE_METHODS = KNOWN_METHODS + tuple(STREAM_METHODS) + PEER_METHODS  # + peers' extras
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as Spec-Bench's PLD baseline
 NEAR_TIE = 1e-3  # a top-2 logit margin below this explains a mismatch by rounding
 
