@@ -153,9 +153,8 @@ class DraftEngine:
             self.cache.fill(sid, missing[:-1])
             feed[sid] = missing[-1:]
         if self.streams:
-            drafts = self._chain_streamed({s: f[0] for s, f in feed.items()}, gamma, policy,
-                                          siblings)  # fmt: skip
-            return drafts
+            return self._chain_streamed({s: f[0] for s, f in feed.items()}, gamma, policy,
+                                        siblings)  # fmt: skip
         alts: dict[Hashable, list[list[int]]] = {sid: [] for sid in committed}
         tokens: dict[Hashable, list[int]] = {sid: [] for sid in committed}
         qs: dict[Hashable, list[torch.Tensor]] = {sid: [] for sid in committed}

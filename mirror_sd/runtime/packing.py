@@ -204,8 +204,8 @@ class PackedCache:
             raise ValueError(
                 f"prune {sid!r}: rows {list(keep)} are not increasing rows of its block"
             )
-        block = cols[start:]
-        self.owner[[c for i, c in enumerate(block) if i not in set(keep)]] = HOLE
+        block, kept = cols[start:], set(keep)
+        self.owner[[c for i, c in enumerate(block) if i not in kept]] = HOLE
         cols[start:] = [block[i] for i in keep]
         toks[start:] = [toks[start + i] for i in keep]
         self._shrink()
