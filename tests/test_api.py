@@ -153,10 +153,17 @@ def test_quantized_target_is_lossless_against_its_own_decoding(folders, quant):
         assert p.target.quantize == quant
         assert f"{quant} weights" in p.target_device.label
         assert f"reference: the {quant}-weight target" in api.describe(p)
-        for prompt in ("w7 w8 w9", "w3 w1 w4 w1 w5"):
+        prompts, refs = ("w7 w8 w9", "w3 w1 w4 w1 w5"), []
+        for prompt in prompts:
             ref = p.generate(prompt, 16, mode="autoregressive").tokens
             for mode in ("speculative", "mirror"):
                 assert p.generate(prompt, 16, mode=mode).tokens == ref, (quant, mode)
+            tree = p.generate(prompt, 16, mode="speculative", tree_siblings=2).tokens
+            assert tree == ref, (quant, "tree")  # regrouped paths: exact on quantized targets
+            refs.append(ref)
+        for mode in ("autoregressive", "speculative", "mirror"):  # packed batches: exact too
+            batch = p.generate(list(prompts), 16, mode=mode)
+            assert [r.tokens for r in batch] == refs, (quant, mode, "batch")
 
 
 def test_quantize_auto_keeps_a_4_bit_checkpoint_4_bit_where_the_cpu_has_int8_kernels(
@@ -203,10 +210,17 @@ def test_a_weight_only_torch_target_is_lossless_against_its_own_decoding(folders
     with api.compile(target, draft, text, onnx_dir=root / "onnx", max_len=256) as p:
         assert f"{quant} weights" in p.target_device.label
         assert f"reference: the {quant}-weight target" in api.describe(p)
-        for prompt in ("w7 w8 w9", "w3 w1 w4 w1 w5"):
+        prompts, refs = ("w7 w8 w9", "w3 w1 w4 w1 w5"), []
+        for prompt in prompts:
             ref = p.generate(prompt, 16, mode="autoregressive").tokens
             for mode in ("speculative", "mirror"):
                 assert p.generate(prompt, 16, mode=mode).tokens == ref, (quant, mode)
+            tree = p.generate(prompt, 16, mode="speculative", tree_siblings=2).tokens
+            assert tree == ref, (quant, "tree")  # regrouped paths: exact on quantized targets
+            refs.append(ref)
+        for mode in ("autoregressive", "speculative", "mirror"):  # packed batches: exact too
+            batch = p.generate(list(prompts), 16, mode=mode)
+            assert [r.tokens for r in batch] == refs, (quant, mode, "batch")
 
 
 SHIPPED_MAPS = [

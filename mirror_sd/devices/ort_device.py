@@ -23,6 +23,7 @@ from mirror_sd.devices.ort_placement import (
     placement_summary,
     records_assignment_api,
 )
+from mirror_sd.graphs.export import graph_feeds
 
 
 class OrtRunner(RowCache):
@@ -77,7 +78,8 @@ class OrtRunner(RowCache):
         binding = session.io_binding()
         binding.bind_cpu_input("input_ids", host(ids, np.int64))
         binding.bind_cpu_input("position_ids", host(position_ids, np.int64))
-        binding.bind_cpu_input("mask", host(mask, np.bool_))
+        for name, value in graph_feeds(mask).items():  # grouped rows (export.graph_feeds)
+            binding.bind_cpu_input(name, value)
         bind_kv(binding, self.kv, range(self.n_layers), n, t)
         logits = np.empty((1, t, self.vocab_size), self.dtype)  # (1, T, V)
         binding.bind_output("logits", "cpu", 0, self.dtype, logits.shape, logits.ctypes.data)

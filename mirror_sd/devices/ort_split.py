@@ -53,6 +53,7 @@ from mirror_sd.graphs.export import (
     cache_key,
     cached_entry,
     export_module,
+    graph_feeds,
     quantize_weights,
 )
 from mirror_sd.graphs.layered import layers_entry, range_cached, range_entry
@@ -334,7 +335,8 @@ class OrtSplitRunner(RowCache):
         """Bind positions, mask and the layers' K/V in place; run; return hidden (1, T, D)."""
         t = mask.shape[1]
         binding.bind_cpu_input("position_ids", host(position_ids, np.int64))
-        binding.bind_cpu_input("mask", host(mask, np.bool_))
+        for name, value in graph_feeds(mask).items():  # grouped rows (export.graph_feeds)
+            binding.bind_cpu_input(name, value)
         bind_kv(binding, self.kv, layers, self.length, t)
         out = np.empty((1, t, self.hidden_size), self.dtype)  # (1, T, D)
         binding.bind_output("hidden_out", "cpu", 0, self.dtype, out.shape, out.ctypes.data)

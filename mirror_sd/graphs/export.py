@@ -6,12 +6,17 @@ agree to float rounding. Its interface, for layers [first, last):
 
     inputs   input_ids (1, T) int64          if with_embed, else  hidden (1, T, D)
              position_ids (1, T) int64
-             mask (1, T, S + T) bool          True = attend (causal or tree mask)
+             mask (G, R, L) bool              True = attend, per group of rows (below)
+             key_index (G, L), row_index (G, R), row_slot (T,) int64
              past_k_{i}, past_v_{i} (1, S, nkv, hd) for each layer i
     outputs  logits (1, T, V)                 if with_head, else  hidden_out (1, T, D)
              new_k_{i}, new_v_{i} (1, T, nkv, hd) for each layer i
 
-T >= 1 and S >= 0 are dynamic (S = 0 is a prefill). Exporter: torch's `torch.export`-based
+T >= 1 and S >= 0 are dynamic (S = 0 is a prefill). The block's mask over its S + T keys
+comes regrouped (`masks.group_rows`, `graph_feeds`): rows whose visible keys are one prefix
+of a common key list form a group, so a packed batch's sequence or a tree's path attends over
+its own keys as a contiguous prefix, bit for bit as it would alone (docs/runtime.md, *Row
+invariance*); one lone sequence is one group over all S + T keys. Exporter: torch's `torch.export`-based
 one (`dynamo=True`, the supported exporter since torch 2.9): it handles S = 0, GQA's
 repeat_interleave, Qwen2 biases and Qwen3 qk-norm, writes a graph half the size of the
 TorchScript exporter's, and saves large models with one external-data file.
@@ -31,18 +36,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
 
 from mirror_sd import progress
-from mirror_sd.graphs.masks import causal_mask
+from mirror_sd.graphs.masks import Grouped, causal_mask, group_rows
 from mirror_sd.graphs.model import CausalLM
 
 DEFAULT_OPSET = 18  # widest EP support (OpenVINO, QNN, CoreML, DirectML) with the new exporter
-EXPORT_FORMAT_VERSION = (
-    3  # bump when the exported interface or wrapper changes (3: row-invariant attention)
-)
+EXPORT_FORMAT_VERSION = 4  # bump when the exported interface or wrapper changes (4: grouped rows)
 EXTERNAL_DATA_BYTES = 1 << 30  # weights at least this large go to one `<file>.data` beside it
 QUANTIZATIONS = (None, "int8", "int4")
 QUANT_BITS = {"int8": 8, "int4": 4}
@@ -60,11 +64,12 @@ class _Stages(nn.Module):
         self.first, self.last = first, last
         self.with_embed, self.with_head = with_embed, with_head
 
-    def forward(self, x, position_ids, mask, *past):
-        """x: ids (1, T) or hidden (1, T, D); past: k, v (1, S, nkv, hd) per layer, interleaved."""
+    def forward(self, x, position_ids, mask, key_index, row_index, row_slot, *past):
+        """x: ids (1, T) or hidden (1, T, D); mask and indices: `masks.Grouped`'s fields;
+        past: k, v (1, S, nkv, hd) per layer, interleaved."""
         h = self.model.embed(x) if self.with_embed else x  # (1, T, D)
         cos, sin = self.model.rope(position_ids, h.dtype)  # (1, T, hd)
-        bias = additive_mask(mask, h.dtype)
+        bias = Grouped(additive_mask(mask, h.dtype), key_index, row_index, row_slot)
         new: list[torch.Tensor] = []
         for j, i in enumerate(range(self.first, self.last)):
             layer = self.model.model.layers[i]
@@ -81,13 +86,49 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+GROUP_INPUTS = ("mask", *Grouped._fields[1:])  # mask, key_index, row_index, row_slot
+
+
+def graph_feeds(mask: torch.Tensor) -> dict[str, np.ndarray]:
+    """The grouped-attention inputs of an exported graph for a block's mask (1, T, S + T) bool
+    (`masks.group_rows`), by input name."""
+    g = group_rows(torch.as_tensor(mask))
+    return {name: np.ascontiguousarray(v.numpy()) for name, v in zip(GROUP_INPUTS, g, strict=True)}
+
+
+def example_groups(s: int, t: int) -> tuple[torch.Tensor, ...]:
+    """Export samples of the grouped inputs for a block of t >= 3 rows over s cached keys:
+    two groups (no dimension 0 or 1, and none equal to another, so all stay dynamic)."""
+    mask = causal_mask(s, t)
+    mask[0, t - 1, : s // 2] = False  # the last row reads another key list: a second group
+    g = group_rows(mask)  # G = 2, R = t - 1: padded to R = t + 1 slots, a valid grouping too
+    pad = t + 1 - g.row_index.shape[1]
+    return (
+        torch.cat([g.mask, g.mask[:, -1:].expand(-1, pad, -1)], dim=1),
+        g.key_index,
+        torch.cat([g.row_index, g.row_index[:, -1:].expand(-1, pad)], dim=1),
+        torch.where(g.row_slot >= g.row_index.shape[1], g.row_slot + pad, g.row_slot),
+    )
+
+
+def group_shapes(t: Any) -> dict[str, Any]:
+    """Dynamic dimensions of the grouped inputs (T: the block's rows)."""
+    groups, rows, keys = (torch.export.Dim(n, min=1) for n in ("G", "R", "L"))
+    return {
+        "mask": {0: groups, 1: rows, 2: keys},
+        "key_index": {0: groups, 1: keys},
+        "row_index": {0: groups, 1: rows},
+        "row_slot": {0: t},
+    }
+
+
 def io_names(
     first: int, last: int, with_embed: bool, with_head: bool
 ) -> tuple[list[str], list[str]]:
     """Input and output names of an exported stage range, in graph order."""
     layers = range(first, last)
     kv = [f"{p}_{kv}_{i}" for i in layers for p, kv in (("past", "k"), ("past", "v"))]
-    inputs = ["input_ids" if with_embed else "hidden", "position_ids", "mask", *kv]
+    inputs = ["input_ids" if with_embed else "hidden", "position_ids", *GROUP_INPUTS, *kv]
     new = [f"new_{kv}_{i}" for i in layers for kv in ("k", "v")]
     return inputs, ["logits" if with_head else "hidden_out", *new]
 
@@ -102,7 +143,7 @@ def _example_inputs(model: CausalLM, n_layers: int, with_embed: bool) -> tuple[t
         x = torch.zeros(1, t, c.hidden_size, dtype=dtype)  # (1, T, D)
     # distinct tensors: the exporter would treat one tensor passed twice as one input
     past = [torch.zeros(1, s, c.num_kv_heads, c.head_dim, dtype=dtype) for _ in range(2 * n_layers)]
-    return (x, torch.arange(s, s + t)[None], causal_mask(s, t), *past)
+    return (x, torch.arange(s, s + t)[None], *example_groups(s, t), *past)
 
 
 def _dynamic_shapes(n_layers: int) -> dict[str, Any]:
@@ -111,7 +152,7 @@ def _dynamic_shapes(n_layers: int) -> dict[str, Any]:
     return {
         "x": {1: t},
         "position_ids": {1: t},
-        "mask": {1: t, 2: torch.export.Dim.DYNAMIC},  # S + T: the exporter derives it
+        **group_shapes(t),
         "past": tuple({1: s} for _ in range(2 * n_layers)),
     }
 

@@ -13,9 +13,10 @@ exporter from the *same* module code as `export._Stages` (so the assembled graph
 what a whole-range export computes, op for op):
 
     embed.onnx     input_ids (1, T)                         -> h (1, T, D)
-    prep.onnx      position_ids (1, T), mask (1, T, S + T)  -> cos, sin (1, T, hd),
-                                                               bias (1, T, S + T) additive
-    layer_<i>.onnx h, cos, sin, bias, past_k, past_v        -> h_out, new_k, new_v
+    prep.onnx      position_ids (1, T), mask (G, R, L)      -> cos, sin (1, T, hd),
+                                                               bias (G, R, L) additive
+    layer_<i>.onnx h, cos, sin, bias, key_index, row_index,  -> h_out, new_k, new_v
+                   row_slot, past_k, past_v
 
 with each part's weights in its own `<part>.onnx.data`. `assemble` writes a range graph with
 exactly `export.io_names`' interface into the same folder (`range-<first>-<last>[-embed].onnx`),
@@ -39,19 +40,22 @@ from torch import nn
 from mirror_sd import progress
 from mirror_sd.graphs.export import (
     DEFAULT_OPSET,
+    GROUP_INPUTS,
     QUANT_BITS,
     additive_mask,
     cache_key,
     cached_entry,
+    example_groups,
     export_module,
     export_program,
+    group_shapes,
     io_names,
     quantize_weights,
 )
-from mirror_sd.graphs.masks import causal_mask
+from mirror_sd.graphs.masks import Grouped
 from mirror_sd.graphs.model import CausalLM
 
-LAYOUT = "layers-v2"  # in every key of this module: bump when the parts' interface changes
+LAYOUT = "layers-v3"  # in every key of this module: bump when the parts' interface changes
 
 
 class _Embed(nn.Module):
@@ -81,8 +85,9 @@ class _Layer(nn.Module):
         super().__init__()
         self.layer = model.model.layers[i]
 
-    def forward(self, h, cos, sin, bias, past_k, past_v):
-        return self.layer(h, cos, sin, bias, past_k, past_v)
+    def forward(self, h, cos, sin, bias, key_index, row_index, row_slot, past_k, past_v):
+        grouped = Grouped(bias, key_index, row_index, row_slot)
+        return self.layer(h, cos, sin, grouped, past_k, past_v)
 
 
 def part_name(i: int) -> str:
@@ -98,11 +103,12 @@ def _examples(model: CausalLM) -> dict[str, tuple[torch.Tensor, ...]]:
     # cos / sin as the model's rope() shapes them: (1, T, hd), or (1, T, R, hd) for R tables
     rot = torch.zeros(model.rope(torch.arange(s, s + t)[None], dtype)[0].shape, dtype=dtype)
     past = torch.zeros(1, s, c.num_kv_heads, c.head_dim, dtype=dtype)
-    bias = torch.zeros(1, t, s + t, dtype=dtype)
+    mask, *index = example_groups(s, t)
+    bias = additive_mask(mask, dtype)
     return {
         "embed": (torch.zeros(1, t, dtype=torch.long),),
-        "prep": (torch.arange(s, s + t)[None], causal_mask(s, t)),
-        "layer": (h, rot, rot.clone(), bias, past, past.clone()),  # distinct tensors
+        "prep": (torch.arange(s, s + t)[None], mask),
+        "layer": (h, rot, rot.clone(), bias, *index, past, past.clone()),  # distinct tensors
     }
 
 
@@ -110,7 +116,6 @@ def _export_parts(model: CausalLM, folder: Path, opset: int) -> None:
     """Every part of `model` into `folder`, a progress bar over the parts (`progress`). The
     exporter runs once per *kind* of layer (`_LayerTemplates`), not once per layer."""
     t, s = torch.export.Dim("T", min=1), torch.export.Dim("S", min=0)
-    st = torch.export.Dim.DYNAMIC  # S + T: the exporter derives it
     ex = _examples(model)
     desc = f"exporting {model.config.model_type} per layer"
     with progress.bar(model.num_layers + 2, desc=desc, unit="part") as bar:  # + embed, prep
@@ -118,10 +123,11 @@ def _export_parts(model: CausalLM, folder: Path, opset: int) -> None:
                       {"input_ids": {1: t}}, opset, external_data=True)  # fmt: skip
         bar.update()
         export_module(_Prep(model), ex["prep"], folder / "prep.onnx", ["position_ids", "mask"],
-                      ["cos", "sin", "bias"], {"position_ids": {1: t}, "mask": {1: t, 2: st}},
+                      ["cos", "sin", "bias"],
+                      {"position_ids": {1: t}, "mask": group_shapes(t)["mask"]},
                       opset, external_data=False)  # fmt: skip
         bar.update()
-        templates = _LayerTemplates(ex["layer"], t, s, st, opset)
+        templates = _LayerTemplates(ex["layer"], t, s, opset)
         for i in range(model.num_layers):
             templates.write(_Layer(model, i), folder / f"{part_name(i)}.onnx")
             bar.update()
@@ -139,9 +145,11 @@ class _LayerTemplates:
 
     OUTPUTS = ["h_out", "new_k", "new_v"]
 
-    def __init__(self, example: tuple[torch.Tensor, ...], t, s, st, opset: int):
+    def __init__(self, example: tuple[torch.Tensor, ...], t, s, opset: int):
         self.example, self.opset = example, opset
-        self.shapes = {"h": {1: t}, "cos": {1: t}, "sin": {1: t}, "bias": {1: t, 2: st},
+        groups = group_shapes(t)
+        self.shapes = {"h": {1: t}, "cos": {1: t}, "sin": {1: t}, "bias": groups["mask"],
+                       **{n: groups[n] for n in GROUP_INPUTS[1:]},
                        "past_k": {1: s}, "past_v": {1: s}}  # fmt: skip
         self.templates: dict[tuple, Any] = {}  # kind -> (program, unoptimized model) | None
 
@@ -278,7 +286,7 @@ def assemble(parts: str | Path, first: int, last: int, with_embed: bool) -> Path
         out = "hidden_out" if i == last - 1 else f"{part_name(i)}/h"
         names = {"h": h, "cos": "cos", "sin": "sin", "bias": "bias", "past_k": f"past_k_{i}",
                  "past_v": f"past_v_{i}", "h_out": out, "new_k": f"new_k_{i}",
-                 "new_v": f"new_v_{i}"}  # fmt: skip
+                 "new_v": f"new_v_{i}", **{n: n for n in GROUP_INPUTS[1:]}}  # fmt: skip
         plan.append((part_name(i), names))
         h = out
     models = [onnx.load(str(parts / f"{stem}.onnx"), load_external_data=False) for stem, _ in plan]

@@ -7,8 +7,11 @@ Every mask is bool (B, T, S + T): row i of the T new rows may attend to column j
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+
+KEY_PAD = 32  # a group's keys come padded to a multiple of this many (row invariance, below)
 
 
 def causal_mask(past_len: int, new: int, batch: int = 1) -> torch.Tensor:
@@ -37,7 +40,7 @@ def tree_mask(
     return mask
 
 
-def sliding_window(mask: torch.Tensor, window: int) -> torch.Tensor:
+def sliding_window(mask, window: int):
     """`mask` (B, T, S + T) narrowed for a sliding-window attention layer: each row keeps only
     the `window` most recent keys it sees (itself included), which is Hugging Face's rule
     `query_pos - key_pos < window` because the keys a row sees are its own history, one key per
@@ -46,8 +49,11 @@ def sliding_window(mask: torch.Tensor, window: int) -> torch.Tensor:
     layer narrows it itself, in torch and in an exported graph alike (a CumSum, no control flow).
 
     `mask` is bool (True = attend) or additive (0 = attend, the dtype's min = masked); the
-    result has the same form.
+    result has the same form. A `Grouped` mask is narrowed the same way (its keys are each
+    row's history in order too).
     """
+    if isinstance(mask, Grouped):
+        return mask._replace(mask=sliding_window(mask.mask, window))
     visible = mask if mask.dtype == torch.bool else mask == 0
     seen = visible.to(torch.int32).cumsum(-1)  # (B, T, S + T) visible keys in columns <= j
     newer = seen[..., -1:] - seen  # visible keys after column j
@@ -55,3 +61,74 @@ def sliding_window(mask: torch.Tensor, window: int) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return keep
     return mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
+
+
+class Grouped(NamedTuple):
+    """A packed block's attention, regrouped so that every row's visible keys are a contiguous
+    prefix, as when the row's sequence decodes alone (docs/runtime.md, *Row invariance*).
+
+    The T block rows fall into G groups (a sequence's chain, or one root-to-leaf path of a
+    token tree); group g reads the L keys `key_index[g]` of the block's S + T (cached columns,
+    then new rows), visible ones first and in order. Its rows `row_index[g]` (R slots, padded
+    by repeating a row) attend under `mask[g]` (R, L), each a prefix; `row_slot[t]` is block
+    row t's slot in the flattened (G * R) grid. One lone sequence with contiguous columns is
+    one group reading every column, the exact layout an ungrouped graph computes."""
+
+    mask: torch.Tensor  # (G, R, L) bool, or additive inside a graph
+    key_index: torch.Tensor  # (G, L) int64
+    row_index: torch.Tensor  # (G, R) int64
+    row_slot: torch.Tensor  # (T,) int64
+
+
+def group_rows(mask: torch.Tensor) -> Grouped:
+    """Regroup a block's mask (1, T, S + T) bool, as `PackedCache` and the runners build it,
+    into `Grouped` (each row's visible keys one prefix of its group's keys).
+
+    Each group's key list is padded with masked keys (index 0) to a multiple of KEY_PAD:
+    ONNX Runtime's GEMM sums a reduction's tail by its length, and past a multiple of KEY_PAD
+    extra zero-weight keys change no bit (measured for every length up to 530), so rows that
+    see different numbers of keys still round alike.
+
+    Raises:
+        ValueError: the mask is not (1, T, S + T), or a row sees none of the columns.
+    """
+    if mask.dim() != 3 or mask.shape[0] != 1 or mask.shape[2] < mask.shape[1]:
+        raise ValueError(f"mask of shape {tuple(mask.shape)}: expected (1, T, S + T)")
+    m = mask[0].to(torch.bool)
+    t, c = m.shape
+    lengths = m.sum(-1)
+    if not bool(lengths.all()):
+        raise ValueError("a row of the mask sees no key: every row must see at least itself")
+    if torch.equal(m, torch.arange(c) < lengths[:, None]):  # one contiguous sequence
+        width = -(-c // KEY_PAD) * KEY_PAD
+        rows = torch.arange(t)
+        keys = torch.zeros(width, dtype=torch.long)
+        keys[:c] = torch.arange(c)
+        grid = torch.zeros(1, t, width, dtype=torch.bool)
+        grid[0, :, :c] = m
+        return Grouped(grid, keys[None], rows[None], rows)
+    groups: list[tuple[list[int], list[int]]] = []  # (key columns, rows)
+    keys_of = [row.nonzero().flatten().tolist() for row in m]
+    for r, keys in enumerate(keys_of):
+        for g_keys, g_rows in groups:
+            n = min(len(keys), len(g_keys))
+            if keys[:n] == g_keys[:n]:  # one is a prefix of the other: same chain
+                g_keys.extend(keys[n:])
+                g_rows.append(r)
+                break
+        else:
+            groups.append((list(keys), [r]))
+    width = -(-max(len(k) for k, _ in groups) // KEY_PAD) * KEY_PAD
+    depth = max(len(r) for _, r in groups)
+    key_index = torch.zeros(len(groups), width, dtype=torch.long)
+    row_index = torch.zeros(len(groups), depth, dtype=torch.long)
+    grid = torch.zeros(len(groups), depth, width, dtype=torch.bool)
+    row_slot = torch.zeros(t, dtype=torch.long)
+    for g, (keys, rows) in enumerate(groups):
+        key_index[g, : len(keys)] = torch.tensor(keys)
+        for j in range(depth):
+            r = rows[min(j, len(rows) - 1)]  # padding slots repeat the group's last row
+            row_index[g, j] = r
+            grid[g, j, : len(keys_of[r])] = True
+        row_slot[rows] = g * depth + torch.arange(len(rows))
+    return Grouped(grid, key_index, row_index, row_slot)

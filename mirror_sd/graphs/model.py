@@ -22,6 +22,7 @@ from torch import nn
 
 from mirror_sd.graphs.config import ModelConfig, UnsupportedModelError
 from mirror_sd.graphs.kv_cache import StaticKVCache
+from mirror_sd.graphs.masks import Grouped
 
 
 class RMSNorm(nn.Module):
@@ -74,29 +75,27 @@ class Attention(nn.Module):
 
 
 ROW_INVARIANT_ROWS = 64  # blocks of up to this many rows attend one query row at a time
-KEY_PAD = 32  # ... over keys padded to a multiple of this many (row invariance, see attend)
 
 
 def attend(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | Grouped,
+    scale: float,
+) -> torch.Tensor:  # fmt: skip
     """Grouped-query attention: q (B, T, nh, hd), keys / values (B, nkv, S, hd), mask
     (B, T, S) bool (True = attend) or additive float -> (B, T, nh, hd).
 
+    Exported graphs pass a `Grouped` mask (B = 1, a packed block; `masks.group_rows`): each
+    group's keys are gathered into a contiguous prefix and its rows attend group by group,
+    every row as its own one-row product (`_attend_grouped`), so a row's result is bit for
+    bit the same alone (one decoding step), in a verification block, in a packed batch or on a
+    tree's path (docs/runtime.md, *Row invariance*).
+
     In eager torch on the CPU, a short block whose rows each see a prefix of the keys (a
     verification chain, a decoding step) computes each row alone (`_prefix_lengths`); other
-    eager calls use `scaled_dot_product_attention`. In an exported graph (ONNX Runtime)
-    a block of at most ROW_INVARIANT_ROWS rows computes every query row as its own
-    (1 x hd) @ (hd x S) product (a broadcast batch of one-row GEMMs), so each row's result is
-    bit-for-bit the same whether it runs alone (one decoding step) or in a verification block:
-    ORT's GEMM kernels round differently for one row than for several, and a quantized target
-    would turn that last-bit noise into different tokens (docs/runtime.md, *Row invariance*).
-    A block's row j also sees keys a lone row would not have (the block's later rows, masked
-    to weight 0), and ORT's GEMM sums a reduction's tail differently by its length: the
-    weights and values are padded with zeros to a multiple of KEY_PAD keys, after which extra
-    zero keys change no bit (measured for every length up to 530). Longer blocks (prefill)
-    take the ordinary GEMMs, which are faster there.
+    eager calls use `scaled_dot_product_attention`.
     """
+    if isinstance(mask, Grouped):
+        return _attend_grouped(q, keys, values, mask, scale)
     B, T, nh, hd = q.shape
     nkv = keys.shape[1]
     q = q.view(B, T, nkv, nh // nkv, hd).permute(0, 2, 3, 1, 4)  # (B, nkv, G, T, hd)
@@ -112,27 +111,48 @@ def attend(
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
     bias = mask[:, None, None]  # (B, 1, 1, T, S)
-    if torch.compiler.is_exporting():
-
-        def rowwise(q, keys, values, bias):  # one (1 x hd) @ (hd x S) product per query row
-            scores = q.unsqueeze(-2) @ keys.transpose(-1, -2).unsqueeze(-3)  # (B,nkv,G,T,1,S)
-            p = torch.softmax(scores.squeeze(-2) * scale + bias, dim=-1)  # (B, nkv, G, T, S)
-            pad = (-keys.shape[-2]) % KEY_PAD  # zero weights on zero rows: p @ v is unchanged
-            p, values = F.pad(p, (0, pad)), F.pad(values, (0, 0, 0, pad))
-            return (p.unsqueeze(-2) @ values.unsqueeze(-3)).squeeze(-2)  # (B, nkv, G, T, hd)
-
-        def blocked(q, keys, values, bias):  # the same as ordinary GEMMs over all rows
-            p = torch.softmax((q @ keys.transpose(-1, -2)) * scale + bias, dim=-1)
-            return p @ values
-
-        out = torch.cond(T <= ROW_INVARIANT_ROWS, rowwise, blocked, (q, keys, values, bias))
-    else:
-        G = nh // nkv
-        out = F.scaled_dot_product_attention(
-            q, keys.expand(-1, -1, G, -1, -1), values.expand(-1, -1, G, -1, -1),
-            attn_mask=bias, scale=scale,
-        )  # fmt: skip
+    G = nh // nkv
+    out = F.scaled_dot_product_attention(
+        q, keys.expand(-1, -1, G, -1, -1), values.expand(-1, -1, G, -1, -1),
+        attn_mask=bias, scale=scale,
+    )  # fmt: skip
     return out.permute(0, 3, 1, 2, 4).reshape(B, T, nh, hd)  # (B, T, nh, hd)
+
+
+def _attend_grouped(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, g: Grouped, scale: float
+) -> torch.Tensor:
+    """`attend` on a packed block (B = 1) group by group (see `masks.Grouped`). One gather
+    copies each group's keys and values into a prefix (nkv, G, L, hd), with no transpose after
+    it; `group_rows` pads L to a multiple of KEY_PAD with masked keys, so the zero padding the
+    ungrouped path adds is not needed. A block of at most ROW_INVARIANT_ROWS rows per group
+    computes every row as its own one-row products, as `attend` does."""
+    _, T, nh, hd = q.shape
+    nkv = keys.shape[1]
+    G, R = g.row_index.shape
+    grid = q[0][g.row_index].view(G, R, nkv, nh // nkv, hd).permute(2, 0, 3, 1, 4)
+    k = keys[0][:, g.key_index][:, :, None]  # (nkv, G, 1, L, hd)
+    v = values[0][:, g.key_index][:, :, None]
+    mask = g.mask
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
+    bias = mask[None, :, None]  # (1, G, 1, R, L)
+
+    def rowwise(grid, k, v, bias):  # one (1 x hd) @ (hd x L) product per query row
+        scores = grid.unsqueeze(-2) @ k.transpose(-1, -2).unsqueeze(-3)  # (nkv,G,G_,R,1,L)
+        p = torch.softmax(scores.squeeze(-2) * scale + bias, dim=-1)  # (nkv, G, G_, R, L)
+        return (p.unsqueeze(-2) @ v.unsqueeze(-3)).squeeze(-2)  # (nkv, G, G_, R, hd)
+
+    def blocked(grid, k, v, bias):  # ordinary GEMMs over a group's rows (a prefill)
+        return torch.softmax((grid @ k.transpose(-1, -2)) * scale + bias, dim=-1) @ v
+
+    operands = (grid, k, v, bias)
+    if torch.compiler.is_exporting():
+        out = torch.cond(R <= ROW_INVARIANT_ROWS, rowwise, blocked, operands)
+    else:
+        out = rowwise(*operands) if R <= ROW_INVARIANT_ROWS else blocked(*operands)
+    out = out.permute(1, 3, 0, 2, 4).reshape(G * R, nh, hd)  # (G * R, nh, hd)
+    return out[g.row_slot][None]  # (1, T, nh, hd)
 
 
 def _prefix_lengths(q: torch.Tensor, mask: torch.Tensor) -> list[int] | None:

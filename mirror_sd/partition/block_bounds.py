@@ -53,14 +53,19 @@ def check_block_bounds(spec, source: str = "<dict>", vocab_size: int | None = No
 def tree_rounding(t_spec) -> str | None:
     """Why token trees cannot stay lossless on this target, or None when they can.
 
-    A tree's later branches see keys that are not one contiguous prefix, so their attention
-    sums round differently from decoding the path alone (docs/runtime.md, *Row invariance*).
-    An fp32 target turns that into last-bit noise (a flip only at a near-tie); a quantized
-    target (int8 activations) or bf16/fp16 arithmetic turns it into other tokens."""
+    A tree's later branches see keys that are not one contiguous prefix. ONNX Runtime graphs
+    regroup each root-to-leaf path into a prefix of its own keys (`masks.group_rows`), so every
+    row computes what its path verified as a chain computes, bit for bit, at fp32, int8 and int4
+    weights (docs/runtime.md, *Row invariance*). Eager torch does not: there a branch's sums
+    round differently, last-bit noise at fp32 (a flip only at a near-tie) but other tokens once
+    a quantized or bf16/fp16 target amplifies it."""
     quant = getattr(t_spec, "quantize", "none") or "none"
     dtype = getattr(t_spec, "dtype", "float32")
+    if getattr(t_spec, "backend", None) == "onnxruntime" and dtype == "float32":
+        return None
     if quant != "none" or dtype != "float32":
-        return (f"the target runs {quant if quant != 'none' else dtype}: a tree's branches round "
-                "differently from one-row decoding and that changes tokens; tree_siblings needs "
-                "an fp32 target (quantize: none, dtype: float32)")  # fmt: skip
+        return (f"the target runs {quant if quant != 'none' else dtype} on {t_spec.backend}: a "
+                "tree's branches round differently from one-row decoding there and that changes "
+                "tokens; tree_siblings needs an onnxruntime target or an fp32 one (quantize: "
+                "none, dtype: float32)")  # fmt: skip
     return None

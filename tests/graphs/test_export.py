@@ -73,7 +73,7 @@ def run_onnx(path, first, last, x, pos, mask, past, with_embed=True):
     feeds = {
         "input_ids" if with_embed else "hidden": x.numpy(),
         "position_ids": pos.numpy(),
-        "mask": mask.numpy(),
+        **ex.graph_feeds(mask),
     }
     for i, (k, v) in zip(range(first, last), past, strict=True):
         feeds[f"past_k_{i}"], feeds[f"past_v_{i}"] = k.numpy(), v.numpy()

@@ -4,9 +4,9 @@ the row runs alone (one decoding step) or inside a block (verification) or a bat
 This is what keeps a quantized target lossless against its own greedy decoding: with int8
 activations (MatMulNBits accuracy level 4) a last-bit difference between a block's arithmetic
 and a single row's can cross a quantization boundary and change a token (docs/runtime.md,
-*Row invariance*). Exact equality, not a tolerance, is the assertion. What is not invariant
-(documented there): rows whose visible keys are not contiguous, i.e. a tree block's later
-branches and a packed batch's sequences."""
+*Row invariance*). Exact equality, not a tolerance, is the assertion. Rows whose visible keys
+are not contiguous (a packed batch's sequences, a tree's branches) are regrouped
+(`masks.group_rows`) so that they are invariant too."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class Graph:
             padded = pad_rows(ids, torch.from_numpy(pos), torch.from_numpy(mask))
             logits, new = self.run(padded[0], padded[1].numpy(), padded[2].numpy(), past)
             return logits[:, :1], [(k[:, :1], v[:, :1]) for k, v in new]
-        feeds = {"input_ids": ids, "position_ids": pos, "mask": mask}
+        feeds = {"input_ids": ids, "position_ids": pos, **ex.graph_feeds(mask)}
         for i, (k, v) in enumerate(past):
             feeds[f"past_k_{i}"], feeds[f"past_v_{i}"] = k, v
         out = self.sess.run(None, feeds)
@@ -125,3 +125,73 @@ def test_long_blocks_take_the_gemm_path_and_agree_to_rounding(family_model):
         ref = model(torch.from_numpy(ids), torch.arange(t)[None], causal_mask(0, t),
                     model.new_cache(t))  # fmt: skip
     assert np.abs(long - ref.numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_a_packed_batch_scores_each_sequence_as_alone(family_model, quantize):
+    """Two sequences packed in one cache with interleaved columns (prefills one after the
+    other, then verification blocks of both in one forward, then holes from rejected rows):
+    every logit and K/V row is bit for bit what the sequence computes alone. Without the
+    regrouping (each row's keys gathered into a prefix) the interleaved zero-weight keys
+    change the attention's rounding, which int8 activations turn into tokens."""
+    model, cache, family = family_model
+    path = ex.export_cached(model, cache, {"tiny": family, "seed": 1}, quantize=quantize)
+    graph = Graph(path, model.num_layers)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 97, (1, n)) for n in (PROMPT, PROMPT + 3)]
+    blocks = [rng.integers(0, 97, (1, BLOCK)) for _ in prompts]
+    alone = []  # each sequence alone: prefill, then its block
+    for prompt, block in zip(prompts, blocks, strict=True):
+        _, past = _prefill(graph, model, prompt)
+        n = prompt.shape[1]
+        pos = np.arange(n, n + BLOCK)[None]
+        alone.append(graph.run(block, pos, causal_mask(n, BLOCK).numpy(), past))
+    # packed: sequence 0's prompt, then sequence 1's (which sees only its own), then both blocks
+    c = model.config
+    past = [(np.zeros((1, 0, c.num_kv_heads, c.head_dim), np.float32),) * 2] * model.num_layers
+    owner: list[int] = []
+    for s_, prompt in enumerate(prompts):
+        n = prompt.shape[1]
+        mask = np.zeros((1, n, len(owner) + n), bool)
+        mask[0, :, len(owner) :] = causal_mask(0, n)[0].numpy()
+        _, new = graph.run(prompt, np.arange(n)[None], mask, past)
+        past, owner = _cat(past, new), owner + [s_] * n
+    ids = np.concatenate(blocks, axis=1)
+    pos = np.concatenate([np.arange(p.shape[1], p.shape[1] + BLOCK) for p in prompts])[None]
+    who = np.repeat([0, 1], BLOCK)
+    mask = np.concatenate(
+        [np.array(owner)[None, :] == who[:, None], (who[:, None] == who[None, :])
+         & np.tri(2 * BLOCK, dtype=bool)], axis=1)[None]  # fmt: skip
+    logits, new = graph.run(ids, pos, mask, past)
+    for s_, (one, kv) in enumerate(alone):
+        rows = slice(s_ * BLOCK, (s_ + 1) * BLOCK)
+        assert np.array_equal(one[0], logits[0, rows]), f"sequence {s_}: logits differ"
+        for (k, v), (bk, bv) in zip(kv, new, strict=True):
+            assert np.array_equal(k[0], bk[0, rows]) and np.array_equal(v[0], bv[0, rows])
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_a_token_tree_scores_each_path_as_its_chain(family_model, quantize):
+    """A tree block (a root, two children, a grandchild under the second child): each row's
+    logits and K/V are bit for bit those of its root-to-node path verified as a chain, though
+    a sibling's rows sit between its ancestors' (regrouped by `masks.group_rows`)."""
+    from mirror_sd.graphs.masks import tree_mask
+
+    model, cache, family = family_model
+    path = ex.export_cached(model, cache, {"tiny": family, "seed": 1}, quantize=quantize)
+    graph = Graph(path, model.num_layers)
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, 97, (1, PROMPT))
+    _, past = _prefill(graph, model, ids)
+    parents, tokens = [-1, 0, 0, 2], rng.integers(0, 97, (1, 4))
+    depth = [0, 1, 1, 2]
+    pos = np.array([[PROMPT + d for d in depth]])
+    logits, new = graph.run(tokens, pos, tree_mask(PROMPT, parents).numpy(), past)
+    for leaf_path in ([0, 1], [0, 2, 3]):
+        n = len(leaf_path)
+        chain, kv = graph.run(tokens[:, leaf_path], np.arange(PROMPT, PROMPT + n)[None],
+                              causal_mask(PROMPT, n).numpy(), past)  # fmt: skip
+        for j, row in enumerate(leaf_path):
+            assert np.array_equal(chain[0, j], logits[0, row]), f"row {row}: logits differ"
+            for (k, v), (bk, bv) in zip(kv, new, strict=True):
+                assert np.array_equal(k[0, j], bk[0, row]) and np.array_equal(v[0, j], bv[0, row])

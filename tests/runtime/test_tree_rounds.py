@@ -71,11 +71,12 @@ def test_trees_are_refused_where_their_rounding_changes_tokens(tmp_path):
     from mirror_sd.partition.device_map import OrtSpec, TorchSpec
 
     assert tree_rounding(OrtSpec("a")) is None and tree_rounding(TorchSpec("b")) is None
-    assert "int4" in tree_rounding(OrtSpec("a", quantize="int4"))
+    assert tree_rounding(OrtSpec("a", quantize="int4")) is None  # regrouped graphs: exact
+    assert "int4 on torch" in tree_rounding(TorchSpec("b", quantize="int4"))
     assert "bfloat16" in tree_rounding(TorchSpec("b", dtype="bfloat16"))
     target = tiny_model(tmp_path, seed=0, num_hidden_layers=2)
     plan = make_plan(target, tiny_model(tmp_path, seed=1, num_hidden_layers=1), mode="speculative")
-    plan.no_trees = tree_rounding(OrtSpec("a", quantize="int4"))  # as compile() sets it
+    plan.no_trees = tree_rounding(TorchSpec("b", quantize="int4"))  # as compile() sets it
     try:
         with pytest.raises(ValueError, match="tree_siblings: the target runs int4"):
             plan.generate([1, 2, 3], 4, tree_siblings=2)
