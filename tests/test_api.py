@@ -141,6 +141,25 @@ def test_target_on_onnxruntime_split_at_the_chosen_exit_layer(folders):
             p.generate(prompt, 4, exit_layer=p.spec.exit_layer % 5 + 1)
 
 
+def assert_modes_match_ar(p, quant: str, trees_and_batches: bool) -> None:
+    """Every mode's greedy tokens equal the plan's own `ar` on two prompts; with
+    `trees_and_batches` also sibling token trees and packed batches of both prompts (exact on
+    ONNX Runtime targets at any weight format: the graphs regroup rows, docs/runtime.md)."""
+    prompts, refs = ("w7 w8 w9", "w3 w1 w4 w1 w5"), []
+    for prompt in prompts:
+        ref = p.generate(prompt, 16, mode="autoregressive").tokens
+        for mode in ("speculative", "mirror"):
+            assert p.generate(prompt, 16, mode=mode).tokens == ref, (quant, mode)
+        if trees_and_batches:
+            tree = p.generate(prompt, 16, mode="speculative", tree_siblings=2).tokens
+            assert tree == ref, (quant, "tree")
+        refs.append(ref)
+    if trees_and_batches:
+        for mode in ("autoregressive", "speculative", "mirror"):
+            batch = p.generate(list(prompts), 16, mode=mode)
+            assert [r.tokens for r in batch] == refs, (quant, mode, "batch")
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_target_is_lossless_against_its_own_decoding(folders, quant):
     """`quantize` on the target's device: the quantized target is the plan's reference; every
@@ -153,17 +172,7 @@ def test_quantized_target_is_lossless_against_its_own_decoding(folders, quant):
         assert p.target.quantize == quant
         assert f"{quant} weights" in p.target_device.label
         assert f"reference: the {quant}-weight target" in api.describe(p)
-        prompts, refs = ("w7 w8 w9", "w3 w1 w4 w1 w5"), []
-        for prompt in prompts:
-            ref = p.generate(prompt, 16, mode="autoregressive").tokens
-            for mode in ("speculative", "mirror"):
-                assert p.generate(prompt, 16, mode=mode).tokens == ref, (quant, mode)
-            tree = p.generate(prompt, 16, mode="speculative", tree_siblings=2).tokens
-            assert tree == ref, (quant, "tree")  # regrouped paths: exact on quantized targets
-            refs.append(ref)
-        for mode in ("autoregressive", "speculative", "mirror"):  # packed batches: exact too
-            batch = p.generate(list(prompts), 16, mode=mode)
-            assert [r.tokens for r in batch] == refs, (quant, mode, "batch")
+        assert_modes_match_ar(p, quant, trees_and_batches=True)
 
 
 def test_quantize_auto_keeps_a_4_bit_checkpoint_4_bit_where_the_cpu_has_int8_kernels(
@@ -210,17 +219,7 @@ def test_a_weight_only_torch_target_is_lossless_against_its_own_decoding(folders
     with api.compile(target, draft, text, onnx_dir=root / "onnx", max_len=256) as p:
         assert f"{quant} weights" in p.target_device.label
         assert f"reference: the {quant}-weight target" in api.describe(p)
-        prompts, refs = ("w7 w8 w9", "w3 w1 w4 w1 w5"), []
-        for prompt in prompts:
-            ref = p.generate(prompt, 16, mode="autoregressive").tokens
-            for mode in ("speculative", "mirror"):
-                assert p.generate(prompt, 16, mode=mode).tokens == ref, (quant, mode)
-            tree = p.generate(prompt, 16, mode="speculative", tree_siblings=2).tokens
-            assert tree == ref, (quant, "tree")  # regrouped paths: exact on quantized targets
-            refs.append(ref)
-        for mode in ("autoregressive", "speculative", "mirror"):  # packed batches: exact too
-            batch = p.generate(list(prompts), 16, mode=mode)
-            assert [r.tokens for r in batch] == refs, (quant, mode, "batch")
+        assert_modes_match_ar(p, quant, trees_and_batches=False)
 
 
 SHIPPED_MAPS = [

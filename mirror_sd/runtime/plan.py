@@ -17,6 +17,7 @@ import torch
 
 from mirror_sd.devices.base import ModelRunner, SplitRunner
 from mirror_sd.partition.batch_policy import BatchSetting
+from mirror_sd.partition.block_bounds import check_block_bounds
 from mirror_sd.partition.device_map import DeviceSpec
 from mirror_sd.partition.spec_config import SpecConfig
 from mirror_sd.partition.threads import ThreadBudget
@@ -277,6 +278,7 @@ class Plan:
             )
         if spec.tree_siblings and self.no_trees:
             raise ValueError(f"tree_siblings: {self.no_trees}")
+        check_block_bounds(spec, "<generate()>")  # a call's γ / trees / budget, as compile()'s
         has_draft = (self.draft is not None and spec.model_draft) or spec.retrieval != "none"
         mode = spec.mode if has_draft else "autoregressive"
         if not isinstance(spec.branch_budget, int):

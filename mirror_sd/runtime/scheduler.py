@@ -239,10 +239,15 @@ class VerificationScheduler:
             v = verify_greedy(d, logits)
         else:
             v = verify_sampling(d, block.q, probs(logits, seq.sampling), seq.verify_gen)
-        if d:  # the running α estimate (tokens up to the first rejection)
-            self._judged += min(v.accepted + 1, len(d))
-            self._taken += v.accepted
+        self._tally(len(d), v.accepted)
         return v
+
+    def _tally(self, drafted: int, accepted: int) -> None:
+        """The running α estimate: of `drafted` chain tokens, the first `accepted` were taken
+        (tokens up to the first rejection are the ones judged)."""
+        if drafted:
+            self._judged += min(accepted + 1, drafted)
+            self._taken += accepted
 
     def _observe(self, seq: SeqState, rows: list[int], logits: torch.Tensor) -> None:
         """Hand the verified block and the target's logits to the sequence's retrieval
@@ -296,6 +301,8 @@ class VerificationScheduler:
                 new[seq.index] = self._commit(seq, block, v)
             else:
                 tv = verify_tree_greedy(tree, logits[seq.index])
+                chain = next((j for j, i in enumerate(tv.accepted) if i != j + 1), len(tv.accepted))
+                self._tally(len(block.tokens), chain)  # α counts the chain's tokens only
                 self.target.prune(seq.index, len(seq.committed) - 1, tv.keep_rows)
                 new[seq.index], v = [*tv.tokens, tv.correction], tv.as_verdict()
                 if any(i > len(block.tokens) for i in tv.accepted):

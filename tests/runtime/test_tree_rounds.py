@@ -83,3 +83,38 @@ def test_trees_are_refused_where_their_rounding_changes_tokens(tmp_path):
         assert len(plan.generate([1, 2, 3], 4).tokens) == 4  # chains still run
     finally:
         plan.close()
+
+
+def test_a_call_cannot_ask_for_a_tree_past_the_row_invariant_rows(tmp_path):
+    """A call's tree_siblings is bounded as compile() bounds the map's: 1 + γ·(1 + s) rows."""
+    target = tiny_model(tmp_path, seed=0, num_hidden_layers=2)
+    plan = make_plan(target, tiny_model(tmp_path, seed=1, num_hidden_layers=1),
+                     mode="speculative", num_draft_tokens=4)  # fmt: skip
+    try:
+        with pytest.raises(ValueError, match="speculation.tree_siblings.*at most 14"):
+            plan.generate([1, 2, 3], 4, tree_siblings=20)
+        with pytest.raises(ValueError, match="speculation.num_draft_tokens"):
+            plan.generate([1, 2, 3], 4, num_draft_tokens=100)
+    finally:
+        plan.close()
+
+
+def test_tree_rounds_feed_the_running_acceptance_rate(tmp_path, monkeypatch):
+    """A tree round counts its chain's tokens in the running α, as a chain round does: the
+    target as its own draft has every chain token taken."""
+    from mirror_sd.runtime.scheduler import VerificationScheduler
+
+    seen, tally = [], VerificationScheduler._tally
+
+    def spy(self, drafted, accepted):
+        seen.append((drafted, accepted))
+        return tally(self, drafted, accepted)
+
+    monkeypatch.setattr(VerificationScheduler, "_tally", spy)
+    model = tiny_model(tmp_path, seed=0, num_hidden_layers=2)
+    plan = make_plan(model, model, mode="speculative", num_draft_tokens=3, tree_siblings=1)
+    try:
+        plan.generate([1, 2, 3], 12)
+    finally:
+        plan.close()
+    assert seen and all(a == d == 3 for d, a in seen[:-1])  # every chain token taken
