@@ -166,16 +166,19 @@ def test_the_exporter_runs_once_per_kind_of_layer(family, kinds, tmp_path, monke
     assert len(calls) == kinds
     kinds_seen = {layered.layer_kind(layer) for layer in model.model.layers}
     assert len(kinds_seen) == kinds
-    h, cos, sin, bias, pk, pv = layered._examples(model)["layer"]
+    h, cos, sin, bias, *_, pk, pv = layered._examples(model)["layer"]
     h = torch.randn(h.shape)
     pk, pv = torch.randn(pk.shape), torch.randn(pv.shape)
     cos, sin = model.rope(torch.arange(5, 8)[None], torch.float32)
-    bias = ex.additive_mask(causal_mask(5, 3), torch.float32)
+    feeds = ex.graph_feeds(causal_mask(5, 3))
+    bias = ex.additive_mask(torch.from_numpy(feeds.pop("mask")), torch.float32)
+    index = [torch.from_numpy(v) for v in feeds.values()]  # key_index, row_index, row_slot
     for i in range(model.num_layers):
         sess = ort.InferenceSession(str(tmp_path / "parts" / f"{layered.part_name(i)}.onnx"))
         got = sess.run(None, {"h": h.numpy(), "cos": cos.numpy(), "sin": sin.numpy(),
-                              "bias": bias.numpy(), "past_k": pk.numpy(), "past_v": pv.numpy()})  # fmt: skip
+                              "bias": bias.numpy(), **feeds, "past_k": pk.numpy(),
+                              "past_v": pv.numpy()})  # fmt: skip
         with torch.no_grad():
-            want = layered._Layer(model, i)(h, cos, sin, bias, pk, pv)
+            want = layered._Layer(model, i)(h, cos, sin, bias, *index, pk, pv)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w.numpy(), atol=2e-5, rtol=1e-4)
