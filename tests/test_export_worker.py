@@ -9,7 +9,7 @@ import weakref
 import pytest
 
 import mirror_sd.export_worker as worker
-import mirror_sd.graphs.export as ex
+import mirror_sd.graphs.onnx_quant as onnx_quant
 from tests.conftest import make_tiny, save_tiny
 
 
@@ -24,7 +24,7 @@ def test_a_quantizing_job_frees_the_torch_model_first(job, tmp_path, monkeypatch
         loaded.append(weakref.ref(model))
         return model
 
-    quantize = ex.quantize_weights
+    quantize = onnx_quant.quantize_weights
 
     def checking_quantize(*a, **k):
         gc.collect()
@@ -35,7 +35,7 @@ def test_a_quantizing_job_frees_the_torch_model_first(job, tmp_path, monkeypatch
     import mirror_sd.devices.ort_split as ort_split
     import mirror_sd.graphs.layered as layered
 
-    for module in (ex, layered, ort_split):  # every module that calls it by its own name
+    for module in (onnx_quant, layered, ort_split):  # every module that calls it by its own name
         monkeypatch.setattr(module, "quantize_weights", checking_quantize)
     onnx = tmp_path / "onnx"
     if job == "draft":

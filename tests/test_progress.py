@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from mirror_sd import progress
-from mirror_sd.graphs import export as ex
-from mirror_sd.graphs import layered, load_model
+from mirror_sd.graphs import layered, load_model, onnx_quant
 from tests.conftest import make_tiny, save_tiny
 
 KEY = {"tiny": "progress"}
@@ -38,7 +37,7 @@ def test_shown_bars_name_the_step_on_stderr(tiny, tmp_path, capsys):
     """The per-layer export counts its parts (embed, prep, 2 layers); quantization its MatMuls."""
     with progress.shown(True):
         parts = layered.export_layers_cached(tiny[1], tmp_path, KEY)
-        ex.quantize_weights(parts / "layer_000.onnx", tmp_path / "q" / "model.onnx", 8)
+        onnx_quant.quantize_weights(parts / "layer_000.onnx", tmp_path / "q" / "model.onnx", 8)
     err = capsys.readouterr().err
     assert "exporting qwen2 per layer" in err and "4/4" in err
     assert "quantizing layer_000.onnx to int8" in err

@@ -24,7 +24,7 @@ from mirror_sd.bench.peer_common import PeersUnavailableError, dist_version, say
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
 TARGET_FORMAT = "fp32"  # the target IR's weights unless the plan's target is quantized
 DRAFT_FORMAT = "int8"  # the draft IR's weights unless the plan's draft device says otherwise
-# ours: MatMulNBits symmetric, one scale per 32 weights (graphs/export.quantize_weights);
+# ours: MatMulNBits symmetric, one scale per 32 weights (graphs/onnx_quant.quantize_weights);
 # NNCF's int8 is per output channel (no groups), int4 takes the same group size
 FORMAT_OPTIONS = {
     "fp32": (),

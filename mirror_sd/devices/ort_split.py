@@ -47,17 +47,16 @@ from mirror_sd.devices.ort_placement import (
 from mirror_sd.devices.row_exact import needs_padding, pad_rows
 from mirror_sd.graphs.export import (
     DEFAULT_OPSET,
-    EXTERNAL_DATA_BYTES,
     QUANT_BITS,
     QUANTIZATIONS,
     cache_key,
     cached_entry,
     export_module,
     graph_feeds,
-    quantize_weights,
 )
 from mirror_sd.graphs.layered import layers_entry, range_cached, range_entry
 from mirror_sd.graphs.model import CausalLM
+from mirror_sd.graphs.onnx_quant import EXTERNAL_DATA_BYTES, quantize_weights
 
 _Binding = Any  # ort.IOBinding (its class is not exported under a stable name)
 

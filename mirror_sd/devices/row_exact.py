@@ -32,10 +32,10 @@ def one_row_exact(bits: int) -> bool:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from mirror_sd.graphs.export import (
+    from mirror_sd.graphs.onnx_quant import (
         QUANT_ACCURACY_LEVEL,
         QUANT_BLOCK,
-        _import_matmul_nbits,
+        import_matmul_nbits,
     )
 
     rng = np.random.default_rng(0)
@@ -47,7 +47,7 @@ def one_row_exact(bits: int) -> bool:
         [numpy_helper.from_array(w, "w")],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    nbits = _import_matmul_nbits()
+    nbits = import_matmul_nbits()
     config = nbits.DefaultWeightOnlyQuantConfig(
         block_size=QUANT_BLOCK, is_symmetric=True, accuracy_level=QUANT_ACCURACY_LEVEL, bits=bits
     )

@@ -50,10 +50,10 @@ from mirror_sd.graphs.export import (
     export_program,
     group_shapes,
     io_names,
-    quantize_weights,
 )
 from mirror_sd.graphs.masks import Grouped
 from mirror_sd.graphs.model import CausalLM
+from mirror_sd.graphs.onnx_quant import quantize_weights
 
 LAYOUT = "layers-v3"  # in every key of this module: bump when the parts' interface changes
 
@@ -247,7 +247,7 @@ def range_cached(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any
     `export.io_names`' interface, assembled from the cached parts (exported first if missing)
     and kept beside them, where its external data is: `<layers entry>/range-<first>-<last>
     [-embed].onnx`. With `quantize` ("int8" | "int4") the fp32 range's weights are quantized,
-    (`export.quantize_weights`, row-invariant as a target needs) into an entry of its own
+    (`onnx_quant.quantize_weights`, row-invariant as a target needs) into an entry of its own
     `<type>-<first>-<last>-<quantize>-<hash>/model.onnx`.
     Reused when present. Returns the graph's path.
 

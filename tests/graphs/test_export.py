@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mirror_sd.graphs import export as ex
-from mirror_sd.graphs import load_model
+from mirror_sd.graphs import load_model, onnx_quant
 from mirror_sd.graphs.masks import causal_mask, tree_mask
 from tests.conftest import FAMILIES, make_tiny, save_tiny
 
@@ -133,7 +133,7 @@ def test_stage_ranges_equal_torch(qwen2, tmp_path, first, last, with_embed):
 
 def test_external_data_is_one_file_beside_the_graph(qwen2, tmp_path):
     path = ex.export_stages(qwen2, tmp_path / "m.onnx", 0, 4, True, True, external_data=True)
-    files = ex.model_files(path)
+    files = onnx_quant.model_files(path)
     assert files == [path, tmp_path / "m.onnx.data"]
     assert files[1].stat().st_size > files[0].stat().st_size
     ids, pos, mask = torch.tensor([[1, 2, 3]]), torch.arange(3)[None], causal_mask(0, 3)
@@ -179,7 +179,7 @@ def test_int4_quantizes_matmuls_and_agrees_with_fp32(exported, tmp_path):
 
 def test_quantize_weights_rejects_other_bit_widths(exported, tmp_path):
     with pytest.raises(ValueError, match="bits=3"):
-        ex.quantize_weights(exported[1], tmp_path / "q.onnx", 3)
+        onnx_quant.quantize_weights(exported[1], tmp_path / "q.onnx", 3)
 
 
 def test_bad_layer_range_is_a_clear_error(qwen2, tmp_path):
@@ -247,7 +247,7 @@ def test_export_cache_reuses_an_identical_export(qwen2, tmp_path, fake_export):
     key = {"folder": "/models/x", "files": [["model.safetensors", 10, 123]]}
     first = ex.export_cached(qwen2, tmp_path, key)
     assert first.name == "model.onnx" and first.read_bytes() == b"graph"
-    assert ex.model_files(first) == [first, first.with_name("model.onnx.data")]
+    assert onnx_quant.model_files(first) == [first, first.with_name("model.onnx.data")]
     os.utime(first.parent, (1.0, 1.0))
     assert ex.export_cached(qwen2, tmp_path, dict(key)) == first
     assert len(fake_export) == 1  # the second call exported nothing
