@@ -32,6 +32,7 @@ from mirror_sd.devices.torch_device import TorchRunner
 from mirror_sd.distributed.runner import TPRunner
 from mirror_sd.distributed.target import check_plan, is_tp, tp_target_runner
 from mirror_sd.graphs import zoo
+from mirror_sd.graphs.amphista import AmphistaHeads
 from mirror_sd.graphs.config import ModelConfig, load_config
 from mirror_sd.graphs.loader import load_tokenizer, release_memory
 from mirror_sd.graphs.model_graph import ModelGraph
@@ -57,6 +58,7 @@ from mirror_sd.runtime.drafters.sources import check_source
 from mirror_sd.runtime.plan import DeviceSlot, Plan
 from mirror_sd.runtime.profiling import CALIBRATION_TEXT, profile
 from mirror_sd.simulated import sim_profile, with_absolute_profiles
+from mirror_sd.training.amphista_select import amphista_file
 from mirror_sd.training.exit_select import (
     ExitHeads,
     build_exit_head,
@@ -88,6 +90,7 @@ class Resolved:
     t_cfg: ModelConfig
     d_cfg: ModelConfig | None
     heads: ExitHeads  # trained exit heads found for the target (none for lm_head)
+    amphista: Path | None  # the Amphista heads file (speculation.amphista), which fixes ℓe
     exit_layer: int  # the provisional ℓe the target's runner is built for
     auto: bool  # ℓe, the branch budget or the mode is left to measure and choose
     placement: Placement  # of the graph at the provisional ℓe
@@ -201,6 +204,12 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
     if d_folder is not None:
         _check_tokenizers(t_tok, load_tokenizer(d_folder), str(target), str(draft))
         d_cfg = load_config(d_folder)
+    try:
+        amphista = amphista_file(spec, t_folder, cache)
+    except ValueError as e:
+        raise DeviceMapError("speculation.amphista", str(e), dm.source) from None
+    if amphista is not None:
+        spec = spec.with_(exit_layer=amphista[1])
     heads = exit_head_files(spec, t_folder, cache)
     if len(heads.layers) == 1:
         spec = spec.with_(exit_layer=heads.layers[0])
@@ -236,7 +245,8 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
     return Resolved(
         names=(str(target), None if draft is None else str(draft)), dm=dm, spec=spec,
         mode_asked=mode_asked, t_folder=t_folder, d_folder=d_folder, t_tok=t_tok, t_cfg=t_cfg,
-        d_cfg=d_cfg, heads=heads, exit_layer=exit_layer,
+        d_cfg=d_cfg, heads=heads, amphista=amphista[0] if amphista else None,
+        exit_layer=exit_layer,
         auto="auto" in (spec.exit_layer, spec.branch_budget, spec.mode), placement=placement,
         t_alias=t_alias, d_alias=d_alias, t_split=t_split, d_split=d_split, budget=budget,
         precision=precision,
@@ -244,7 +254,7 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
         # sim devices: plan from their profiles (no measuring), run on the host (simulated.py)
         profile_data=profile_data or sim_profile(dm, t_spec, d_spec, t_cfg.num_layers),
         keep_model=bool(heads.files or spec.draft_vocab_size or draft_trim is not None
-                        or spec.exit_vocab_size),
+                        or spec.exit_vocab_size or amphista),
     )  # fmt: skip
 
 
@@ -366,6 +376,7 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
     if spec.exit_layer != r.exit_layer:
         placement = place(graph, r.dm.with_speculation(spec))
     exit_head = build_exit_head(spec, spec.exit_layer, r.heads, t_model, b.e_trim)
+    amphista = AmphistaHeads.load(r.amphista, t_model) if r.amphista is not None else None
     # with `mode: auto` stream rows run unless the measured profile says the one-token chain
     # is cheaper; a mode given by the user runs them as asked
     streams_used = b.d_streams is not None and (
@@ -407,6 +418,7 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         batch_policy=report.batch_policy,
         draft_streams=b.d_streams.ids() if streams_used else (),
         trees=tree_rounding(r.t_spec),
+        amphista=amphista,
     )
 
 

@@ -71,6 +71,8 @@ def describe(plan: Plan) -> str:
     )  # fmt: skip
     if info.exit_heads is not None and info.exit_heads.files:
         lines.append(info.exit_heads.table())
+    if plan.amphista is not None:  # they propose each next block (runtime/head_drafts.py)
+        lines.append(plan.amphista.describe())
     if info.choice:
         lines.append(info.choice.explain())
     if info.batch_policy:

@@ -45,6 +45,9 @@ def save(plan: Plan, folder: str | Path) -> Path:
     if plan.exit_head is not None and plan.exit_head.trained:  # the head file travels along
         plan.exit_head.save(folder / "exit_head.pt")
         doc["device_map"]["speculation"]["exit_head"] = "exit_head.pt"
+    if plan.amphista is not None:  # the heads file too
+        plan.amphista.save(folder / "amphista.pt")
+        doc["device_map"]["speculation"]["amphista"] = "amphista.pt"
     (folder / "plan.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     info.graph.save(folder / "graph.json")
     if info.profile:
@@ -66,6 +69,8 @@ def load(folder: str | Path) -> Plan:
     spec_doc = doc["device_map"].get("speculation", {})
     if spec_doc.get("exit_head") not in (None, "lm_head", "trained"):  # saved beside plan.yaml
         spec_doc["exit_head"] = str(folder / spec_doc["exit_head"])
+    if spec_doc.get("amphista") not in (None, "none", "trained"):
+        spec_doc["amphista"] = str(folder / spec_doc["amphista"])
     trim_doc = doc.get("draft_vocab_trim") or {}
     extra = {"draft_trim": folder / trim_doc["file"]} if trim_doc else {}
     plan = compile(doc["target"], doc["draft"], doc["device_map"], onnx_dir=folder / "onnx",

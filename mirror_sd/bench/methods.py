@@ -9,7 +9,9 @@
     (+ pld, sam, hd, mirror+sam: model-free draft sources; speculative+conf, mirror+conf,
      speculative+entropy, mirror+entropy: draft-length policies; speculative+streams,
      mirror+streams: the draft's stream rows, on a plan compiled with them; speculative+tree:
-     the draft's 2 next-best tokens per depth verified as sibling leaves)
+     the draft's 2 next-best tokens per depth verified as sibling leaves;
+     speculative+amphista (+tree), mirror+amphista: the Amphista heads' blocks, on a plan
+     compiled with them)
     speculative+conf+sam  SAM-Decoding's hybrid: a suffix-automaton match long enough is the
                  block, else the draft model drafts until its confidence drops (at most
                  HYBRID_MAX_DRAFT tokens: with a confidence stop γ is only a ceiling)
@@ -70,19 +72,36 @@ STREAM_METHODS = {f"{mode}+streams": {"mode": mode} for mode in ("speculative", 
 # token trees: the draft's next-best tokens at each depth as sibling leaves (greedy)
 TREE_SIBLINGS = 2
 TREE_METHODS = {"speculative+tree": {"mode": "speculative", "tree_siblings": TREE_SIBLINGS}}
+# Amphista heads (SpecConfig.amphista) on the target's hidden state: the plan must be compiled
+# with them (`--set amphista=trained`); alone (no draft model) or as mirror's block source
+HEAD_METHODS = {
+    "speculative+amphista": {"mode": "speculative", "model_draft": False},
+    "speculative+amphista+tree": {"mode": "speculative", "model_draft": False,
+                                  "tree_siblings": TREE_SIBLINGS},
+    "mirror+amphista": {"mode": "mirror"},
+}  # fmt: skip
+# what a plan must be compiled with for a method to run: setting -> (its methods, the hint)
+COMPILED_FEATURES = {
+    "draft_streams": (STREAM_METHODS, "--set draft_streams=trained (after `mirror-sd train "
+                      "streams`) and a fixed mode (--set mode=speculative): with mode auto the "
+                      "cost model may turn them off"),
+    "amphista": (HEAD_METHODS, "--set amphista=trained (after `mirror-sd train amphista`)"),
+}  # fmt: skip
 PLAN_METHODS = {
     **{k: {"mode": v} for k, v in PLAN_MODES.items()},
     **STREAM_METHODS,
+    **HEAD_METHODS,
     **TREE_METHODS,
     **RETRIEVAL_METHODS,
     **POLICY_METHODS,
     **HYBRID_METHODS,
 }
 ALL_METHODS = HF_METHODS + tuple(PLAN_MODES)  # the default set
-# everything the base install runs on any plan (the stream methods need a plan compiled with
-# stream rows)
-KNOWN_METHODS = HF_METHODS + tuple(m for m in PLAN_METHODS if m not in STREAM_METHODS)
-SELECTABLE_METHODS = KNOWN_METHODS + tuple(STREAM_METHODS) + PEER_METHODS  # + peers' extras
+# everything the base install runs on any plan (the stream and head methods need a plan
+# compiled with stream rows / heads)
+NEEDS_COMPILED = tuple(m for methods, _ in COMPILED_FEATURES.values() for m in methods)
+KNOWN_METHODS = HF_METHODS + tuple(m for m in PLAN_METHODS if m not in NEEDS_COMPILED)
+SELECTABLE_METHODS = KNOWN_METHODS + NEEDS_COMPILED + PEER_METHODS  # + peers' extras
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as Spec-Bench's PLD baseline
 NEAR_TIE = 1e-3  # a top-2 logit margin below this explains a mismatch by rounding
 
@@ -189,15 +208,12 @@ class PlanMethod:
         self.name, self.plan, self.eos = name, plan, list(eos)
         self.settings = dict(PLAN_METHODS[name])
         self.mode = self.settings["mode"]
-        compiled = getattr(getattr(plan, "spec", None), "draft_streams", "none")
-        if name in STREAM_METHODS and compiled == "none":
-            raise ValueError(
-                f"method {name!r} needs a plan compiled with stream rows: add "
-                "--set draft_streams=trained (after `mirror-sd train streams`) and a fixed "
-                "mode (--set mode=speculative): with mode auto the cost model may turn them off"
-            )
-        if name not in STREAM_METHODS and compiled != "none":
-            self.settings["draft_streams"] = "none"  # one draft token per forward
+        for key, (methods, hint) in COMPILED_FEATURES.items():
+            compiled = getattr(getattr(plan, "spec", None), key, "none")
+            if name in methods and compiled == "none":
+                raise ValueError(f"method {name!r} needs a plan compiled with {key}: add {hint}")
+            if name not in methods and compiled != "none":
+                self.settings[key] = "none"  # the other methods run without it
 
     def describe(self) -> dict:
         budget = self.plan.thread_budget() if hasattr(self.plan, "thread_budget") else None

@@ -29,6 +29,9 @@ class SpecConfig:
     exit_vocab_size: int = 0  # VocabTrim for the exit head: K most frequent target tokens; 0 = all
     draft_vocab_size: int = 0  # VocabTrim for the draft's LM head: K tokens; 0 = full vocabulary
     draft_streams: str = "none"  # speculative streaming: "none", "trained" or a stream table folder
+    # Amphista heads on the target's hidden state at ℓe propose each next block: "none",
+    # "trained" (the heads `mirror-sd train amphista` cached for this target) or a heads file
+    amphista: str = "none"
     tree_siblings: int = (
         0  # speculative, greedy: the draft's next-best tokens per depth as tree leaves
     )
@@ -69,6 +72,11 @@ class SpecConfig:
                 f"speculation.draft_streams {self.draft_streams!r}: expected 'none', 'trained' "
                 "(the stream rows `mirror-sd train streams` cached for this draft and target) "
                 "or the folder of a stream table"
+            )
+        if not isinstance(self.amphista, str) or not self.amphista:
+            raise ValueError(
+                f"speculation.amphista {self.amphista!r}: expected 'none', 'trained' (the heads "
+                "`mirror-sd train amphista` cached for this target) or the path of a heads file"
             )
         for name in ("exit_vocab_size", "draft_vocab_size", "tree_siblings"):
             v = getattr(self, name)

@@ -210,12 +210,14 @@ class PackedCache:
         toks[start:] = [toks[start + i] for i in keep]
         self._shrink()
 
-    def forward_prefix(self, new: Mapping[Hashable, Sequence[int]]) -> torch.Tensor:
-        """A `SplitRunner`'s prefix on the packed new tokens -> hidden (1, T, D); the rows are
-        recorded by the `forward_suffix` that must follow (no compaction in between)."""
+    def forward_prefix(self, new: Mapping[Hashable, Sequence[int]],
+                       trees: Mapping[Hashable, Sequence[int]] | None = None) -> torch.Tensor:  # fmt: skip
+        """A `SplitRunner`'s prefix on the packed new tokens (token trees as in `forward`) ->
+        hidden (1, T, D); the rows are recorded by the `forward_suffix` that must follow (no
+        compaction in between)."""
         new = {sid: list(toks) for sid, toks in new.items() if toks}
         self._room(sum(len(t) for t in new.values()))
-        inputs = self.inputs(new)
+        inputs = self.inputs(new, trees)
         self._pending = (new, self.runner.length, inputs)
         self._busy = True  # until the suffix records the rows
         return self.runner.forward_prefix(*inputs)

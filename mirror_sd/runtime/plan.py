@@ -61,6 +61,7 @@ class Plan:
         batch_policy: tuple[BatchSetting, ...] = (),
         draft_streams: Sequence[int] = (),
         trees: str | None = None,
+        amphista=None,
     ):
         self.target, self.draft = target, draft
         self.target_device, self.draft_device = target_device, draft_device
@@ -70,6 +71,7 @@ class Plan:
         self.report = report  # what compile() decided and measured (describe(), save())
         self.accept_rate = accept_rate  # the measured α: the prior for ranking branches
         self.exit_head = exit_head  # graphs.heads.ExitHead, or None: the runner's own head
+        self.amphista = amphista  # graphs.amphista.AmphistaHeads at ℓe, or None
         self.batch_policy = batch_policy  # mode and γ per live batch size (partition.batch_policy)
         self.device_specs = device_specs  # (target's, draft's) map entries: the thread budget
         self.draft_streams = list(draft_streams)  # input ids of the draft's stream rows
@@ -194,9 +196,10 @@ class Plan:
             streams = self.draft_streams if spec.draft_streams != "none" else ()
             engine = DraftEngine(self.draft, self.packed_cache("draft", spec), streams)
         exit_head = self.exit_head.exit_logits if self.exit_head is not None else None
+        heads = self.amphista if spec.amphista != "none" else None
         return VerificationScheduler(self.target, self.target_pipe, engine, self.draft_pipe,
                                      settings, tracer, exit_head,
-                                     self.packed_cache("target", spec))  # fmt: skip
+                                     self.packed_cache("target", spec), heads)  # fmt: skip
 
     def packed_cache(self, role: str, spec: SpecConfig) -> PackedCache:
         """The packed cache of the `role` ("target" | "draft") runner for a round loop under
@@ -276,10 +279,16 @@ class Plan:
                 "compile(); compile with speculation.draft_streams to run them (a call can "
                 "only turn them off, with 'none')"
             )
+        if spec.amphista not in ("none", self.spec.amphista):
+            raise ValueError(
+                f"amphista {spec.amphista!r}: the heads are loaded by compile(); compile with "
+                "speculation.amphista to run them (a call can only turn them off, with 'none')"
+            )
         if spec.tree_siblings and self.no_trees:
             raise ValueError(f"tree_siblings: {self.no_trees}")
         check_block_bounds(spec, "<generate()>")  # a call's γ / trees / budget, as compile()'s
-        has_draft = (self.draft is not None and spec.model_draft) or spec.retrieval != "none"
+        has_draft = ((self.draft is not None and spec.model_draft) or spec.retrieval != "none"
+                     or (self.amphista is not None and spec.amphista != "none"))  # fmt: skip
         mode = spec.mode if has_draft else "autoregressive"
         if not isinstance(spec.branch_budget, int):
             raise ValueError(

@@ -4,8 +4,9 @@ Batch 1 is a batch of one: `plan.generate(prompt)`, `plan.generate([...])` and t
 `batch_session()` all run this loop. One round over the live sequences:
 
     PROPOSE   per sequence without a block: its retrieval source's proposal when the match
-              is long enough (`Combined`), else the model draft (all of those in one packed
-              chain on the draft pipeline, `DraftEngine.chain`)
+              is long enough (`Combined`), else the block the Amphista heads read off the
+              target's hidden state last round (`head_drafts`), else the model draft (all of
+              those in one packed chain on the draft pipeline, `DraftEngine.chain`)
     VERIFY    target pipeline: the blocks [x_n, d_1..d_γ] of all live sequences packed into
               one forward (`PackedCache`); each sequence gets its own verdict.
               mirror: PREFIX (layers [0, ℓe)) + EXIT head -> top-κ candidates per position
@@ -40,6 +41,7 @@ from mirror_sd.runtime.draft_engine import Draft, DraftEngine
 from mirror_sd.runtime.draft_policy import NEVER_STOP, DraftPolicy
 from mirror_sd.runtime.drafters import Combined, DraftSource
 from mirror_sd.runtime.fallback import DraftFailed, await_draft, drop_draft
+from mirror_sd.runtime.head_drafts import HeadDrafts, Heads
 from mirror_sd.runtime.packing import PackedCache
 from mirror_sd.runtime.pipelines import Pipeline
 from mirror_sd.runtime.token_tree import TokenTree, verify_tree_greedy
@@ -126,9 +128,12 @@ class VerificationScheduler:
         tracer: Tracer,
         exit_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
         target_cache: PackedCache | None = None,
+        heads: Heads | None = None,
     ):
         """`target_cache`: the target's packed cache kept from earlier generations (prefix
-        caching, `Plan.packed_cache`); a new, empty one when None."""
+        caching, `Plan.packed_cache`); a new, empty one when None. `heads`: Amphista heads
+        on the target's hidden state at ℓe, which propose each sequence's next block
+        (`runtime.head_drafts`)."""
         self.target = target_cache if target_cache is not None else PackedCache(target)
         self.tp = target_pipe
         self.draft, self.dp = draft, draft_pipe
@@ -136,6 +141,7 @@ class VerificationScheduler:
         self.exit_logits = exit_head or target.exit_logits  # hidden (1, T, D) -> (T, V)
         self.state = RunState()
         self.next_blocks: dict[int, Draft] = {}  # mirror: a hit branch's rollout per sequence
+        self.heads = HeadDrafts(heads) if heads is not None else None
         self._gates: dict[int, Combined] = {}  # per sequence: its retrieval, gated by match
         self._judged = self._taken = 0  # draft tokens verified / accepted (running α)
         self._produced = 0  # tokens committed over all sequences (the "tokens" counter)
@@ -206,8 +212,11 @@ class VerificationScheduler:
     def _propose(self, live: list[SeqState]) -> tuple[dict[int, Draft], float]:
         """Each live sequence's block and the model's drafting time: a hit branch's rollout
         kept from the last round, else its retrieval proposal when the match is long enough,
-        else the model draft (all of those in one chain); empty without a proposer."""
+        else the heads' block from the last round, else the model draft (all of those in one
+        chain); empty without a proposer."""
         blocks = {s.index: self.next_blocks.pop(s.index, None) for s in live}
+        heads = {s.index: self.heads.take(s.index, self.s.gamma) if self.heads else None
+                 for s in live}  # fmt: skip
         empty = Draft([], None, source="target")
         if self.s.mode == "autoregressive":
             return {k: empty for k in blocks}, 0.0
@@ -219,6 +228,8 @@ class VerificationScheduler:
             p = gate.propose(self.s.gamma) if gate is not None else None
             if p is not None and p.tokens:
                 blocks[seq.index] = Draft(list(p.tokens), p.q, source=p.source)
+            elif heads[seq.index] is not None:
+                blocks[seq.index] = heads[seq.index]
             else:
                 need[seq.index] = seq.committed
         t_draft = 0.0
@@ -288,8 +299,18 @@ class VerificationScheduler:
         rows = {s.index: trees[s.index].tokens if s.index in trees
                 else [s.committed[-1], *blocks[s.index].tokens] for s in live}  # fmt: skip
         parents = {k: t.parents for k, t in trees.items()}
-        logits = self.tp.submit(self.tracer, "target.verify", self.target.forward, rows,
-                                parents).result()  # fmt: skip
+        hidden = None
+        if self._heads_on():
+
+            def verify():  # the hidden state at ℓe is what the heads read
+                h = self.target.forward_prefix(rows, parents)
+                return h, self.target.forward_suffix(h)
+
+            hidden, logits = self.tp.submit(self.tracer, "target.verify", verify).result()
+            hidden = self.target.split(rows, hidden[0])
+        else:
+            logits = self.tp.submit(self.tracer, "target.verify", self.target.forward, rows,
+                                    parents).result()  # fmt: skip
         t2 = self.tracer.now()
         new = {}
         for seq in live:
@@ -307,6 +328,9 @@ class VerificationScheduler:
                 new[seq.index], v = [*tv.tokens, tv.correction], tv.as_verdict()
                 if any(i > len(block.tokens) for i in tv.accepted):
                     source = f"{source}-tree"  # the accepted path took a sibling leaf
+            if hidden is not None:  # the last accepted row: a chain's a-th, a tree's node
+                last = v.accepted if tree is None else tv.keep_rows[-1]
+                self._heads_after(seq, hidden[seq.index][last])
             seq.rounds.append(RoundLog(
                 v.accepted, v.accepted + 1, None, t_suf=t2 - t1, t_draft=t_draft,
                 exposed=t_draft, source=source, drafted=len(block.tokens),
@@ -345,6 +369,7 @@ class VerificationScheduler:
         logits = suffix.result()
         t2 = self.tracer.now()
         verdicts, new = {}, {}
+        heads = self.target.split(rows, hidden[0]) if self._heads_on() else None
         for seq in live:
             block = blocks[seq.index]
             self._observe(seq, rows[seq.index], logits[seq.index])
@@ -357,6 +382,8 @@ class VerificationScheduler:
                 t_draft=t_draft, exposed=t_draft, branches=len(work[seq.index][2]),
                 source=block.source, drafted=len(block.tokens), hit_rank=rank,
             ))  # fmt: skip
+            if heads is not None:  # the next block when no branch hits
+                self._heads_after(seq, heads[seq.index][v.accepted])
         try:
             rollouts = self._draft_result(rollout)
         except DraftFailed:
@@ -383,6 +410,15 @@ class VerificationScheduler:
                 self.next_blocks[seq.index] = Draft(hit.draft.tokens, hit.draft.q, source="branch")
         self.draft.end_rollouts()
         return new
+
+    def _heads_on(self) -> bool:
+        return self.heads is not None and self.s.mode != "autoregressive"
+
+    def _heads_after(self, seq: SeqState, hidden_row: torch.Tensor) -> None:
+        """The heads' block for the sequence's next round; sibling leaves (a tree) only where
+        a speculative round verifies them (greedy)."""
+        tree = self.s.mode == "speculative" and seq.sampling.greedy
+        self.heads.after(seq.index, hidden_row, self.s.gamma, self.s.tree_siblings if tree else 0)
 
     def _accept_rate(self) -> float:
         """Running estimate of the per-token acceptance α of the draft tokens verified so far,
@@ -412,5 +448,7 @@ class VerificationScheduler:
         self.target.drop(seq.index)
         self.next_blocks.pop(seq.index, None)
         self._gates.pop(seq.index, None)
+        if self.heads is not None:
+            self.heads.drop(seq.index)
         if self.draft is not None and not self.state.draft_hung and seq.index in self.draft.gens:
             self.draft.drop(seq.index)

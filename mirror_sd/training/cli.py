@@ -1,5 +1,5 @@
-"""`mirror-sd train exit-head | adapter | streams` and `mirror-sd calibrate vocab`: the command
-lines of the training modules, which hold library code only.
+"""`mirror-sd train exit-head | amphista | adapter | streams` and `mirror-sd calibrate vocab`:
+the command lines of the training modules, which hold library code only.
 
 Each command is an `add_arguments(parser)` and a `run(args) -> int`; the library module
 loads when the parser is built (its defaults are the arguments' defaults).
@@ -75,6 +75,85 @@ def _exit_head(args: argparse.Namespace) -> int:
         print(f"{layer:>3}  {m['lens']['top1']:>9.3f}  {m['lens']['top4']:>9.3f}  "
               f"{m['trained']['top1']:>9.3f}  {m['trained']['top4']:>9.3f}  {m['train_seconds']:>7}")  # fmt: skip
     print(f"heads written to {out}")
+    return 0
+
+
+# --- train amphista --------------------------------------------------------------------------
+def _amphista_arguments(p: argparse.ArgumentParser) -> None:
+    from mirror_sd.training.amphista import DEFAULTS
+
+    p.add_argument("target", help="a known model name or a local HF folder")
+    p.add_argument("--layer", type=int, default=DEFAULTS["layer"],
+                   help="ℓ: the heads read the hidden state entering this layer (default: the "
+                        "deepest trained exit head's ℓe, else 3N/4)")  # fmt: skip
+    p.add_argument("--heads", type=int, default=DEFAULTS["heads"],
+                   help="K: tokens guessed after the target's next one")  # fmt: skip
+    p.add_argument("--rank", type=int, default=DEFAULTS["rank"],
+                   help="adapter width and attention width")  # fmt: skip
+    p.add_argument("--vocab", type=int, default=DEFAULTS["vocab"],
+                   help="VocabTrim K: LM-head rows the heads keep (0 = all)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="positions per step")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--chunks", type=int, default=40,
+                   help=f"corpus chunks (last {DEFAULTS['holdout']} held out)")  # fmt: skip
+    p.add_argument("--chunk-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None, help="cache folder (default $MIRROR_SD_CACHE)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help="train even if the same heads are cached")
+
+
+def _amphista(args: argparse.Namespace) -> int:
+    from mirror_sd.graphs import zoo
+    from mirror_sd.graphs.export import source_identity
+    from mirror_sd.graphs.loader import load_model, load_tokenizer
+    from mirror_sd.graphs.vocab_trim import VocabTrim
+    from mirror_sd.training import amphista
+    from mirror_sd.training.collect import collect_cached
+    from mirror_sd.training.corpus import build_corpus
+    from mirror_sd.training.exit_head import trained_heads
+
+    folder = zoo.resolve_model(args.target, cache=args.cache)
+    model = load_model(folder, "float32")
+    n = model.num_layers
+    layer = args.layer
+    if layer is None:
+        layer = max(trained_heads(args.cache, folder), default=3 * n // 4)
+    holdout = amphista.DEFAULTS["holdout"]
+    amphista.check_settings(n, layer, args.heads, args.rank, args.steps, args.batch, args.chunks,
+                            holdout)  # fmt: skip
+    k = args.vocab or model.config.vocab_size
+    path = amphista.amphista_path(args.cache, folder, layer, args.heads, args.rank, k)
+    corpus = build_corpus(load_tokenizer(folder), args.chunks, args.chunk_len, args.seed)
+    print(f"corpus: {corpus.description} ({corpus.identity})")
+    meta = amphista.cached_meta(path)
+    done = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed}
+    same = meta.get("corpus_identity") == corpus.identity and all(
+        meta.get("settings", {}).get(key) == value for key, value in done.items()
+    )
+    if same and not args.force:
+        print(f"cached: {path}")
+        return 0
+    col = collect_cached(model, json.dumps(source_identity(folder)), corpus, [layer],
+                         zoo.cache_dir(args.cache) / "train")  # fmt: skip
+    counts = col.counts(model.config.vocab_size)
+    trim = VocabTrim.from_counts(counts, k, source=f"{folder.name} argmax over {corpus.identity}")
+    print(f"VocabTrim K={k}: covers {trim.coverage(counts):.3f} of the target's choices")
+    heads = amphista.train_amphista(model, col, layer, args.heads, trim, args.rank, args.steps,
+                                    args.batch, args.lr, holdout, args.seed,
+                                    checkpoint=path.with_suffix(".ckpt"))  # fmt: skip
+    heads.meta.update(corpus=corpus.description, corpus_identity=corpus.identity)
+    heads.save(path)
+    lens, m = heads.meta["lens"], heads.meta["trained"]
+    print(f"amphista heads at ℓ={layer}: {args.heads} heads, rank {args.rank}, "
+          f"{heads.meta['train_seconds']} s; held-out agreement with the target's token")  # fmt: skip
+    print(f"{'head':>4}  {'lens top1':>9}  {'lens top4':>9}  {'head top1':>9}  {'head top4':>9}")
+    for j in range(args.heads):
+        print(f"{j + 1:>4}  {lens['top1'][j]:>9.3f}  {lens['top4'][j]:>9.3f}  "
+              f"{m['top1'][j]:>9.3f}  {m['top4'][j]:>9.3f}")  # fmt: skip
+    print(f"chain (mean leading heads right): lens {lens['chain']:.3f}, heads {m['chain']:.3f}")
+    print(f"heads written to {path}")
     return 0
 
 
@@ -236,6 +315,10 @@ def _commands() -> dict:
         ("train", "exit-head"): (
             _exit_head_arguments, _exit_head,
             "train the target's exit head at ℓe (adapter before the shared LM head)",
+        ),
+        ("train", "amphista"): (
+            _amphista_arguments, _amphista,
+            "train Amphista heads: K tokens guessed from the target's hidden state at ℓ",
         ),
         ("train", "adapter"): (
             _adapter_arguments, _adapter,

@@ -1,5 +1,6 @@
-"""The benchmark's stream methods: `+streams` needs a plan compiled with stream rows, and
-every other plan method runs such a plan without them (one draft token per forward)."""
+"""The benchmark's methods that need a compiled feature: `+streams` a plan compiled with
+stream rows, `+amphista` one compiled with Amphista heads; every other plan method runs such
+a plan without them (one draft token per forward; no head blocks)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ def test_other_methods_turn_a_plans_streams_off():
     assert PlanMethod("speculative", with_rows, []).settings["draft_streams"] == "none"
     assert PlanMethod("speculative+conf+sam", with_rows, []).settings["draft_streams"] == "none"
     assert "draft_streams" not in PlanMethod("speculative", _plan("none"), []).settings
+
+
+def test_head_methods_need_heads_and_others_turn_them_off():
+    with pytest.raises(ValueError, match="--set amphista=trained"):
+        PlanMethod("speculative+amphista", _plan("none"), [])
+    heads = SimpleNamespace(spec=SpecConfig(amphista="trained"))
+    alone = PlanMethod("speculative+amphista", heads, [])
+    assert alone.settings == {"mode": "speculative", "model_draft": False}
+    assert PlanMethod("mirror+amphista", heads, []).settings == {"mode": "mirror"}
+    assert PlanMethod("speculative", heads, []).settings["amphista"] == "none"
+    assert parse_methods("speculative+amphista+tree") == ("speculative+amphista+tree",)
 
 
 def test_tree_method_asks_for_sibling_leaves():
