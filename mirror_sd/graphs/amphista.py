@@ -20,14 +20,13 @@ verifies every token, so no head can change the output.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mirror_sd.graphs.heads import Adapter, ExitHead
+from mirror_sd.graphs.heads import Adapter, ExitHead, read_state, write_state
 from mirror_sd.graphs.model import CausalLM, RMSNorm
 from mirror_sd.graphs.vocab_trim import VocabTrim
 
@@ -128,8 +127,6 @@ class AmphistaHeads(nn.Module):
 
     # --- files ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "version": AMPHISTA_FORMAT_VERSION,
             "kind": KIND,
@@ -143,10 +140,7 @@ class AmphistaHeads(nn.Module):
             "weights": self.trained_state(),
             "meta": self.meta,
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
-        return path
+        return write_state(path, state)
 
     @classmethod
     def load(cls, path: str | Path, model: CausalLM) -> AmphistaHeads:
@@ -155,11 +149,8 @@ class AmphistaHeads(nn.Module):
         Raises:
             ValueError: not a heads file of this format, or trained for another target shape.
         """
-        try:
-            d = torch.load(Path(path), weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            raise ValueError(f"{path}: not a readable amphista heads file ({exc})") from exc
-        if not isinstance(d, dict) or d.get("kind") != KIND:
+        d = read_state(path, "amphista heads")
+        if d.get("kind") != KIND:
             raise ValueError(f"{path}: not an amphista heads file: {RETRAIN}")
         if d.get("version") != AMPHISTA_FORMAT_VERSION:
             raise ValueError(f"{path}: heads file format {d.get('version')}, this runtime reads "

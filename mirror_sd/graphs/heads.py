@@ -30,6 +30,28 @@ from mirror_sd.graphs.vocab_trim import VocabTrim
 HEAD_FORMAT_VERSION = 1
 
 
+def write_state(path: str | Path, state: dict[str, Any]) -> Path:
+    """`torch.save` a head file's dict atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_state(path: str | Path, what: str) -> dict[str, Any]:
+    """A head file's dict (tensors and plain values only; ValueError naming `what` the file
+    should have been when it cannot be read as one)."""
+    try:
+        d = torch.load(Path(path), weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path}: not a readable {what} file ({exc})") from exc
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: holds no {what} dict")
+    return d
+
+
 class Adapter(nn.Module):
     """Residual MLP h + up(silu(down(norm(h)))); `up` starts at zero, so an untrained adapter
     is the identity and training starts from the logit lens."""
@@ -98,8 +120,6 @@ class ExitHead(nn.Module):
 
     # --- files ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "version": HEAD_FORMAT_VERSION,
             "layer": self.layer,
@@ -112,20 +132,14 @@ class ExitHead(nn.Module):
             else None,
             "meta": self.meta,
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
-        return path
+        return write_state(path, state)
 
     @classmethod
     def load(cls, path: str | Path, model: CausalLM) -> ExitHead:
         """Rebuild a saved head around `model`'s own norm and LM head (the file holds only the
         adapter, the kept ids and metadata; the big rows come from the model)."""
-        try:
-            d = torch.load(Path(path), weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            raise ValueError(f"{path}: not a readable exit-head file ({exc})") from exc
-        if not isinstance(d, dict) or d.get("version") != HEAD_FORMAT_VERSION:
+        d = read_state(path, "exit-head")
+        if d.get("version") != HEAD_FORMAT_VERSION:
             raise ValueError(f"{path}: not an exit-head file of format {HEAD_FORMAT_VERSION}")
         if d["vocab_size"] != model.config.vocab_size:
             raise ValueError(
