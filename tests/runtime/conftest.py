@@ -57,7 +57,8 @@ def plan_factory():
         p.close()
 
 
-CHI2_99_9 = {5: 20.52, 35: 66.62}  # χ² critical values at 99.9% for 5 and 35 degrees of freedom
+# χ² critical values at 99.9% by degrees of freedom: V - 1 and V² - 1 for V = 6 and V = 8
+CHI2_99_9 = {5: 20.52, 7: 24.32, 35: 66.62, 63: 103.44}
 
 
 def chi2(counts, p) -> float:
