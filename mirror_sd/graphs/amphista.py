@@ -26,7 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mirror_sd.graphs.heads import Adapter, ExitHead, read_state, write_state
+from mirror_sd.graphs.heads import (
+    Adapter,
+    ExitHead,
+    read_state,
+    trim_from_state,
+    trim_state,
+    write_state,
+)
 from mirror_sd.graphs.model import CausalLM, RMSNorm
 from mirror_sd.graphs.vocab_trim import VocabTrim
 
@@ -135,8 +142,7 @@ class AmphistaHeads(nn.Module):
             "rank": self.rank,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
-            "keep": torch.tensor(self.trim.keep) if self.trim else None,
-            "trim_source": self.trim.source if self.trim else "",
+            **trim_state(self.trim),
             "weights": self.trained_state(),
             "meta": self.meta,
         }
@@ -161,9 +167,6 @@ class AmphistaHeads(nn.Module):
                 f"{path}: trained for a vocabulary of {d['vocab_size']} and width "
                 f"{d['hidden_size']}, the target has {c.vocab_size} and {c.hidden_size}: {RETRAIN}"
             )
-        trim = None
-        if d["keep"] is not None:
-            trim = VocabTrim(tuple(d["keep"].tolist()), d["vocab_size"], d["trim_source"])
-        heads = cls(model, d["layer"], d["heads"], trim, d["rank"], d["meta"])
+        heads = cls(model, d["layer"], d["heads"], trim_from_state(d), d["rank"], d["meta"])
         heads.load_trained_state(d["weights"])
         return heads.eval()

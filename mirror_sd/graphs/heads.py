@@ -40,6 +40,19 @@ def write_state(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def trim_state(trim: VocabTrim | None) -> dict[str, Any]:
+    """A head file's entries for its VocabTrim (None: the full vocabulary)."""
+    return {"keep": torch.tensor(trim.keep) if trim else None,
+            "trim_source": trim.source if trim else ""}  # fmt: skip
+
+
+def trim_from_state(d: dict[str, Any]) -> VocabTrim | None:
+    """The VocabTrim `trim_state` wrote into a head file's dict `d` (with its "vocab_size")."""
+    if d["keep"] is None:
+        return None
+    return VocabTrim(tuple(d["keep"].tolist()), d["vocab_size"], d["trim_source"])
+
+
 def read_state(path: str | Path, what: str) -> dict[str, Any]:
     """A head file's dict (tensors and plain values only; ValueError naming `what` the file
     should have been when it cannot be read as one)."""
@@ -124,8 +137,7 @@ class ExitHead(nn.Module):
             "version": HEAD_FORMAT_VERSION,
             "layer": self.layer,
             "vocab_size": self.vocab_size,
-            "keep": torch.tensor(self.trim.keep) if self.trim else None,
-            "trim_source": self.trim.source if self.trim else "",
+            **trim_state(self.trim),
             "rank": self.adapter.down.out_features if self.adapter else 0,
             "adapter": {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
             if self.adapter
@@ -146,10 +158,7 @@ class ExitHead(nn.Module):
                 f"{path}: trained for a vocabulary of {d['vocab_size']}, the target has "
                 f"{model.config.vocab_size}: train a head for this target (mirror-sd train exit-head)"
             )
-        trim = None
-        if d["keep"] is not None:
-            trim = VocabTrim(tuple(d["keep"].tolist()), d["vocab_size"], d["trim_source"])
-        head = cls(model, d["layer"], trim, d["rank"], d["meta"])
+        head = cls(model, d["layer"], trim_from_state(d), d["rank"], d["meta"])
         if head.adapter is not None:
             head.adapter.load_state_dict(d["adapter"])
         return head.eval()

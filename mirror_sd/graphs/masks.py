@@ -40,7 +40,7 @@ def tree_mask(
     return mask
 
 
-def sliding_window(mask, window: int):
+def sliding_window(mask: torch.Tensor | Grouped, window: int) -> torch.Tensor | Grouped:
     """`mask` (B, T, S + T) narrowed for a sliding-window attention layer: each row keeps only
     the `window` most recent keys it sees (itself included), which is Hugging Face's rule
     `query_pos - key_pos < window` because the keys a row sees are its own history, one key per

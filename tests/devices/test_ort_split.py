@@ -21,7 +21,7 @@ from mirror_sd.devices.ort_core import OrtDevice
 from mirror_sd.devices.ort_split import OrtSplitRunner
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.graphs import load_model
-from mirror_sd.graphs.export import source_identity
+from mirror_sd.graphs.export import graph_feeds, source_identity
 from mirror_sd.graphs.kv_cache import CacheFullError
 from mirror_sd.graphs.masks import causal_mask, tree_mask
 from mirror_sd.graphs.model import CausalLM
@@ -291,3 +291,21 @@ def test_quantized_target_rows_do_not_depend_on_the_block(target, quant):
         for i, tok in enumerate(block)
     ])  # fmt: skip
     assert torch.equal(alone, together)
+
+
+def test_one_forward_regroups_its_mask_once_and_a_new_mask_afresh():
+    """The prefix and the suffix of a forward share the mask: its grouped inputs are computed
+    once (`_feeds`); any other mask gets its own, equal to `graph_feeds` of it."""
+    runner = OrtSplitRunner.__new__(OrtSplitRunner)  # the method needs no sessions
+    runner._last_feeds = None
+    packed = causal_mask(4, 3)
+    packed[0, 2, :2] = False  # the last row reads another key list: two groups
+    first = runner._feeds(packed)
+    assert runner._feeds(packed.clone()) is first  # same content: no second regrouping
+    chain = runner._feeds(causal_mask(4, 3))
+    assert chain is not first
+    for feeds, mask in ((first, packed), (chain, causal_mask(4, 3))):
+        want = graph_feeds(mask)
+        assert feeds.keys() == want.keys()
+        assert all(np.array_equal(feeds[k], want[k]) for k in want)
+    assert first["key_index"].shape[0] == 2 and chain["key_index"].shape[0] == 1
