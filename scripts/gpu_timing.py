@@ -40,7 +40,9 @@ if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
 import mirror_sd  # noqa: E402
+from mirror_sd.graphs.loader import load_model  # noqa: E402
 from mirror_sd.partition import choose  # noqa: E402
+from mirror_sd.runtime.autoregressive import extend  # noqa: E402
 
 # The one home of the shapes: Qwen2-0.5B / 1.5B / 7B (config.json of the released models),
 # and a tiny set for CPU tests. Each entry: (name, Qwen2Config overrides).
@@ -166,7 +168,19 @@ def components(plan) -> dict:
     }  # fmt: skip
 
 
-def measure(plan, prompt: list[int], new_tokens: int, report: Report, entry: dict) -> None:
+def tie_gap(folder: Path, dtype: str, device: str, prompt: list[int], ref: list[int],
+            got: list[int], i: int) -> dict:  # fmt: skip
+    """At the first difference i: the target's own logit gap between `ref`'s token and
+    `got`'s, and that gap over the largest |logit| (a rounding tie is ~2^-8 in bf16)."""
+    model = load_model(folder, dtype).to("cuda:0" if device == "cuda" else "cpu")
+    logits = extend(model, model.new_cache(len(prompt) + i + 1), prompt + ref[:i])[-1].float()
+    gap = float(logits[ref[i]] - logits[got[i]])
+    del model
+    return {"logit_gap": gap, "relative_gap": abs(gap) / float(logits.abs().max())}
+
+
+def measure(plan, prompt: list[int], new_tokens: int, report: Report, entry: dict,
+            folder: Path, dtype: str, device: str) -> None:  # fmt: skip
     for mode in MODES.values():  # warm-up: first-call allocations, kernels, ORT arenas
         plan.generate(prompt, 8, mode=mode, eos_token_id=[])
     ref = None
@@ -184,8 +198,20 @@ def measure(plan, prompt: list[int], new_tokens: int, report: Report, entry: dic
             "exposed_draft_share": s.exposed_draft_s / s.wall_s if s.wall_s else 0.0,
             "identical_to_ar": res.tokens == ref, "first_difference": diff,
         }  # fmt: skip
+        if diff is not None and diff < min(len(ref), len(res.tokens)):
+            gap = tie_gap(folder, dtype, device, prompt, ref, res.tokens, diff)
+            entry["measured"][label]["tie"] = gap
         report.log(f"  {s.summary()}")
         report.write()
+
+
+def same(m: dict) -> str:
+    """The '= ar' cell: yes, or where it first differs and the target's relative logit gap."""
+    if m["identical_to_ar"]:
+        return "yes"
+    tie = m.get("tie")
+    gap = f", gap {tie['relative_gap']:.1e} of max abs logit" if tie else ""
+    return f"no (at {m['first_difference']}{gap})"
 
 
 class Report:
@@ -238,7 +264,7 @@ def markdown(doc: dict) -> str:
             lines.append(
                 f"| {t['name']} | {label} | {m['tokens_per_s']:.1f} | {p} | "
                 f"{m['tokens_per_round']:.2f} | {hit} | {m['exposed_draft_share']:.2f} | "
-                f"{'yes' if m['identical_to_ar'] else 'no (at ' + str(m['first_difference']) + ')'} |"
+                f"{same(m)} |"
             )
     lines += [
         "",
@@ -306,7 +332,9 @@ def run(args: argparse.Namespace, report: Report, work: Path) -> None:
                 entry["profile"] = plan.report.profile.to_dict()
                 report.log(f"  {entry['components']}")
                 report.write()
-                measure(plan, prompt, args.new_tokens, report, entry)
+                measure(
+                    plan, prompt, args.new_tokens, report, entry, folder, args.dtype, args.device
+                )
         except Exception as exc:  # record it and go on with the next target
             report.doc["errors"].append({"step": name, "error": repr(exc),
                                          "traceback": traceback.format_exc()})  # fmt: skip

@@ -53,3 +53,25 @@ def test_timing_runs_on_tiny_cpu_shapes(tmp_path, capsys):
     md = (tmp_path / "gpu_timing.md").read_text()
     assert "NOT representative" in md and "| tiny-6l | mirror |" in md
     assert "complete after" in md
+
+
+def test_tie_gap_measures_the_targets_own_logits(tmp_path):
+    """At a difference, the report gives the target's logit gap between the two choices:
+    0 when both are the target's top token, > 0 when `got` took a lower one."""
+    spec = importlib.util.spec_from_file_location("gpu_timing", SCRIPTS / "gpu_timing.py")
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    from tests.conftest import tiny_pair
+
+    target, _, _ = tiny_pair(tmp_path)
+    model = timing.load_model(target, "float32")
+    prompt = [5, 6, 7]
+    logits = timing.extend(model, model.new_cache(8), prompt)[-1]
+    best, second = logits.topk(2).indices.tolist()
+    same = timing.tie_gap(target, "float32", "cpu", prompt, [best], [best], 0)
+    assert same["logit_gap"] == 0.0
+    lower = timing.tie_gap(target, "float32", "cpu", prompt, [best], [second], 0)
+    assert lower["logit_gap"] > 0 and 0 < lower["relative_gap"] <= 2
+    assert timing.same({"identical_to_ar": False, "first_difference": 3, "tie": lower}).startswith(
+        "no (at 3, gap "
+    )

@@ -101,7 +101,7 @@ class TorchRunner:
 
     @torch.inference_mode()
     def forward_suffix(self, hidden, position_ids, mask):
-        position_ids, mask = self._to(position_ids, mask)
+        hidden, position_ids, mask = self._to(hidden, position_ids, mask)  # a host hidden too
         x = self.model.run_layers(
             self.exit_layer, self.model.num_layers, hidden, position_ids, mask, self.cache
         )

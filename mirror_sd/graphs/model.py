@@ -109,7 +109,9 @@ def attend(
         return torch.stack(rows, dim=1).reshape(B, T, nh, hd)  # (B, T, nh, hd)
     keys, values = keys[:, :, None], values[:, :, None]  # (B, nkv, 1, S, hd)
     if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~mask, torch.finfo(q.dtype).min
+        )
     bias = mask[:, None, None]  # (B, 1, 1, T, S)
     G = nh // nkv
     out = F.scaled_dot_product_attention(
@@ -135,7 +137,9 @@ def _attend_grouped(
     v = values[0][:, g.key_index][:, :, None]
     mask = g.mask
     if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~mask, torch.finfo(q.dtype).min
+        )
     bias = mask[None, :, None]  # (1, G, 1, R, L)
 
     def rowwise(grid, k, v, bias):  # one (1 x hd) @ (hd x L) product per query row
