@@ -28,6 +28,7 @@ from mirror_sd.builders import (
     resolve_precision,
     target_runner,
 )
+from mirror_sd.devices.sorted_exits import with_sorted_exits
 from mirror_sd.devices.torch_device import TorchRunner
 from mirror_sd.distributed.runner import TPRunner
 from mirror_sd.distributed.target import check_plan, is_tp, tp_target_runner
@@ -239,6 +240,10 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
     )
     if spec.tree_siblings and tree_rounding(t_spec):
         raise DeviceMapError("speculation.tree_siblings", tree_rounding(t_spec), dm.source)
+    if spec.draft_exits != "none" and d_spec is not None and (d_spec.backend != "torch" or d_split):
+        raise DeviceMapError("speculation.draft_exits", "S2D's exits need the whole draft on a "
+                             "`backend: torch` device (an ONNX graph runs whole): see "
+                             "examples/device_maps/ort_torch_s2d.yaml", dm.source)  # fmt: skip
     for role, device in (("target", t_spec), ("draft", d_spec)):  # a missing execution
         if device is not None:  # provider fails here, before any export
             backend_for(device).check(device, budget, role)
@@ -311,6 +316,12 @@ def build(r: Resolved, given_trim: VocabTrim | str | Path | None = None) -> Buil
                 r.d_spec, r.d_folder, spec.max_len, r.onnx_root, b.d_trim, budget, d_onnx,
                 b.d_streams,
             )  # fmt: skip
+        if spec.draft_exits != "none":  # S2D: the torch draft stops at its first sure exit
+            try:
+                b.d_runner = with_sorted_exits(b.d_runner, spec.draft_exits,
+                                               spec.draft_exit_threshold, r.d_folder, r.cache)  # fmt: skip
+            except ValueError as e:
+                raise DeviceMapError("speculation.draft_exits", str(e), dm.source) from None
     if spec.exit_head == "lm_head" and spec.exit_vocab_size:
         b.e_trim, _ = draft_trim(spec.exit_vocab_size, None, r.t_folder, r.t_tok, t_model, r.cache)
     return b

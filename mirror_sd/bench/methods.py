@@ -11,7 +11,8 @@
      mirror+streams: the draft's stream rows, on a plan compiled with them; speculative+tree:
      the draft's 2 next-best tokens per depth verified as sibling leaves;
      speculative+amphista (+tree), mirror+amphista: the Amphista heads' blocks, on a plan
-     compiled with them)
+     compiled with them; speculative+s2d, mirror+s2d: S2D's sorted exits on a torch draft,
+     on a plan compiled with them)
     speculative+conf+sam  SAM-Decoding's hybrid: a suffix-automaton match long enough is the
                  block, else the draft model drafts until its confidence drops (at most
                  HYBRID_MAX_DRAFT tokens: with a confidence stop γ is only a ceiling)
@@ -80,17 +81,23 @@ HEAD_METHODS = {
                                   "tree_siblings": TREE_SIBLINGS},
     "mirror+amphista": {"mode": "mirror"},
 }  # fmt: skip
+# S2D's sorted exits on a torch draft (SpecConfig.draft_exits): the plan must be compiled with
+# them (`--set draft_exits=lens|trained` and a torch draft device)
+S2D_METHODS = {f"{mode}+s2d": {"mode": mode} for mode in ("speculative", "mirror")}
 # what a plan must be compiled with for a method to run: setting -> (its methods, the hint)
 COMPILED_FEATURES = {
     "draft_streams": (STREAM_METHODS, "--set draft_streams=trained (after `mirror-sd train "
                       "streams`) and a fixed mode (--set mode=speculative): with mode auto the "
                       "cost model may turn them off"),
     "amphista": (HEAD_METHODS, "--set amphista=trained (after `mirror-sd train amphista`)"),
+    "draft_exits": (S2D_METHODS, "--set draft_exits=lens (or trained) with the draft on a "
+                    "torch device (examples/device_maps/ort_torch_s2d.yaml)"),
 }  # fmt: skip
 PLAN_METHODS = {
     **{k: {"mode": v} for k, v in PLAN_MODES.items()},
     **STREAM_METHODS,
     **HEAD_METHODS,
+    **S2D_METHODS,
     **TREE_METHODS,
     **RETRIEVAL_METHODS,
     **POLICY_METHODS,

@@ -32,6 +32,12 @@ class SpecConfig:
     # Amphista heads on the target's hidden state at ℓe propose each next block: "none",
     # "trained" (the heads `mirror-sd train amphista` cached for this target) or a heads file
     amphista: str = "none"
+    # S2D's sorted early exits on a torch draft (devices/sorted_exits.py): "none", "lens" (the
+    # draft's own head at 1/4 and 1/2 of its depth) or "trained" (`mirror-sd train exit-head`
+    # run on the draft); a step emits at the first exit whose top-1 probability is at least
+    # draft_exit_threshold
+    draft_exits: str = "none"
+    draft_exit_threshold: float = 0.9
     tree_siblings: int = (
         0  # speculative, greedy: the draft's next-best tokens per depth as tree leaves
     )
@@ -77,6 +83,17 @@ class SpecConfig:
             raise ValueError(
                 f"speculation.amphista {self.amphista!r}: expected 'none', 'trained' (the heads "
                 "`mirror-sd train amphista` cached for this target) or the path of a heads file"
+            )
+        if self.draft_exits not in ("none", "lens", "trained"):
+            raise ValueError(
+                f"speculation.draft_exits {self.draft_exits!r}: expected 'none', 'lens' (the "
+                "draft's own head at 1/4 and 1/2 of its depth) or 'trained' (exit heads "
+                "`mirror-sd train exit-head` trained on the draft)"
+            )
+        v = self.draft_exit_threshold
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+            raise ValueError(
+                f"speculation.draft_exit_threshold must be a probability in [0, 1], got {v!r}"
             )
         for name in ("exit_vocab_size", "draft_vocab_size", "tree_siblings"):
             v = getattr(self, name)

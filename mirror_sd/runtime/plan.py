@@ -193,6 +193,8 @@ class Plan:
             self.target.exit_layer = int(spec.exit_layer)
         engine = None
         if drafts:
+            if hasattr(self.draft, "configure"):  # S2D exits: this call's setting
+                self.draft.configure(spec.draft_exits != "none", spec.draft_exit_threshold)
             streams = self.draft_streams if spec.draft_streams != "none" else ()
             engine = DraftEngine(self.draft, self.packed_cache("draft", spec), streams)
         exit_head = self.exit_head.exit_logits if self.exit_head is not None else None
@@ -283,6 +285,12 @@ class Plan:
             raise ValueError(
                 f"amphista {spec.amphista!r}: the heads are loaded by compile(); compile with "
                 "speculation.amphista to run them (a call can only turn them off, with 'none')"
+            )
+        if spec.draft_exits not in ("none", self.spec.draft_exits):
+            raise ValueError(
+                f"draft_exits {spec.draft_exits!r}: the exits are built into the draft by "
+                "compile(); compile with speculation.draft_exits to run them (a call can only "
+                "turn them off, with 'none', or change draft_exit_threshold)"
             )
         if spec.tree_siblings and self.no_trees:
             raise ValueError(f"tree_siblings: {self.no_trees}")

@@ -1,0 +1,48 @@
+"""`speculation.draft_exits` through compile(): a torch draft gets S2D's sorted exits, the plan
+stays lossless, a saved plan keeps them, and maps that cannot run them are refused early."""
+
+import pytest
+
+import mirror_sd.api as api
+from mirror_sd.devices.sorted_exits import SortedExitRunner
+from mirror_sd.partition import DeviceMapError
+from tests.conftest import TORCH_DRAFT_MAP, make_tiny, save_tiny_with_tokenizer, tiny_pair
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    target, _, _ = tiny_pair(root)
+    deep = make_tiny("qwen2", seed=1, num_hidden_layers=8)  # exits at layers 2 and 4
+    return target, save_tiny_with_tokenizer(deep, root / "deep"), root
+
+
+def test_compiled_exits_are_lossless_and_saved(folders, tmp_path):
+    target, draft, root = folders
+    with api.compile(target, draft, TORCH_DRAFT_MAP, max_len=128, exit_layer=3, branch_budget=4,
+                     mode="speculative", draft_exits="lens", draft_exit_threshold=0.0) as p:  # fmt: skip
+        assert isinstance(p.draft, SortedExitRunner)
+        assert "sorted exits at 2, 4" in p.draft.name
+        for prompt in ("w3 w4", "w1 w2 w5 w1"):
+            ref = p.generate(prompt, 12, mode="autoregressive").tokens
+            assert p.generate(prompt, 12).tokens == ref
+            assert p.generate(prompt, 12, mode="mirror").tokens == ref
+        assert p.draft.exits[2] > 0
+        api.save(p, tmp_path / "plan")
+    with api.load(tmp_path / "plan") as again:
+        assert isinstance(again.draft, SortedExitRunner) and again.spec.draft_exits == "lens"
+
+
+def test_maps_that_cannot_run_exits_are_refused_naming_the_key(folders, tmp_path):
+    target, draft, root = folders
+    with pytest.raises(DeviceMapError, match="backend: torch") as e:  # the default map: ORT
+        api.compile(target, draft, onnx_dir=root / "onnx", max_len=128, draft_exits="lens")
+    assert "speculation.draft_exits" in str(e.value)
+    with pytest.raises(DeviceMapError, match="mirror-sd train exit-head"):
+        api.compile(target, draft, TORCH_DRAFT_MAP, max_len=128, draft_exits="trained",
+                    cache=tmp_path / "cache")  # fmt: skip
+    with pytest.raises(ValueError, match="draft_exits 'middle'"):
+        api.compile(target, draft, TORCH_DRAFT_MAP, max_len=128, draft_exits="middle")
+    with pytest.raises(ValueError, match="probability in"):
+        api.compile(target, draft, TORCH_DRAFT_MAP, max_len=128, draft_exits="lens",
+                    draft_exit_threshold=1.5)  # fmt: skip
