@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 
 DEMO_TARGET, DEMO_DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
@@ -143,10 +143,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from mirror_sd.serve.config import ServeConfig  # no third-party imports: checks run first
+    # no third-party imports: checks run first
+    from mirror_sd.serve.config import ServeConfig, check_model_names
 
+    names = _served_names(args.model, args.served_model_name)
+    check_model_names(names)
     config = ServeConfig(
-        model_name=args.served_model_name or Path(args.model).name,
+        model_name=names[0],
         host=args.host,
         port=args.port,
         max_queue=args.max_queue,
@@ -161,9 +164,33 @@ def _serve(args: argparse.Namespace) -> int:
             "pip install -e '.[serve]'"
         ) from None
     sock = listen(config.host, config.port)  # before compiling: a taken port fails at once
-    with _plan(args) as plan:
-        serve(plan, config, sock, on_ready=lambda line: print(line, file=sys.stderr, flush=True))
+    from mirror_sd.devices.shared_sessions import shared_sessions
+
+    with ExitStack() as opened:
+        plans = {}
+        sharing = nullcontext() if args.no_shared_draft else shared_sessions()
+        with sharing as share:  # plans of the same draft graph share its session
+            for name, model in zip(names, args.model, strict=True):
+                one = argparse.Namespace(**{**vars(args), "model": model})
+                plans[name] = opened.enter_context(_plan(one))
+        for graph, users in share.shared() if share else ():
+            print(f"[{users} plans share one ONNX Runtime session of {graph}]", file=sys.stderr)
+        serve(plans, config, sock, on_ready=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
+
+
+def _served_names(models: list[str], given: list[str] | None) -> list[str]:
+    """The id of each served plan: `--served-model-name`, once per plan in order, else each
+    plan or model's folder name."""
+    if given is None:
+        return [Path(m).name for m in models]
+    if len(given) != len(models):
+        raise ValueError(
+            f"--served-model-name given {len(given)} time(s) for {len(models)} plan(s) "
+            f"({', '.join(models)}): give it once per plan, in the same order, or leave it out "
+            "to serve each under its folder name"
+        )
+    return list(given)
 
 
 def _why_mode(plan) -> str:
@@ -276,8 +303,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default=DEFAULT_ENGINE,
                    help=f"{' or '.join(ENGINES)}: continuous batching (default {DEFAULT_ENGINE}) "
                    "or one request at a time")  # fmt: skip
-    p.add_argument("--served-model-name", default=None,
-                   help="the model id clients send (default: the plan or model's folder name)")  # fmt: skip
+    p.add_argument("--served-model-name", action="append", default=None,
+                   help="the model id clients send (default: the plan or model's folder name); "
+                   "with several plans, once per plan in their order")  # fmt: skip
+    p.add_argument("--no-shared-draft", action="store_true",
+                   help="give each plan a draft session of its own (default: plans whose "
+                   "draft is the same ONNX graph share one session, one copy of its weights)")  # fmt: skip
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="prefill every prompt from scratch (default: reuse the K/V rows of "
                    "finished requests that share its prefix)")  # fmt: skip
@@ -323,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo, draft=DEMO_DRAFT, max_new_tokens=64)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (docs/serving.md)")
-    srv.add_argument("model", help="a saved plan folder, a known model name or a local HF folder")
+    srv.add_argument("model", nargs="+", metavar="PLAN_OR_MODEL",
+                     help="a saved plan folder, a known model name or a local HF folder; several "
+                     "serve several targets (plans of one draft share its weights)")  # fmt: skip
     _add_plan_args(srv, "target")
     _add_serve_args(srv)
     srv.set_defaults(func=_serve)

@@ -191,12 +191,18 @@ class SessionPool:
 
     def set_threads(self, threads: int | None) -> None:
         """Run on `threads` intra-op threads from now on (builds that session once)."""
+        self.session_for(threads)
+        self._threads = threads
+
+    def session_for(self, threads: int | None) -> ort.InferenceSession:
+        """The session of `threads` intra-op threads, built once (the selection is unchanged:
+        several runners can read one pool, each at its own count; `shared_sessions`)."""
         with self._lock:
             if threads not in self._sessions:
                 if self.device.on_host_cpu and not self._shared:
                     self._share_weights()
                 self._sessions[threads] = self.device.session(self._source(), threads=threads)
-            self._threads = threads
+            return self._sessions[threads]
 
     @property
     def thread_counts(self) -> tuple[int | None, ...]:

@@ -16,13 +16,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from mirror_sd.devices.ort_core import OrtDevice, SessionPool
+from mirror_sd.devices.ort_core import OrtDevice
 from mirror_sd.devices.ort_kv import NUMPY_DTYPES, RowCache, bind_kv, host, make_kv
 from mirror_sd.devices.ort_placement import (
     node_placement,
     placement_summary,
     records_assignment_api,
 )
+from mirror_sd.devices.shared_sessions import session_pool
 from mirror_sd.graphs.export import graph_feeds
 
 
@@ -31,12 +32,14 @@ class OrtRunner(RowCache):
 
     `kv_on_device` None keeps the cache where the first provider wants its tensors (device
     memory for CUDA / TensorRT / DirectML, host memory otherwise); True forces OrtValue buffers.
-    `placement` says which providers run the graph's nodes (see `node_placement`).
+    `placement` says which providers run the graph's nodes (see `node_placement`). Inside
+    `shared_sessions()` runners of the same graph share its sessions (the KV cache and the
+    length stay each runner's own).
     """
 
     def __init__(self, path: str | Path, device: OrtDevice, max_len: int, name: str = "draft",
                  alias: str | None = None, kv_on_device: bool | None = None):  # fmt: skip
-        self.sessions = SessionPool(device, path)
+        self.sessions = session_pool(device, path)  # shared inside shared_sessions()
         self.device, self.max_len, self.length = device, max_len, 0
         self.n_layers, kv_shape, self.dtype = _interface(self.session, path)
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])

@@ -1,5 +1,9 @@
 """The routes: OpenAI's /v1/chat/completions, /v1/completions, /v1/models, plus /health and
-/metrics, on Starlette. Every error is an OpenAI error body; no traceback reaches a client."""
+/metrics, on Starlette. Every error is an OpenAI error body; no traceback reaches a client.
+
+A server serves one or several targets (`Served`: an engine and its metrics each); a request's
+`model` picks the target, and requests to different targets run on their own engines.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,7 +24,7 @@ from mirror_sd.serve import sse
 from mirror_sd.serve.config import DISCONNECT_POLL_S, OWNED_BY, RETRY_AFTER_S, ServeConfig
 from mirror_sd.serve.engine import Delta, Engine, Event, Failed, Finished, QueueFullError, Ticket
 from mirror_sd.serve.errors import ApiError, internal
-from mirror_sd.serve.metrics import CONTENT_TYPE, ServeMetrics
+from mirror_sd.serve.metrics import CONTENT_TYPE, ServeMetrics, render_many
 from mirror_sd.serve.schemas import CHAT, COMPLETION, GenRequest, Reply, parse
 
 log = logging.getLogger("mirror_sd.serve")
@@ -30,11 +35,29 @@ class ClientGone(Exception):
     """The client closed the connection before its response was ready."""
 
 
-class Routes:
-    """The handlers over one engine; `app()` builds the Starlette application."""
+@dataclass(frozen=True)
+class Served:
+    """One target the server serves: the engine that owns its plan, and its metrics."""
 
-    def __init__(self, engine: Engine, metrics: ServeMetrics, config: ServeConfig):
-        self.engine, self.metrics, self.config = engine, metrics, config
+    engine: Engine
+    metrics: ServeMetrics
+
+
+class Routes:
+    """The handlers over the served targets (`served`: model id -> `Served`, in the order `/v1/models`
+    lists them); `app()` builds the Starlette application.
+
+    With one target its metrics are the server's (as they always were); with several, each
+    target's series carry a `model` label and the requests that name no target (`/health`,
+    `/v1/models`, an unknown model, ...) are counted without one.
+    """
+
+    def __init__(self, models: Mapping[str, Served], config: ServeConfig):
+        if not models:
+            raise ValueError("Routes: no model to serve; give at least one")
+        self.served, self.config = dict(models), config
+        only = next(iter(self.served.values()))
+        self.metrics = only.metrics if len(self.served) == 1 else ServeMetrics()
         self.started = int(time.time())
 
     def app(self) -> Starlette:
@@ -50,30 +73,43 @@ class Routes:
         return Starlette(routes=routes, exception_handlers=handlers)
 
     # --- small endpoints ------------------------------------------------------------------------
-    def _model_card(self) -> dict:
-        return {"id": self.config.model_name, "object": "model", "created": self.started,
-                "owned_by": OWNED_BY}  # fmt: skip
+    @property
+    def engine(self) -> Engine:
+        """The first target's engine (the only one on a server of one target)."""
+        return next(iter(self.served.values())).engine
+
+    def _model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.started, "owned_by": OWNED_BY}
 
     async def models(self, request: Request) -> Response:
-        return self._count(
-            "/v1/models", JSONResponse({"object": "list", "data": [self._model_card()]})
-        )
+        cards = [self._model_card(name) for name in self.served]
+        return self._count("/v1/models", JSONResponse({"object": "list", "data": cards}))
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        if name != self.config.model_name:
+        if name not in self.served:
             return self._count("/v1/models/{model}", self._unknown_model(name).response())
-        return self._count("/v1/models/{model}", JSONResponse(self._model_card()))
+        return self._count("/v1/models/{model}", JSONResponse(self._model_card(name)))
 
     async def health(self, request: Request) -> Response:
-        s = self.engine.stats()
-        body = {"status": "ok", "model": self.config.model_name, "queued": s.queued,
-                "running": s.running, "draft_disabled": s.draft_disabled}  # fmt: skip
+        """Totals over the targets (the first one's id as `model`); several: `models` too."""
+        each = {name: served.engine.stats() for name, served in self.served.items()}
+        body = {"status": "ok", "model": next(iter(self.served)),
+                "queued": sum(s.queued for s in each.values()),
+                "running": sum(s.running for s in each.values()),
+                "draft_disabled": any(s.draft_disabled for s in each.values())}  # fmt: skip
+        if len(each) > 1:
+            body["models"] = {name: {"queued": s.queued, "running": s.running,
+                                     "draft_disabled": s.draft_disabled}
+                              for name, s in each.items()}  # fmt: skip
         return self._count("/health", JSONResponse(body))
 
     async def prometheus(self, request: Request) -> Response:
         self.metrics.requests.labels("/metrics", "200").inc()
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+        if len(self.served) == 1:
+            return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+        per_model = {name: served.metrics for name, served in self.served.items()}
+        return Response(render_many(self.metrics, per_model), media_type=CONTENT_TYPE)
 
     # --- generation -----------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
@@ -84,14 +120,16 @@ class Routes:
 
     async def _generate(self, request: Request, kind: str, endpoint: str) -> Response:
         t0 = time.perf_counter()
-        headers = None
+        headers, metrics = None, self.metrics  # the target's metrics once the model is known
         try:
             req = parse(kind, await _json_body(request), self.config.default_max_tokens)
-            if req.model != self.config.model_name:
+            served = self.served.get(req.model)
+            if served is None:
                 raise self._unknown_model(req.model)
+            metrics = served.metrics
             ticket = Ticket(req, asyncio.get_running_loop())
             try:
-                self.engine.submit(ticket)
+                served.engine.submit(ticket)
             except QueueFullError as exc:
                 headers = {"Retry-After": str(RETRY_AFTER_S)}
                 raise ApiError(429, f"the request queue is full: {exc}",
@@ -101,17 +139,17 @@ class Routes:
                 raise first.error
             if req.stream:
                 return StreamingResponse(
-                    self._stream(ticket, req, first, t0, endpoint),
+                    self._stream(ticket, req, first, t0, endpoint, metrics),
                     media_type=sse.MEDIA_TYPE, headers=sse.HEADERS,
                 )  # fmt: skip
-            response = await self._whole(ticket, req, first, request, t0, endpoint)
+            response = await self._whole(ticket, req, first, request, t0, endpoint, metrics)
         except ApiError as exc:
             response = exc.response(headers)
         except ClientGone:
-            self.metrics.disconnects.inc()
+            metrics.disconnects.inc()
             response = Response(status_code=CLIENT_GONE)
-        self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
         return response
 
     async def _next(self, ticket: Ticket, request: Request) -> Event:
@@ -127,7 +165,7 @@ class Routes:
                 raise ClientGone
 
     async def _whole(
-        self, ticket, req: GenRequest, event: Event, request, t0, endpoint
+        self, ticket, req: GenRequest, event: Event, request, t0, endpoint, metrics: ServeMetrics
     ) -> Response:
         """Collect the events into one response body."""
         parts: list[str] = []
@@ -135,13 +173,13 @@ class Routes:
             if isinstance(event, Failed):
                 raise event.error
             if not parts:
-                self.metrics.ttft.labels(endpoint).observe(time.perf_counter() - t0)
+                metrics.ttft.labels(endpoint).observe(time.perf_counter() - t0)
             parts.append(event.text)
             event = await self._next(ticket, request)
         return JSONResponse(Reply(req).full("".join(parts), event.finish_reason, event.usage))
 
     async def _stream(
-        self, ticket, req: GenRequest, event: Event, t0, endpoint
+        self, ticket, req: GenRequest, event: Event, t0, endpoint, metrics: ServeMetrics
     ) -> AsyncIterator[str]:
         """SSE chunks from the events; a client that goes away cancels the ticket."""
         reply, finished, sent_text = Reply(req), False, False
@@ -151,7 +189,7 @@ class Routes:
             while True:
                 if isinstance(event, Delta):
                     if not sent_text:
-                        self.metrics.ttft.labels(endpoint).observe(time.perf_counter() - t0)
+                        metrics.ttft.labels(endpoint).observe(time.perf_counter() - t0)
                         sent_text = True
                     yield sse.event(reply.chunk(event.text))
                 elif isinstance(event, Finished):
@@ -168,14 +206,15 @@ class Routes:
         finally:
             if not finished:
                 ticket.cancel()
-                self.metrics.disconnects.inc()
-            self.metrics.requests.labels(endpoint, "200").inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+                metrics.disconnects.inc()
+            metrics.requests.labels(endpoint, "200").inc()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
     # --- helpers --------------------------------------------------------------------------------
     def _unknown_model(self, name: str) -> ApiError:
-        return ApiError(404, f"model {name!r} does not exist; this server serves "
-                        f"{self.config.model_name!r} (GET /v1/models lists it)",
+        known = ", ".join(repr(m) for m in self.served)
+        return ApiError(404, f"model {name!r} does not exist; this server serves {known} "
+                        "(GET /v1/models lists them)",
                         param="model", code="model_not_found")  # fmt: skip
 
     def _count(self, endpoint: str, response: Response) -> Response:

@@ -27,8 +27,10 @@ DEFAULT_PREFIX_CACHE = True
 class ServeConfig:
     """How the server runs: where it listens, what it calls its model, how long its queue is.
 
-    `model_name` is the id clients send as `model` and `/v1/models` lists; `max_queue` bounds
-    the requests waiting for the plan (a full queue answers 429 with Retry-After); `engine`:
+    `model_name` is the id clients send as `model` and `/v1/models` lists (a server of several
+    targets takes their ids from its {id: plan} mapping instead, `server.build`); `max_queue`
+    bounds the requests waiting for each plan (a full queue answers 429 with Retry-After);
+    `engine`:
     `batch` (continuous batching, the default) or `serial` (one generation at a time);
     `prefix_cache`: keep finished requests' K/V rows for later prompts with the same prefix.
     """
@@ -54,3 +56,22 @@ class ServeConfig:
             raise ValueError(
                 f"default_max_tokens {self.default_max_tokens}: expected a positive integer"
             )
+
+
+def check_model_names(names: list[str]) -> None:
+    """The ids of a server's targets: at least one, none empty, none twice.
+
+    Raises:
+        ValueError: naming the id at fault and how to fix it.
+    """
+    if not names:
+        raise ValueError("no model to serve: give at least one plan folder or model")
+    for name in names:
+        if not name:
+            raise ValueError("--served-model-name: empty; give the id clients will send as `model`")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(
+            f"model id {twice[0]!r} is served twice (ids: {', '.join(names)}); give each plan "
+            "its own --served-model-name, once per plan, in the order of the plans"
+        )

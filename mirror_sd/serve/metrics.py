@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 from mirror_sd.runtime.results import GenerationResult
 from mirror_sd.serve.config import (
@@ -14,6 +17,13 @@ from mirror_sd.serve.config import (
 
 PREFIX = "mirror_sd"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MODEL_LABEL = "model"  # the label of each target's series on a server of several
+# the families a request counts in before (or without) naming a target
+HTTP_FAMILIES = tuple(
+    f"{PREFIX}_{name}"
+    for name in ("requests", "request_latency_seconds", "time_to_first_token_seconds",
+                 "client_disconnects")
+)  # fmt: skip
 
 
 class ServeMetrics:
@@ -156,3 +166,34 @@ class ServeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def render_many(server: ServeMetrics, models: Mapping[str, ServeMetrics]) -> bytes:
+    """/metrics of a server of several targets: every family once, each target's series
+    labelled `model="<id>"`, and the server's own HTTP series (requests that named no target:
+    /health, /v1/models, an unknown model, ...) without that label."""
+    return generate_latest(_Merged(server, models))  # type: ignore[arg-type]
+
+
+class _Merged:
+    """A collector over several registries (what `generate_latest` reads)."""
+
+    def __init__(self, server: ServeMetrics, models: Mapping[str, ServeMetrics]):
+        self.server, self.models = server, models
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+
+        def add(family: Metric, labels: dict[str, str]) -> None:
+            out = merged.setdefault(
+                family.name, Metric(family.name, family.documentation, family.type, family.unit)
+            )
+            out.samples.extend(s._replace(labels={**labels, **s.labels}) for s in family.samples)
+
+        for name, metrics in self.models.items():
+            for family in metrics.registry.collect():
+                add(family, {MODEL_LABEL: name})
+        for family in self.server.registry.collect():
+            if family.name in HTTP_FAMILIES:
+                add(family, {})
+        yield from merged.values()

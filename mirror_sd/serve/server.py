@@ -1,5 +1,9 @@
 """Running the app on uvicorn: `serve()` blocks (the CLI), `ServerThread` runs it on a thread
-(tests, or a Python program that serves a plan it compiled)."""
+(tests, or a Python program that serves a plan it compiled).
+
+Both take one plan (served as `config.model_name`) or several targets as {model id: plan},
+each on an engine of its own (docs/serving.md, *Several targets, one draft*).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,15 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import uvicorn
 
-from mirror_sd.serve.app import Routes
+from mirror_sd.serve.app import Routes, Served
 from mirror_sd.serve.batch_engine import BatchEngine
-from mirror_sd.serve.config import ServeConfig
-from mirror_sd.serve.engine import Engine, SerialEngine
+from mirror_sd.serve.config import ServeConfig, check_model_names
+from mirror_sd.serve.engine import SerialEngine
 from mirror_sd.serve.metrics import ServeMetrics
 
 log = logging.getLogger("mirror_sd.serve")
@@ -23,15 +29,32 @@ STARTUP_TIMEOUT_S = 60.0  # ServerThread waits this long for uvicorn to listen
 STARTUP_POLL_S = 0.05
 
 
-def build(plan, config: ServeConfig) -> tuple[Routes, Engine]:
-    """The routes over the configured engine (`BatchEngine` or `SerialEngine`) that owns
-    `plan`, with metrics bound to it; generations keep the prefix cache on or off as `config`
-    says (a setting of the engine's calls: the plan itself is left as it was)."""
-    metrics = ServeMetrics()
-    kind = BatchEngine if config.engine == "batch" and _batches(plan) else SerialEngine
-    engine = kind(plan, config.max_queue, observer=metrics, prefix_cache=config.prefix_cache)
-    metrics.bind_engine(engine)
-    return Routes(engine, metrics, config), engine
+Plans = Any  # a Plan, or {model id: Plan} (several targets)
+
+
+def build(plans: Plans, config: ServeConfig) -> Routes:
+    """The routes over one engine per target (`BatchEngine` or `SerialEngine`, as configured)
+    that owns its plan, with metrics bound to it; generations keep the prefix cache on or
+    off as `config` says (a setting of the engine's calls: the plans are left as they were).
+
+    Raises:
+        ValueError: an empty mapping, or a model id that is empty or given twice.
+    """
+    by_name = dict(plans) if isinstance(plans, Mapping) else {config.model_name: plans}
+    check_model_names(list(by_name))
+    served = {}
+    for name, plan in by_name.items():
+        metrics = ServeMetrics()
+        kind = BatchEngine if config.engine == "batch" and _batches(plan) else SerialEngine
+        engine = kind(plan, config.max_queue, observer=metrics, prefix_cache=config.prefix_cache)
+        metrics.bind_engine(engine)
+        served[name] = Served(engine, metrics)
+    return Routes(served, config)
+
+
+def _close(routes: Routes) -> None:
+    for served in routes.served.values():
+        served.engine.close()
 
 
 def _batches(plan) -> bool:
@@ -70,20 +93,22 @@ def _uvicorn(routes: Routes, log_level: str) -> uvicorn.Server:
 
 
 def serve(
-    plan,
+    plans: Plans,
     config: ServeConfig,
     sock: socket.socket | None = None,
     on_ready=print,
     log_level: str = LOG_LEVEL,
 ) -> None:
-    """Serve `plan` until SIGINT / SIGTERM on `sock` (default: `listen(config.host,
-    config.port)`; the CLI listens before it compiles, so a taken port fails at once);
-    `on_ready` gets a line with the base URL once listening."""
-    routes, engine = build(plan, config)
+    """Serve `plans` (a plan, or {model id: plan}) until SIGINT / SIGTERM on `sock` (default:
+    `listen(config.host, config.port)`; the CLI listens before it compiles, so a taken port
+    fails at once); `on_ready` gets a line with the base URL once listening."""
+    routes = build(plans, config)
     sock = sock or listen(config.host, config.port)
     host, port = sock.getsockname()[:2]
-    on_ready(f"serving {config.model_name!r} at http://{_url_host(host)}:{port}/v1 "
-             f"(metrics at /metrics, {engine.name} engine, queue of {config.max_queue})")  # fmt: skip
+    names = ", ".join(repr(name) for name in routes.served)
+    engines = " / ".join(sorted({served.engine.name for served in routes.served.values()}))
+    on_ready(f"serving {names} at http://{_url_host(host)}:{port}/v1 (metrics at /metrics, "
+             f"{engines} engine, queue of {config.max_queue} each)")  # fmt: skip
     previous = _sigterm_interrupts()
     try:
         _uvicorn(routes, log_level).run(sockets=[sock])
@@ -92,7 +117,7 @@ def serve(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        engine.close()
+        _close(routes)
         sock.close()
 
 
@@ -112,12 +137,13 @@ def _sigterm_interrupts():
 class ServerThread:
     """The server on a background thread: `start()` returns once it listens; `stop()` ends it.
 
-    `url` is the OpenAI base URL (`http://host:port/v1`); `routes` exposes the engine and the
-    metrics to tests.
+    `url` is the OpenAI base URL (`http://host:port/v1`); `routes` exposes the engines and
+    the metrics to tests (`engine`: the first target's).
     """
 
-    def __init__(self, plan, config: ServeConfig, log_level: str = "warning"):
-        self.routes, self.engine = build(plan, config)
+    def __init__(self, plans: Plans, config: ServeConfig, log_level: str = "warning"):
+        self.routes = build(plans, config)
+        self.engine = self.routes.engine
         self._sock = listen(config.host, config.port)
         host, self.port = self._sock.getsockname()[:2]
         self.url = f"http://{_url_host(host)}:{self.port}/v1"
@@ -140,7 +166,7 @@ class ServerThread:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join()
-        self.engine.close()
+        _close(self.routes)
         self._sock.close()
 
     def __enter__(self) -> ServerThread:

@@ -1,0 +1,154 @@
+"""Memory of several targets behind one server (one shared draft) against one server each.
+
+Starts (a) `mirror-sd serve A B` (the plans' common draft shares one ONNX Runtime session),
+(b) the same with `--no-shared-draft` (a draft session per plan: what sharing saves inside one
+process) and (c) `mirror-sd serve A` and `mirror-sd serve B` side by side; waits until each listens,
+sends one completion to every target, and reads the memory of each server's whole process
+tree: RSS (VmRSS: every resident page, shared file pages counted in each process) and PSS
+(pages shared between processes split among them; what the machine pays). Prints markdown
+and writes `result.json` and `result.md` under `--out`.
+
+    .venv/bin/python scripts/serve_memory.py /tmp/plans/qwen-1.5b /tmp/plans/qwen-0.5b \
+        --out benchmarks/results/serve-shared-draft
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import psutil
+
+READY = re.compile(r"serving .* at (http://[^ ]+/v1)")
+START_TIMEOUT_S = 1800.0  # loading (or compiling) real plans on a busy CPU is slow
+SETTLE_S = 2.0  # after the requests, before reading memory
+
+
+def start(
+    plans: list[str], names: list[str], extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str]:
+    """A `mirror-sd serve` of `plans` on a free port, once it listens: (process, base URL)."""
+    argv = [sys.executable, "-m", "mirror_sd.cli", "serve", *plans, "--port", "0", *extra]
+    for name in names:
+        argv += ["--served-model-name", name]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    deadline, seen = time.monotonic() + START_TIMEOUT_S, []
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        seen.append(line)
+        if m := READY.search(line):
+            return proc, m.group(1)
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise SystemExit(f"serve_memory: {' '.join(argv)} did not start:\n{''.join(seen[-20:])}")
+
+
+def ask(url: str, name: str, max_tokens: int) -> int:
+    """One completion; returns its completion tokens."""
+    c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    r = c.completions.create(model=name, prompt="def fibonacci(n):", max_tokens=max_tokens)
+    return r.usage.completion_tokens
+
+
+def tree_memory(pid: int) -> dict[str, float]:
+    """RSS and PSS (MiB) of a process and its descendants."""
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    rss = pss = 0
+    for p in procs:
+        info = p.memory_full_info()
+        rss, pss = rss + info.rss, pss + info.pss
+    return {"rss_mib": round(rss / 2**20, 1), "pss_mib": round(pss / 2**20, 1)}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def one_server(plans, names, max_tokens, extra: tuple[str, ...] = ()) -> dict:
+    proc, url = start(plans, names, extra)
+    try:
+        tokens = {name: ask(url, name, max_tokens) for name in names}
+        time.sleep(SETTLE_S)
+        return {"processes": 1, "tokens": tokens, **tree_memory(proc.pid)}
+    finally:
+        stop(proc)
+
+
+def separate_servers(plans, names, max_tokens) -> dict:
+    running = []
+    try:
+        for plan, name in zip(plans, names, strict=True):
+            running.append((name, *start([plan], [name])))
+        tokens = {name: ask(url, name, max_tokens) for name, _, url in running}
+        time.sleep(SETTLE_S)
+        each = {name: tree_memory(proc.pid) for name, proc, _ in running}
+        total = {k: round(sum(m[k] for m in each.values()), 1) for k in ("rss_mib", "pss_mib")}
+        return {"processes": len(running), "tokens": tokens, "each": each, **total}
+    finally:
+        for _, proc, _ in running:
+            stop(proc)
+
+
+SETUPS = {  # result key -> what the markdown row calls it
+    "one_server_shared_draft": "one server, {n} targets, one shared draft session",
+    "one_server_draft_per_plan": "one server, {n} targets, a draft session each (--no-shared-draft)",
+    "one_server_per_target": "one server per target",
+}
+
+
+def markdown(result: dict) -> str:
+    n = len(result["names"])
+    rows = ["| setup | processes | RSS (MiB) | PSS (MiB) |", "| --- | --- | --- | --- |"]
+    for key, label in SETUPS.items():
+        r = result[key]
+        rows.append(f"| {label.format(n=n)} | {r['processes']} | {r['rss_mib']} | {r['pss_mib']} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("plans", nargs="+", help="plan folders (or models) with one draft")
+    parser.add_argument("--names", nargs="+", default=None, help="model ids (default: folders)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--out", default=None, help="folder for result.json and result.md")
+    args = parser.parse_args()
+    names = args.names or [Path(p).name for p in args.plans]
+    result = {
+        "plans": args.plans,
+        "names": names,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": psutil.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        },
+        "one_server_shared_draft": one_server(args.plans, names, args.max_tokens),
+        "one_server_draft_per_plan": one_server(
+            args.plans, names, args.max_tokens, ("--no-shared-draft",)
+        ),
+        "one_server_per_target": separate_servers(args.plans, names, args.max_tokens),
+    }
+    table = markdown(result)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / "result.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
