@@ -23,7 +23,7 @@ hundred bytes of ids in, logits out); everything else stays on the device.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -79,3 +79,31 @@ class SplitRunner(ModelRunner, Protocol):
     def forward_suffix(
         self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor: ...
+
+
+class RunnerWrapper:
+    """Base of a `ModelRunner` that wraps `self.runner` and changes only `forward` (a trimmed
+    head's expansion, S2D's early exits): the KV cache, length, rollback / keep and every
+    backend attribute (`session`, `placement`, `model`, ...) are the wrapped runner's."""
+
+    runner: ModelRunner
+
+    @property
+    def length(self) -> int:
+        return self.runner.length
+
+    @property
+    def max_len(self) -> int:
+        return self.runner.max_len
+
+    def rollback(self, length: int) -> None:
+        self.runner.rollback(length)
+
+    def keep(self, start: int, rows: Sequence[int]) -> None:
+        self.runner.keep(start, rows)
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for attributes not found on the wrapper: backend details of the runner
+        if name == "runner":  # not set yet (during unpickling / a failed __init__)
+            raise AttributeError(name)
+        return getattr(self.runner, name)

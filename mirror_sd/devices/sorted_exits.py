@@ -23,10 +23,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from mirror_sd.devices.base import RunnerWrapper
 from mirror_sd.graphs.heads import ExitHead
 from mirror_sd.graphs.model import CausalLM
 
@@ -72,7 +72,7 @@ def copy_up_kv(model: CausalLM, cache, start: int, hidden, position_ids, mask) -
         cache.write(i, k, v)
 
 
-class SortedExitRunner:
+class SortedExitRunner(RunnerWrapper):
     """A torch draft runner (`TorchRunner`) whose short forwards stop at the first confident
     exit. `threshold`: an exit emits when every row's top-1 probability is at least this;
     `enabled` False runs every layer (a plan's call turned the exits off). `exits` counts
@@ -86,14 +86,6 @@ class SortedExitRunner:
         self.threshold, self.enabled = float(threshold), True
         self.exits: Counter[int] = Counter()
         self.name = f"{runner.name} [sorted exits at {', '.join(map(str, layers))}]"
-
-    @property
-    def length(self) -> int:
-        return self.runner.length
-
-    @property
-    def max_len(self) -> int:
-        return self.runner.max_len
 
     def configure(self, enabled: bool, threshold: float) -> None:
         """Before a round loop: the call's `draft_exits` (off: 'none') and threshold."""
@@ -121,17 +113,6 @@ class SortedExitRunner:
         r.cache.advance(t)
         self.exits[n] += 1
         return model.head(x)[0].float().cpu()
-
-    def rollback(self, length: int) -> None:
-        self.runner.rollback(length)
-
-    def keep(self, start: int, rows: Sequence[int]) -> None:
-        self.runner.keep(start, rows)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "runner":  # not set yet (a failed __init__)
-            raise AttributeError(name)
-        return getattr(self.runner, name)
 
 
 def with_sorted_exits(runner, kind: str, threshold: float, folder: Path,

@@ -10,16 +10,13 @@ sampling draws from q with q(x) = 0 there, which speculative sampling's rule han
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 
-from mirror_sd.devices.base import DeviceError, ModelRunner
+from mirror_sd.devices.base import DeviceError, ModelRunner, RunnerWrapper
 from mirror_sd.graphs.vocab_trim import VocabTrim
 
 
-class TrimmedVocabRunner:
+class TrimmedVocabRunner(RunnerWrapper):
     """`ModelRunner` delegating to `runner` (K-logit head) and expanding its logits to V.
 
     Everything but `forward` and `vocab_size` is the wrapped runner's: the KV cache, length,
@@ -31,14 +28,6 @@ class TrimmedVocabRunner:
         self.trim = trim
         self.vocab_size = trim.vocab_size
         self.name = f"{runner.name} [vocabulary trimmed to {trim.size}]"
-
-    @property
-    def length(self) -> int:
-        return self.runner.length
-
-    @property
-    def max_len(self) -> int:
-        return self.runner.max_len
 
     def forward(
         self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
@@ -53,15 +42,3 @@ class TrimmedVocabRunner:
                 "draft with this trim)"
             )
         return self.trim.expand(logits)
-
-    def rollback(self, length: int) -> None:
-        self.runner.rollback(length)
-
-    def keep(self, start: int, rows: Sequence[int]) -> None:
-        self.runner.keep(start, rows)
-
-    def __getattr__(self, name: str) -> Any:
-        # only called for attributes not found on the wrapper: backend details of the runner
-        if name == "runner":  # not set yet (during unpickling / a failed __init__)
-            raise AttributeError(name)
-        return getattr(self.runner, name)
