@@ -73,6 +73,8 @@ def describe(plan: Plan) -> str:
         lines.append(info.exit_heads.table())
     if plan.amphista is not None:  # they propose each next block (runtime/head_drafts.py)
         lines.append(plan.amphista.describe())
+    if hasattr(plan.draft, "heads") and hasattr(plan.draft, "exits"):  # S2D (sorted_exits.py)
+        lines.append(plan.draft.describe())
     if info.choice:
         lines.append(info.choice.explain())
     if info.batch_policy:

@@ -28,6 +28,9 @@ def test_compiled_exits_are_lossless_and_saved(folders, tmp_path):
             assert p.generate(prompt, 12).tokens == ref
             assert p.generate(prompt, 12, mode="mirror").tokens == ref
         assert p.draft.exits[2] > 0
+        said = api.describe(p)
+        assert "draft exits (S2D): layers 2, 4 of 8 (logit lens)" in said
+        assert "stopped early" in said
         api.save(p, tmp_path / "plan")
     with api.load(tmp_path / "plan") as again:
         assert isinstance(again.draft, SortedExitRunner) and again.spec.draft_exits == "lens"

@@ -87,6 +87,16 @@ class SortedExitRunner(RunnerWrapper):
         self.exits: Counter[int] = Counter()
         self.name = f"{runner.name} [sorted exits at {', '.join(map(str, layers))}]"
 
+    def describe(self) -> str:
+        n = self.runner.model.num_layers
+        kind = "trained" if any(h.trained for h in self.heads) else "logit lens"
+        taken = sum(self.exits.values())
+        early = sum(c for layer, c in self.exits.items() if layer < n)
+        rate = f"; {early} of {taken} draft forwards so far stopped early" if taken else ""
+        return (f"draft exits (S2D): layers {', '.join(str(h.layer) for h in self.heads)} of "
+                f"{n} ({kind}); a step emits at the first whose top-1 probability is >= "
+                f"{self.threshold:g}{rate}")  # fmt: skip
+
     def configure(self, enabled: bool, threshold: float) -> None:
         """Before a round loop: the call's `draft_exits` (off: 'none') and threshold."""
         self.enabled, self.threshold = enabled, float(threshold)
