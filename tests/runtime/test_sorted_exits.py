@@ -14,8 +14,10 @@ from mirror_sd.devices.sorted_exits import (
     lens_layers,
 )
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
+from mirror_sd.graphs.loader import load_model
 from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.runtime.autoregressive import greedy_decode
+from tests.conftest import make_tiny, save_tiny
 from tests.runtime.conftest import (
     CHI2_99_9,
     chi2,
@@ -128,3 +130,28 @@ def test_sampling_with_early_exits_keeps_the_target_distribution(tmp_path):
     assert runner.exits[2] > 0 and runner.exits[4] + runner.exits[8] > 0  # both kinds of step
     assert chi2(pairs.flatten(), joint.flatten()) < CHI2_99_9[V * V - 1]
     assert chi2(thirds, third) < CHI2_99_9[V - 1]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "phi3"])
+def test_every_family_copies_its_state_up_losslessly(tmp_path, family):
+    """Gemma 3's per-layer RoPE tables and four norms, Qwen 3's q/k norms, Phi-3's fused
+    projections: a draft of each family stops at its first exit and the target's output
+    does not change."""
+    small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
+
+    def model(seed, n):  # Gemma 3 names each layer's attention kind
+        kinds = {"layer_types": ["sliding_attention", "full_attention"] * (n // 2)}
+        extra = kinds if family == "gemma3_text" else {}
+        tiny = make_tiny(family, seed=seed, num_hidden_layers=n, **extra, **small)
+        return load_model(save_tiny(tiny, tmp_path / f"{family}-{seed}"))
+
+    target, draft = model(0, 2), model(4, 8)
+    want = [greedy_decode(target, p, 12) for p in PROMPTS]
+    runner = _runner(draft, threshold=0.0)
+    plan = make_plan(target, None, exit_layer=1, draft_runner=runner, mode="speculative",
+                     draft_exits="lens", draft_exit_threshold=0.0)  # fmt: skip
+    try:
+        assert [plan.generate(p, 12).tokens for p in PROMPTS] == want
+        assert runner.exits[2] > 0
+    finally:
+        plan.close()
