@@ -15,12 +15,12 @@ import openai
 import pytest
 
 import mirror_sd.api as api
-from mirror_sd.cli import main
 from mirror_sd.devices.shared_sessions import shared_sessions
 from mirror_sd.serve.config import ServeConfig
 from mirror_sd.serve.server import ServerThread
 from tests.conftest import make_tiny, save_tiny_with_tokenizer, tiny_pair
 from tests.serve.conftest import client, metrics
+from tests.serve.test_cli_serve import _user_error
 
 ORT_DRAFT_MAP = """
 version: 1
@@ -183,14 +183,6 @@ def test_health_and_metrics_per_target(server):
     assert m[("mirror_sd_requests_total", (("endpoint", "/health"), ("status", "200")))] >= 1
     capacity = (("model", "alpha"),)
     assert m[("mirror_sd_kv_rows_capacity", capacity)] == 256
-
-
-def _user_error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("mirror-sd: error: ") and "Traceback" not in err, err
-    return err
 
 
 def test_served_names_are_checked_before_compiling(capsys, tmp_path):
