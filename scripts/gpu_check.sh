@@ -2,7 +2,8 @@
 # The prepared GPU check (docs/gpu_check.md): on a machine with a CUDA GPU and no network,
 # run the tests marked `cuda`, then time the CUDA path on Qwen2-shaped random models, within
 # GPU_CHECK_TOTAL_S seconds in all. Results go to OUTDIR: cuda_tests.log, tests.json,
-# gpu_timing.json, gpu_timing.md, gpu_timing.log (partial when a step runs out of time).
+# gpu_timing.json, gpu_timing.md, gpu_timing.log (partial when a step runs out of time), and
+# the same three for a torch draft on the GPU in OUTDIR/draft-torch.
 #
 #   scripts/gpu_check.sh OUTDIR          # or: make gpu-check [GPU_CHECK_OUT=...]
 #   scripts/gpu_check.sh --vendor-deps   # copy the pure-Python dependencies a bare GPU
@@ -101,17 +102,24 @@ else
   printf '{"exit_code": %s, "summary": "%s", "log": "cuda_tests.log"}\n' "$rc" "${summary:-see cuda_tests.log}" > "$OUT/tests.json"
 fi
 
-left=$(( TOTAL_S - $(elapsed) - 15 ))  # 15 s: timeout's -k grace and the last words
-if [ "$left" -lt 60 ]; then
-  echo "gpu-check: only ${left} s left of ${TOTAL_S} s: skipping the timing"; status=1
-else
-  echo "gpu-check: timing (at most ${left} s)"
-  timeout -k 5 "$left" "$PY" scripts/gpu_timing.py "$OUT" --tests-json "$OUT/tests.json" 2>&1 | tee "$OUT/gpu_timing.log"
+# the timing twice: the draft in ONNX Runtime on the host cores (OUT), then in torch beside
+# the target on the GPU (OUT/draft-torch); the first gets 60 % of what is left
+for draft in ort-cpu torch; do
+  left=$(( TOTAL_S - $(elapsed) - 15 ))  # 15 s: timeout's -k grace and the last words
+  dir="$OUT"; [ "$draft" = torch ] && dir="$OUT/draft-torch"
+  [ "$draft" = ort-cpu ] && left=$(( left * 60 / 100 ))
+  if [ "$left" -lt 60 ]; then
+    echo "gpu-check: only ${left} s left of ${TOTAL_S} s: skipping the $draft-draft timing"; status=1
+    continue
+  fi
+  echo "gpu-check: timing, $draft draft (at most ${left} s)"
+  mkdir -p "$dir"
+  timeout -k 5 "$left" "$PY" scripts/gpu_timing.py "$dir" --draft "$draft" --tests-json "$OUT/tests.json" 2>&1 | tee "$dir/gpu_timing.log"
   rc=${PIPESTATUS[0]}
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-    echo "gpu-check: timing stopped after ${left} s; $OUT/gpu_timing.json has what it measured"
+    echo "gpu-check: timing stopped after ${left} s; $dir/gpu_timing.json has what it measured"
   fi
   [ "$rc" -eq 0 ] || status=1
-fi
+done
 echo "gpu-check: done in $(elapsed) s, exit $status; results in $OUT"
 exit $status

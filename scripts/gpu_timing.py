@@ -1,10 +1,12 @@
 """Time the CUDA path on synthetic Qwen2-shaped models (random weights, no hub, no network).
 
     python scripts/gpu_timing.py OUTDIR [--device cuda|cpu] [--shapes qwen2|tiny]
+                                        [--draft ort-cpu|torch]
 
 For each target shape (Qwen2-1.5B, then Qwen2-7B) this builds a random-weight model folder
 from a `Qwen2Config`, compiles it with a random 0.5B-shaped int8 draft in ONNX Runtime on
-the CPU cores (`mirror_sd.compile`: ℓe and the branch budget profiled and chosen), and
+the CPU cores (or, `--draft torch`, in torch beside the target on the GPU; `mirror_sd.compile`:
+ℓe and the branch budget profiled and chosen), and
 measures `ar`, `speculative` and `mirror` tokens/s with `plan.generate(ids, n, mode=...)`.
 Next to each it reports the plan's profile (t_T(n), t_d(b), the overlap slowdown f) and the
 cost model's predicted tokens/s, at the measured acceptance and at assumed ones: random
@@ -111,16 +113,22 @@ def build_folder(folder: Path, vocab: int, shape: dict, dtype: str, device: str,
     return folder
 
 
-def device_map(device: str, dtype: str) -> dict:
-    """Target in torch on `device`, draft int8 in ONNX Runtime on every CPU core."""
+DRAFTS = {  # --draft: where the draft runs
+    "ort-cpu": "int8, ONNX Runtime CPUExecutionProvider on the host cores",
+    "torch": "torch on the target's device and dtype",
+}
+
+
+def device_map(device: str, dtype: str, draft: str = "ort-cpu") -> dict:
+    """Target in torch on `device`; the draft int8 in ONNX Runtime on every CPU core, or
+    (`draft="torch"`) in torch beside the target, same device and dtype."""
+    torch_dev = {"backend": "torch", "device": "cuda:0" if device == "cuda" else "cpu",
+                 "dtype": dtype}  # fmt: skip
+    ort = {"backend": "onnxruntime", "providers": [{"CPUExecutionProvider": {}}],
+           "inter_op_threads": 1, "quantize": "int8"}  # fmt: skip
     return {
         "version": 1,
-        "devices": {
-            "tgt": {"backend": "torch", "device": "cuda:0" if device == "cuda" else "cpu",
-                    "dtype": dtype},
-            "drf": {"backend": "onnxruntime", "providers": [{"CPUExecutionProvider": {}}],
-                    "inter_op_threads": 1, "quantize": "int8"},
-        },
+        "devices": {"tgt": torch_dev, "drf": dict(torch_dev) if draft == "torch" else ort},
         "placement": {"target": "tgt", "draft": "drf"},
         "speculation": {"mode": "auto", "num_draft_tokens": 4, "exit_layer": "auto",
                         "exit_top_k": 4},
@@ -224,7 +232,7 @@ class Report:
             "complete": False, "note": NOTE, "env": environment(args.device),
             "settings": {"device": args.device, "shapes": args.shapes, "dtype": args.dtype,
                          "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS,
-                         "max_len": MAX_LEN, "draft": "int8, ONNX Runtime CPUExecutionProvider"},
+                         "max_len": MAX_LEN, "draft": DRAFTS[args.draft]},
             "tests": tests, "targets": [], "errors": [],
         }  # fmt: skip
         self.write()
@@ -242,7 +250,8 @@ def markdown(doc: dict) -> str:
     env, tests = doc["env"], doc.get("tests")
     lines = [
         f"# GPU check: {env['device_name']} ({doc['settings']['shapes']} shapes, "
-        f"{doc['settings']['dtype']} target, int8 ORT CPU draft on {env['cpu_count']} cores)",
+        f"{doc['settings']['dtype']} target; draft: {doc['settings']['draft']}; "
+        f"{env['cpu_count']} host cores)",
         "",
         f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, Python {env['python']}; "
         f"{'complete' if doc['complete'] else 'INCOMPLETE (stopped or still running)'} after "
@@ -323,7 +332,7 @@ def run(args: argparse.Namespace, report: Report, work: Path) -> None:
             entry["build_s"] = time.perf_counter() - t0
             report.log(f"compiling {name}" + ("" if i else " (also exports the int8 draft)"))
             t0 = time.perf_counter()
-            dm = device_map(args.device, args.dtype)
+            dm = device_map(args.device, args.dtype, args.draft)
             with mirror_sd.compile(folder, draft, dm, onnx_dir=work / "onnx", max_len=MAX_LEN,
                                    cache=work / "cache") as plan:  # fmt: skip
                 entry["compile_s"] = time.perf_counter() - t0
@@ -353,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                     help="the target's dtype (default: bfloat16 on cuda, float32 on cpu)")  # fmt: skip
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    ap.add_argument("--draft", choices=sorted(DRAFTS), default="ort-cpu",
+                    help="where the draft runs: " + "; ".join(f"{k}: {v}" for k, v in DRAFTS.items()))  # fmt: skip
     ap.add_argument("--tests-json", type=Path, default=None,
                     help="a JSON file with the cuda tests' outcome, copied into the report")  # fmt: skip
     args = ap.parse_args(argv)

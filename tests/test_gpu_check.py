@@ -28,17 +28,20 @@ def test_gpu_check_without_outdir_is_a_usage_error():
     assert proc.returncode == 2 and "usage: scripts/gpu_check.sh OUTDIR" in proc.stderr
 
 
-def test_timing_runs_on_tiny_cpu_shapes(tmp_path, capsys):
+@pytest.mark.parametrize("draft", ["ort-cpu", "torch"])
+def test_timing_runs_on_tiny_cpu_shapes(tmp_path, capsys, draft):
     spec = importlib.util.spec_from_file_location("gpu_timing", SCRIPTS / "gpu_timing.py")
     timing = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(timing)
     tests = tmp_path / "tests.json"
     tests.write_text('{"exit_code": 0, "summary": "4 passed"}')
     argv = [str(tmp_path), "--device", "cpu", "--shapes", "tiny", "--new-tokens", "12"]
+    argv += ["--draft", draft]
     assert timing.main([*argv, "--tests-json", str(tests)]) == 0
 
     doc = json.loads((tmp_path / "gpu_timing.json").read_text())
     assert doc["complete"] and not doc["errors"] and doc["tests"]["summary"] == "4 passed"
+    assert doc["settings"]["draft"] == timing.DRAFTS[draft]
     assert [t["name"] for t in doc["targets"]] == [n for n, _ in timing.SHAPES["tiny"]["targets"]]
     for t in doc["targets"]:
         assert set(t["measured"]) == {"ar", "speculative", "mirror"}
