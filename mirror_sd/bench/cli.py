@@ -10,6 +10,8 @@ llama.cpp peers llama-ar, llama-sd, llama-pld with the `llamacpp` extra).
     mirror-sd bench --from-results DIR/results.json        # re-render results.md / speedup.png
     mirror-sd bench --ablation RUN1=int8 --ablation RUN2=int4 --out DIR   # one table over runs
     mirror-sd bench --target T --draft D --batch 1,2,4 [--methods ar,speculative,...]
+    mirror-sd bench --docs docs/benchmarks.md [--check]   # rebuild (check) the tables made
+                                                          # from benchmarks/results/
 
 Imports stay light here: torch and transformers load only when a command runs.
 """
@@ -55,6 +57,13 @@ def _run(args: argparse.Namespace) -> int:
     from mirror_sd.bench import report, simulate
     from mirror_sd.bench.methods import parse_methods
 
+    if args.docs:
+        from mirror_sd.bench import docs_tables
+
+        try:
+            return docs_tables.main_docs(Path(args.docs), args.check)
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"mirror-sd bench --docs: {e}") from None
     out = Path(args.out)
     if args.batch:
         return _run_batch(args, out)
@@ -250,6 +259,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="batch sizes, e.g. 1,2,4: batched plan methods (default ar, "
                         "speculative, mirror; --methods takes any plan method, e.g. "
                         "speculative+conf+sam) into OUT/batch.md and batch.json")  # fmt: skip
+    p.add_argument("--docs", default=None, metavar="MARKDOWN",
+                   help="rebuild the tables between <!-- results: RUN --> markers in MARKDOWN "
+                        "from the results folders they name (docs/benchmarks.md)")  # fmt: skip
+    p.add_argument("--check", action="store_true",
+                   help="with --docs: change nothing, exit 1 if a table differs from its results")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true",
                    help="continue a run that stopped: keep the questions OUT/records.jsonl "
