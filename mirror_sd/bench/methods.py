@@ -258,6 +258,7 @@ class PlanMethod:
             draft_s=res.stats.draft_s,
             exposed_draft_s=res.stats.exposed_draft_s,
             hit_rate=res.stats.hit_rate,
+            draft_exits=res.stats.draft_exits,
             trace_path=res.trace_path,
         )
 

@@ -21,4 +21,5 @@ class Output:
     draft_s: float | None = None
     exposed_draft_s: float | None = None
     hit_rate: float | None = None
+    draft_exits: dict[int, int] | None = None  # S2D: draft steps by the layer they stopped after
     trace_path: str | None = None

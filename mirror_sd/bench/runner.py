@@ -154,6 +154,7 @@ def _record(q: Question, name: str, prompt: list[int], out, tok) -> dict:
         "hit_rate": out.hit_rate,
         "draft_s": out.draft_s, "exposed_draft_s": exposed,
         "exposed_draft_fraction": exposed / out.wall_s if exposed is not None else None,
+        "draft_exits": out.draft_exits,
         "text": tok.decode(out.tokens, skip_special_tokens=True).strip(),
     }  # fmt: skip
 

@@ -16,6 +16,7 @@ a server uses `plan.batch_session()`.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -145,6 +146,8 @@ class BatchJob:
         sched = plan.scheduler(self.spec, self.settings)
         seqs = [plan.sequence(i, ids, self.max_new_tokens[i], self.samplings[i], seed, self.spec)
                 for i, (ids, seed) in enumerate(zip(self.ids, self.seeds, strict=True))]  # fmt: skip
+        exits = getattr(plan.draft, "exits", None) if sched.draft is not None else None
+        before = Counter(exits) if exits is not None else None  # S2D: this call's steps
         t0, start = time.perf_counter(), sched.tracer.now()
         rounds = 0
         try:
@@ -156,9 +159,10 @@ class BatchJob:
             produced = [self._cut(s) for s in seqs]
             path = plan.retire(sched, self.trace, list(zip(self.ids, produced, strict=True)),
                                self.spec)  # fmt: skip
-            self.results = self._results(sched, seqs, produced, wall, start, rounds, path)
+            taken = dict(sorted((exits - before).items())) if exits is not None else None
+            self.results = self._results(sched, seqs, produced, wall, start, rounds, path, taken)
 
-    def _results(self, sched, seqs, produced, wall, start, rounds, path):
+    def _results(self, sched, seqs, produced, wall, start, rounds, path, exits=None):
         caches = [sched.target] + ([sched.draft.cache] if sched.draft is not None else [])
         batch = None
         if not self.single:
@@ -176,7 +180,7 @@ class BatchJob:
             stats = GenerationStats.from_rounds(
                 self.settings.mode, seq.rounds, len(tokens), latency,
                 self.plan.draft_device.label if sched.draft is not None else None,
-                sched.state.fallback, seq.reused,
+                sched.state.fallback, seq.reused, exits,
             )  # fmt: skip
             text = self.plan.tokenizer.decode(tokens, skip_special_tokens=True)
             results.append(GenerationResult(tokens, text, len(self.ids[seq.index]), stats,

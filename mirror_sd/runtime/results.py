@@ -25,10 +25,13 @@ class GenerationStats:
     fallback: str | None  # why the draft was dropped mid-generation, if it was
     tokens_by_source: dict[str, int]  # committed tokens per proposer of their round's block
     prompt_rows_reused: int = 0  # prompt tokens whose target K/V came from the prefix cache
+    # S2D (`draft_exits`): the call's draft forwards by the draft layer count they stopped
+    # after (the deepest = ran every layer); a batch's steps are shared, so its whole call's
+    draft_exits: dict[int, int] | None = None
 
     @classmethod
     def from_rounds(cls, mode, rounds: list[RoundLog], new_tokens, wall_s, draft_device, fallback,
-                    prompt_rows_reused: int = 0):  # fmt: skip
+                    prompt_rows_reused: int = 0, draft_exits: dict[int, int] | None = None):  # fmt: skip
         mirrored = [r for r in rounds if r.hit is not None]
         return cls(
             mode=mode,
@@ -47,6 +50,7 @@ class GenerationStats:
             fallback=fallback,
             tokens_by_source=_by_source(rounds),
             prompt_rows_reused=prompt_rows_reused,
+            draft_exits=draft_exits,
         )
 
     def to_dict(self) -> dict:
@@ -63,6 +67,9 @@ class GenerationStats:
         )
         if self.draft_device:
             line += f"; draft on {self.draft_device}"
+        if self.draft_exits:
+            steps = ", ".join(f"{n} after layer {k}" for k, n in sorted(self.draft_exits.items()))
+            line += f"; draft steps: {steps}"
         if self.fallback:
             line += f"; FELL BACK to target-only: {self.fallback}"
         return line

@@ -108,11 +108,18 @@ def test_greedy_output_is_the_targets_alone_and_batched(tmp_path, threshold, mod
         assert [r.tokens for r in plan.generate(PROMPTS, 20)] == want
         if threshold == 0.0:
             assert runner.exits[2] > 0
-        # a call turns the exits off, or moves the threshold, without recompiling
-        assert plan.generate(PROMPTS[0], 20, draft_exits="none").tokens == want[0]
-        assert runner.enabled is False
-        plan.generate(PROMPTS[0], 20, draft_exit_threshold=0.0)
+        # a call turns the exits off, or moves the threshold, without recompiling; its stats
+        # count its own draft steps by the layer they stopped after
+        before = sum(runner.exits.values())
+        off = plan.generate(PROMPTS[0], 20, draft_exits="none")
+        assert off.tokens == want[0] and runner.enabled is False
+        assert set(off.stats.draft_exits) == {8} and off.stats.draft_exits[8] > 0
+        on = plan.generate(PROMPTS[0], 20, draft_exit_threshold=0.0)
         assert runner.enabled and runner.threshold == 0.0
+        assert on.stats.draft_exits[2] > 0 and "after layer 2" in on.stats.summary()
+        assert sum(off.stats.draft_exits.values()) + sum(on.stats.draft_exits.values()) == (
+            sum(runner.exits.values()) - before
+        )
         with pytest.raises(ValueError, match="built into the draft by compile"):
             plan.generate(PROMPTS[0], 4, draft_exits="trained")
     finally:
