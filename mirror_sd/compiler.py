@@ -14,12 +14,14 @@ in four stages, each a function with a typed result:
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from mirror_sd import progress
 from mirror_sd.backends.registry import backend_for
 from mirror_sd.builders import (
     draft_runner,
@@ -51,6 +53,7 @@ from mirror_sd.partition import (
 from mirror_sd.partition.batch_policy import batch_rows, choose_per_batch
 from mirror_sd.partition.block_bounds import check_block_bounds, tree_rounding
 from mirror_sd.partition.placement import Placement
+from mirror_sd.partition.spec_config import EXIT_THRESHOLDS
 from mirror_sd.partition.stages import model_aliases
 from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.pipelined import PipelineRunner, first_alias, pipeline_runner, spans_devices
@@ -68,6 +71,8 @@ from mirror_sd.training.exit_select import (
     with_trained_agreement,
 )
 
+EXIT_CALIBRATION_PROMPT = 64  # S2D's threshold: tokens of the calibration text as the prompt
+EXIT_CALIBRATION_TOKENS = 32  # and new tokens per threshold measured
 DEFAULT_BUDGET_WITHOUT_PROFILE = 8  # branch budget when there is no draft to profile
 # runners whose ℓe is a setting (torch layers run in Python); an exported split's is its graphs
 _MOVABLE_EXIT = (TorchRunner, PipelineRunner, TPRunner)
@@ -176,7 +181,27 @@ def compile(
     r = resolve(target, draft, device_map, cache, onnx_dir, profile_data, draft_trim,
                 speculation)  # fmt: skip
     b = build(r, draft_trim)
-    return finish(r, b, measure(r, b))
+    plan = finish(r, b, measure(r, b))
+    if plan.spec.draft_exits != "none" and plan.spec.draft_exit_threshold == "auto":
+        tune_exit_threshold(plan, r.t_tok(CALIBRATION_TEXT)["input_ids"])
+    return plan
+
+
+def tune_exit_threshold(plan: Plan, ids: list[int]) -> None:
+    """S2D's `draft_exit_threshold: auto`: a short speculative generation at each of
+    EXIT_THRESHOLDS on the calibration text (after one untimed warm-up), timed end to end, so
+    that acceptance and cost are measured together (an exit that fires often but proposes
+    worse tokens loses here); the plan keeps the fastest (tokens/s) and its report the rates."""
+    ids = list(ids)[:EXIT_CALIBRATION_PROMPT]
+    run = functools.partial(plan.generate, ids, mode="speculative", eos_token_id=[])
+    run(4, draft_exit_threshold=EXIT_THRESHOLDS[0])
+    rates = {}
+    for t in progress.bar(EXIT_THRESHOLDS, "S2D exit threshold", unit="threshold"):
+        rates[t] = run(EXIT_CALIBRATION_TOKENS, draft_exit_threshold=t).stats.tokens_per_s
+    best = max(rates, key=rates.get)
+    plan.spec = plan.spec.with_(draft_exit_threshold=best)
+    plan.draft.configure(True, best)
+    plan.report.exit_thresholds = rates
 
 
 def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=None,
@@ -318,8 +343,10 @@ def build(r: Resolved, given_trim: VocabTrim | str | Path | None = None) -> Buil
             )  # fmt: skip
         if spec.draft_exits != "none":  # S2D: the torch draft stops at its first sure exit
             try:
+                t = spec.draft_exit_threshold  # "auto": measured once the plan exists
                 b.d_runner = with_sorted_exits(b.d_runner, spec.draft_exits,
-                                               spec.draft_exit_threshold, r.d_folder, r.cache)  # fmt: skip
+                                               EXIT_THRESHOLDS[0] if t == "auto" else t,
+                                               r.d_folder, r.cache)  # fmt: skip
             except ValueError as e:
                 raise DeviceMapError("speculation.draft_exits", str(e), dm.source) from None
     if spec.exit_head == "lm_head" and spec.exit_vocab_size:

@@ -74,7 +74,7 @@ def describe(plan: Plan) -> str:
     if plan.amphista is not None:  # they propose each next block (runtime/head_drafts.py)
         lines.append(plan.amphista.describe())
     if hasattr(plan.draft, "heads") and hasattr(plan.draft, "exits"):  # S2D (sorted_exits.py)
-        lines.append(plan.draft.describe())
+        lines.append(plan.draft.describe(info.exit_thresholds))
     if info.choice:
         lines.append(info.choice.explain())
     if info.batch_policy:

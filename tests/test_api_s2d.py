@@ -6,6 +6,7 @@ import pytest
 import mirror_sd.api as api
 from mirror_sd.devices.sorted_exits import SortedExitRunner
 from mirror_sd.partition import DeviceMapError
+from mirror_sd.partition.spec_config import EXIT_THRESHOLDS
 from tests.conftest import TORCH_DRAFT_MAP, make_tiny, save_tiny_with_tokenizer, tiny_pair
 
 
@@ -34,6 +35,27 @@ def test_compiled_exits_are_lossless_and_saved(folders, tmp_path):
         api.save(p, tmp_path / "plan")
     with api.load(tmp_path / "plan") as again:
         assert isinstance(again.draft, SortedExitRunner) and again.spec.draft_exits == "lens"
+
+
+def test_auto_threshold_is_measured_by_compile_and_kept(folders, tmp_path):
+    """`draft_exit_threshold: auto` (the default): compile times each of EXIT_THRESHOLDS and
+    keeps the fastest; the plan stays lossless, a call's 'auto' means the plan's own, and a
+    saved plan keeps the number without measuring again."""
+    target, draft, root = folders
+    with api.compile(target, draft, TORCH_DRAFT_MAP, max_len=128, exit_layer=3, branch_budget=4,
+                     mode="speculative", draft_exits="lens") as p:  # fmt: skip
+        rates = p.report.exit_thresholds
+        assert tuple(rates) == EXIT_THRESHOLDS and all(v > 0 for v in rates.values())
+        assert p.spec.draft_exit_threshold == max(rates, key=rates.get)
+        assert p.draft.threshold == p.spec.draft_exit_threshold
+        assert "chosen by compile, tokens/s per threshold: 0.5: " in api.describe(p)
+        ref = p.generate("w3 w4", 12, mode="autoregressive").tokens
+        assert p.generate("w3 w4", 12, draft_exit_threshold="auto").tokens == ref
+        assert p.draft.threshold == p.spec.draft_exit_threshold
+        api.save(p, tmp_path / "plan")
+    with api.load(tmp_path / "plan") as again:
+        assert again.spec.draft_exit_threshold == p.spec.draft_exit_threshold
+        assert again.report.exit_thresholds is None  # not measured again
 
 
 def test_maps_that_cannot_run_exits_are_refused_naming_the_key(folders, tmp_path):

@@ -87,7 +87,8 @@ class SortedExitRunner(RunnerWrapper):
         self.exits: Counter[int] = Counter()
         self.name = f"{runner.name} [sorted exits at {', '.join(map(str, layers))}]"
 
-    def describe(self) -> str:
+    def describe(self, measured: dict[float, float] | None = None) -> str:
+        """One line for `describe()`; `measured`: the tokens/s compile measured per threshold."""
         n = self.runner.model.num_layers
         kind = "trained" if any(h.trained for h in self.heads) else "logit lens"
         taken = sum(self.exits.values())
@@ -95,7 +96,7 @@ class SortedExitRunner(RunnerWrapper):
         rate = f"; {early} of {taken} draft forwards so far stopped early" if taken else ""
         return (f"draft exits (S2D): layers {', '.join(str(h.layer) for h in self.heads)} of "
                 f"{n} ({kind}); a step emits at the first whose top-1 probability is >= "
-                f"{self.threshold:g}{rate}")  # fmt: skip
+                f"{self.threshold:g}{rate}{_measured(measured)}")  # fmt: skip
 
     def configure(self, enabled: bool, threshold: float) -> None:
         """Before a round loop: the call's `draft_exits` (off: 'none') and threshold."""
@@ -139,3 +140,10 @@ def with_sorted_exits(runner, kind: str, threshold: float, folder: Path,
             "leave draft_vocab_size at 0"
         )
     return SortedExitRunner(runner, exit_heads(kind, runner.model, folder, cache), threshold)
+
+
+def _measured(rates: dict[float, float] | None) -> str:
+    if not rates:
+        return ""
+    tried = ", ".join(f"{t:g}: {v:.1f}" for t, v in sorted(rates.items()))
+    return f" (chosen by compile, tokens/s per threshold: {tried})"

@@ -14,6 +14,11 @@ DRAFT_STOPS = ("none", "confidence", "entropy")  # draft-length policies (runtim
 OVERLAPS = ("share", "split")  # threads in mirror's overlap on one physical device (threads.py)
 
 
+# `draft_exit_threshold: auto`: the thresholds compile measures (a short speculative generation
+# each) before keeping the fastest; 1.0 is "exits almost never fire" (only a certain top-1)
+EXIT_THRESHOLDS = (0.5, 0.7, 0.9, 1.0)
+
+
 @dataclass(frozen=True)
 class SpecConfig:
     mode: str = "mirror"  # mirror | speculative (draft then verify, no overlap) | autoregressive
@@ -35,9 +40,9 @@ class SpecConfig:
     # S2D's sorted early exits on a torch draft (devices/sorted_exits.py): "none", "lens" (the
     # draft's own head at 1/4 and 1/2 of its depth) or "trained" (`mirror-sd train exit-head`
     # run on the draft); a step emits at the first exit whose top-1 probability is at least
-    # draft_exit_threshold
+    # draft_exit_threshold; "auto": compile measures EXIT_THRESHOLDS and keeps the fastest
     draft_exits: str = "none"
-    draft_exit_threshold: float = 0.9
+    draft_exit_threshold: float | str = "auto"
     tree_siblings: int = (
         0  # speculative, greedy: the draft's next-best tokens per depth as tree leaves
     )
@@ -91,9 +96,11 @@ class SpecConfig:
                 "`mirror-sd train exit-head` trained on the draft)"
             )
         v = self.draft_exit_threshold
-        if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, int | float)
+                            or not 0.0 <= v <= 1.0):  # fmt: skip
             raise ValueError(
-                f"speculation.draft_exit_threshold must be a probability in [0, 1], got {v!r}"
+                f"speculation.draft_exit_threshold must be a probability in [0, 1] or 'auto' "
+                f"(compile measures {', '.join(map(str, EXIT_THRESHOLDS))}), got {v!r}"
             )
         for name in ("exit_vocab_size", "draft_vocab_size", "tree_siblings"):
             v = getattr(self, name)

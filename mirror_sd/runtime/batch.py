@@ -101,6 +101,14 @@ class BatchJob:
             raise ValueError(f"stop_strings: a list of str, or one list per prompt ({n})")
         if overrides.get("mode") == "auto":
             overrides["mode"] = plan.spec.mode
+        if overrides.get("draft_exit_threshold") == "auto":  # the plan's own, as compiled
+            overrides["draft_exit_threshold"] = plan.spec.draft_exit_threshold
+        spec_t = overrides.get("draft_exit_threshold", plan.spec.draft_exit_threshold)
+        if spec_t == "auto" and plan.draft is not None and hasattr(plan.draft, "exits"):
+            raise ValueError(
+                "draft_exit_threshold 'auto' is measured by compile(); this plan's draft "
+                "exits were not: pass a probability in [0, 1]"
+            )
         spec = plan.spec.with_(**overrides)
         samplings = []
         for i in range(n):  # SpecConfig checks each prompt's values

@@ -42,6 +42,8 @@ class CompileReport:
     draft_streams, draft_streams_used: the draft's stream rows (speculative streaming) or
         None, and whether the plan runs them (with `mode: auto` the cost model turns them
         off where the profile predicts the one-token chain cheaper)
+    exit_thresholds: S2D with `draft_exit_threshold: auto`: tokens/s measured at each
+        threshold compile tried (the plan keeps the fastest); None otherwise
     """
 
     target: str
@@ -62,3 +64,4 @@ class CompileReport:
     batch_policy: tuple = ()
     draft_streams: StreamTable | None = None
     draft_streams_used: bool = False
+    exit_thresholds: dict[float, float] | None = None

@@ -122,6 +122,11 @@ def test_greedy_output_is_the_targets_alone_and_batched(tmp_path, threshold, mod
         )
         with pytest.raises(ValueError, match="built into the draft by compile"):
             plan.generate(PROMPTS[0], 4, draft_exits="trained")
+        if threshold == 1.0:  # 'auto' is compile's to measure; this plan was made by hand
+            bare = make_plan(target, None, draft_runner=runner, mode=mode, draft_exits="lens")
+            with pytest.raises(ValueError, match="'auto' is measured by compile"):
+                bare.generate(PROMPTS[0], 4)
+            bare.close()
     finally:
         plan.close()
 
