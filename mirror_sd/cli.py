@@ -154,7 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         max_queue=args.max_queue,
         engine=args.engine,
-        prefix_cache=not args.no_prefix_cache,
+        prefix_cache=args.prefix_cache,
     )
     try:
         from mirror_sd.serve.server import listen, serve
@@ -293,6 +293,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         DEFAULT_HOST,
         DEFAULT_MAX_QUEUE,
         DEFAULT_PORT,
+        DEFAULT_PREFIX_CACHE,
         ENGINES,
     )
 
@@ -309,9 +310,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-shared-draft", action="store_true",
                    help="give each plan a draft session of its own (default: plans whose "
                    "draft is the same ONNX graph share one session, one copy of its weights)")  # fmt: skip
-    p.add_argument("--no-prefix-cache", action="store_true",
-                   help="prefill every prompt from scratch (default: reuse the K/V rows of "
-                   "finished requests that share its prefix)")  # fmt: skip
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction,
+                   default=DEFAULT_PREFIX_CACHE,
+                   help="reuse the K/V rows of finished requests whose prompt shares a prefix "
+                   "(faster TTFT for chats and shared system prompts; an answer may then part "
+                   "from plan.generate's at a close call, docs/serving.md). Default: off, "
+                   "every prompt prefilled from scratch, every answer plan.generate's")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

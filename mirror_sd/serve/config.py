@@ -19,8 +19,10 @@ BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 ENGINES = ("batch", "serial")  # continuous batching (plan.batch_session) or one at a time
 DEFAULT_ENGINE = "batch"
 # reuse the K/V rows of finished requests for a prompt sharing their prefix (chat turns, one
-# system prompt; docs/runtime.md, *Prefix caching*); `--no-prefix-cache` turns it off
-DEFAULT_PREFIX_CACHE = True
+# system prompt; docs/runtime.md, *Prefix caching*): opt-in (`--prefix-cache`), because a
+# reused prefix is not computed as a fresh prefill would compute it, so an answer can part
+# from `plan.generate`'s (measured: 2-4 of ~30 answers on the int4 SmolLM2 target; docs/soak.md)
+DEFAULT_PREFIX_CACHE = False
 
 
 @dataclass(frozen=True)

@@ -65,3 +65,13 @@ def test_one_command_serves_a_saved_plan(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)  # a graceful stop: exit status 0
         assert proc.wait(timeout=60) == 0
+
+
+def test_prefix_cache_is_opt_in():
+    """Off unless asked: without it every answer is plan.generate's (docs/serving.md)."""
+    from mirror_sd.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["serve", "plans/x"]).prefix_cache is False
+    assert parse(["serve", "plans/x", "--prefix-cache"]).prefix_cache is True
+    assert parse(["serve", "plans/x", "--no-prefix-cache"]).prefix_cache is False

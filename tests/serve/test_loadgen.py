@@ -23,7 +23,7 @@ def test_load_run_reports_every_request(server):
 def test_a_shared_system_prompt_is_served_from_the_prefix_cache(plan):
     from tests.serve.conftest import metrics, running
 
-    with running(plan) as server:
+    with running(plan, prefix_cache=True) as server:
         report = run_load(server.url, MODEL, clients=2, requests=6, max_tokens=4,
                           system="w9 w8 w7 w6 w5 w4 w3 w2 w1")  # fmt: skip
         m = metrics(server)

@@ -20,11 +20,11 @@ def _chat(server, turns: list[str]) -> list[str]:
 @pytest.mark.parametrize("engine", ["batch", "serial"])
 def test_a_chat_reuses_its_history_and_answers_the_same(plan, engine):
     turns = ["w1 w2 w3", "w4 w5", "w6 w7 w8"]
-    with running(plan, engine=engine, prefix_cache=False) as server:
+    with running(plan, engine=engine) as server:  # off by default
         plain = _chat(server, turns)
         m = metrics(server)
     assert m[("mirror_sd_prefix_cache_hits_total", ())] == 0
-    with running(plan, engine=engine) as server:  # on by default
+    with running(plan, engine=engine, prefix_cache=True) as server:
         cached = _chat(server, turns)
         m = metrics(server)
     assert cached == plain
