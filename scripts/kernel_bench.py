@@ -1,12 +1,13 @@
 """Decode-step kernel candidates on this CPU: one Qwen2.5-1.5B MLP projection (1536 -> 8960),
 random weights, at 1 row (decoding), 2 rows (a lone row padded where `devices.row_exact`
-says so), 5 rows (verifying γ = 4) and 64 rows (a prefill chunk).
+says so), 5 rows (verifying γ = 4), 64 rows (a prefill chunk) and 671 rows (a long prompt).
 
     .venv/bin/python scripts/kernel_bench.py [--threads 2] [--seconds 0.5]
 
 Prints the CPU model and its vector/matrix flags, then ms per call for: ONNX Runtime fp32
 MatMul, MatMulNBits int4 (block 32) at accuracy levels 4 (int8 activations: the project's
-quantized graphs) and 0 (fp32 activations), torch dense and torch's weight-only int8 / int4
+quantized graphs) and 0 (fp32 activations), a row-invariant int8 DynamicQuantizeMatMul (a
+candidate, `row_normalized_dqmm`), torch dense and torch's weight-only int8 / int4
 kernels at fp32 and bf16 activations. docs/benchmarks.md records the tables; compare ratios
 within one run (other load on the machine shifts every number).
 """
@@ -24,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from mirror_sd.devices.cpu_caps import host_caps
 
 K, N, BLOCK = 1536, 8960, 32
-ROWS = (1, 2, 5, 64)
+ROWS = (1, 2, 5, 64, 671)  # 671: the prompt of a Spec-Bench rag question
 SHOWN_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
@@ -67,7 +68,39 @@ def ort_sessions(w: np.ndarray, threads: int) -> dict[str, ort.InferenceSession]
                                 K=K, N=N, bits=4, block_size=BLOCK, accuracy_level=level)  # fmt: skip
         inits = [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(scale.ravel(), "s")]
         out[f"ort int4 L{level}"] = session([node], inits, [("", 21), ("com.microsoft", 1)])
+    out["ort int8 rows (DQMM)"] = session(*row_normalized_dqmm(w), [("", 21), ("com.microsoft", 1)])
     return out
+
+
+def row_normalized_dqmm(w: np.ndarray) -> tuple[list, list]:
+    """A candidate, not a shipped format: int8 weights per output column through ORT's
+    DynamicQuantizeMatMul (MLAS's prepacked u8s8 GEMM), made row-invariant. The op quantizes
+    its whole input with one scale from the tensor's min and max, so one row's result would
+    depend on the others; dividing each row by its largest |x| and appending the columns +1
+    and -1 (with zero weights) pins that scale for every M, the integer GEMM is exact, and the
+    row's factor is multiplied back afterwards."""
+    scale = (np.abs(w).max(0) / 127).astype(np.float32)
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    q = np.concatenate([q, np.zeros((2, N), np.int8)])
+    nodes = [
+        helper.make_node("Abs", ["x"], ["ax"]),
+        helper.make_node("ReduceMax", ["ax", "last"], ["mx"], keepdims=1),
+        helper.make_node("Max", ["mx", "tiny"], ["r"]),
+        helper.make_node("Div", ["x", "r"], ["xn"]),
+        helper.make_node("Shape", ["x"], ["lead"], end=-1),
+        helper.make_node("Concat", ["lead", "two"], ["pshape"], axis=0),
+        helper.make_node("Expand", ["pm", "pshape"], ["pins"]),
+        helper.make_node("Concat", ["xn", "pins"], ["xp"], axis=-1),
+        helper.make_node(
+            "DynamicQuantizeMatMul", ["xp", "q", "s", "z"], ["yn"], domain="com.microsoft"
+        ),  # fmt: skip
+        helper.make_node("Mul", ["yn", "r"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in (
+        (q, "q"), (scale, "s"), (np.zeros(N, np.int8), "z"), (np.array([-1], np.int64), "last"),
+        (np.array(1e-30, np.float32), "tiny"), (np.array([2], np.int64), "two"),
+        (np.array([1.0, -1.0], np.float32), "pm"))]  # fmt: skip
+    return nodes, inits
 
 
 def torch_kernels(w: np.ndarray, dtype: torch.dtype):
