@@ -218,17 +218,10 @@ def test_sampling_keeps_each_sequence_distribution(tmp_path, plan_factory, mode)
 @pytest.mark.parametrize("mode", ["speculative", "mirror"])
 def test_draft_failure_in_a_batch_keeps_every_output(models, plan_factory, fault, mode):
     """A draft that fails mid-batch drops the whole batch to target-only, tokens unchanged."""
-    from tests.runtime.test_faults import HANG_TIMEOUT_S, FaultyRunner
+    from tests.runtime.test_faults import faulty_plan
 
     target, draft = models
-    runner = FaultyRunner(draft, fault, after=4)
-    plan = plan_factory(
-        target,
-        None,
-        draft_runner=runner,
-        mode=mode,
-        draft_timeout_s=HANG_TIMEOUT_S if fault == "hang" else 60.0,
-    )
+    runner, plan = faulty_plan(plan_factory, target, draft, fault, mode)
     with pytest.warns(UserWarning, match="target-only"):
         results = plan.generate(PROMPTS[:3], 16)
     for prompt, res in zip(PROMPTS[:3], results, strict=True):

@@ -43,18 +43,19 @@ def models(tmp_path):
 HANG_TIMEOUT_S = 0.3
 
 
+def faulty_plan(plan_factory, target, draft, fault: str, mode: str):
+    """(the FaultyRunner, a plan drafting with it) for one fault kind."""
+    runner = FaultyRunner(draft, fault, after=4)
+    timeout = HANG_TIMEOUT_S if fault == "hang" else 60.0
+    return runner, plan_factory(target, None, draft_runner=runner, mode=mode,
+                                draft_timeout_s=timeout)  # fmt: skip
+
+
 @pytest.mark.parametrize("fault", ["raise", "hang", "malformed"])
 @pytest.mark.parametrize("mode", ["speculative", "mirror"])
 def test_draft_failure_falls_back_to_target_only(models, plan_factory, tmp_path, fault, mode):
     target, draft = models
-    runner = FaultyRunner(draft, fault, after=4)
-    plan = plan_factory(
-        target,
-        None,
-        draft_runner=runner,
-        mode=mode,
-        draft_timeout_s=HANG_TIMEOUT_S if fault == "hang" else 60.0,
-    )
+    runner, plan = faulty_plan(plan_factory, target, draft, fault, mode)
     prompt = [5, 6, 7, 8]
     trace = tmp_path / "trace.json"
     with pytest.warns(UserWarning, match="target-only"):
