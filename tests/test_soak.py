@@ -1,28 +1,19 @@
-"""The soak harness (scripts/soak.py) on tiny random models: short runs of both sub-commands
-with draft faults injected count every request, see every fault recovered and counted, find
-every output equal to the target-only reference, and report a changed output as a failure."""
+"""The soak harness (mirror_sd/soak/, the package scripts/soak.py runs) on tiny random models:
+short runs of both sub-commands with draft faults injected count every request, see every fault
+recovered and counted, find every output equal to the target-only reference, and report a
+changed output as a failure."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from mirror_sd.soak import sequential, server
+from mirror_sd.soak.cli import main
+from mirror_sd.soak.plans import Reference
 from tests.conftest import TORCH_DRAFT_MAP, tiny_pair
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TASKS = ("writing", "translation", "summarization", "qa", "math_reasoning", "rag")
-
-
-@pytest.fixture(scope="module")
-def soak():
-    spec = importlib.util.spec_from_file_location("soak", SCRIPTS / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["soak"]
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +42,10 @@ def _doc(out: Path) -> dict:
     return json.loads((out / "soak.json").read_text())
 
 
-def test_sequential_generations_with_faults_are_identical_and_counted(soak, plan_args, tmp_path):
+def test_sequential_generations_with_faults_are_identical_and_counted(plan_args, tmp_path):
     out = tmp_path / "seq"
     argv = ["sequential", *plan_args, "--out", str(out), "--generations", "12"]
-    assert soak.main([*argv, "--fault-rate", "0.9"]) == 0
+    assert main([*argv, "--fault-rate", "0.9"]) == 0
     doc = _doc(out)
     c = doc["counts"]
     assert c["generations"] == c["identical"] == 12 and c["changed"] == c["lost"] == 0
@@ -74,20 +65,20 @@ def test_sequential_generations_with_faults_are_identical_and_counted(soak, plan
     assert "| verdict | PASS |" in (out / "soak.md").read_text()
 
 
-def test_sequential_reports_a_changed_output(soak, plan_args, tmp_path, monkeypatch):
-    real = soak.references
+def test_sequential_reports_a_changed_output(plan_args, tmp_path, monkeypatch):
+    real = sequential.references  # the run looks it up in its own module: patched there
 
     def one_wrong(*args, **kwargs):
         refs = real(*args, **kwargs)
         ref = refs[("chat", 0, 8)]
         wrong = [(ref.tokens[0] + 1) % 97, *ref.tokens[1:]]
-        refs[("chat", 0, 8)] = soak.Reference(ref.prompt, wrong, "")
+        refs[("chat", 0, 8)] = Reference(ref.prompt, wrong, "")
         return refs
 
-    monkeypatch.setattr(soak, "references", one_wrong)
+    monkeypatch.setattr(sequential, "references", one_wrong)
     out = tmp_path / "changed"
     argv = ["sequential", *plan_args, "--out", str(out), "--generations", "12"]
-    assert soak.main([*argv, "--fault-rate", "0", "--lengths", "8"]) == 1
+    assert main([*argv, "--fault-rate", "0", "--lengths", "8"]) == 1
     doc = _doc(out)
     assert doc["counts"]["changed"] == 2 and not doc["ok"]  # prompt 0 runs at i = 0 and 6
     assert [m["index"] for m in doc["mismatches"]] == [0, 6]
@@ -96,12 +87,12 @@ def test_sequential_reports_a_changed_output(soak, plan_args, tmp_path, monkeypa
     assert "| verdict | FAIL |" in (out / "soak.md").read_text()
 
 
-def test_server_run_loses_nothing_and_shows_every_fault(soak, plan_args, tmp_path):
+def test_server_run_loses_nothing_and_shows_every_fault(plan_args, tmp_path):
     out = tmp_path / "srv"
     argv = ["server", *plan_args, "--out", str(out), "--duration", "12", "--clients", "3",
             "--fault-every", "3", "--sample-every", "1", "--malformed-rate", "0.2", "--prefix-cache",
             "--cancel-rate", "0.5", "--draft-timeout", "1"]  # fmt: skip
-    code = soak.main(argv)
+    code = main(argv)
     doc = _doc(out)
     c = doc["counts"]
     assert code == 0, (c, doc["lost"], doc["mismatches"], doc["errors"])
@@ -119,18 +110,18 @@ def test_server_run_loses_nothing_and_shows_every_fault(soak, plan_args, tmp_pat
     assert len(doc["samples"]) >= 10 and doc["flatness"]["rss_slope_unit"] == "MiB per hour"
 
 
-def test_server_reports_changed_outputs(soak, plan_args, tmp_path, monkeypatch):
-    real = soak.references
+def test_server_reports_changed_outputs(plan_args, tmp_path, monkeypatch):
+    real = server.references  # the run looks it up in its own module: patched there
 
     def all_wrong(*args, **kwargs):
         refs = real(*args, **kwargs)
-        return {k: soak.Reference(r.prompt, r.tokens, "x" + r.text) for k, r in refs.items()}
+        return {k: Reference(r.prompt, r.tokens, "x" + r.text) for k, r in refs.items()}
 
-    monkeypatch.setattr(soak, "references", all_wrong)
+    monkeypatch.setattr(server, "references", all_wrong)
     out = tmp_path / "srv-changed"
     argv = ["server", *plan_args, "--out", str(out), "--duration", "3", "--clients", "2",
             "--fault-every", "100", "--malformed-rate", "0"]  # fmt: skip
-    assert soak.main(argv) == 1
+    assert main(argv) == 1
     doc = _doc(out)
     assert doc["counts"]["changed"] == doc["counts"]["sent"] > 0 and not doc["ok"]
     whole = [m for m in doc["mismatches"] if not m["cancel_after"]]
