@@ -66,6 +66,34 @@ def graph_name(path: str) -> str:
     return parent.rsplit("-", 1)[0] if "-" in parent else parent
 
 
+def phase_profile(files, t0: float, t1: float, res) -> dict:
+    """The profile events of every session inside [t0, t1] (perf_counter), grouped."""
+    by_op: dict[str, float] = defaultdict(float)
+    by_graph: dict[str, float] = defaultdict(float)
+    runs: dict[str, int] = defaultdict(int)
+    for file, created, path in files:
+        if not file or not Path(file).is_file():
+            continue
+        lo, hi = (t0 - created) * 1e6, (t1 - created) * 1e6  # this session's clock, µs
+        for ev in json.loads(Path(file).read_text()):
+            if not lo <= ev.get("ts", -1) <= hi:
+                continue
+            if ev.get("cat") == "Session" and ev["name"] == "model_run":
+                by_graph[graph_name(path)] += ev["dur"] / 1e6
+                runs[graph_name(path)] += 1
+            elif ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+                by_op[ev["args"].get("op_name", "?")] += ev["dur"] / 1e6
+    wall, in_ort, kernels = t1 - t0, sum(by_graph.values()), sum(by_op.values())
+    return {
+        "wall_s": wall, "new_tokens": len(res.tokens), "stats": res.stats.to_dict(),
+        "in_ort_runs_s": in_ort, "outside_ort_s": wall - in_ort, "kernel_s": kernels,
+        "graphs": {g: {"s": t, "runs": runs[g], "ms_per_run": 1e3 * t / max(1, runs[g])}
+                   for g, t in sorted(by_graph.items(), key=lambda kv: -kv[1])},
+        "ops": {o: {"s": t, "share_of_kernels": t / kernels if kernels else None}
+                for o, t in sorted(by_op.items(), key=lambda kv: -kv[1])},
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="qwen2.5-coder-1.5b")
@@ -73,59 +101,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device-map", default=None)
     ap.add_argument("--mode", default="autoregressive")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-file", type=Path, default=None,
+                    help="the prompt's text (default: a short coding request)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("profile_step"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="profile_step_"))
     made = patch_profiling(tmp)
 
+    prompt = args.prompt_file.read_text() if args.prompt_file else PROMPT
     with mirror_sd.compile(args.target, args.draft, args.device_map) as plan:
-        plan.generate(PROMPT, 8, mode=args.mode)  # warm-up
-        t0 = time.perf_counter()
-        res = plan.generate(PROMPT, args.new_tokens, mode=args.mode, eos_token_id=[])
-        wall = time.perf_counter() - t0
+        plan.generate(prompt, 8, mode=args.mode)  # warm-up
+        windows = {}
+        for phase, n in (("prefill", 1), ("generation", args.new_tokens)):
+            t0 = time.perf_counter()
+            res = plan.generate(prompt, n, mode=args.mode, eos_token_id=[])
+            windows[phase] = (t0, time.perf_counter(), res)
         files = [(s.end_profiling(), created, path) for s, created, path in made]
-
-    by_op: dict[str, float] = defaultdict(float)
-    by_graph: dict[str, float] = defaultdict(float)
-    runs: dict[str, int] = defaultdict(int)
-    for file, created, path in files:
-        if not file or not Path(file).is_file():
-            continue
-        start_us = (t0 - created) * 1e6  # the timed generation, on this session's clock
-        for ev in json.loads(Path(file).read_text()):
-            if ev.get("ts", -1) < start_us or ev.get("cat") not in ("Node", "Session"):
-                continue
-            if ev["cat"] == "Session" and ev["name"] == "model_run":
-                by_graph[graph_name(path)] += ev["dur"] / 1e6
-                runs[graph_name(path)] += 1
-            elif ev["cat"] == "Node" and ev["name"].endswith("_kernel_time"):
-                by_op[ev["args"].get("op_name", "?")] += ev["dur"] / 1e6
-    in_ort, kernels = sum(by_graph.values()), sum(by_op.values())
-    caps = host_caps()
+    prompt_tokens = res.prompt_tokens if hasattr(res, "prompt_tokens") else None
     doc = {
-        "machine": {"cpu": caps.model, "cores": os.cpu_count(),
-                    "flags": sorted(f for f in caps.flags if f.startswith(("avx", "amx", "fma")))},
+        "machine": {"cpu": host_caps().model, "cores": os.cpu_count(),
+                    "flags": sorted(f for f in host_caps().flags
+                                    if f.startswith(("avx", "amx", "fma")))},
         "versions": {"onnxruntime": ort.__version__, "mirror-sd": mirror_sd.__version__},
-        "settings": vars(args) | {"out": str(args.out)},
-        "stats": res.stats.to_dict(), "wall_s": wall, "new_tokens": len(res.tokens),
-        "ms_per_token": 1e3 * wall / max(1, len(res.tokens)),
-        "in_ort_runs_s": in_ort, "outside_ort_s": wall - in_ort, "kernel_s": kernels,
-        "graphs": {g: {"s": t, "runs": runs[g], "ms_per_run": 1e3 * t / max(1, runs[g])}
-                   for g, t in sorted(by_graph.items(), key=lambda kv: -kv[1])},
-        "ops": {o: {"s": t, "share_of_kernels": t / kernels if kernels else None}
-                for o, t in sorted(by_op.items(), key=lambda kv: -kv[1])},
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "prompt_tokens": prompt_tokens,
+        "phases": {ph: phase_profile(files, t0, t1, r) for ph, (t0, t1, r) in windows.items()},
     }  # fmt: skip
     (args.out / "profile_step.json").write_text(json.dumps(doc, indent=1) + "\n")
-    n = max(1, len(res.tokens))
-    print(f"{doc['machine']['cpu']}: {args.mode}, {n} tokens in {wall:.2f} s "
-          f"({doc['ms_per_token']:.1f} ms/token)")  # fmt: skip
-    print(f"  inside ORT runs {in_ort / wall:.0%} ({1e3 * in_ort / n:.1f} ms/token), outside "
-          f"{(wall - in_ort) / wall:.0%} ({1e3 * (wall - in_ort) / n:.1f} ms/token)")  # fmt: skip
-    for g, v in doc["graphs"].items():
-        print(f"  graph {g}: {v['runs']} runs, {v['ms_per_run']:.1f} ms each")
-    for o, v in list(doc["ops"].items())[:12]:
-        print(f"  op {o}: {1e3 * v['s'] / n:.1f} ms/token ({v['share_of_kernels']:.0%} of kernels)")
+    print(f"{doc['machine']['cpu']} {doc['machine']['flags']}; prompt {prompt_tokens} tokens")
+    for ph, d in doc["phases"].items():
+        print(f"{ph}: {d['new_tokens']} tokens in {d['wall_s']:.2f} s; inside ORT runs "
+              f"{d['in_ort_runs_s']:.2f} s, outside {d['outside_ort_s']:.2f} s")  # fmt: skip
+        for g, v in d["graphs"].items():
+            print(f"  graph {g}: {v['runs']} runs, {v['ms_per_run']:.1f} ms each")
+        for o, v in list(d["ops"].items())[:10]:
+            print(f"  op {o}: {v['s']:.3f} s ({v['share_of_kernels']:.0%} of kernels)")
     return 0
 
 

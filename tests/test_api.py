@@ -160,7 +160,7 @@ def assert_modes_match_ar(p, quant: str, trees_and_batches: bool) -> None:
             assert [r.tokens for r in batch] == refs, (quant, mode, "batch")
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("quant", ["int8", "int4", "int8-rows"])
 def test_quantized_target_is_lossless_against_its_own_decoding(folders, quant):
     """`quantize` on the target's device: the quantized target is the plan's reference; every
     mode equals its own greedy decoding (the plan's `ar`), and describe() says so."""

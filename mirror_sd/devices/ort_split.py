@@ -47,7 +47,6 @@ from mirror_sd.devices.ort_placement import (
 from mirror_sd.devices.row_exact import needs_padding, pad_rows
 from mirror_sd.graphs.export import (
     DEFAULT_OPSET,
-    QUANT_BITS,
     QUANTIZATIONS,
     cache_key,
     cached_entry,
@@ -56,7 +55,7 @@ from mirror_sd.graphs.export import (
 )
 from mirror_sd.graphs.layered import layers_entry, range_cached, range_entry
 from mirror_sd.graphs.model import CausalLM
-from mirror_sd.graphs.onnx_quant import EXTERNAL_DATA_BYTES, quantize_weights
+from mirror_sd.graphs.onnx_quant import EXTERNAL_DATA_BYTES, quantize_model
 
 _Binding = Any  # ort.IOBinding (its class is not exported under a stable name)
 
@@ -118,9 +117,7 @@ def export_head_cached(
     entry = head_entry(model, folder, key_info, opset, quantize)
     if quantize and not (entry / "model.onnx").is_file():
         src = export_head_cached(model, folder, key_info, opset)
-        return cached_entry(
-            entry, lambda tmp: quantize_weights(src, tmp / "model.onnx", QUANT_BITS[quantize])
-        )
+        return cached_entry(entry, lambda tmp: quantize_model(src, tmp / "model.onnx", quantize))
     return cached_entry(entry, lambda tmp: export_head(model, tmp / "model.onnx", opset))
 
 

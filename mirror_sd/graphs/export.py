@@ -49,12 +49,12 @@ from mirror_sd.graphs.onnx_quant import (
     entry_label,
     quantize_int4,
     quantize_int8,
+    quantize_int8_rows,
 )
 
 DEFAULT_OPSET = 18  # widest EP support (OpenVINO, QNN, CoreML, DirectML) with the new exporter
 EXPORT_FORMAT_VERSION = 4  # bump when the exported interface or wrapper changes (4: grouped rows)
-QUANTIZATIONS = (None, "int8", "int4")
-QUANT_BITS = {"int8": 8, "int4": 4}
+QUANTIZATIONS = (None, "int8", "int4", "int8-rows")
 # torch's ONNX exporter warns through this logger, on every export, about each torchvision op
 # it cannot register ("torchvision is not installed. Skipping torchvision::nms"): noise here
 EXPORTER_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
@@ -359,7 +359,9 @@ def export_cached(
 
     def write(tmp: Path) -> None:
         if quantize:  # looked up at call time, so tests can replace either function
-            fn = {"int8": quantize_int8, "int4": quantize_int4}[quantize]
+            fn = {"int8": quantize_int8, "int4": quantize_int4, "int8-rows": quantize_int8_rows}[
+                quantize
+            ]
             fn(src, tmp / "model.onnx")
         else:
             with progress.step(f"exporting {entry_label(entry / 'model.onnx')}"):

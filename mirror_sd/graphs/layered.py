@@ -41,7 +41,6 @@ from mirror_sd import progress
 from mirror_sd.graphs.export import (
     DEFAULT_OPSET,
     GROUP_INPUTS,
-    QUANT_BITS,
     additive_mask,
     cache_key,
     cached_entry,
@@ -53,7 +52,7 @@ from mirror_sd.graphs.export import (
 )
 from mirror_sd.graphs.masks import Grouped
 from mirror_sd.graphs.model import CausalLM
-from mirror_sd.graphs.onnx_quant import quantize_weights
+from mirror_sd.graphs.onnx_quant import quantize_model
 
 LAYOUT = "layers-v3"  # in every key of this module: bump when the parts' interface changes
 
@@ -259,7 +258,7 @@ def range_cached(model: CausalLM, folder: str | Path, key_info: Mapping[str, Any
 
         def write(tmp: Path) -> None:
             src = range_cached(model, folder, key_info, first, last, with_embed, opset=opset)
-            quantize_weights(src, tmp / "model.onnx", QUANT_BITS[quantize])
+            quantize_model(src, tmp / "model.onnx", quantize)
 
         return cached_entry(path.parent, write)
     parts = export_layers_cached(model, folder, key_info, opset)  # touched: last use

@@ -35,6 +35,11 @@ def quantize_int4(src: str | Path, dst: str | Path) -> Path:
     return quantize_weights(src, dst, 4)
 
 
+def quantize_int8_rows(src: str | Path, dst: str | Path) -> Path:
+    """int8 row-invariant DynamicQuantizeMatMul weights (`quantize_model` "int8-rows")."""
+    return quantize_model(src, dst, "int8-rows")
+
+
 QUANT_BLOCK = 32  # weights per MatMulNBits scale
 QUANT_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations, integer kernels (VNNI / AMX / AVX2)
 
@@ -61,8 +66,6 @@ def quantize_weights(src: str | Path, dst: str | Path, bits: int) -> Path:
     The embedding Gather gets per-tensor int8 (a lookup: no kernel to speed up, only bytes to
     save). Returns `dst`.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     if bits not in (4, 8):
         raise ValueError(f"bits={bits}: MatMulNBits weights are 4 or 8 bits here")
     nbits = import_matmul_nbits()
@@ -84,15 +87,47 @@ def quantize_weights(src: str | Path, dst: str | Path, bits: int) -> Path:
         matmuls = Path(tmp) / "matmuls.onnx"  # (+ .data when large)
         quantizer.model.save_model_to_file(str(matmuls), use_external_data_format=large)
         del quantizer
-        hint = _DropPreprocessHint()
-        logging.getLogger().addFilter(hint)
-        try:
-            quantize_dynamic(matmuls, dst, op_types_to_quantize=["Gather"],
-                             weight_type=QuantType.QInt8, use_external_data_format=large)  # fmt: skip
-        finally:
-            logging.getLogger().removeFilter(hint)
+        _embedding_int8(matmuls, dst, large)
         bar.update(max(0, bar.total - bar.n))  # the embedding (and any MatMul not counted)
     return dst
+
+
+QUANTIZE_KINDS = ("int8", "int4", "int8-rows")  # what `quantize_model` writes
+
+
+def quantize_model(src: str | Path, dst: str | Path, quantize: str) -> Path:
+    """`quantize` ("int8" | "int4": MatMulNBits, `quantize_weights`; "int8-rows": the
+    row-invariant DynamicQuantizeMatMul, `graphs.row_quant`) weights for an exported model,
+    int8 embedding table. Returns `dst`."""
+    if quantize in ("int8", "int4"):
+        return quantize_weights(src, dst, int(quantize.removeprefix("int")))
+    if quantize != "int8-rows":
+        raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE_KINDS)}")
+    from mirror_sd.graphs.row_quant import quantize_rows
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    large = sum(f.stat().st_size for f in model_files(src)) // 4 >= EXTERNAL_DATA_BYTES
+    with (
+        progress.step(f"quantizing {entry_label(src)} to int8 rows"),
+        tempfile.TemporaryDirectory(dir=dst.parent) as tmp,
+    ):
+        matmuls = quantize_rows(src, Path(tmp) / "matmuls.onnx", large)
+        _embedding_int8(matmuls, dst, large)
+    return dst
+
+
+def _embedding_int8(src: Path, dst: Path, large: bool) -> None:
+    """`src` with its embedding Gather's table in per-tensor int8, saved at `dst`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    hint = _DropPreprocessHint()
+    logging.getLogger().addFilter(hint)
+    try:
+        quantize_dynamic(src, dst, op_types_to_quantize=["Gather"],
+                         weight_type=QuantType.QInt8, use_external_data_format=large)  # fmt: skip
+    finally:
+        logging.getLogger().removeFilter(hint)
 
 
 def entry_label(path: Path) -> str:

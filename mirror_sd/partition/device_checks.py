@@ -103,6 +103,10 @@ def _choice(o: dict, key: str, default: str, valid: tuple[str, ...], path: str) 
     )
 
 
+# torch's weight-only kernels (graphs/quantize.py); int8-rows is an ONNX Runtime graph format
+TORCH_QUANTIZE = tuple(q for q in ORT_QUANTIZE if q != "int8-rows")
+
+
 def _torch(alias: str, o: dict, path: str) -> TorchSpec:
     device = o.get("device", TorchSpec.device)
     if not isinstance(device, str) or not _TORCH_DEVICE.match(device):
@@ -121,7 +125,7 @@ def _torch(alias: str, o: dict, path: str) -> TorchSpec:
         raise DeviceMapError(
             f"{path}.tp_timeout_s", f"must be a number of seconds > 0, got {timeout!r}"
         )
-    quantize = _choice(o, "quantize", TorchSpec.quantize, ORT_QUANTIZE, path)
+    quantize = _choice(o, "quantize", TorchSpec.quantize, TORCH_QUANTIZE, path)
     if quantize not in ("none", "auto") and device != "cpu":
         raise DeviceMapError(f"{path}.quantize", f"{quantize} weights run torch's CPU kernels; "
                              "use device: cpu, or an onnxruntime device for this model")  # fmt: skip

@@ -41,7 +41,13 @@ ORT_PROVIDERS = (
     "DmlExecutionProvider",
 )
 ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
-ORT_QUANTIZE = ("none", "int8", "int4", "auto")  # auto: partition/precision.py (torch too)
+ORT_QUANTIZE = (
+    "none",
+    "int8",
+    "int4",
+    "int8-rows",
+    "auto",
+)  # auto: partition/precision.py (torch too)
 
 
 class DeviceMapError(ValueError):

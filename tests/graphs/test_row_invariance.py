@@ -70,7 +70,7 @@ def _prefill(graph, model, ids):
     return graph.run(ids, pos, mask, [(empty, empty)] * model.num_layers)
 
 
-@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4", "int8-rows"])
 def test_a_block_scores_each_row_as_decoding_it_alone_would(family_model, quantize):
     model, cache, family = family_model
     path = ex.export_cached(model, cache, {"tiny": family, "seed": 1}, quantize=quantize)
@@ -90,7 +90,7 @@ def test_a_block_scores_each_row_as_decoding_it_alone_would(family_model, quanti
         past = _cat(past, step)
 
 
-@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4", "int8-rows"])
 def test_a_padded_lone_row_is_the_lone_row(family_model, quantize):
     """Padding a lone row into a block of two (row_exact.pad_rows) changes nothing about the
     row: same logits and K/V as the row alone, up to the kernels' M = 1 rounding (exact in
@@ -127,7 +127,7 @@ def test_long_blocks_take_the_gemm_path_and_agree_to_rounding(family_model):
     assert np.abs(long - ref.numpy()).max() < 1e-4
 
 
-@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4", "int8-rows"])
 def test_a_packed_batch_scores_each_sequence_as_alone(family_model, quantize):
     """Two sequences packed in one cache with interleaved columns (prefills one after the
     other, then verification blocks of both in one forward, then holes from rejected rows):
@@ -170,7 +170,7 @@ def test_a_packed_batch_scores_each_sequence_as_alone(family_model, quantize):
             assert np.array_equal(k[0], bk[0, rows]) and np.array_equal(v[0], bv[0, rows])
 
 
-@pytest.mark.parametrize("quantize", [None, "int4"])
+@pytest.mark.parametrize("quantize", [None, "int4", "int8-rows"])
 def test_a_token_tree_scores_each_path_as_its_chain(family_model, quantize):
     """A tree block (a root, two children, a grandchild under the second child): each row's
     logits and K/V are bit for bit those of its root-to-node path verified as a chain, though
