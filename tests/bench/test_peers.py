@@ -133,6 +133,7 @@ def test_weight_formats_follow_the_plan_devices():
     assert ov_convert.plan_formats(plan(None, "int8")) == ("fp32", "int8")
     assert ov_convert.plan_formats(plan("none", "none")) == ("fp32", "fp32")
     assert ov_convert.plan_formats(plan("int4", "int4")) == ("int4", "int4")
+    assert ov_convert.plan_formats(plan("int8-rows", "int4")) == ("int8", "int4")
     assert ov_convert.plan_formats(plan("int8", None)) == ("int8", ov_convert.DRAFT_FORMAT)
     with pytest.raises(ValueError, match="int2"):
         ov_convert.quantize_to_format("int2", "fp32")
