@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             res = plan.generate(prompt, n, mode=args.mode, eos_token_id=[])
             windows[phase] = (t0, time.perf_counter(), res)
         files = [(s.end_profiling(), created, path) for s, created, path in made]
-    prompt_tokens = res.prompt_tokens if hasattr(res, "prompt_tokens") else None
+    prompt_tokens = res.prompt_tokens
     doc = {
         "machine": {"cpu": host_caps().model, "cores": os.cpu_count(),
                     "flags": sorted(f for f in host_caps().flags
