@@ -1,4 +1,5 @@
-"""Weight quantization of an exported ONNX model: `MatMulNBits` int8 / int4 weights.
+"""Weight quantization of an exported ONNX model: `MatMulNBits` int8 / int4 weights, and the
+row-invariant int8 `DynamicQuantizeMatMul` of `graphs.row_quant` (`quantize_model`).
 
 `graphs.export` calls it for quantized cache entries, `graphs.layered` for each layer part,
 `devices.row_exact` probes its kernel with the same settings (QUANT_BLOCK, QUANT_ACCURACY_LEVEL).
