@@ -14,14 +14,12 @@ in four stages, each a function with a typed result:
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mirror_sd import progress
 from mirror_sd.backends.registry import backend_for
 from mirror_sd.builders import (
     draft_runner,
@@ -59,6 +57,7 @@ from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.pipelined import PipelineRunner, first_alias, pipeline_runner, spans_devices
 from mirror_sd.runtime.compile_report import CompileReport
 from mirror_sd.runtime.drafters.sources import check_source
+from mirror_sd.runtime.exit_tuning import tune_exit_threshold
 from mirror_sd.runtime.plan import DeviceSlot, Plan
 from mirror_sd.runtime.profiling import CALIBRATION_TEXT, profile
 from mirror_sd.simulated import sim_profile, with_absolute_profiles
@@ -71,8 +70,6 @@ from mirror_sd.training.exit_select import (
     with_trained_agreement,
 )
 
-EXIT_CALIBRATION_PROMPT = 64  # S2D's threshold: tokens of the calibration text as the prompt
-EXIT_CALIBRATION_TOKENS = 32  # and new tokens per threshold measured
 DEFAULT_BUDGET_WITHOUT_PROFILE = 8  # branch budget when there is no draft to profile
 # runners whose ℓe is a setting (torch layers run in Python); an exported split's is its graphs
 _MOVABLE_EXIT = (TorchRunner, PipelineRunner, TPRunner)
@@ -185,23 +182,6 @@ def compile(
     if plan.spec.draft_exits != "none" and plan.spec.draft_exit_threshold == "auto":
         tune_exit_threshold(plan, r.t_tok(CALIBRATION_TEXT)["input_ids"])
     return plan
-
-
-def tune_exit_threshold(plan: Plan, ids: list[int]) -> None:
-    """S2D's `draft_exit_threshold: auto`: a short speculative generation at each of
-    EXIT_THRESHOLDS on the calibration text (after one untimed warm-up), timed end to end, so
-    that acceptance and cost are measured together (an exit that fires often but proposes
-    worse tokens loses here); the plan keeps the fastest (tokens/s) and its report the rates."""
-    ids = list(ids)[:EXIT_CALIBRATION_PROMPT]
-    run = functools.partial(plan.generate, ids, mode="speculative", eos_token_id=[])
-    run(4, draft_exit_threshold=EXIT_THRESHOLDS[0])
-    rates = {}
-    for t in progress.bar(EXIT_THRESHOLDS, "S2D exit threshold", unit="threshold"):
-        rates[t] = run(EXIT_CALIBRATION_TOKENS, draft_exit_threshold=t).stats.tokens_per_s
-    best = max(rates, key=rates.get)
-    plan.spec = plan.spec.with_(draft_exit_threshold=best)
-    plan.draft.configure(True, best)
-    plan.report.exit_thresholds = rates
 
 
 def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=None,

@@ -32,11 +32,8 @@ def test_a_quantizing_job_frees_the_torch_model_first(job, tmp_path, monkeypatch
         return quantize(*a, **k)
 
     monkeypatch.setattr(worker, "load_model", recording_load)
-    import mirror_sd.devices.ort_split as ort_split
-    import mirror_sd.graphs.layered as layered
-
-    for module in (onnx_quant, layered, ort_split):  # every module that calls it by its own name
-        monkeypatch.setattr(module, "quantize_weights", checking_quantize)
+    # every quantizing path (quantize_model, quantize_int8/int4) calls it through this module
+    monkeypatch.setattr(onnx_quant, "quantize_weights", checking_quantize)
     onnx = tmp_path / "onnx"
     if job == "draft":
         out = worker.export_draft(str(folder), str(onnx), "int8")

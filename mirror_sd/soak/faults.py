@@ -9,7 +9,7 @@ import itertools
 import random
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,11 +17,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from mirror_sd.devices.base import RunnerWrapper
 from mirror_sd.runtime.busy import PlanBusyError
 
-if TYPE_CHECKING:
-    from mirror_sd.soak.traffic import Traffic
-
 FAULTS = ("raise", "hang")
 DRAIN_TIMEOUT_S = 900.0  # the clients' pause before a fault waits at most this long
+
+
+class Pausable(Protocol):
+    """What the injector needs of the clients (`traffic.Traffic`): their deadline, and a pause
+    that returns once no request is in flight."""
+
+    deadline: float
+
+    def pause(self, timeout: float) -> bool: ...
+
+    def resume(self) -> None: ...
 
 
 class FaultyDraft(RunnerWrapper):
@@ -124,7 +132,7 @@ class FaultInjector:
     """Every `every` seconds: pause the clients until the batch drained, judge the last fault
     by /metrics, re-arm the draft, arm the next fault (raise and hang in turn), resume."""
 
-    def __init__(self, plan, draft: FaultyDraft, base: str, traffic: Traffic, every: float,
+    def __init__(self, plan, draft: FaultyDraft, base: str, traffic: Pausable, every: float,
                  start: float, seed: int):  # fmt: skip
         self.plan, self.draft, self.base, self.traffic = plan, draft, base, traffic
         self.every, self.start, self.rng = every, start, random.Random(seed + 7)
