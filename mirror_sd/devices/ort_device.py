@@ -43,6 +43,8 @@ class OrtRunner(RowCache):
         self.device, self.max_len, self.length = device, max_len, 0
         self.n_layers, kv_shape, self.dtype = _interface(self.session, path)
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
+        # graphs exported before the input (or made elsewhere) score every row: no cheap fill
+        self.picks_rows = any(i.name == "logits_rows" for i in self.session.get_inputs())
         self.kv = make_kv(self.n_layers, max_len, kv_shape, self.dtype, self.session, kv_on_device)
         where = f"{alias} ({device.describe()})" if alias else device.describe()
         self.name = f"{name} on {where}"
@@ -72,10 +74,18 @@ class OrtRunner(RowCache):
     ) -> torch.Tensor:
         """ids, position_ids (1, T) int64; mask (1, T, length + T) bool -> logits (T, V) fp32.
 
-        Appends the T rows' K/V to the cache (length += T). No `fill()` here: the whole-model
-        graph ends in the LM head and ORT runs it even when only the K/V outputs are fetched
-        (checked with `only_execute_path_to_fetches`: all 169 MatMulNBits of the 0.5B ran).
-        """
+        Appends the T rows' K/V to the cache (length += T)."""
+        return self._run(ids, position_ids, mask, None)
+
+    def fill(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """`forward` without the logits (a prefill): the graph's LM head runs on the last row
+        only (`logits_rows`), not on all T. (ORT runs a graph's head even when only its K/V
+        outputs are fetched: checked with `only_execute_path_to_fetches`, all 169
+        MatMulNBits of the 0.5B ran; hence the input.)"""
+        self._run(ids, position_ids, mask, ids.shape[1] - 1)
+
+    def _run(self, ids, position_ids, mask, last: int | None) -> torch.Tensor:
+        """`forward`, with `last` the one row whose logits come out (None: every row)."""
         t, n = self._check(ids.shape[1], mask), self.length
         session = self.session
         binding = session.io_binding()
@@ -84,11 +94,14 @@ class OrtRunner(RowCache):
         for name, value in graph_feeds(mask).items():  # grouped rows (export.graph_feeds)
             binding.bind_cpu_input(name, value)
         bind_kv(binding, self.kv, range(self.n_layers), n, t)
-        logits = np.empty((1, t, self.vocab_size), self.dtype)  # (1, T, V)
+        rows = np.arange(t) if last is None or not self.picks_rows else np.array([last])
+        if self.picks_rows:
+            binding.bind_cpu_input("logits_rows", rows.astype(np.int64))
+        logits = np.empty((1, len(rows), self.vocab_size), self.dtype)  # (1, O, V)
         binding.bind_output("logits", "cpu", 0, self.dtype, logits.shape, logits.ctypes.data)
         session.run_with_iobinding(binding)
         self.length = n + t
-        return torch.from_numpy(logits[0]).float()  # (T, V)
+        return torch.from_numpy(logits[0]).float()  # (O, V)
 
 
 def _interface(session: ort.InferenceSession, path: str | Path) -> tuple[int, tuple, np.dtype]:

@@ -8,11 +8,15 @@ agree to float rounding. Its interface, for layers [first, last):
              position_ids (1, T) int64
              mask (G, R, L) bool              True = attend, per group of rows (below)
              key_index (G, L), row_index (G, R), row_slot (T,) int64
+             logits_rows (O,) int64           if with_head: the rows whose logits come out
              past_k_{i}, past_v_{i} (1, S, nkv, hd) for each layer i
-    outputs  logits (1, T, V)                 if with_head, else  hidden_out (1, T, D)
+    outputs  logits (1, O, V)                 if with_head, else  hidden_out (1, T, D)
              new_k_{i}, new_v_{i} (1, T, nkv, hd) for each layer i
 
-T >= 1 and S >= 0 are dynamic (S = 0 is a prefill). The block's mask over its S + T keys
+T >= 1, S >= 0 and O >= 1 are dynamic (S = 0 is a prefill). `logits_rows` is arange(T) for
+every row's logits; a prefill asks for one row and so skips the LM head on the others (on the
+0.5B draft the head is a quarter of the weights, and its (T, V) logits for a long prompt are
+hundreds of MB). The block's mask over its S + T keys
 comes regrouped (`masks.group_rows`, `graph_feeds`): rows whose visible keys are one prefix
 of a common key list form a group, so a packed batch's sequence or a tree's path attends over
 its own keys as a contiguous prefix, bit for bit as it would alone (docs/runtime.md, *Row
@@ -54,6 +58,7 @@ from mirror_sd.graphs.onnx_quant import (
 
 DEFAULT_OPSET = 18  # widest EP support (OpenVINO, QNN, CoreML, DirectML) with the new exporter
 EXPORT_FORMAT_VERSION = 4  # bump when the exported interface or wrapper changes (4: grouped rows)
+HEAD_FORMAT_VERSION = 2  # in the key of graphs with the head only (2: the logits_rows input)
 QUANTIZATIONS = (None, "int8", "int4", "int8-rows")
 # torch's ONNX exporter warns through this logger, on every export, about each torchvision op
 # it cannot register ("torchvision is not installed. Skipping torchvision::nms"): noise here
@@ -72,6 +77,11 @@ class _Stages(nn.Module):
     def forward(self, x, position_ids, mask, key_index, row_index, row_slot, *past):
         """x: ids (1, T) or hidden (1, T, D); mask and indices: `masks.Grouped`'s fields;
         past: k, v (1, S, nkv, hd) per layer, interleaved."""
+        h, new = self.layers(x, position_ids, mask, key_index, row_index, row_slot, past)
+        return (h, *new)
+
+    def layers(self, x, position_ids, mask, key_index, row_index, row_slot, past):
+        """(hidden (1, T, D) after the range's layers, [new k, v per layer])."""
         h = self.model.embed(x) if self.with_embed else x  # (1, T, D)
         cos, sin = self.model.rope(position_ids, h.dtype)  # (1, T, hd)
         bias = Grouped(additive_mask(mask, h.dtype), key_index, row_index, row_slot)
@@ -80,8 +90,15 @@ class _Stages(nn.Module):
             layer = self.model.model.layers[i]
             h, k, v = layer(h, cos, sin, bias, past[2 * j], past[2 * j + 1])
             new += [k, v]  # (1, T, nkv, hd) each
-        out = self.model.head(h) if self.with_head else h  # (1, T, V) or (1, T, D)
-        return (out, *new)
+        return h, new
+
+
+class _WithHead(_Stages):
+    """`_Stages` ending in the final norm + LM head, on the rows `logits_rows` names only."""
+
+    def forward(self, x, position_ids, mask, key_index, row_index, row_slot, logits_rows, *past):
+        h, new = self.layers(x, position_ids, mask, key_index, row_index, row_slot, past)
+        return (self.model.head(h[:, logits_rows]), *new)  # (1, O, V)
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -133,13 +150,16 @@ def io_names(
     """Input and output names of an exported stage range, in graph order."""
     layers = range(first, last)
     kv = [f"{p}_{kv}_{i}" for i in layers for p, kv in (("past", "k"), ("past", "v"))]
-    inputs = ["input_ids" if with_embed else "hidden", "position_ids", *GROUP_INPUTS, *kv]
+    rows = ["logits_rows"] if with_head else []
+    inputs = ["input_ids" if with_embed else "hidden", "position_ids", *GROUP_INPUTS, *rows, *kv]
     new = [f"new_{kv}_{i}" for i in layers for kv in ("k", "v")]
     return inputs, ["logits" if with_head else "hidden_out", *new]
 
 
-def _example_inputs(model: CausalLM, n_layers: int, with_embed: bool) -> tuple[torch.Tensor, ...]:
-    """Sample inputs with S=5, T=3 (no dimension 0 or 1, so the exporter keeps both dynamic)."""
+def _example_inputs(model: CausalLM, n_layers: int, with_embed: bool,
+                    with_head: bool = False) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Sample inputs with S=5, T=3, O=2 (no dimension 0 or 1, and none equal: the exporter keeps
+    each dynamic)."""
     c, s, t = model.config, 5, 3
     dtype = model.model.embed_tokens.weight.dtype
     if with_embed:
@@ -148,16 +168,19 @@ def _example_inputs(model: CausalLM, n_layers: int, with_embed: bool) -> tuple[t
         x = torch.zeros(1, t, c.hidden_size, dtype=dtype)  # (1, T, D)
     # distinct tensors: the exporter would treat one tensor passed twice as one input
     past = [torch.zeros(1, s, c.num_kv_heads, c.head_dim, dtype=dtype) for _ in range(2 * n_layers)]
-    return (x, torch.arange(s, s + t)[None], *example_groups(s, t), *past)
+    rows = (torch.tensor([0, t - 1]),) if with_head else ()
+    return (x, torch.arange(s, s + t)[None], *example_groups(s, t), *rows, *past)
 
 
-def _dynamic_shapes(n_layers: int) -> dict[str, Any]:
+def _dynamic_shapes(n_layers: int, with_head: bool = False) -> dict[str, Any]:
     t = torch.export.Dim("T", min=1)
     s = torch.export.Dim("S", min=0)
+    rows = {"logits_rows": {0: torch.export.Dim("O", min=1)}} if with_head else {}
     return {
         "x": {1: t},
         "position_ids": {1: t},
         **group_shapes(t),
+        **rows,
         "past": tuple({1: s} for _ in range(2 * n_layers)),
     }
 
@@ -191,15 +214,16 @@ def export_stages(
     """
     if not 0 <= first <= last <= model.num_layers:
         raise IndexError(f"layer range [{first}, {last}) outside [0, {model.num_layers}]")
-    wrapper = _Stages(model, first, last, with_embed, with_head)
+    wrapper = (_WithHead if with_head else _Stages)(model, first, last, with_embed, with_head)
     inputs, outputs = io_names(first, last, with_embed, with_head)
-    args = _example_inputs(model, last - first, with_embed)
+    args = _example_inputs(model, last - first, with_embed, with_head)
     if external_data is None:
         external_data = (
             _weight_bytes(model, first, last, with_embed, with_head) >= EXTERNAL_DATA_BYTES
         )
     return export_module(wrapper, args, path, inputs, outputs,
-                         _dynamic_shapes(last - first), opset, external_data)  # fmt: skip
+                         _dynamic_shapes(last - first, with_head), opset,
+                         external_data)  # fmt: skip
 
 
 def export_module(
@@ -292,6 +316,7 @@ def cache_key(model: CausalLM, key_info: Mapping[str, Any], **settings: Any) -> 
         "dtype": str(model.model.embed_tokens.weight.dtype),
         "settings": settings,
         "format": EXPORT_FORMAT_VERSION,
+        **({"head_format": HEAD_FORMAT_VERSION} if settings.get("with_head") else {}),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
     }
     if settings.get("quantize"):

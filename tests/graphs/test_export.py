@@ -75,6 +75,8 @@ def run_onnx(path, first, last, x, pos, mask, past, with_embed=True):
         "position_ids": pos.numpy(),
         **ex.graph_feeds(mask),
     }
+    if any(i.name == "logits_rows" for i in sess.get_inputs()):  # a graph with the head
+        feeds["logits_rows"] = np.arange(x.shape[1])
     for i, (k, v) in zip(range(first, last), past, strict=True):
         feeds[f"past_k_{i}"], feeds[f"past_v_{i}"] = k.numpy(), v.numpy()
     out = sess.run(None, feeds)

@@ -48,7 +48,8 @@ class Graph:
             padded = pad_rows(ids, torch.from_numpy(pos), torch.from_numpy(mask))
             logits, new = self.run(padded[0], padded[1].numpy(), padded[2].numpy(), past)
             return logits[:, :1], [(k[:, :1], v[:, :1]) for k, v in new]
-        feeds = {"input_ids": ids, "position_ids": pos, **ex.graph_feeds(mask)}
+        feeds = {"input_ids": ids, "position_ids": pos, **ex.graph_feeds(mask),
+                 "logits_rows": np.arange(ids.shape[1])}  # fmt: skip
         for i, (k, v) in enumerate(past):
             feeds[f"past_k_{i}"], feeds[f"past_v_{i}"] = k, v
         out = self.sess.run(None, feeds)
