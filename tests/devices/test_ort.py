@@ -80,6 +80,29 @@ def test_runner_equals_torch_through_a_speculative_round(draft, kv_on_device):
     pair.step([4, 4, 4])
 
 
+def test_fill_scores_one_row_and_leaves_the_cache_forward_would(draft, monkeypatch):
+    model, path = draft
+    filled, forwarded = OrtRunner(path, CPU, 32), OrtRunner(path, CPU, 32)
+    fed = []
+    bind = ort.IOBinding.bind_cpu_input
+
+    def recording(self, name, value):
+        if name == "logits_rows":
+            fed.append(value.tolist())
+        return bind(self, name, value)
+
+    monkeypatch.setattr(ort.IOBinding, "bind_cpu_input", recording)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    assert filled.picks_rows  # the export has the input
+    filled.fill(ids, positions(0, 6), causal_mask(0, 6))
+    forwarded.forward(ids, positions(0, 6), causal_mask(0, 6))
+    assert fed == [[5], [0, 1, 2, 3, 4, 5]]  # the fill asked for the last row only
+    assert filled.length == forwarded.length == 6
+    a = filled.forward(torch.tensor([[2]]), positions(6, 1), causal_mask(6, 1))
+    b = forwarded.forward(torch.tensor([[2]]), positions(6, 1), causal_mask(6, 1))
+    assert torch.equal(a, b)  # the same K/V rows were written
+
+
 def test_runner_is_a_model_runner_with_a_placement(draft):
     _, path = draft
     runner = OrtRunner(path, CPU, 16, alias="npu")
