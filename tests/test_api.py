@@ -175,6 +175,34 @@ def test_quantized_target_is_lossless_against_its_own_decoding(folders, quant):
         assert_modes_match_ar(p, quant, trees_and_batches=True)
 
 
+def test_a_draft_prefilled_on_a_second_graph_stays_lossless(folders):
+    """`prefill_quantize` on the draft's device: its prompt runs through the int8-rows export,
+    its steps through the int4 one, sharing one cache; every mode still equals `ar`."""
+    from mirror_sd.devices.ort_device import FILL_GRAPH_ROWS
+
+    target, draft, root = folders
+    text = ORT_TARGET_MAP.replace(
+        "drf: {backend: onnxruntime,",
+        "drf: {backend: onnxruntime, quantize: int4, prefill_quantize: int8-rows,",
+    )
+    prompt = " ".join(f"w{i % 10}" for i in range(FILL_GRAPH_ROWS + 8))  # a fill on the graph
+    with api.compile(target, draft, text, onnx_dir=root / "onnx", max_len=256) as p:
+        assert "prompts prefilled with int8-rows weights" in p.draft_device.label
+        ref = p.generate(prompt, 16, mode="autoregressive").tokens
+        for mode in ("speculative", "mirror"):
+            assert p.generate(prompt, 16, mode=mode).tokens == ref, mode
+        assert_modes_match_ar(p, "none", trees_and_batches=False)
+
+
+def test_prefill_quantize_on_the_target_device_is_a_clear_error(folders):
+    target, draft, root = folders
+    text = ORT_TARGET_MAP.replace(
+        "tgt: {backend: onnxruntime,", "tgt: {backend: onnxruntime, prefill_quantize: int8,"
+    )
+    with pytest.raises(ValueError, match=r"devices\.tgt\.prefill_quantize.*draft's device"):
+        api.compile(target, draft, text, onnx_dir=root / "onnx", max_len=256)
+
+
 def test_quantize_auto_keeps_a_4_bit_checkpoint_4_bit_where_the_cpu_has_int8_kernels(
     folders, monkeypatch
 ):

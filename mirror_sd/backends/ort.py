@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from mirror_sd import export_worker
 from mirror_sd.backends.base import Backend
 from mirror_sd.backends.facts import OrtFacts
+from mirror_sd.devices.cpu_caps import host_caps
 from mirror_sd.devices.ort_core import OrtDevice
 from mirror_sd.devices.ort_device import OrtRunner
 from mirror_sd.devices.ort_split import (
@@ -28,8 +29,8 @@ from mirror_sd.graphs.loader import load_model, release_memory, weightless_model
 from mirror_sd.graphs.streams import StreamTable, add_streams_onnx
 from mirror_sd.graphs.trimmed_head import export_trimmed
 from mirror_sd.graphs.vocab_trim import VocabTrim
-from mirror_sd.partition.device_map import OrtSpec
-from mirror_sd.partition.precision import AUTO, CpuCaps, choose_quantize
+from mirror_sd.partition.device_map import DeviceMapError, OrtSpec
+from mirror_sd.partition.precision import AUTO, CpuCaps, choose_prefill_quantize, choose_quantize
 
 if TYPE_CHECKING:
     from mirror_sd.partition.threads import ThreadBudget
@@ -84,6 +85,15 @@ class OrtBackend(OrtFacts, Backend):
         out = export_worker.run("draft", folder, onnx_dir=str(onnx_dir), quantize=quant)
         return Path(out["path"])
 
+    @staticmethod
+    def prefill_quantize(spec: OrtSpec) -> str:
+        """The draft's prefill weight format (`prefill_quantize`, `auto` resolved here)."""
+        if spec.prefill_quantize != AUTO:
+            return spec.prefill_quantize
+        if spec.providers[0][0] != "CPUExecutionProvider":
+            return "none"  # the rule is measured on CPU kernels only
+        return choose_prefill_quantize(spec.quantize, host_caps()).value
+
     def target_runner(self, spec: OrtSpec, folder: Path, exit_layer: int, max_len: int,
                       onnx_root: Path, budget: ThreadBudget | None = None,
                       lens_ids: list[int] | None = None, keep_model: bool = True
@@ -91,6 +101,10 @@ class OrtBackend(OrtFacts, Backend):
         """The target's graphs spliced from its per-layer export (`graphs.layered`); without
         `keep_model` a missing export or lens is made by `export_worker` and no torch model is
         loaded here."""
+        if spec.prefill_quantize not in ("none", AUTO):
+            raise DeviceMapError(f"devices.{spec.alias}.prefill_quantize", "a second prefill "
+                                 "graph is for a draft's device; a target prefills through its "
+                                 "own split graphs: remove the key")  # fmt: skip
         quant = _quant(spec)
         key, meta = source_identity(folder), weightless_model(folder)
         model = lens = None
@@ -135,6 +149,14 @@ class OrtBackend(OrtFacts, Backend):
             path = export_trimmed(model, onnx_dir, source_identity(folder), trim, _quant(spec))
             del model
         graph = add_streams_onnx(path, streams) if streams is not None else path
-        runner = OrtRunner(graph, dev, max_len, name="draft", alias=spec.alias)
+        prefill = self.prefill_quantize(spec)
+        fill_graph = None
+        if prefill not in ("none", spec.quantize):
+            fill_graph = self.draft_export(dataclasses.replace(spec, quantize=prefill), folder,
+                                           onnx_dir)  # fmt: skip
+        runner = OrtRunner(graph, dev, max_len, name="draft", alias=spec.alias,
+                           fill_graph=fill_graph)  # fmt: skip
         label = f"onnxruntime {runner.session.get_providers()[0]}"
+        if fill_graph is not None:
+            label += f", prompts prefilled with {prefill} weights"
         return (TrimmedVocabRunner(runner, trim) if trim else runner), label, path

@@ -26,6 +26,9 @@ from mirror_sd.devices.ort_placement import (
 from mirror_sd.devices.shared_sessions import session_pool
 from mirror_sd.graphs.export import graph_feeds
 
+FILL_GRAPH_ROWS = 16  # a fill of at least this many rows runs on the fill graph (a prompt);
+# shorter ones (a round's catch-up) on the runner's own, as fast there at a few rows
+
 
 class OrtRunner(RowCache):
     """`ModelRunner` for an exported whole model (input_ids .. logits) on an `OrtDevice`.
@@ -35,16 +38,22 @@ class OrtRunner(RowCache):
     `placement` says which providers run the graph's nodes (see `node_placement`). Inside
     `shared_sessions()` runners of the same graph share its sessions (the KV cache and the
     length stay each runner's own).
+
+    `fill_graph`: the same model exported at another weight format (its K/V layout the same):
+    `fill` of FILL_GRAPH_ROWS rows or more runs there, writing the shared cache (a draft's
+    prompt through a faster many-row GEMM, its decoding steps through this graph).
     """
 
     def __init__(self, path: str | Path, device: OrtDevice, max_len: int, name: str = "draft",
-                 alias: str | None = None, kv_on_device: bool | None = None):  # fmt: skip
+                 alias: str | None = None, kv_on_device: bool | None = None,
+                 fill_graph: str | Path | None = None):  # fmt: skip
         self.sessions = session_pool(device, path)  # shared inside shared_sessions()
+        self.fill_sessions = session_pool(device, fill_graph) if fill_graph else None
         self.device, self.max_len, self.length = device, max_len, 0
         self.n_layers, kv_shape, self.dtype = _interface(self.session, path)
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
         # graphs exported before the input (or made elsewhere) score every row: no cheap fill
-        self.picks_rows = any(i.name == "logits_rows" for i in self.session.get_inputs())
+        self.picks_rows = _picks_rows(self.session)
         self.kv = make_kv(self.n_layers, max_len, kv_shape, self.dtype, self.session, kv_on_device)
         where = f"{alias} ({device.describe()})" if alias else device.describe()
         self.name = f"{name} on {where}"
@@ -54,6 +63,8 @@ class OrtRunner(RowCache):
             self.length = 0
         placement = node_placement(self.session)
         self.placement = placement_summary(placement, self.session.get_providers()[0], self.name)
+        if self.fill_sessions is not None:
+            _check_fill_graph(self.fill_sessions.session, self.session, fill_graph)
 
     @property
     def session(self) -> ort.InferenceSession:
@@ -68,6 +79,8 @@ class OrtRunner(RowCache):
     def set_threads(self, threads: int | None) -> None:
         """Run the next forwards on `threads` intra-op threads (the thread budget's call)."""
         self.sessions.set_threads(threads)
+        if self.fill_sessions is not None:
+            self.fill_sessions.set_threads(threads)
 
     def forward(
         self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
@@ -82,26 +95,46 @@ class OrtRunner(RowCache):
         only (`logits_rows`), not on all T. (ORT runs a graph's head even when only its K/V
         outputs are fetched: checked with `only_execute_path_to_fetches`, all 169
         MatMulNBits of the 0.5B ran; hence the input.)"""
-        self._run(ids, position_ids, mask, ids.shape[1] - 1)
+        pool = self.fill_sessions if ids.shape[1] >= FILL_GRAPH_ROWS else None
+        self._run(ids, position_ids, mask, ids.shape[1] - 1, pool)
 
-    def _run(self, ids, position_ids, mask, last: int | None) -> torch.Tensor:
-        """`forward`, with `last` the one row whose logits come out (None: every row)."""
+    def _run(self, ids, position_ids, mask, last: int | None, pool=None) -> torch.Tensor:
+        """`forward`, with `last` the one row whose logits come out (None: every row), on
+        `pool`'s session (None: the runner's own graph)."""
         t, n = self._check(ids.shape[1], mask), self.length
-        session = self.session
+        session = (pool or self.sessions).session
+        picks_rows = self.picks_rows if pool is None else _picks_rows(session)
         binding = session.io_binding()
         binding.bind_cpu_input("input_ids", host(ids, np.int64))
         binding.bind_cpu_input("position_ids", host(position_ids, np.int64))
         for name, value in graph_feeds(mask).items():  # grouped rows (export.graph_feeds)
             binding.bind_cpu_input(name, value)
         bind_kv(binding, self.kv, range(self.n_layers), n, t)
-        rows = np.arange(t) if last is None or not self.picks_rows else np.array([last])
-        if self.picks_rows:
+        rows = np.arange(t) if last is None or not picks_rows else np.array([last])
+        if picks_rows:
             binding.bind_cpu_input("logits_rows", rows.astype(np.int64))
         logits = np.empty((1, len(rows), self.vocab_size), self.dtype)  # (1, O, V)
         binding.bind_output("logits", "cpu", 0, self.dtype, logits.shape, logits.ctypes.data)
         session.run_with_iobinding(binding)
         self.length = n + t
         return torch.from_numpy(logits[0]).float()  # (O, V)
+
+
+def _picks_rows(session: ort.InferenceSession) -> bool:
+    return any(i.name == "logits_rows" for i in session.get_inputs())
+
+
+def _check_fill_graph(fill: ort.InferenceSession, own: ort.InferenceSession, path) -> None:
+    """The fill graph writes the runner's cache: the same K/V inputs, shapes and types."""
+
+    def kv(s):
+        return [(i.name, i.type, i.shape[2:]) for i in s.get_inputs() if i.name.startswith("past")]
+
+    if kv(fill) != kv(own):
+        raise ValueError(
+            f"fill graph {path}: its K/V cache differs from the runner's graph "
+            "(another model?); export the same model at the prefill format"
+        )
 
 
 def _interface(session: ort.InferenceSession, path: str | Path) -> tuple[int, tuple, np.dtype]:

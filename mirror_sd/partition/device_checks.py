@@ -151,6 +151,9 @@ def _ort(alias: str, o: dict, path: str) -> OrtSpec:
         allow_fallback=fallback,
         quantize=_choice(o, "quantize", OrtSpec.quantize, ORT_QUANTIZE, path),
         physical=_opt_name(o, "physical", path),
+        prefill_quantize=_choice(
+            o, "prefill_quantize", OrtSpec.prefill_quantize, ORT_QUANTIZE, path
+        ),  # fmt: skip
     )
 
 

@@ -111,6 +111,10 @@ class OrtSpec(DeviceSpec):
     allow_fallback: bool = False
     quantize: str = "none"
     physical: str | None = None
+    # a draft's prompt prefill on a second graph of the same model at this weight format
+    # (`OrtRunner` fill_graph): "none" = the draft's own graph; "auto" = `precision.
+    # choose_prefill_quantize`. The two share one KV cache; only acceptance can change.
+    prefill_quantize: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

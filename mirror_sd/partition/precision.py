@@ -83,6 +83,23 @@ def choose_quantize(checkpoint: str, caps: CpuCaps) -> PrecisionChoice:
     )  # fmt: skip
 
 
+def choose_prefill_quantize(quantize: str, caps: CpuCaps) -> PrecisionChoice:
+    """`prefill_quantize: auto` for an ONNX Runtime CPU draft whose weights are `quantize`
+    (resolved): int8-rows for an int4 draft where the CPU has integer dot products, else none.
+
+    Why: int4 MatMulNBits de-quantizes per block and is compute-bound on many rows, while
+    int8-rows runs the prepacked u8s8 GEMM; on the 0.5B draft (AVX-512 EPYC, 2 threads) a
+    700-token prefill took 1.49 s against 2.64 s, while one decoding row took 43 ms against 31
+    (docs/benchmarks.md, *A second graph for the draft's prefill*): prefill on one, decode on
+    the other."""
+    dot = caps.int8_dot
+    if quantize == "int4" and dot:
+        return PrecisionChoice("prefill_quantize", "int8-rows", "an int4 draft's prompt runs "
+                               f"faster through the u8s8 GEMM ({dot})")  # fmt: skip
+    why = "no integer dot products here" if quantize == "int4" else f"the draft is {quantize}"
+    return PrecisionChoice("prefill_quantize", "none", f"{why}: the draft's own graph")
+
+
 def choose_dtype(checkpoint: str, device: str, caps: CpuCaps | None) -> PrecisionChoice:
     """`dtype: auto` for a torch device ("cpu", "cuda:N", "mps"); `caps` for "cpu".
 

@@ -103,6 +103,31 @@ def test_fill_scores_one_row_and_leaves_the_cache_forward_would(draft, monkeypat
     assert torch.equal(a, b)  # the same K/V rows were written
 
 
+def test_a_long_fill_runs_on_the_fill_graph_and_a_short_one_on_the_own(draft, monkeypatch,
+                                                                       tmp_path):  # fmt: skip
+    model, path = draft
+    int8 = export_cached(model, tmp_path, {"tiny": "fill"}, quantize="int8")
+    runner = OrtRunner(path, CPU, 64, fill_graph=int8)
+    ran = []
+    run = ort.InferenceSession.run_with_iobinding
+
+    def recording(self, *a, **k):
+        ran.append(self)
+        return run(self, *a, **k)
+
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", recording)
+    n = ort_device.FILL_GRAPH_ROWS
+    runner.fill(torch.arange(n)[None], positions(0, n), causal_mask(0, n))
+    runner.fill(torch.tensor([[1, 2]]), positions(n, 2), causal_mask(n, 2))  # a round's catch-up
+    runner.forward(torch.tensor([[3]]), positions(n + 2, 1), causal_mask(n + 2, 1))
+    assert ran == [runner.fill_sessions.session, runner.session, runner.session]
+    assert runner.length == n + 3
+    other = save_tiny(make_tiny("qwen2", num_hidden_layers=2), tmp_path / "other")
+    two_layers = export_cached(load_model(other), tmp_path, {"tiny": "other"})
+    with pytest.raises(ValueError, match="K/V cache differs"):
+        OrtRunner(path, CPU, 64, fill_graph=two_layers)
+
+
 def test_runner_is_a_model_runner_with_a_placement(draft):
     _, path = draft
     runner = OrtRunner(path, CPU, 16, alias="npu")

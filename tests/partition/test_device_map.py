@@ -183,6 +183,10 @@ MALFORMED = [
         "devices.npu.quantize: unknown value 'int3'; did you mean 'int8'? valid: none, int8, int4",
     ),
     (
+        _with("devices/npu/prefill_quantize", "int5"),
+        "devices.npu.prefill_quantize: unknown value 'int5'; did you mean 'int8'? valid: none, int8, int4",
+    ),
+    (
         _with("devices/npu/optimization_level", 99),
         "devices.npu.optimization_level: unknown value 99; valid: disable, basic, extended, all",
     ),

@@ -11,6 +11,7 @@ from mirror_sd.graphs.checkpoint import checkpoint_precision, gguf_precision
 from mirror_sd.partition.precision import (
     CpuCaps,
     choose_dtype,
+    choose_prefill_quantize,
     choose_quantize,
     choose_torch_quantize,
     dtype_for_quantized,
@@ -112,3 +113,14 @@ placement: {target: t}
     assert load_device_map(text % "cpu").devices["t"].quantize == "int4"
     with pytest.raises(DeviceMapError, match="quantize"):
         load_device_map(text % "cuda:0")
+
+
+@pytest.mark.parametrize(
+    ("quantize", "caps", "expected"),
+    [("int4", AVX2_EPYC, "int8-rows"), ("int4", AMX_XEON, "int8-rows"), ("int4", OLD_X86, "none"),
+     ("int8", AMX_XEON, "none"), ("none", AVX2_EPYC, "none")],
+)  # fmt: skip
+def test_prefill_auto_runs_an_int4_draft_prompt_through_int8_rows(quantize, caps, expected):
+    choice = choose_prefill_quantize(quantize, caps)
+    assert choice.value == expected and choice.key == "prefill_quantize"
+    assert choice.describe().startswith(f"prefill_quantize: auto -> {expected} (")
