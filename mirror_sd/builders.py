@@ -28,19 +28,19 @@ from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.runtime.profiling import CALIBRATION_TEXT
 
 
-def resolve_precision(dm, roles: dict[str, Path | None]) -> tuple[Any, dict[str, str]]:
+def resolve_precision(dm, roles: dict[str, tuple[Path | None, str]]) -> tuple[Any, dict[str, str]]:
     """The map with every `quantize: auto` / `dtype: auto` of the devices in `roles` (alias ->
-    the model folder it runs) made concrete by its backend (`partition.precision`: the
-    checkpoint's precision, the host CPU's kernels), and role notes for `describe()`
-    ({alias: "quantize: auto -> int4 (...)"})."""
+    (the model folder it runs, "target" | "draft")) made concrete by its backend
+    (`partition.precision`: the checkpoint's precision, the host CPU's kernels, the role), and
+    notes for `describe()` ({alias: "quantize: auto -> int4 (...)"})."""
     devices, notes = dict(dm.devices), {}
-    for alias, folder in roles.items():
+    for alias, (folder, role) in roles.items():
         spec = devices.get(alias)
         if folder is None or spec is None or AUTO not in vars(spec).values():
             continue  # nothing `auto`: the checkpoint is not read
         backend = backend_for(spec)
         devices[alias], note = backend.resolve_precision(
-            spec, checkpoint_precision(folder), host_caps()
+            spec, checkpoint_precision(folder), host_caps(), role
         )
         if note is not None:
             notes[alias] = note

@@ -235,9 +235,10 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
     d_alias = None
     if d_folder is not None:
         d_alias = first_alias(placement, "draft") if d_split else _alias_of(dm, placement, "draft")
-    roles = {a: t_folder for a in model_aliases(placement.assignment, "target")}
+    roles = {}  # alias -> (folder, role); a device running both models resolves as the target's
     if d_folder is not None:
-        roles.update({a: d_folder for a in model_aliases(placement.assignment, "draft")})
+        roles.update({a: (d_folder, "draft") for a in model_aliases(placement.assignment, "draft")})
+    roles.update({a: (t_folder, "target") for a in model_aliases(placement.assignment, "target")})
     dm, precision = resolve_precision(dm, roles)  # `auto` precisions made concrete
     t_spec, d_spec = dm.devices[t_alias], dm.devices[d_alias] if d_alias else None
     budget = ThreadBudget.for_devices(

@@ -207,7 +207,7 @@ def test_quantize_auto_keeps_a_4_bit_checkpoint_4_bit_where_the_cpu_has_int8_ker
     folders, monkeypatch
 ):
     """`quantize: auto` on a folder fetched from a Q4_K_M GGUF: int4 weights on a CPU with
-    integer dot-product kernels (mocked: AMX), fp32 on one without; describe() says which and
+    integer dot-product kernels (mocked: AMX), int8-rows with AVX512-VNNI, fp32 on one without; describe() says which and
     why, the plan's reference is that target, and speculative equals its `ar`."""
     from mirror_sd import builders
     from mirror_sd.partition.precision import CpuCaps
@@ -219,7 +219,11 @@ def test_quantize_auto_keeps_a_4_bit_checkpoint_4_bit_where_the_cpu_has_int8_ker
         "tgt: {backend: onnxruntime,", "tgt: {backend: onnxruntime, quantize: auto,"
     )
     try:
-        for flags, expected in (({"avx2", "amx_int8"}, "int4"), ({"sse4_2"}, "none")):
+        for flags, expected in (
+            ({"avx2", "amx_int8"}, "int4"),
+            ({"avx2", "avx512_vnni"}, "int8-rows"),  # a target where the u8s8 GEMM is faster
+            ({"sse4_2"}, "none"),
+        ):
             monkeypatch.setattr(
                 builders, "host_caps", lambda f=flags: CpuCaps("mock", frozenset(f))
             )
@@ -227,8 +231,8 @@ def test_quantize_auto_keeps_a_4_bit_checkpoint_4_bit_where_the_cpu_has_int8_ker
                 assert p.device_specs[0].quantize == expected
                 described = api.describe(p)
                 assert f"quantize: auto -> {expected} (the checkpoint is int4" in described
-                if expected == "int4":
-                    assert "reference: the int4-weight target" in described
+                if expected != "none":
+                    assert f"reference: the {expected}-weight target" in described
                     ref = p.generate("w7 w8 w9", 12, mode="autoregressive").tokens
                     assert p.generate("w7 w8 w9", 12, mode="speculative").tokens == ref
     finally:

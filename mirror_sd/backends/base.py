@@ -37,11 +37,12 @@ class Backend(Facts):
     """One backend family of the device map (module doc)."""
 
     def resolve_precision(
-        self, spec: Any, checkpoint: str, caps: CpuCaps
+        self, spec: Any, checkpoint: str, caps: CpuCaps, role: str = "target"
     ) -> tuple[DeviceSpec, str | None]:
         """(the spec with every `auto` precision key concrete, describe()'s note or None).
         `checkpoint` is the precision the model's weights were published at, `caps` the host
-        CPU's (`partition.precision`)."""
+        CPU's (`partition.precision`), `role` "target" or "draft": the model the device runs (a
+        device running both resolves as the target's)."""
         return spec, None
 
     def check(self, spec: Any, budget: ThreadBudget | None, role: str) -> None:

@@ -46,11 +46,11 @@ class OrtBackend(OrtFacts, Backend):
     is the entry's `OrtDevice` (what `check` and the runners open sessions on)."""
 
     def resolve_precision(
-        self, spec: OrtSpec, checkpoint: str, caps: CpuCaps
+        self, spec: OrtSpec, checkpoint: str, caps: CpuCaps, role: str = "target"
     ) -> tuple[OrtSpec, str | None]:
         if spec.quantize != AUTO:
             return spec, None
-        choice = choose_quantize(checkpoint, caps)
+        choice = choose_quantize(checkpoint, caps, role)
         return dataclasses.replace(spec, quantize=choice.value), choice.describe()
 
     def device(

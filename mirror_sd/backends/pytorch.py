@@ -47,7 +47,7 @@ class TorchBackend(TorchFacts, Backend):
     `label` are the hooks the sim family overrides."""
 
     def resolve_precision(
-        self, spec: TorchSpec, checkpoint: str, caps: CpuCaps
+        self, spec: TorchSpec, checkpoint: str, caps: CpuCaps, role: str = "target"
     ) -> tuple[TorchSpec, str | None]:
         if AUTO not in (spec.dtype, spec.quantize):
             return spec, None

@@ -52,7 +52,7 @@ class SimBackend(SimFacts, TorchBackend):
     (the torch family's runners, with the sim label)."""
 
     def resolve_precision(
-        self, spec: SimSpec, checkpoint: str, caps: CpuCaps
+        self, spec: SimSpec, checkpoint: str, caps: CpuCaps, role: str = "target"
     ) -> tuple[SimSpec, None]:
         return Backend.resolve_precision(self, spec, checkpoint, caps)  # no precision keys
 

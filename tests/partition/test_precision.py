@@ -30,9 +30,21 @@ ARM_DOT = CpuCaps("Neoverse", frozenset({"asimd", "asimddp"}))
      (OLD_X86, "none", "no integer dot-product")],
 )  # fmt: skip
 def test_a_4_bit_checkpoint_stays_4_bit_where_integer_kernels_exist(caps, expected, why):
-    choice = choose_quantize("int4", caps)
+    choice = choose_quantize("int4", caps, role="draft")
     assert (choice.key, choice.value) == ("quantize", expected)
     assert why in choice.reason
+
+
+@pytest.mark.parametrize(
+    ("caps", "expected"),
+    [(AMX_XEON, "int8-rows"), (AVX2_EPYC, "int4"), (ARM_DOT, "int4"), (OLD_X86, "none")],
+)
+def test_a_4_bit_target_runs_int8_rows_where_the_cpu_has_avx512_vnni(caps, expected):
+    choice = choose_quantize("int4", caps)  # the target's device
+    assert choice.value == expected
+    if expected == "int8-rows":
+        assert "avx512_vnni" in choice.reason and "closer to the checkpoint" in choice.reason
+    assert choose_quantize("int8", caps).value == ("int8" if caps.int8_dot else "none")
 
 
 def test_an_8_bit_checkpoint_is_int8_and_a_float_one_stays_fp32_on_ort():
