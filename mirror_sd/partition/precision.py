@@ -65,12 +65,14 @@ class PrecisionChoice:
 def choose_quantize(checkpoint: str, caps: CpuCaps, role: str = "target") -> PrecisionChoice:
     """`quantize: auto` for an ONNX Runtime CPU device running the `role` model.
 
-    A 4-bit checkpoint's target on a CPU with ROWS_GEMM_FLAG gets int8-rows: on the AVX-512
-    EPYC (docs/benchmarks.md) its `ar` ran at 10.2-10.3 tok/s against 7.3 for int4, at 0.92-1.00x
-    OpenVINO's own int8 `ar` against 0.81x its int4 one, verification blocks of 5 rows 4.75x
-    faster per projection; and it stays closer to the checkpoint's de-quantized weights (93%
-    top-1 agreement against 84% for int4 per 32). A draft stays int4: one decoding row is
-    faster there (31 vs 43 ms on the 0.5B; its prompt can take int8-rows, `prefill_quantize`).
+    A 4-bit checkpoint's target on a CPU with ROWS_GEMM_FLAG gets int8-rows. On the AVX-512
+    EPYC, side by side on 12 prompts (docs/benchmarks.md, *int4 or int8-rows*), its `ar` ran at
+    1.03x int4's (long prompts faster, short ones slower) and the plan's best method at 1.28x
+    int4's best, since a 5-row verification block costs 1.22x a row there against 1.75x at
+    int4 (speculation 1.24x its `ar`; at int4 0.87x); and it stays closer to the checkpoint's de-quantized
+    weights (93% top-1 agreement against 84% for int4 per 32). A draft stays int4: one
+    decoding row is faster there (31 vs 43 ms on the 0.5B; its prompt can take int8-rows,
+    `prefill_quantize`).
 
     Raises:
         ValueError: `checkpoint` is not one of CHECKPOINT_PRECISIONS.
