@@ -121,8 +121,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     args.model = args.target
     where = args.device_map or (
-        "the default device map (target fp32 and int8 draft in ONNX Runtime on the CPU; every "
-        "core to whichever runs alone; mode auto)"
+        "the default device map (target and draft in ONNX Runtime on the CPU, each at "
+        "`quantize: auto`, named below; every core to whichever runs alone; mode auto)"
     )
     print(f"[compiling {args.target} <- {args.draft} on {where}]", file=sys.stderr)
     with _plan(args) as plan:
