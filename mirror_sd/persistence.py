@@ -16,17 +16,21 @@ PLAN_VERSION = 1
 
 
 def save(plan: Plan, folder: str | Path) -> Path:
-    """Write plan.yaml (fully expanded), graph.json, profile.json and the ONNX draft files."""
+    """Write plan.yaml (fully expanded), graph.json, profile.json and the ONNX draft files (its
+    own graph, and its prefill graph where `prefill_quantize` made one: `load` finds both in
+    the folder's onnx/ cache instead of exporting them)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     info = plan.report
     onnx_rel = None
+    fill = getattr(plan.draft, "fill_graph", None) if plan.draft is not None else None
+    for graph in (info.onnx, fill):
+        if graph:
+            src = Path(graph).parent
+            if not (folder / "onnx" / src.name).exists():
+                shutil.copytree(src, folder / "onnx" / src.name)
     if info.onnx:
-        src = Path(info.onnx).parent
-        dst = folder / "onnx" / src.name
-        if not dst.exists():
-            shutil.copytree(src, dst)
-        onnx_rel = str(Path("onnx") / src.name / "model.onnx")
+        onnx_rel = str(Path("onnx") / Path(info.onnx).parent.name / "model.onnx")
     doc = {
         "version": PLAN_VERSION,
         "target": info.target,

@@ -192,6 +192,12 @@ def test_a_draft_prefilled_on_a_second_graph_stays_lossless(folders):
         for mode in ("speculative", "mirror"):
             assert p.generate(prompt, 16, mode=mode).tokens == ref, mode
         assert_modes_match_ar(p, "none", trees_and_batches=False)
+        api.save(p, root / "prefilled-plan")
+        saved = {d.name for d in (root / "prefilled-plan" / "onnx").iterdir()}
+        assert {p.draft.fill_graph.parent.name, Path(p.report.onnx).parent.name} <= saved
+    with api.load(root / "prefilled-plan") as again:  # the saved plan keeps its second graph
+        assert "prompts prefilled with int8-rows weights" in again.draft_device.label
+        assert again.generate(prompt, 16, mode="speculative").tokens == ref
 
 
 def test_prefill_quantize_on_the_target_device_is_a_clear_error(folders):

@@ -49,6 +49,7 @@ class OrtRunner(RowCache):
                  fill_graph: str | Path | None = None):  # fmt: skip
         self.sessions = session_pool(device, path)  # shared inside shared_sessions()
         self.fill_sessions = session_pool(device, fill_graph) if fill_graph else None
+        self.fill_graph = Path(fill_graph) if fill_graph else None  # `persistence.save` copies it
         self.device, self.max_len, self.length = device, max_len, 0
         self.n_layers, kv_shape, self.dtype = _interface(self.session, path)
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
