@@ -213,8 +213,9 @@ def test_quantize_auto_keeps_a_4_bit_checkpoint_4_bit_where_the_cpu_has_int8_ker
     folders, monkeypatch
 ):
     """`quantize: auto` on a folder fetched from a Q4_K_M GGUF: int4 weights on a CPU with
-    integer dot-product kernels (mocked: AMX), int8-rows with AVX512-VNNI, fp32 on one without; describe() says which and
-    why, the plan's reference is that target, and speculative equals its `ar`."""
+    integer dot-product kernels (mocked: AMX), int8-rows with AVX512-VNNI, fp32 on one
+    without; describe() says which and why, the plan's reference is that target, and
+    speculative equals its `ar`."""
     from mirror_sd import builders
     from mirror_sd.partition.precision import CpuCaps
 

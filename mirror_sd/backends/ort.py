@@ -73,6 +73,10 @@ class OrtBackend(OrtFacts, Backend):
         return dev
 
     def check(self, spec: OrtSpec, budget: ThreadBudget | None, role: str) -> None:
+        if role == "target" and spec.prefill_quantize not in ("none", AUTO):
+            raise DeviceMapError(f"devices.{spec.alias}.prefill_quantize", "a second prefill "
+                                 "graph is for a draft's device; a target prefills through its "
+                                 "own split graphs: remove the key")  # fmt: skip
         self.device(spec, budget, role)  # a missing execution provider fails here
 
     def draft_export(self, spec: OrtSpec, folder: Path, onnx_dir: Path) -> Path:
@@ -101,10 +105,6 @@ class OrtBackend(OrtFacts, Backend):
         """The target's graphs spliced from its per-layer export (`graphs.layered`); without
         `keep_model` a missing export or lens is made by `export_worker` and no torch model is
         loaded here."""
-        if spec.prefill_quantize not in ("none", AUTO):
-            raise DeviceMapError(f"devices.{spec.alias}.prefill_quantize", "a second prefill "
-                                 "graph is for a draft's device; a target prefills through its "
-                                 "own split graphs: remove the key")  # fmt: skip
         quant = _quant(spec)
         key, meta = source_identity(folder), weightless_model(folder)
         model = lens = None

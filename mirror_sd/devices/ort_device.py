@@ -55,6 +55,9 @@ class OrtRunner(RowCache):
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
         # graphs exported before the input (or made elsewhere) score every row: no cheap fill
         self.picks_rows = _picks_rows(self.session)
+        self.fill_picks_rows = self.fill_sessions is not None and _picks_rows(
+            self.fill_sessions.session
+        )
         self.kv = make_kv(self.n_layers, max_len, kv_shape, self.dtype, self.session, kv_on_device)
         where = f"{alias} ({device.describe()})" if alias else device.describe()
         self.name = f"{name} on {where}"
@@ -104,7 +107,7 @@ class OrtRunner(RowCache):
         `pool`'s session (None: the runner's own graph)."""
         t, n = self._check(ids.shape[1], mask), self.length
         session = (pool or self.sessions).session
-        picks_rows = self.picks_rows if pool is None else _picks_rows(session)
+        picks_rows = self.picks_rows if pool is None else self.fill_picks_rows
         binding = session.io_binding()
         binding.bind_cpu_input("input_ids", host(ids, np.int64))
         binding.bind_cpu_input("position_ids", host(position_ids, np.int64))

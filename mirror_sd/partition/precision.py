@@ -69,8 +69,8 @@ def choose_quantize(checkpoint: str, caps: CpuCaps, role: str = "target") -> Pre
     EPYC, side by side on 12 prompts (docs/benchmarks.md, *int4 or int8-rows*), its `ar` ran at
     1.03x int4's (long prompts faster, short ones slower) and the plan's best method at 1.28x
     int4's best, since a 5-row verification block costs 1.22x a row there against 1.75x at
-    int4 (speculation 1.24x its `ar`; at int4 0.87x); and it stays closer to the checkpoint's de-quantized
-    weights (93% top-1 agreement against 84% for int4 per 32). A draft stays int4: one
+    int4 (speculation 1.24x its `ar`; at int4 0.87x); and it stays closer to the checkpoint's
+    de-quantized weights (93% top-1 agreement against 84% for int4 per 32). A draft stays int4: one
     decoding row is faster there (31 vs 43 ms on the 0.5B; its prompt can take int8-rows,
     `prefill_quantize`).
 
