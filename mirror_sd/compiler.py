@@ -54,6 +54,7 @@ from mirror_sd.partition.placement import Placement
 from mirror_sd.partition.spec_config import EXIT_THRESHOLDS
 from mirror_sd.partition.stages import model_aliases
 from mirror_sd.partition.threads import ThreadBudget
+from mirror_sd.partition.tree_shape import TreeChoice, resolve_tree
 from mirror_sd.pipelined import PipelineRunner, first_alias, pipeline_runner, spans_devices
 from mirror_sd.runtime.compile_report import CompileReport
 from mirror_sd.runtime.drafters.sources import check_source
@@ -142,6 +143,7 @@ class Measured:
     spec: SpecConfig  # nothing `auto` left
     choice: Any = None  # the cost model's `Choice`, when it chose
     profile: Profile | None = None
+    tree: TreeChoice | None = None  # the speculative round's tree, when a profile sized one
 
 
 def compile(
@@ -244,7 +246,7 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
     budget = ThreadBudget.for_devices(
         t_spec, d_spec, spec.overlap, spec.overlap_target_cores or None
     )
-    if spec.tree_siblings and tree_rounding(t_spec):
+    if spec.tree_siblings != "auto" and any(spec.tree_shape) and tree_rounding(t_spec):
         raise DeviceMapError("speculation.tree_siblings", tree_rounding(t_spec), dm.source)
     if spec.draft_exits != "none" and d_spec is not None and (d_spec.backend != "torch" or d_split):
         raise DeviceMapError("speculation.draft_exits", "S2D's exits need the whole draft on a "
@@ -257,10 +259,9 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
         names=(str(target), None if draft is None else str(draft)), dm=dm, spec=spec,
         mode_asked=mode_asked, t_folder=t_folder, d_folder=d_folder, t_tok=t_tok, t_cfg=t_cfg,
         d_cfg=d_cfg, heads=heads, amphista=amphista[0] if amphista else None,
-        exit_layer=exit_layer,
-        auto="auto" in (spec.exit_layer, spec.branch_budget, spec.mode), placement=placement,
+        exit_layer=exit_layer, placement=placement, precision=precision,
+        auto="auto" in (spec.exit_layer, spec.branch_budget, spec.mode, spec.tree_siblings),
         t_alias=t_alias, d_alias=d_alias, t_split=t_split, d_split=d_split, budget=budget,
-        precision=precision,
         onnx_root=Path(onnx_dir) if onnx_dir else zoo.cache_dir(cache) / "onnx", cache=cache,
         # sim devices: plan from their profiles (no measuring), run on the host (simulated.py)
         profile_data=profile_data or sim_profile(dm, t_spec, d_spec, t_cfg.num_layers),
@@ -344,6 +345,7 @@ def measure(r: Resolved, b: Built) -> Measured:
         return Measured(spec)
     if b.d_runner is None:
         spec = spec.with_(exit_layer=r.exit_layer, branch_budget=DEFAULT_BUDGET_WITHOUT_PROFILE)
+        spec = resolve_tree(None, spec, r.t_spec)[0]
         return Measured(spec.with_(mode="autoregressive") if spec.mode == "auto" else spec)
     ids = r.t_tok(CALIBRATION_TEXT)["input_ids"]
     target, draft = r.names
@@ -368,7 +370,8 @@ def measure(r: Resolved, b: Built) -> Measured:
     spec = choice.spec
     if spec.mode == "auto":  # the cost model's verdict for this machine, kept in the plan
         spec = spec.with_(mode=choice.best_mode)
-    return Measured(spec, choice, prof)
+    spec, tree = resolve_tree(prof, spec, r.t_spec)
+    return Measured(spec, choice, prof, tree)
 
 
 def finish(r: Resolved, b: Built, m: Measured) -> Plan:
@@ -412,7 +415,7 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         draft_placement=getattr(b.d_runner, "placement", None), draft_trim=b.d_trim,
         draft_trim_coverage=b.d_trim_cov, exit_heads=r.heads, kept_split=kept_split,
         draft_streams=b.d_streams, draft_streams_used=streams_used,
-        precision=r.precision,
+        precision=r.precision, tree=m.tree,
         batch_policy=(
             choose_per_batch(m.profile, spec.mode, spec.num_draft_tokens)
             if m.profile is not None and b.d_runner is not None
@@ -438,6 +441,7 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         draft_streams=b.d_streams.ids() if streams_used else (),
         trees=tree_rounding(r.t_spec),
         amphista=amphista,
+        auto_tree=m.tree.shape if m.tree is not None else None,
     )
 
 

@@ -77,6 +77,8 @@ def describe(plan: Plan) -> str:
         lines.append(plan.draft.describe(info.exit_thresholds))
     if info.choice:
         lines.append(info.choice.explain())
+    if info.tree is not None:
+        lines.append(info.tree.explain())
     if info.batch_policy:
         lines.append("per live batch size: " + "; ".join(b.describe() for b in info.batch_policy))
     if info.kept_split:

@@ -10,6 +10,7 @@ import yaml
 from mirror_sd.compiler import compile
 from mirror_sd.partition import Profile, load_device_map
 from mirror_sd.partition.batch_policy import choose_per_batch
+from mirror_sd.partition.tree_shape import sized_tree
 from mirror_sd.runtime.plan import Plan
 
 PLAN_VERSION = 1
@@ -90,4 +91,6 @@ def load(folder: str | Path) -> Plan:
         plan.batch_policy = plan.report.batch_policy = choose_per_batch(
             plan.report.profile, plan.spec.mode, plan.spec.num_draft_tokens
         )
+        plan.report.tree = sized_tree(plan.report.profile, plan.spec, plan.device_specs[0])
+        plan.auto_tree = plan.report.tree.shape if plan.report.tree is not None else None
     return plan

@@ -231,3 +231,29 @@ def test_a_failing_export_worker_says_why(tmp_path):
                                     "quantize": None})  # fmt: skip
     with pytest.raises(worker.ExportWorkerError, match="TypeError"):  # a bad job: a bug
         worker._in_worker("draft", {"folder": str(tmp_path / "m"), "onnx_dir": str(tmp_path)})
+
+
+def test_tree_siblings_auto_sizes_the_tree_from_the_profile(folders, tmp_path):
+    """With a flat block cost and measured sibling coverage the cost model grows a tree for
+    speculative rounds, shallow depths first; describe() says why; the output is the target's,
+    a call's `tree_siblings="auto"` runs the compiled shape, and save()/load() keep it."""
+    target, draft, _ = folders
+    prof = Profile(
+        num_layers=6, t_target={1: 1.0, 16: 1.1}, t_draft={1: 0.05, 16: 0.8}, accept_rate=0.5,
+        hit_rate_by_exit_layer={layer: 0.6 for layer in range(1, 6)}, overlap_slowdown=3.0,
+        sibling_coverage=(0.4, 0.55, 0.6, 0.62),
+    )  # fmt: skip
+    with api.compile(target, draft, TORCH_DRAFT_MAP, mode="speculative", tree_siblings="auto",
+                     max_len=128, profile_data=prof) as plan:  # fmt: skip
+        shape = plan.spec.tree_siblings
+        assert isinstance(shape, tuple) and shape[0] > 0 and list(shape) == sorted(shape)[::-1]
+        assert plan.auto_tree == shape and "tree_siblings auto: " in api.describe(plan)
+        ref = plan.generate("w1 w2 w3", 20, mode="autoregressive").tokens
+        assert plan.generate("w1 w2 w3", 20).tokens == ref
+        assert plan.generate("w1 w2 w3", 20, tree_siblings="auto").tokens == ref
+        api.save(plan, tmp_path / "plan")
+    with api.load(tmp_path / "plan") as again:
+        assert again.spec.tree_siblings == shape and again.auto_tree == shape
+    with api.compile(target, draft, TORCH_DRAFT_MAP, mode="mirror", tree_siblings="auto",
+                     max_len=128, profile_data=prof) as plan:  # fmt: skip
+        assert plan.spec.tree_siblings == 0  # mirror rounds verify chains

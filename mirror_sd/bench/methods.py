@@ -10,6 +10,7 @@
      speculative+entropy, mirror+entropy: draft-length policies; speculative+streams,
      mirror+streams: the draft's stream rows, on a plan compiled with them; speculative+tree:
      the draft's 2 next-best tokens per depth verified as sibling leaves;
+     speculative+tree-auto: the tree compile sized from the profile, partition/tree_shape.py;
      speculative+amphista (+tree), mirror+amphista: the Amphista heads' blocks, on a plan
      compiled with them; speculative+s2d, mirror+s2d: S2D's sorted exits on a torch draft,
      on a plan compiled with them)
@@ -73,6 +74,9 @@ STREAM_METHODS = {f"{mode}+streams": {"mode": mode} for mode in ("speculative", 
 # token trees: the draft's next-best tokens at each depth as sibling leaves (greedy)
 TREE_SIBLINGS = 2
 TREE_METHODS = {"speculative+tree": {"mode": "speculative", "tree_siblings": TREE_SIBLINGS}}
+# the tree compile() sized from its profile (Plan.auto_tree): a plan compiled with something
+# `auto` (the default map's mode) has one
+SIZED_TREE_METHODS = {"speculative+tree-auto": {"mode": "speculative", "tree_siblings": "auto"}}
 # Amphista heads (SpecConfig.amphista) on the target's hidden state: the plan must be compiled
 # with them (`--set amphista=trained`); alone (no draft model) or as mirror's block source
 HEAD_METHODS = {
@@ -99,6 +103,7 @@ PLAN_METHODS = {
     **HEAD_METHODS,
     **S2D_METHODS,
     **TREE_METHODS,
+    **SIZED_TREE_METHODS,
     **RETRIEVAL_METHODS,
     **POLICY_METHODS,
     **HYBRID_METHODS,
@@ -106,7 +111,10 @@ PLAN_METHODS = {
 ALL_METHODS = HF_METHODS + tuple(PLAN_MODES)  # the default set
 # everything the base install runs on any plan (the stream and head methods need a plan
 # compiled with stream rows / heads)
-NEEDS_COMPILED = tuple(m for methods, _ in COMPILED_FEATURES.values() for m in methods)
+NEEDS_COMPILED = (
+    *(m for methods, _ in COMPILED_FEATURES.values() for m in methods),
+    *SIZED_TREE_METHODS,
+)
 KNOWN_METHODS = HF_METHODS + tuple(m for m in PLAN_METHODS if m not in NEEDS_COMPILED)
 SELECTABLE_METHODS = KNOWN_METHODS + NEEDS_COMPILED + PEER_METHODS  # + peers' extras
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as Spec-Bench's PLD baseline
@@ -221,6 +229,11 @@ class PlanMethod:
                 raise ValueError(f"method {name!r} needs a plan compiled with {key}: add {hint}")
             if name not in methods and compiled != "none":
                 self.settings[key] = "none"  # the other methods run without it
+        if name in SIZED_TREE_METHODS and getattr(plan, "auto_tree", None) is None:
+            raise ValueError(
+                f"method {name!r} needs a plan whose compile measured a profile: --set "
+                "tree_siblings=auto (or the default map's mode auto)"
+            )
 
     def describe(self) -> dict:
         budget = self.plan.thread_budget() if hasattr(self.plan, "thread_budget") else None

@@ -19,12 +19,13 @@ def check_block_bounds(spec, source: str = "<dict>", vocab_size: int | None = No
         DeviceMapError: naming the key and the largest value that works.
     """
     gamma = spec.num_draft_tokens
-    tree = 1 + gamma * (1 + spec.tree_siblings)
-    if spec.tree_siblings and tree > ROW_INVARIANT_ROWS:
+    leaves = 0 if spec.tree_siblings == "auto" else sum(spec.tree_shape)  # auto: sized within
+    if leaves and 1 + gamma + leaves > ROW_INVARIANT_ROWS:
         raise DeviceMapError(
-            "speculation.tree_siblings", f"{spec.tree_siblings} sibling leaves per draft token "
-            f"make a {tree}-row tree with γ = {gamma}; at most {ROW_INVARIANT_ROWS} rows verify "
-            f"row-invariantly (lossless), so use at most {(ROW_INVARIANT_ROWS - 1) // gamma - 1}",
+            "speculation.tree_siblings", f"{spec.tree_siblings!r} sibling leaves make a "
+            f"{1 + gamma + leaves}-row tree with γ = {gamma}; at most {ROW_INVARIANT_ROWS} rows "
+            f"verify row-invariantly (lossless), so use at most {ROW_INVARIANT_ROWS - 1 - gamma} "
+            f"leaves in all (at most {(ROW_INVARIANT_ROWS - 1 - gamma) // gamma} per depth)",
             source,
         )  # fmt: skip
     if gamma + 1 > ROW_INVARIANT_ROWS:

@@ -58,6 +58,10 @@ class Profile:
         stream_accuracy: the draft's stream rows (speculative streaming): held-out accuracy of
             stream j's guess of the draft's own token, j = 1..k; empty: no stream rows. The
             chain then costs `chain(γ)` (the cheaper of streamed and one token per step).
+        sibling_coverage: β_s for s = 1, 2, ...: the probability that the target's token is
+            among the draft's next s best tokens when it is not the draft's first choice
+            (teacher-forced on the calibration text); empty: not measured. Sizes a
+            speculative round's token tree (`partition.tree_shape`).
     """
 
     num_layers: int
@@ -71,6 +75,7 @@ class Profile:
     description: str = ""
     overlap_slowdown: float = 1.0
     stream_accuracy: tuple[float, ...] = ()
+    sibling_coverage: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_layers, int) or self.num_layers < 2:
@@ -86,6 +91,11 @@ class Profile:
                 raise ValueError(f"profile {name} must be >= 0, got {getattr(self, name)}")
         if self.accept_rate is not None and not 0 <= self.accept_rate <= 1:
             raise ValueError(f"profile accept_rate must be in [0, 1], got {self.accept_rate}")
+        cov = self.sibling_coverage
+        if any(not 0 <= c <= 1 for c in cov) or any(a > b for a, b in itertools.pairwise(cov)):
+            raise ValueError(
+                f"profile sibling_coverage must be non-decreasing values in [0, 1], got {cov}"
+            )
         for layer, rate in self.hit_rate_by_exit_layer.items():
             if not 1 <= layer < self.num_layers or not 0 <= rate <= 1:
                 raise ValueError(
@@ -135,7 +145,8 @@ class Profile:
             )
         for name in ("t_target", "t_draft", "hit_rate_by_exit_layer"):
             data[name] = {int(k): float(v) for k, v in data.get(name, {}).items()}
-        data["stream_accuracy"] = tuple(float(a) for a in data.get("stream_accuracy", ()))
+        for name in ("stream_accuracy", "sibling_coverage"):
+            data[name] = tuple(float(a) for a in data.get(name, ()))
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

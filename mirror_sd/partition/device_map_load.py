@@ -163,7 +163,8 @@ def _expand_key(key: Any, path: str) -> list[str]:
     return [key]
 
 
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "tuple[int, ...]": "a list of integers"}  # fmt: skip
 
 
 def _speculation(raw: Any) -> SpecConfig:
@@ -195,6 +196,8 @@ def _coerce(v: Any, type_str: str, path: str) -> Any:
     elif isinstance(v, int):
         ok = "int" in allowed or "float" in allowed
         v = v if "int" in allowed or not ok else float(v)
+    elif isinstance(v, list | tuple):  # SpecConfig checks the items
+        ok, v = "tuple[int, ...]" in allowed, tuple(v)
     else:
         ok = any(isinstance(v, {"float": float, "str": str}.get(t, ())) for t in allowed)
     if not ok:

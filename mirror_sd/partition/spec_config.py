@@ -19,6 +19,11 @@ OVERLAPS = ("share", "split")  # threads in mirror's overlap on one physical dev
 EXIT_THRESHOLDS = (0.5, 0.7, 0.9, 1.0)
 
 
+def _count(v: object) -> bool:
+    """A non-negative integer (not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 @dataclass(frozen=True)
 class SpecConfig:
     mode: str = "mirror"  # mirror | speculative (draft then verify, no overlap) | autoregressive
@@ -43,9 +48,10 @@ class SpecConfig:
     # draft_exit_threshold; "auto": compile measures EXIT_THRESHOLDS and keeps the fastest
     draft_exits: str = "none"
     draft_exit_threshold: float | str = "auto"
-    tree_siblings: int = (
-        0  # speculative, greedy: the draft's next-best tokens per depth as tree leaves
-    )
+    # speculative, greedy: the draft's next-best tokens as tree leaves; an int (the same at every
+    # depth), a list (per depth 1..γ, missing depths 0) or "auto" (compile sizes and shapes the
+    # tree from measured block costs and sibling coverage: partition/tree_shape.py)
+    tree_siblings: int | str | tuple[int, ...] = 0
     draft_stop: str = "none"  # stop drafting early: none | confidence (Kangaroo) | entropy (SVIP)
     draft_stop_threshold: float = 0.0  # confidence: stop below this top-1 prob; entropy: above nats
     max_len: int = 2048  # context length: KV cache rows preallocated on both devices
@@ -102,12 +108,13 @@ class SpecConfig:
                 f"speculation.draft_exit_threshold must be a probability in [0, 1] or 'auto' "
                 f"(compile measures {', '.join(map(str, EXIT_THRESHOLDS))}), got {v!r}"
             )
-        for name in ("exit_vocab_size", "draft_vocab_size", "tree_siblings"):
+        for name in ("exit_vocab_size", "draft_vocab_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(
                     f"speculation.{name} must be 0 (full vocabulary) or a positive integer, got {v!r}"
                 )
+        self._check_tree()
         if not isinstance(self.prefix_cache, bool):
             raise ValueError(
                 f"speculation.prefix_cache must be true or false, got {self.prefix_cache!r}"
@@ -158,6 +165,34 @@ class SpecConfig:
         if self.draft_timeout_s <= 0:
             raise ValueError(f"speculation.draft_timeout_s must be > 0, got {self.draft_timeout_s}")
         self._check_draft_stop()
+
+    def _check_tree(self) -> None:
+        v = self.tree_siblings
+        if isinstance(v, list):  # a YAML list
+            object.__setattr__(self, "tree_siblings", v := tuple(v))
+        ok = v == "auto" or _count(v) or (
+            isinstance(v, tuple) and len(v) <= self.num_draft_tokens and all(map(_count, v))
+        )  # fmt: skip
+        if not ok:
+            raise ValueError(
+                "speculation.tree_siblings must be 0 (no tree), a positive integer (sibling "
+                "leaves at every depth), a list of at most num_draft_tokens such integers (per "
+                f"depth) or 'auto' (compile sizes the tree), got {v!r}"
+            )
+
+    @property
+    def tree_shape(self) -> tuple[int, ...]:
+        """Sibling leaves per depth 1..γ (all 0: a chain). Raises ValueError for 'auto', which
+        compile() resolves."""
+        v, gamma = self.tree_siblings, self.num_draft_tokens
+        if v == "auto":
+            raise ValueError(
+                "tree_siblings 'auto' is resolved by compile() from a measured profile; a call "
+                "or a Plan built by hand needs an integer or a list per depth"
+            )
+        if isinstance(v, int):
+            return (v,) * gamma
+        return tuple(v) + (0,) * (gamma - len(v))
 
     def _check_draft_stop(self) -> None:
         """The threshold's meaning depends on the policy, so each gets its own range and hint.

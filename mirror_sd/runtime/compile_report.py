@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from mirror_sd.graphs.vocab_trim import VocabTrim
     from mirror_sd.partition.cost_model import Choice, Profile
     from mirror_sd.partition.placement import Placement
+    from mirror_sd.partition.tree_shape import TreeChoice
 
 
 @dataclass
@@ -44,6 +45,9 @@ class CompileReport:
         off where the profile predicts the one-token chain cheaper)
     exit_thresholds: S2D with `draft_exit_threshold: auto`: tokens/s measured at each
         threshold compile tried (the plan keeps the fastest); None otherwise
+    tree: the token tree the cost model sized for speculative rounds (`partition.tree_shape`;
+        the plan runs it where `tree_siblings: auto` and the mode is speculative); None
+        without a profile with sibling coverage
     """
 
     target: str
@@ -65,3 +69,4 @@ class CompileReport:
     draft_streams: StreamTable | None = None
     draft_streams_used: bool = False
     exit_thresholds: dict[float, float] | None = None
+    tree: TreeChoice | None = None

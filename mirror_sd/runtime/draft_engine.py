@@ -41,6 +41,14 @@ class Draft:
     alts: list[list[int]] | None = None
 
 
+def depth_siblings(siblings: int | Sequence[int], depth: int) -> int:
+    """Sibling leaves at `depth` (0-based) of a tree shape (an int: the same at every depth);
+    0 past its end."""
+    if isinstance(siblings, int):
+        return siblings
+    return siblings[depth] if depth < len(siblings) else 0
+
+
 @dataclass
 class Rollout:
     branch: Branch
@@ -134,7 +142,7 @@ class DraftEngine:
     # --- chain drafting --------------------------------------------------------------------
     def chain(
         self, committed: Mapping[Hashable, list[int]], gamma: int,
-        policy: DraftPolicy = NEVER_STOP, siblings: int = 0,
+        policy: DraftPolicy = NEVER_STOP, siblings: int | Sequence[int] = (),
     ) -> dict[Hashable, Draft]:  # fmt: skip
         """Up to γ draft tokens continuing each sequence's committed tokens.
 
@@ -143,9 +151,9 @@ class DraftEngine:
         a time (a prompt), then every step is one packed forward over the sequences still
         drafting. A sequence whose policy stops keeps the token that triggered the stop
         proposed but unfed, so its cache holds committed + d_1..d_{m-1} for m tokens.
-        With `siblings` > 0 a greedy sequence's draft also lists, per token, the next
-        `siblings` best tokens of the same draft row (`Draft.alts`: sibling leaves of a token
-        tree; read from logits the chain computes anyway).
+        With `siblings` (leaves per depth, none past its end) a greedy sequence's draft also
+        lists, per token at depth j, the next siblings[j] best tokens of the same draft row
+        (`Draft.alts`: sibling leaves of a token tree; read from logits the chain computes).
         """
         feed: dict[Hashable, list[int]] = {}
         for sid, seq in committed.items():
@@ -170,7 +178,8 @@ class DraftEngine:
                 if q[r] is not None:
                     qs[sid].append(q[r])
                 tokens[sid].append(picked[r])
-                alts[sid].append(self._alts(sid, last[r], picked[r], siblings))
+                alts[sid].append(self._alts(sid, last[r], picked[r],
+                                            depth_siblings(siblings, step)))  # fmt: skip
                 if step + 1 < gamma and not stops[r]:
                     feed[sid] = [picked[r]]
                     still.append(sid)
@@ -180,7 +189,7 @@ class DraftEngine:
         return {sid: _draft(tokens[sid], qs[sid], alts[sid]) for sid in committed}
 
     def _chain_streamed(self, feed: dict[Hashable, int], gamma: int, policy: DraftPolicy,
-                        siblings: int = 0) -> dict[Hashable, Draft]:  # fmt: skip
+                        siblings: int | Sequence[int] = ()) -> dict[Hashable, Draft]:  # fmt: skip
         """`chain` with stream rows (speculative streaming): each forward feeds a sequence's
         unfed token, the guesses the previous forward's streams made, and stream rows after
         them. Tokens are picked from the real rows in order, exactly as the one-token chain
@@ -215,7 +224,9 @@ class DraftEngine:
                     row = logits[at + i : at + i + 1]
                     picked, q = self._pick([sid], row)
                     tokens[sid].append(picked[0])
-                    alts[sid].append(self._alts(sid, row[0], picked[0], siblings))
+                    depth = len(tokens[sid]) - 1
+                    alts[sid].append(self._alts(sid, row[0], picked[0],
+                                                depth_siblings(siblings, depth)))  # fmt: skip
                     if q[0] is not None:
                         qs[sid].append(q[0])
                     done = len(tokens[sid]) == gamma or self._stops(policy, row, q)[0]

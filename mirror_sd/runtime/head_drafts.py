@@ -15,11 +15,12 @@ sibling leaves, which the target verifies as a token tree (`TokenTree.with_sibli
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 
-from mirror_sd.runtime.draft_engine import Draft
+from mirror_sd.runtime.draft_engine import Draft, depth_siblings
 
 SOURCE = "amphista"  # the RoundLog source of a head block
 
@@ -41,12 +42,15 @@ class HeadDrafts:
         self.heads = heads
         self._blocks: dict[int, Draft] = {}
 
-    def after(self, seq: int, hidden_row: torch.Tensor, gamma: int, siblings: int = 0) -> None:
-        """Store sequence `seq`'s next block from the hidden state of its last accepted row."""
-        tokens, alts = self.heads.propose(hidden_row, top_k=1 + siblings)
+    def after(self, seq: int, hidden_row: torch.Tensor, gamma: int,
+              siblings: int | Sequence[int] = ()) -> None:  # fmt: skip
+        """Store sequence `seq`'s next block from the hidden state of its last accepted row;
+        `siblings`: leaves per depth (a tree; an int: the same at every depth)."""
+        most = max(depth_siblings(siblings, j) for j in range(gamma))
+        tokens, alts = self.heads.propose(hidden_row, top_k=1 + most)
         tokens = tokens[:gamma]
-        self._blocks[seq] = Draft(tokens, None, source=SOURCE,
-                                  alts=[a[:siblings] for a in alts[:gamma]] if siblings else None)  # fmt: skip
+        per_depth = [a[: depth_siblings(siblings, j)] for j, a in enumerate(alts[:gamma])]
+        self._blocks[seq] = Draft(tokens, None, source=SOURCE, alts=per_depth if most else None)
 
     def take(self, seq: int, gamma: int) -> Draft | None:
         """Sequence `seq`'s block (at most γ tokens), once; None when the heads have none."""

@@ -62,6 +62,7 @@ class Plan:
         draft_streams: Sequence[int] = (),
         trees: str | None = None,
         amphista=None,
+        auto_tree: tuple[int, ...] | None = None,
     ):
         self.target, self.draft = target, draft
         self.target_device, self.draft_device = target_device, draft_device
@@ -76,6 +77,9 @@ class Plan:
         self.device_specs = device_specs  # (target's, draft's) map entries: the thread budget
         self.draft_streams = list(draft_streams)  # input ids of the draft's stream rows
         self.no_trees = trees  # why token trees would not stay lossless here (None: they do)
+        # the tree shape compile() chose for speculative rounds (`tree_siblings: auto` in a
+        # call); None: not measured
+        self.auto_tree = auto_tree
         self.target_pipe = Pipeline(target_device.alias, "verification")
         self.draft_pipe = Pipeline(draft_device.alias, "draft streaming") if draft_device else None
         self._busy = threading.Lock()
@@ -292,7 +296,15 @@ class Plan:
                 "compile(); compile with speculation.draft_exits to run them (a call can only "
                 "turn them off, with 'none', or change draft_exit_threshold)"
             )
-        if spec.tree_siblings and self.no_trees:
+        if spec.tree_siblings == "auto":
+            if self.auto_tree is None:
+                raise ValueError(
+                    "tree_siblings 'auto': this plan has no measured tree shape; compile with "
+                    "speculation.tree_siblings: auto (or mode: auto) so it profiles one, or "
+                    "pass an integer or a list per depth"
+                )
+            spec = spec.with_(tree_siblings=self.auto_tree[: spec.num_draft_tokens])
+        if any(spec.tree_shape) and self.no_trees:
             raise ValueError(f"tree_siblings: {self.no_trees}")
         check_block_bounds(spec, "<generate()>")  # a call's γ / trees / budget, as compile()'s
         has_draft = ((self.draft is not None and spec.model_draft) or spec.retrieval != "none"
@@ -312,7 +324,7 @@ class Plan:
             spec.draft_timeout_s,
             retrieval_min_match=spec.retrieval_min_match,
             draft_stop=DraftPolicy(spec.draft_stop, spec.draft_stop_threshold),
-            tree_siblings=spec.tree_siblings,
+            tree_siblings=spec.tree_shape,
             accept_rate=self.accept_rate,
             threads=self.thread_budget(spec),
             # the per-batch-size policy was chosen for the plan's mode and γ: a call that

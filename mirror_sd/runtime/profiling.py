@@ -22,6 +22,7 @@ from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.graphs.model import CausalLM
 from mirror_sd.partition.cost_model import Profile
 from mirror_sd.partition.threads import ThreadBudget
+from mirror_sd.partition.tree_shape import MAX_TREE_SIBLINGS
 
 CALIBRATION_TEXT = (
     'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
@@ -134,15 +135,35 @@ def agreement_by_layer(
 
 def teacher_forced_agreement(target: ModelRunner, draft: ModelRunner, ids: Sequence[int]) -> float:
     """Fraction of positions where the draft's argmax equals the target's (an α estimate)."""
+    return teacher_forced(target, draft, ids)[0]
+
+
+def teacher_forced(
+    target: ModelRunner, draft: ModelRunner, ids: Sequence[int], siblings: int = 0
+) -> tuple[float, tuple[float, ...]]:
+    """(α, β_1..β_siblings) on the positions of `ids`, both models fed the same tokens.
+
+    α: the fraction of positions where the draft's argmax is the target's. β_s: among the
+    positions where it is not, the fraction where the target's argmax is one of the draft's
+    next s best tokens (`Profile.sibling_coverage`; 0 when the draft always agrees)."""
     n = len(ids)
     t, pos, mask = torch.tensor([list(ids)]), torch.arange(n).unsqueeze(0), causal_mask(0, n)
     target.rollback(0)
     draft.rollback(0)
-    a = target.forward(t, pos, mask).argmax(-1)
-    b = draft.forward(t, pos, mask).argmax(-1)
+    a = target.forward(t, pos, mask).argmax(-1).reshape(-1)  # (n,)
+    d = draft.forward(t, pos, mask)
+    d = d.reshape(-1, d.shape[-1])  # (n, V)
     target.rollback(0)
     draft.rollback(0)
-    return float((a == b).float().mean())
+    ranked = d.topk(1 + siblings, dim=-1).indices  # (n, 1 + s)
+    hit = ranked == a[:, None]
+    missed = ~hit[:, 0]
+    misses = int(missed.sum())
+    coverage = tuple(
+        float(hit[missed, 1 : 1 + s].any(-1).sum()) / misses if misses else 0.0
+        for s in range(1, siblings + 1)
+    )
+    return float(hit[:, 0].float().mean()), coverage
 
 
 def lens_layers(n_layers: int) -> range:
@@ -203,7 +224,7 @@ def profile(
         )
         target.rollback(0)
         bar.update()
-        accept = teacher_forced_agreement(target, draft, calibration_ids)
+        accept, coverage = teacher_forced(target, draft, calibration_ids, MAX_TREE_SIBLINGS)
         hit_rates = (
             {k: v for k, v in lens.items() if k in layers}
             if lens is not None
@@ -219,6 +240,7 @@ def profile(
         hit_rate_by_exit_layer=hit_rates,
         description=description,
         overlap_slowdown=round(slowdown, 3),
+        sibling_coverage=coverage,
     )
 
 

@@ -65,7 +65,8 @@ class RoundSettings:
     accept_rate: float | None = None  # the plan's measured α: prior for ranking branches
     threads: ThreadBudget | None = None  # threads per pipeline and phase; None: leave as built
     by_batch: tuple[BatchSetting, ...] = ()  # mode and γ per live batch size; () = these
-    tree_siblings: int = 0  # speculative rounds: draft's next-best tokens verified as leaves
+    # speculative rounds: per depth, the draft's next-best tokens verified as leaves
+    tree_siblings: tuple[int, ...] = ()
 
     def at(self, live: int) -> RoundSettings:
         """The settings of a round with `live` sequences (`partition.batch_policy`)."""
@@ -235,7 +236,7 @@ class VerificationScheduler:
         t_draft = 0.0
         if need and self._draft_alive():
             t0 = self.tracer.now()
-            siblings = self.s.tree_siblings if self.s.mode == "speculative" else 0
+            siblings = self.s.tree_siblings if self.s.mode == "speculative" else ()
             fut = self.dp.submit(self.tracer, "draft.chain", self.draft.chain, need,
                                  self.s.gamma, self.s.draft_stop, siblings)  # fmt: skip
             with contextlib.suppress(DraftFailed):  # dropped: empty blocks, target-only
@@ -418,7 +419,7 @@ class VerificationScheduler:
         """The heads' block for the sequence's next round; sibling leaves (a tree) only where
         a speculative round verifies them (greedy)."""
         tree = self.s.mode == "speculative" and seq.sampling.greedy
-        self.heads.after(seq.index, hidden_row, self.s.gamma, self.s.tree_siblings if tree else 0)
+        self.heads.after(seq.index, hidden_row, self.s.gamma, self.s.tree_siblings if tree else ())
 
     def _accept_rate(self) -> float:
         """Running estimate of the per-token acceptance α of the draft tokens verified so far,

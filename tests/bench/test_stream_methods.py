@@ -46,6 +46,12 @@ def test_head_methods_need_heads_and_others_turn_them_off():
 def test_tree_method_asks_for_sibling_leaves():
     method = PlanMethod("speculative+tree", _plan("none"), [])
     assert method.settings == {"mode": "speculative", "tree_siblings": 2}
+    plan = _plan("none")
+    with pytest.raises(ValueError, match="tree_siblings=auto"):
+        PlanMethod("speculative+tree-auto", plan, [])  # compiled without a profile
+    plan.auto_tree = (2, 1, 0, 0)
+    sized = PlanMethod("speculative+tree-auto", plan, [])
+    assert sized.settings == {"mode": "speculative", "tree_siblings": "auto"}
 
 
 def test_a_peer_with_its_own_conversion_is_another_model_not_a_failure():

@@ -118,3 +118,45 @@ def test_tree_rounds_feed_the_running_acceptance_rate(tmp_path, monkeypatch):
     finally:
         plan.close()
     assert seen and all(a == d == 3 for d, a in seen[:-1])  # every chain token taken
+
+
+def test_draft_lists_siblings_per_depth(tmp_path):
+    draft = tiny_model(tmp_path, seed=1, num_hidden_layers=2)
+    engine = DraftEngine(TorchRunner(draft, TorchDevice(), 128, name="draft"))
+    engine.add("g", Sampling(), torch.Generator(), [1, 2, 3])
+    out = engine.chain({"g": [1, 2, 3]}, 4, siblings=(2, 0, 1))  # depth 4: past the shape
+    assert [len(x) for x in out["g"].alts] == [2, 0, 1, 0]
+
+
+def test_per_depth_tree_rounds_are_lossless(tmp_path):
+    target = tiny_model(tmp_path, seed=0, num_hidden_layers=4)
+    draft = tiny_model(tmp_path, seed=1, num_hidden_layers=2)
+    prompts = [[3, 1, 4, 1, 5], [2, 7, 1, 8], [9, 9, 2]]
+    want = [greedy_decode(target, p, 32) for p in prompts]
+    plan = make_plan(target, draft, mode="speculative", num_draft_tokens=4)
+    try:
+        assert [r.tokens for r in plan.generate(prompts, 32, tree_siblings=[4, 2, 1])] == want
+        alone = [plan.generate(p, 32, tree_siblings=[4, 2, 1]) for p in prompts]
+        with pytest.raises(ValueError, match="no measured tree shape"):
+            plan.generate([1, 2, 3], 4, tree_siblings="auto")  # a hand-built plan measured none
+    finally:
+        plan.close()
+    assert [r.tokens for r in alone] == want
+    assert any(g.source.endswith("-tree") for r in alone for g in r.rounds)
+
+
+def test_teacher_forced_coverage_of_the_draft_s_next_best_tokens(tmp_path):
+    from mirror_sd.runtime.profiling import teacher_forced
+
+    target = tiny_model(tmp_path, seed=0, num_hidden_layers=2)
+    ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4]
+
+    def runner(model, name):
+        return TorchRunner(model, TorchDevice(), 64, name=name)
+
+    alpha, cov = teacher_forced(runner(target, "t"), runner(target, "d"), ids, siblings=3)
+    assert alpha == 1.0 and cov == (0.0, 0.0, 0.0)  # nothing to cover: the draft never misses
+    other = tiny_model(tmp_path, seed=5, num_hidden_layers=1)
+    alpha, cov = teacher_forced(runner(target, "t"), runner(other, "d"), ids, siblings=3)
+    assert alpha < 1 and len(cov) == 3
+    assert all(0 <= a <= b <= 1 for a, b in zip(cov, cov[1:], strict=False))
