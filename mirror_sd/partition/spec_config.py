@@ -49,8 +49,8 @@ class SpecConfig:
     draft_exits: str = "none"
     draft_exit_threshold: float | str = "auto"
     # speculative, greedy: the draft's next-best tokens as tree leaves; an int (the same at every
-    # depth), a list (per depth 1..γ, missing depths 0) or "auto" (compile sizes and shapes the
-    # tree from measured block costs and sibling coverage: partition/tree_shape.py)
+    # depth), a list (per depth 1..γ; missing depths 0, depths past γ unused) or "auto" (compile
+    # sizes and shapes the tree from measured block costs and coverage: partition/tree_shape.py)
     tree_siblings: int | str | tuple[int, ...] = 0
     draft_stop: str = "none"  # stop drafting early: none | confidence (Kangaroo) | entropy (SVIP)
     draft_stop_threshold: float = 0.0  # confidence: stop below this top-1 prob; entropy: above nats
@@ -170,20 +170,18 @@ class SpecConfig:
         v = self.tree_siblings
         if isinstance(v, list):  # a YAML list
             object.__setattr__(self, "tree_siblings", v := tuple(v))
-        ok = v == "auto" or _count(v) or (
-            isinstance(v, tuple) and len(v) <= self.num_draft_tokens and all(map(_count, v))
-        )  # fmt: skip
-        if not ok:
+        if not (v == "auto" or _count(v) or (isinstance(v, tuple) and all(map(_count, v)))):
             raise ValueError(
                 "speculation.tree_siblings must be 0 (no tree), a positive integer (sibling "
-                "leaves at every depth), a list of at most num_draft_tokens such integers (per "
-                f"depth) or 'auto' (compile sizes the tree), got {v!r}"
+                "leaves at every depth), a list of such integers (per depth 1..γ) or 'auto' "
+                f"(compile sizes the tree), got {v!r}"
             )
 
     @property
     def tree_shape(self) -> tuple[int, ...]:
-        """Sibling leaves per depth 1..γ (all 0: a chain). Raises ValueError for 'auto', which
-        compile() resolves."""
+        """Sibling leaves per depth 1..γ (all 0: a chain; a list's depths past γ are unused, so
+        a call with a smaller γ keeps the compiled shape's first depths). Raises ValueError for
+        'auto', which compile() resolves."""
         v, gamma = self.tree_siblings, self.num_draft_tokens
         if v == "auto":
             raise ValueError(
@@ -192,7 +190,7 @@ class SpecConfig:
             )
         if isinstance(v, int):
             return (v,) * gamma
-        return tuple(v) + (0,) * (gamma - len(v))
+        return tuple(v[:gamma]) + (0,) * (gamma - len(v))
 
     def _check_draft_stop(self) -> None:
         """The threshold's meaning depends on the policy, so each gets its own range and hint.

@@ -303,7 +303,7 @@ class Plan:
                     "speculation.tree_siblings: auto (or mode: auto) so it profiles one, or "
                     "pass an integer or a list per depth"
                 )
-            spec = spec.with_(tree_siblings=self.auto_tree[: spec.num_draft_tokens])
+            spec = spec.with_(tree_siblings=self.auto_tree)
         if any(spec.tree_shape) and self.no_trees:
             raise ValueError(f"tree_siblings: {self.no_trees}")
         check_block_bounds(spec, "<generate()>")  # a call's γ / trees / budget, as compile()'s

@@ -65,9 +65,11 @@ def test_auto_resolves_only_for_speculative_rounds_on_exact_targets():
 def test_tree_siblings_takes_an_int_a_list_per_depth_or_auto():
     assert SpecConfig(tree_siblings=2).tree_shape == (2, 2, 2, 2)
     assert SpecConfig(tree_siblings=[3, 1]).tree_shape == (3, 1, 0, 0)  # a YAML list
+    sized = SpecConfig(tree_siblings=(2, 1, 1, 0))  # a compiled shape, then a call with γ = 2
+    assert sized.with_(num_draft_tokens=2).tree_shape == (2, 1)
     with pytest.raises(ValueError, match="resolved by compile"):
         _ = SpecConfig(tree_siblings="auto").tree_shape
-    for bad in (-1, "wide", True, [1, -1], [1, 1, 1, 1, 1]):
+    for bad in (-1, "wide", True, [1, -1], [1, 1.5]):
         with pytest.raises(ValueError, match="speculation.tree_siblings"):
             SpecConfig(tree_siblings=bad)
 
