@@ -1,12 +1,15 @@
-"""Memory of several targets behind one server (one shared draft) against one server each.
+"""Memory and speed of several targets behind one server (one shared draft) against one
+server each.
 
 Starts (a) `mirror-sd serve A B` (the plans' common draft shares one ONNX Runtime session),
 (b) the same with `--no-shared-draft` (a draft session per plan: what sharing saves inside one
 process) and (c) `mirror-sd serve A` and `mirror-sd serve B` side by side; waits until each listens,
-sends one completion to every target, and reads the memory of each server's whole process
-tree: RSS (VmRSS: every resident page, shared file pages counted in each process) and PSS
-(pages shared between processes split among them; what the machine pays). Prints markdown
-and writes `result.json` and `result.md` under `--out`.
+sends one completion to every target (a warm-up), reads the memory of each server's whole
+process tree: RSS (VmRSS: every resident page, shared file pages counted in each process) and
+PSS (pages shared between processes split among them; what the machine pays), then times
+PROMPTS greedy completions to each target, one target after the other (tokens/s per target:
+what sharing the draft costs a target's speed), keeping the texts to check that every setup
+answers alike. Prints markdown and writes `result.json` and `result.md` under `--out`.
 
     .venv/bin/python scripts/serve_memory.py /tmp/plans/qwen-1.5b /tmp/plans/qwen-0.5b \
         --out benchmarks/results/serve-shared-draft
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import signal
 import subprocess
@@ -26,6 +28,12 @@ from pathlib import Path
 
 import openai
 import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mirror_sd.devices.cpu_caps import host_caps  # noqa: E402
 
 READY = re.compile(r"serving .* at (http://[^ ]+/v1)")
 START_TIMEOUT_S = 1800.0  # loading (or compiling) real plans on a busy CPU is slow
@@ -52,11 +60,30 @@ def start(
     raise SystemExit(f"serve_memory: {' '.join(argv)} did not start:\n{''.join(seen[-20:])}")
 
 
-def ask(url: str, name: str, max_tokens: int) -> int:
-    """One completion; returns its completion tokens."""
+PROMPTS = (
+    "def fibonacci(n):",
+    "Write a Python function that merges two sorted lists into one sorted list.",
+    "Explain what a hash map is in two sentences.",
+    "def quicksort(items):",
+)
+
+
+def ask(url: str, name: str, max_tokens: int, prompt: str = PROMPTS[0]) -> tuple[int, str]:
+    """One greedy completion; returns (completion tokens, text)."""
     c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
-    r = c.completions.create(model=name, prompt="def fibonacci(n):", max_tokens=max_tokens)
-    return r.usage.completion_tokens
+    r = c.completions.create(model=name, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    return r.usage.completion_tokens, r.choices[0].text
+
+
+def timed(url: str, name: str, max_tokens: int) -> dict:
+    """PROMPTS completions to one target, one at a time: tokens/s over them and their texts."""
+    t0, tokens, texts = time.perf_counter(), 0, []
+    for prompt in PROMPTS:
+        n, text = ask(url, name, max_tokens, prompt)
+        tokens, texts = tokens + n, [*texts, text]
+    seconds = time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 2), "texts": texts}  # fmt: skip
 
 
 def tree_memory(pid: int) -> dict[str, float]:
@@ -80,9 +107,11 @@ def stop(proc: subprocess.Popen) -> None:
 def one_server(plans, names, max_tokens, extra: tuple[str, ...] = ()) -> dict:
     proc, url = start(plans, names, extra)
     try:
-        tokens = {name: ask(url, name, max_tokens) for name in names}
+        tokens = {name: ask(url, name, max_tokens)[0] for name in names}
         time.sleep(SETTLE_S)
-        return {"processes": 1, "tokens": tokens, **tree_memory(proc.pid)}
+        memory = tree_memory(proc.pid)
+        speed = {name: timed(url, name, max_tokens) for name in names}
+        return {"processes": 1, "tokens": tokens, **memory, "speed": speed}
     finally:
         stop(proc)
 
@@ -92,11 +121,13 @@ def separate_servers(plans, names, max_tokens) -> dict:
     try:
         for plan, name in zip(plans, names, strict=True):
             running.append((name, *start([plan], [name])))
-        tokens = {name: ask(url, name, max_tokens) for name, _, url in running}
+        tokens = {name: ask(url, name, max_tokens)[0] for name, _, url in running}
         time.sleep(SETTLE_S)
         each = {name: tree_memory(proc.pid) for name, proc, _ in running}
         total = {k: round(sum(m[k] for m in each.values()), 1) for k in ("rss_mib", "pss_mib")}
-        return {"processes": len(running), "tokens": tokens, "each": each, **total}
+        speed = {name: timed(url, name, max_tokens) for name, _, url in running}
+        return {"processes": len(running), "tokens": tokens, "each": each, **total,
+                "speed": speed}  # fmt: skip
     finally:
         for _, proc, _ in running:
             stop(proc)
@@ -110,11 +141,17 @@ SETUPS = {  # result key -> what the markdown row calls it
 
 
 def markdown(result: dict) -> str:
-    n = len(result["names"])
-    rows = ["| setup | processes | RSS (MiB) | PSS (MiB) |", "| --- | --- | --- | --- |"]
+    names = result["names"]
+    speed_cols = " | ".join(f"{n} tok/s" for n in names)
+    rows = [f"| setup | processes | RSS (MiB) | PSS (MiB) | {speed_cols} |",
+            "| --- | --- | --- | --- |" + " --- |" * len(names)]  # fmt: skip
     for key, label in SETUPS.items():
         r = result[key]
-        rows.append(f"| {label.format(n=n)} | {r['processes']} | {r['rss_mib']} | {r['pss_mib']} |")
+        speeds = " | ".join(str(r["speed"][n]["tokens_per_s"]) for n in names)
+        rows.append(f"| {label.format(n=len(names))} | {r['processes']} | {r['rss_mib']} | "
+                    f"{r['pss_mib']} | {speeds} |")  # fmt: skip
+    same = all(len({tuple(result[k]["speed"][n]["texts"]) for k in SETUPS}) == 1 for n in names)
+    rows.append(f"\nEvery setup gave each target the same completions: {'yes' if same else 'NO'}")
     return "\n".join(rows)
 
 
@@ -127,10 +164,14 @@ def main() -> int:
     args = parser.parse_args()
     names = args.names or [Path(p).name for p in args.plans]
     result = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv),
+        "load_average": list(psutil.getloadavg()),
         "plans": args.plans,
         "names": names,
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": host_caps().model,
+            "flags": sorted(f for f in host_caps().flags if f.startswith(("avx", "amx"))),
             "cores": psutil.cpu_count(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         },
