@@ -441,7 +441,6 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         draft_streams=b.d_streams.ids() if streams_used else (),
         trees=tree_rounding(r.t_spec),
         amphista=amphista,
-        auto_tree=m.tree.shape if m.tree is not None else None,
     )
 
 

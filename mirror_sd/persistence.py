@@ -92,5 +92,4 @@ def load(folder: str | Path) -> Plan:
             plan.report.profile, plan.spec.mode, plan.spec.num_draft_tokens
         )
         plan.report.tree = sized_tree(plan.report.profile, plan.spec, plan.device_specs[0])
-        plan.auto_tree = plan.report.tree.shape if plan.report.tree is not None else None
     return plan

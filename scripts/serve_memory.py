@@ -80,7 +80,8 @@ def timed(url: str, name: str, max_tokens: int) -> dict:
     t0, tokens, texts = time.perf_counter(), 0, []
     for prompt in PROMPTS:
         n, text = ask(url, name, max_tokens, prompt)
-        tokens, texts = tokens + n, [*texts, text]
+        tokens += n
+        texts.append(text)
     seconds = time.perf_counter() - t0
     return {"tokens": tokens, "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 2), "texts": texts}  # fmt: skip

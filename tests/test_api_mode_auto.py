@@ -247,7 +247,9 @@ def test_tree_siblings_auto_sizes_the_tree_from_the_profile(folders, tmp_path):
                      max_len=128, profile_data=prof) as plan:  # fmt: skip
         shape = plan.spec.tree_siblings
         assert isinstance(shape, tuple) and shape[0] > 0 and list(shape) == sorted(shape)[::-1]
-        assert plan.auto_tree == shape and "tree_siblings auto: " in api.describe(plan)
+        assert plan.auto_tree == shape and "(what tree_siblings: auto runs): [" in api.describe(
+            plan
+        )
         ref = plan.generate("w1 w2 w3", 20, mode="autoregressive").tokens
         assert plan.generate("w1 w2 w3", 20).tokens == ref
         assert plan.generate("w1 w2 w3", 20, tree_siblings="auto").tokens == ref

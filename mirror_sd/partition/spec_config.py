@@ -168,7 +168,7 @@ class SpecConfig:
 
     def _check_tree(self) -> None:
         v = self.tree_siblings
-        if isinstance(v, list):  # a YAML list
+        if isinstance(v, list):  # a list from the API (YAML lists arrive as tuples)
             object.__setattr__(self, "tree_siblings", v := tuple(v))
         if not (v == "auto" or _count(v) or (isinstance(v, tuple) and all(map(_count, v)))):
             raise ValueError(

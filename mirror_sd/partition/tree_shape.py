@@ -48,13 +48,14 @@ class TreeChoice:
     def explain(self) -> str:
         """One line: the shape and why (the predicted tokens, round times and speedups)."""
         ms = lambda t: f"{t * 1e3:.1f} ms"  # noqa: E731
+        what = "token tree sized for speculative rounds (what tree_siblings: auto runs)"
         if not any(self.shape):
             return (
-                f"tree_siblings auto: no leaf pays (chain {self.chain_tokens:.2f} tokens per "
+                f"{what}: none, no leaf pays (chain {self.chain_tokens:.2f} tokens per "
                 f"{ms(self.t_round_chain)} round, {self.speedup_chain:.2f}x autoregressive)"
             )
         return (
-            f"tree_siblings auto: {list(self.shape)} sibling leaves per depth, {self.rows} rows: "
+            f"{what}: {list(self.shape)} sibling leaves per depth, {self.rows} rows: "
             f"{self.expected_tokens:.2f} tokens per {ms(self.t_round)} round "
             f"({self.speedup:.2f}x autoregressive) against the chain's {self.chain_tokens:.2f} per "
             f"{ms(self.t_round_chain)} ({self.speedup_chain:.2f}x)"
@@ -64,7 +65,7 @@ class TreeChoice:
 def tree_tokens(alpha: float, shape: Sequence[int], coverage: Sequence[float]) -> float:
     """E[L] of a speculative round whose depth j (1-based) has shape[j-1] sibling leaves."""
     gamma = len(shape)
-    gain = sum(alpha**j * (1 - alpha) * covered(coverage, s) for j, s in enumerate(shape) if s)
+    gain = sum(alpha**j * (1 - alpha) * covered(coverage, s) for j, s in enumerate(shape))
     return expected_tokens(alpha, gamma) + gain
 
 

@@ -62,7 +62,6 @@ class Plan:
         draft_streams: Sequence[int] = (),
         trees: str | None = None,
         amphista=None,
-        auto_tree: tuple[int, ...] | None = None,
     ):
         self.target, self.draft = target, draft
         self.target_device, self.draft_device = target_device, draft_device
@@ -77,9 +76,6 @@ class Plan:
         self.device_specs = device_specs  # (target's, draft's) map entries: the thread budget
         self.draft_streams = list(draft_streams)  # input ids of the draft's stream rows
         self.no_trees = trees  # why token trees would not stay lossless here (None: they do)
-        # the tree shape compile() chose for speculative rounds (`tree_siblings: auto` in a
-        # call); None: not measured
-        self.auto_tree = auto_tree
         self.target_pipe = Pipeline(target_device.alias, "verification")
         self.draft_pipe = Pipeline(draft_device.alias, "draft streaming") if draft_device else None
         self._busy = threading.Lock()
@@ -90,6 +86,13 @@ class Plan:
         # prefix caching: each runner's packed cache, kept between generations, with the
         # target's exit layer it was written under
         self._kept: dict[str, tuple[PackedCache, object]] = {}
+
+    @property
+    def auto_tree(self) -> tuple[int, ...] | None:
+        """The tree shape compile() sized for speculative rounds (what a call's
+        `tree_siblings="auto"` runs; `partition.tree_shape`), None when nothing was measured."""
+        tree = getattr(self.report, "tree", None)
+        return tree.shape if tree is not None else None
 
     # --- generation -----------------------------------------------------------------------
     def generate(

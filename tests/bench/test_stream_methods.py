@@ -49,7 +49,7 @@ def test_tree_method_asks_for_sibling_leaves():
     plan = _plan("none")
     with pytest.raises(ValueError, match="tree_siblings=auto"):
         PlanMethod("speculative+tree-auto", plan, [])  # compiled without a profile
-    plan.auto_tree = (2, 1, 0, 0)
+    plan.auto_tree = (2, 1, 0, 0)  # a Plan derives it from its compile report
     sized = PlanMethod("speculative+tree-auto", plan, [])
     assert sized.settings == {"mode": "speculative", "tree_siblings": "auto"}
 
