@@ -169,12 +169,12 @@ def _serve(args: argparse.Namespace) -> int:
     with ExitStack() as opened:
         plans = {}
         sharing = nullcontext() if args.no_shared_draft else shared_sessions()
-        with sharing as share:  # plans of the same draft graph share its session
+        with sharing as share:  # plans of the same draft share one copy of its weights
             for name, model in zip(names, args.model, strict=True):
                 one = argparse.Namespace(**{**vars(args), "model": model})
                 plans[name] = opened.enter_context(_plan(one))
-        for graph, users in share.shared() if share else ():
-            print(f"[{users} plans share one ONNX Runtime session of {graph}]", file=sys.stderr)
+        for what, weights, users in share.shared() if share else ():
+            print(f"[{users} plans share one {what} of {weights}]", file=sys.stderr)
         serve(plans, config, sock, on_ready=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
@@ -308,8 +308,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="the model id clients send (default: the plan or model's folder name); "
                    "with several plans, once per plan in their order")  # fmt: skip
     p.add_argument("--no-shared-draft", action="store_true",
-                   help="give each plan a draft session of its own (default: plans whose "
-                   "draft is the same ONNX graph share one session, one copy of its weights)")  # fmt: skip
+                   help="give each plan a copy of its draft of its own (default: plans whose "
+                   "draft is the same ONNX graph share one session, and plans whose torch draft "
+                   "is the same checkpoint one model: one copy of its weights)")  # fmt: skip
     p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction,
                    default=DEFAULT_PREFIX_CACHE,
                    help="reuse the K/V rows of finished requests whose prompt shares a prefix "

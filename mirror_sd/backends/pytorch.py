@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from mirror_sd.backends.base import Backend
 from mirror_sd.backends.facts import TorchFacts
+from mirror_sd.devices.shared_sessions import shared_model
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.devices.trimmed import TrimmedVocabRunner
 from mirror_sd.graphs.loader import load_model
@@ -101,7 +102,11 @@ class TorchBackend(TorchFacts, Backend):
         `streams`, its embedding also reads the stream rows (`graphs.streams`)."""
         host = self.torch_spec(spec)
         dev = self.device(spec, budget.draft() if budget else None)
-        model = _with_quantize(load_model(folder, host.dtype), host.quantize)
+        model = shared_model(  # one model for several plans in one server (`shared_sessions`)
+            folder,
+            repr((dev.device, host.dtype, host.quantize)),
+            lambda: _with_quantize(load_model(folder, host.dtype), host.quantize),
+        )
         if streams is not None:
             model = with_streams(model, streams)
         label = self.label(spec, dev)

@@ -1,4 +1,5 @@
-"""One ONNX Runtime session per draft graph for several plans in one process (#25).
+"""One copy of a draft's weights for several plans in one process (#25): one ONNX Runtime
+session per draft graph, one torch model per draft checkpoint.
 
     with shared_sessions() as share:        # what `mirror-sd serve plans/a plans/b` does
         a, b = api.load("plans/a"), api.load("plans/b")
@@ -16,6 +17,14 @@ draft's export, so paths differ. The key is the device's settings (all but the d
 count) and the content of the graph file and of the external-data files (`*.data`) beside it,
 hashed only when two candidates have equal sizes. Outside `shared_sessions()` every runner
 gets a pool of its own, as before.
+
+A torch draft (S2D's sorted exits run one: `devices/sorted_exits.py`) is shared the same way
+by `shared_model`: plans whose draft is the same checkpoint (its config and safetensors
+files, by content) at the same device, dtype and weight quantization get one `CausalLM`.
+Each plan's `TorchRunner` keeps its own `StaticKVCache` and thread count; a forward only
+reads the module's weights, so two plans' draft workers may run it at the same time. What a
+plan derives from the model (a trimmed head, stream rows, exit heads) is its own and leaves
+the shared model unmodified (`with_trimmed_head`, `with_streams` copy the module tree).
 """
 
 from __future__ import annotations
@@ -23,10 +32,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
@@ -36,6 +46,7 @@ HASH_CHUNK = 1 << 24  # bytes read at a time when two graphs' contents are compa
 
 _ACTIVE: list[SessionShare] = []  # the shares of open `shared_sessions()` blocks, innermost last
 _LOCK = threading.Lock()
+ORT_SESSION, TORCH_MODEL = "ONNX Runtime session", "torch model"  # what a share holds
 
 
 class PoolView:
@@ -67,44 +78,57 @@ class PoolView:
 
 @dataclass
 class _Entry:
+    kind: str  # what is shared, as the server's log names it
     settings: str  # the device's settings but its default thread count
-    sizes: tuple[int, ...]  # of the graph's files (`_files`)
+    sizes: tuple[int, ...]  # of the files that hold the weights (`_files`, `_checkpoint_files`)
     path: Path
-    pool: SessionPool
+    value: Any  # a SessionPool or a CausalLM
     views: int = 1
 
 
 @dataclass
 class SessionShare:
-    """The pools handed out inside one `shared_sessions()` block; `shared()` reports them."""
+    """What one `shared_sessions()` block handed out; `shared()` reports what is shared."""
 
     _entries: list[_Entry] = field(default_factory=list)
     _digests: dict[Path, str] = field(default_factory=dict)
 
     def view(self, device: OrtDevice, path: str | Path) -> PoolView:
         """A view on the pool of the same graph on the same device settings, made if new."""
-        path = Path(path).resolve()
         settings = repr(dataclasses.replace(device, intra_op_threads=None))
-        sizes = tuple(f.stat().st_size for f in _files(path))
+        e = self._get(ORT_SESSION, settings, Path(path).resolve(), _files,
+                      lambda: SessionPool(device, path))  # fmt: skip
+        return PoolView(e.value, device.intra_op_threads)
+
+    def model(self, folder: str | Path, settings: str, load: Callable[[], Any]) -> Any:
+        """The torch model of the checkpoint in `folder` loaded with `settings` (device,
+        dtype, quantization), `load()`-ed if no plan of this block has it yet."""
+        return self._get(TORCH_MODEL, settings, Path(folder).resolve(), _checkpoint_files,
+                         load).value  # fmt: skip
+
+    def shared(self) -> list[tuple[str, Path, int]]:
+        """(what, graph or checkpoint, runners using its one copy) for each copy more than one
+        runner uses; `what` is ORT_SESSION or TORCH_MODEL."""
+        return [(e.kind, e.path, e.views) for e in self._entries if e.views > 1]
+
+    def _get(self, kind: str, settings: str, path: Path, files, make: Callable[[], Any]):
+        """The entry of the same weights (by content) and settings, else a new one of make()."""
+        sizes = tuple(f.stat().st_size for f in files(path))
         for e in self._entries:
-            if e.settings == settings and e.sizes == sizes and self._same(e.path, path):
+            same = (e.kind, e.settings, e.sizes) == (kind, settings, sizes)
+            if same and self._same(e.path, path, files):
                 e.views += 1
-                return PoolView(e.pool, device.intra_op_threads)
-        pool = SessionPool(device, path)
-        self._entries.append(_Entry(settings, sizes, path, pool))
-        return PoolView(pool, pool.threads)
+                return e
+        self._entries.append(_Entry(kind, settings, sizes, path, make()))
+        return self._entries[-1]
 
-    def shared(self) -> list[tuple[Path, int]]:
-        """(graph, runners using its one pool) for each graph more than one runner uses."""
-        return [(e.path, e.views) for e in self._entries if e.views > 1]
+    def _same(self, a: Path, b: Path, files) -> bool:
+        return a == b or self._digest(a, files) == self._digest(b, files)
 
-    def _same(self, a: Path, b: Path) -> bool:
-        return a == b or self._digest(a) == self._digest(b)
-
-    def _digest(self, path: Path) -> str:
+    def _digest(self, path: Path, files) -> str:
         if path not in self._digests:
             h = hashlib.sha256()
-            for f in _files(path):
+            for f in files(path):
                 h.update(f.name.encode() + b"\0")
                 with f.open("rb") as fh:
                     while chunk := fh.read(HASH_CHUNK):
@@ -119,10 +143,17 @@ def _files(path: Path) -> list[Path]:
     return [path, *data]
 
 
+def _checkpoint_files(folder: Path) -> list[Path]:
+    """A Hugging Face checkpoint's config, then its safetensors files."""
+    weights = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
+    return [folder / "config.json", *weights]
+
+
 @contextmanager
 def shared_sessions() -> Iterator[SessionShare]:
     """Inside the block, ONNX Runtime runners of the same graph on the same device settings
-    share one `SessionPool` (`session_pool`); the sessions outlive the block."""
+    share one `SessionPool` (`session_pool`), and torch drafts of the same checkpoint and
+    settings one model (`shared_model`); both outlive the block."""
     share = SessionShare()
     with _LOCK:
         _ACTIVE.append(share)
@@ -133,9 +164,21 @@ def shared_sessions() -> Iterator[SessionShare]:
             _ACTIVE.remove(share)
 
 
+def _active() -> SessionShare | None:
+    with _LOCK:
+        return _ACTIVE[-1] if _ACTIVE else None
+
+
 def session_pool(device: OrtDevice, path: str | Path) -> SessionPool | PoolView:
     """The sessions of the graph at `path` for a new runner: a pool of its own, or inside
     `shared_sessions()` a view on the pool every runner of the same graph shares."""
-    with _LOCK:
-        share = _ACTIVE[-1] if _ACTIVE else None
+    share = _active()
     return SessionPool(device, path) if share is None else share.view(device, path)
+
+
+def shared_model(folder: str | Path, settings: str, load: Callable[[], Any]) -> Any:
+    """The torch model of the checkpoint in `folder` for a new runner: `load()`, or inside
+    `shared_sessions()` the one model every runner of the same checkpoint and `settings`
+    (device, dtype, quantization: what `load` reads the weights as) shares."""
+    share = _active()
+    return load() if share is None else share.model(folder, settings, load)

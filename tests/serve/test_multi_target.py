@@ -92,8 +92,8 @@ def test_two_plans_share_one_draft_session_and_keep_their_own_caches(shared, alo
     assert a.session is b.session  # one InferenceSession: one copy of the draft's weights
     assert a.kv is not b.kv and a.kv.k is not b.kv.k  # each plan's own KV buffers
     assert alone["alpha"].draft.session is not a.session  # outside the block: a session each
-    (graph, users), *rest = share.shared()
-    assert users == 2 and not rest
+    (what, graph, users), *rest = share.shared()
+    assert what == "ONNX Runtime session" and users == 2 and not rest
     assert graph.is_relative_to(folders["alpha"])  # two folders' copies matched by content
     before = b.threads
     a.set_threads((before or 1) + 1)  # one plan's thread budget does not switch the other's
