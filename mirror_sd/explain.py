@@ -79,6 +79,8 @@ def describe(plan: Plan) -> str:
         lines.append(info.choice.explain())
     if info.tree is not None:
         lines.append(info.tree.explain())
+    elif plan.no_trees and info.profile is not None:  # a profile would have sized one
+        lines.append(f"token tree: none (tree_siblings: auto runs a chain) because {plan.no_trees}")
     if info.batch_policy:
         lines.append("per live batch size: " + "; ".join(b.describe() for b in info.batch_policy))
     if info.kept_split:

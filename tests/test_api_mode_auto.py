@@ -259,3 +259,9 @@ def test_tree_siblings_auto_sizes_the_tree_from_the_profile(folders, tmp_path):
     with api.compile(target, draft, TORCH_DRAFT_MAP, mode="mirror", tree_siblings="auto",
                      max_len=128, profile_data=prof) as plan:  # fmt: skip
         assert plan.spec.tree_siblings == 0  # mirror rounds verify chains
+    int8_target = TORCH_DRAFT_MAP.replace("threads: 1}", "threads: 1, quantize: int8}")
+    with api.compile(target, draft, int8_target, mode="speculative", tree_siblings="auto",
+                     max_len=128, profile_data=prof) as plan:  # fmt: skip
+        assert plan.spec.tree_siblings == 0 and plan.auto_tree is None  # trees would round
+        assert "token tree: none (tree_siblings: auto runs a chain) because the target runs " \
+               "int8 on torch" in api.describe(plan)  # fmt: skip
