@@ -135,8 +135,8 @@ def separate_servers(plans, names, max_tokens) -> dict:
 
 
 SETUPS = {  # result key -> what the markdown row calls it
-    "one_server_shared_draft": "one server, {n} targets, one shared draft session",
-    "one_server_draft_per_plan": "one server, {n} targets, a draft session each (--no-shared-draft)",
+    "one_server_shared_draft": "one server, {n} targets, one shared draft",
+    "one_server_draft_per_plan": "one server, {n} targets, a draft each (--no-shared-draft)",
     "one_server_per_target": "one server per target",
 }
 

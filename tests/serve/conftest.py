@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import httpx
 import openai
@@ -13,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import mirror_sd.api as api
+from mirror_sd.devices.shared_sessions import shared_sessions
 from mirror_sd.serve.config import ServeConfig
 from mirror_sd.serve.server import ServerThread
 from tests.conftest import TORCH_DRAFT_MAP, tiny_pair
@@ -122,3 +128,39 @@ class _GatedSession(SessionProxy):
             self._gated.started.set()
             yield deltas  # the engine handles the boundary, then asks for the next round
             self._gated.gate.wait(WAIT_S)
+
+
+@contextmanager
+def loaded(folders: dict, share: bool = False) -> Iterator[tuple[dict, object]]:
+    """({id: plan} of saved plan folders, the share or None): each plan loaded alone, or all
+    inside `shared_sessions()` as `mirror-sd serve` loads them; closed afterwards."""
+    with shared_sessions() if share else nullcontext() as sh:
+        plans = {name: api.load(folder) for name, folder in folders.items()}
+    try:
+        yield plans, sh
+    finally:
+        for p in plans.values():
+            p.close()
+
+
+@contextmanager
+def served_cli(folders: dict, cache, *flags: str) -> Iterator[tuple[openai.OpenAI, list[str]]]:
+    """`mirror-sd serve` of the saved plans as a subprocess: (a client, its stderr lines up to
+    the 'serving' line); SIGTERM afterwards, which must exit 0."""
+    env = {**os.environ, "MIRROR_SD_CACHE": str(cache)}
+    argv = [sys.executable, "-m", "mirror_sd.cli", "serve", *map(str, folders.values()),
+            "--port", "0", *flags]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if m := re.search(r"serving .* at (http://127\.0\.0\.1:\d+/v1)", line):
+                break
+        else:
+            pytest.fail(f"the server exited with {proc.wait()} before listening: {lines}")
+        yield openai.OpenAI(base_url=m.group(1), api_key="unused", max_retries=0), lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0

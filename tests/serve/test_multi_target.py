@@ -3,11 +3,6 @@ session of their common draft, and every answer is token for token what its plan
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,11 +10,10 @@ import openai
 import pytest
 
 import mirror_sd.api as api
-from mirror_sd.devices.shared_sessions import shared_sessions
 from mirror_sd.serve.config import ServeConfig
 from mirror_sd.serve.server import ServerThread
 from tests.conftest import make_tiny, save_tiny_with_tokenizer, tiny_pair
-from tests.serve.conftest import client, metrics
+from tests.serve.conftest import client, loaded, metrics, served_cli
 from tests.serve.test_cli_serve import _user_error
 
 ORT_DRAFT_MAP = """
@@ -55,20 +49,15 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def alone(folders):
     """Each plan loaded on its own (a draft session of its own)."""
-    plans = {name: api.load(folder) for name, folder in folders.items()}
-    yield plans
-    for plan in plans.values():
-        plan.close()
+    with loaded(folders) as (plans, _):
+        yield plans
 
 
 @pytest.fixture(scope="module")
 def shared(folders):
     """(plans, share): both plans loaded inside `shared_sessions()`, as `mirror-sd serve`."""
-    with shared_sessions() as share:
-        plans = {name: api.load(folder) for name, folder in folders.items()}
-    yield plans, share
-    for plan in plans.values():
-        plan.close()
+    with loaded(folders, share=True) as both:
+        yield both
 
 
 @pytest.fixture(scope="module")
@@ -199,24 +188,10 @@ def test_served_names_are_checked_before_compiling(capsys, tmp_path):
 
 @pytest.mark.parametrize("flags", [(), ("--no-shared-draft",)])
 def test_one_command_serves_two_saved_plans(folders, alone, tmp_path, flags):
-    env = {**os.environ, "MIRROR_SD_CACHE": str(tmp_path / "cache")}
-    argv = [sys.executable, "-m", "mirror_sd.cli", "serve", *map(str, folders.values()),
-            "--port", "0", *flags]  # fmt: skip
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if m := re.search(r"serving 'alpha', 'beta' at (http://127\.0\.0\.1:\d+/v1)", line):
-                break
-        else:
-            pytest.fail(f"the server exited with {proc.wait()} before listening: {lines}")
+    with served_cli(folders, tmp_path / "cache", *flags) as (c, lines):
+        assert any("serving 'alpha', 'beta' at" in x for x in lines)
         shared = any("2 plans share one ONNX Runtime session" in x for x in lines)
         assert shared == (not flags), lines
-        c = openai.OpenAI(base_url=m.group(1), api_key="unused", max_retries=0)
         for name in NAMES:
             r = c.completions.create(model=name, prompt=PROMPTS[0], max_tokens=16)
             assert r.choices[0].text == _reference(alone, name, PROMPTS[0]).text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0

@@ -5,24 +5,18 @@ the model's own head rows instead of copies, and every answer is its plan's own.
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import openai
 import pytest
 
 import mirror_sd.api as api
-from mirror_sd.devices.shared_sessions import TORCH_MODEL, shared_sessions
+from mirror_sd.devices.shared_sessions import TORCH_MODEL
 from mirror_sd.devices.sorted_exits import SortedExitRunner
 from mirror_sd.graphs.heads import dense_head
 from mirror_sd.serve.config import ServeConfig
 from mirror_sd.serve.server import ServerThread
 from tests.conftest import TORCH_DRAFT_MAP, make_tiny, save_tiny_with_tokenizer, tiny_pair
-from tests.serve.conftest import client
+from tests.serve.conftest import client, loaded, served_cli
 
 NAMES = ("alpha", "beta")
 PROMPTS = ["w5 w6 w7", "w9 w3 w3 w1", "w2"]
@@ -48,19 +42,14 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alone(folders):
-    plans = {name: api.load(folder) for name, folder in folders.items()}
-    yield plans
-    for plan in plans.values():
-        plan.close()
+    with loaded(folders) as (plans, _):
+        yield plans
 
 
 @pytest.fixture(scope="module")
 def shared(folders):
-    with shared_sessions() as share:
-        plans = {name: api.load(folder) for name, folder in folders.items()}
-    yield plans, share
-    for plan in plans.values():
-        plan.close()
+    with loaded(folders, share=True) as both:
+        yield both
 
 
 def _tokens(plans, name, prompt):
@@ -105,22 +94,7 @@ def test_both_plans_at_once_through_the_openai_client(shared, alone):
 
 
 def test_the_server_log_names_the_shared_model(folders, alone, tmp_path):
-    env = {**os.environ, "MIRROR_SD_CACHE": str(tmp_path / "cache")}
-    argv = [sys.executable, "-m", "mirror_sd.cli", "serve", *map(str, folders.values()),
-            "--port", "0"]  # fmt: skip
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if m := re.search(r"serving 'alpha', 'beta' at (http://127\.0\.0\.1:\d+/v1)", line):
-                break
-        else:
-            pytest.fail(f"the server exited with {proc.wait()} before listening: {lines}")
+    with served_cli(folders, tmp_path / "cache") as (c, lines):
         assert any("2 plans share one torch model of " in x for x in lines), lines
-        c = openai.OpenAI(base_url=m.group(1), api_key="unused", max_retries=0)
         r = c.completions.create(model="beta", prompt=PROMPTS[0], max_tokens=16)
         assert r.choices[0].text == alone["beta"].generate(PROMPTS[0], 16, chat=False).text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
