@@ -33,10 +33,11 @@ _DENSE: weakref.WeakKeyDictionary[nn.Module, torch.Tensor] = weakref.WeakKeyDict
 
 
 def dense_head(model: CausalLM) -> torch.Tensor:
-    """`model`'s LM head as one float32 (V, D) tensor that every exit head of the model
-    shares: its own weight when that is already dense float32 (no copy), else a dequantized
-    or widened copy made once per head module (S2D's two logit-lens exits on a 0.5B draft
-    would otherwise hold 2 × 545 MB, and each plan sharing the draft two more)."""
+    """`model`'s LM head as one float32 (V, D) tensor that every untrimmed exit head of the
+    model shares: its own weight when that is already dense float32 (no copy), else a
+    dequantized or widened copy made once per head module and kept while it lives (S2D's two
+    logit-lens exits on a 0.5B draft would otherwise hold 2 × 545 MB, and each plan sharing
+    the draft two more)."""
     head = model.lm_head
     if head not in _DENSE:
         _DENSE[head] = linear_weight(head).detach().float()  # dense if weight-only quantized
@@ -110,9 +111,11 @@ class ExitHead(nn.Module):
             )
         self.layer, self.trim, self.vocab_size = layer, trim, c.vocab_size
         self.meta = dict(meta or {})
-        w = dense_head(model)
         self.norm = copy.deepcopy(model.model.norm).float()  # the family's own norm (Gemma: 1 + w)
-        rows = trim.trim(w) if trim is not None else w  # all V rows: shared, never written
+        if trim is not None:  # K rows of their own; the dense head is not kept
+            rows = trim.trim(linear_weight(model.lm_head).detach().float())
+        else:  # all V rows: the model's own, shared by its every exit, never written
+            rows = dense_head(model)
         self.rows = nn.Parameter(rows, requires_grad=False)  # (K or V, D)
         self.adapter = Adapter(c.hidden_size, rank, c.rms_norm_eps) if rank else None
         self.norm.weight.requires_grad_(False)

@@ -149,3 +149,22 @@ def test_compile_with_trained_heads(folders, model, collected, tmp_path):
     with api.load(tmp_path / "plan") as again:
         assert again.exit_head.layer == plan.spec.exit_layer and again.exit_head.trained
         assert again.generate(prompt, 16).tokens == ref
+
+
+def test_untrimmed_exits_share_the_model_head_rows_and_trimmed_ones_keep_no_dense_copy(folders):
+    """The logit lens reads the model's own LM head (no copy per exit); on a quantized model
+    the dequantized head is made once and shared; a trimmed head keeps only its K rows."""
+    from mirror_sd.graphs import heads
+    from mirror_sd.graphs.quantize import quantize_linears
+
+    dense = load_model(folders[0])
+    a, b = ExitHead(dense, 1), ExitHead(dense, LAYER)
+    assert a.rows.data_ptr() == b.rows.data_ptr() == dense.lm_head.weight.data_ptr()
+    quantized = load_model(folders[0])
+    quantize_linears(quantized, "int8")
+    trim = VocabTrim(tuple(range(8)), quantized.config.vocab_size)
+    t = ExitHead(quantized, LAYER, trim)
+    assert t.rows.shape[0] == 8 and quantized.lm_head not in heads._DENSE
+    c, d = ExitHead(quantized, 1), ExitHead(quantized, LAYER)
+    assert c.rows.data_ptr() == d.rows.data_ptr() and quantized.lm_head in heads._DENSE
+    assert torch.equal(t.rows, c.rows[:8])  # the same dequantized values, trimmed
