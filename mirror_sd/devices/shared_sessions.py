@@ -47,6 +47,7 @@ HASH_CHUNK = 1 << 24  # bytes read at a time when two graphs' contents are compa
 _ACTIVE: list[SessionShare] = []  # the shares of open `shared_sessions()` blocks, innermost last
 _LOCK = threading.Lock()
 ORT_SESSION, TORCH_MODEL = "ONNX Runtime session", "torch model"  # what a share holds
+_Files = Callable[[Path], list[Path]]  # the files holding a graph's or checkpoint's weights
 
 
 class PoolView:
@@ -111,7 +112,8 @@ class SessionShare:
         runner uses; `what` is ORT_SESSION or TORCH_MODEL."""
         return [(e.kind, e.path, e.views) for e in self._entries if e.views > 1]
 
-    def _get(self, kind: str, settings: str, path: Path, files, make: Callable[[], Any]):
+    def _get(self, kind: str, settings: str, path: Path, files: _Files,
+             make: Callable[[], Any]) -> _Entry:  # fmt: skip
         """The entry of the same weights (by content) and settings, else a new one of make()."""
         sizes = tuple(f.stat().st_size for f in files(path))
         for e in self._entries:
@@ -122,10 +124,10 @@ class SessionShare:
         self._entries.append(_Entry(kind, settings, sizes, path, make()))
         return self._entries[-1]
 
-    def _same(self, a: Path, b: Path, files) -> bool:
+    def _same(self, a: Path, b: Path, files: _Files) -> bool:
         return a == b or self._digest(a, files) == self._digest(b, files)
 
-    def _digest(self, path: Path, files) -> str:
+    def _digest(self, path: Path, files: _Files) -> str:
         if path not in self._digests:
             h = hashlib.sha256()
             for f in files(path):
