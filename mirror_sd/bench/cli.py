@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -162,24 +163,45 @@ def _run_batch(args: argparse.Namespace, out: Path) -> int:
     batchable = ["ar", "speculative", "mirror"]
     given = args.methods.split(",") if args.methods != DEFAULT_METHODS else batchable
     methods = [m.strip() for m in given if m.strip()]
+    from tqdm import tqdm
+
     import mirror_sd.api as api
+    from mirror_sd.bench.runner import _command_line, load_average, machine_info, versions
     from mirror_sd.bench.specbench import default_path, load_questions
     from mirror_sd.runtime.prompts import encode_prompt, eos_token_ids
 
     qpath = Path(args.questions) if args.questions else default_path()
     questions = load_questions(qpath, args.per_category, _tasks(args))
+    try:
+        reference = batch_bench.load_reference(args.reference) if args.reference else None
+    except ValueError as e:
+        raise SystemExit(f"mirror-sd bench: {e}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    started = {"command": _command_line(), "machine": machine_info(), "versions": versions(),
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
     with api.compile(args.target, args.draft, args.device_map, cache=args.cache,
                      **_speculation(args)) as plan:  # fmt: skip
         prompts = [encode_prompt(plan.tokenizer, q.text, chat=True) for q in questions]
         eos = eos_token_ids(plan.tokenizer, plan.generation_config) if args.stop_at_eos else ()
+        bar = tqdm(desc="batch bench", unit="group", disable=args.quiet)
         try:
-            rows = batch_bench.run(plan, prompts, sizes, args.max_new_tokens, methods, eos)
+            rows = batch_bench.run(plan, prompts, sizes, args.max_new_tokens, methods, eos,
+                                   ids=[q.question_id for q in questions], reference=reference,
+                                   journal=out / batch_bench.JOURNAL_FILE, resume=args.resume,
+                                   progress=lambda g: bar.update())  # fmt: skip
         except ValueError as e:
             raise SystemExit(f"mirror-sd bench --batch: {e}") from None
+        finally:
+            bar.close()
     text = batch_bench.markdown(rows)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "batch.json").write_text(json.dumps(batch_bench.to_json(rows), indent=1) + "\n")
     (out / "batch.md").write_text(text + "\n")
+    run = {**started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "load_average_at_end": load_average(), "reference": args.reference,
+           "questions": str(qpath), "question_ids": [q.question_id for q in questions],
+           "sizes": sizes, "methods": methods, "max_new_tokens": args.max_new_tokens,
+           "stop_at_eos": args.stop_at_eos, "journal": batch_bench.JOURNAL_FILE}  # fmt: skip
+    (out / "batch_run.json").write_text(json.dumps(run, indent=1) + "\n")
     print(text)
     return 0
 
@@ -259,6 +281,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="batch sizes, e.g. 1,2,4: batched plan methods (default ar, "
                         "speculative, mirror; --methods takes any plan method, e.g. "
                         "speculative+conf+sam) into OUT/batch.md and batch.json")  # fmt: skip
+    p.add_argument("--reference", default=None, metavar="RUN_DIR",
+                   help="with --batch: the batch-1 token ids of a Spec-Bench run (its "
+                        "records.jsonl) instead of running batch 1 here; questions it lacks "
+                        "are skipped")  # fmt: skip
     p.add_argument("--docs", default=None, metavar="MARKDOWN",
                    help="rebuild the tables between <!-- results: RUN --> markers in MARKDOWN "
                         "from the results folders they name (docs/benchmarks.md)")  # fmt: skip
@@ -267,7 +293,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true",
                    help="continue a run that stopped: keep the questions OUT/records.jsonl "
-                   "finished (same methods), run the rest")  # fmt: skip
+                   "finished (same methods; with --batch the groups of "
+                   "OUT/batch_records.jsonl), run the rest")  # fmt: skip
     p.set_defaults(func=_run)
     return p
 
