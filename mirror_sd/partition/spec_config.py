@@ -56,6 +56,9 @@ class SpecConfig:
     draft_stop_threshold: float = 0.0  # confidence: stop below this top-1 prob; entropy: above nats
     max_len: int = 2048  # context length: KV cache rows preallocated on both devices
     draft_timeout_s: float = 30.0  # a draft step slower than this counts as a device failure
+    # after a draft error (not a hang), target-only rounds before the draft is tried again,
+    # doubled after each further error (a batch session can outlive a transient fault); 0: never
+    draft_retry_rounds: int = 16
     model_draft: bool = True  # use the draft model; False = retrieval sources only (draft idle)
     retrieval: str = "none"  # model-free draft source tried before the model draft each round
     retrieval_min_match: int = 3  # use its proposal when the suffix match is at least this long
@@ -164,6 +167,10 @@ class SpecConfig:
             )
         if self.draft_timeout_s <= 0:
             raise ValueError(f"speculation.draft_timeout_s must be > 0, got {self.draft_timeout_s}")
+        v = self.draft_retry_rounds
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"speculation.draft_retry_rounds must be an integer >= 0 (0: never "
+                             f"retry a failed draft), got {v!r}")  # fmt: skip
         self._check_draft_stop()
 
     def _check_tree(self) -> None:

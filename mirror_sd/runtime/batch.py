@@ -188,7 +188,7 @@ class BatchJob:
             stats = GenerationStats.from_rounds(
                 self.settings.mode, seq.rounds, len(tokens), latency,
                 self.plan.draft_device.label if sched.draft is not None else None,
-                sched.state.fallback, seq.reused, exits,
+                seq.fault, seq.reused, exits,
             )  # fmt: skip
             text = self.plan.tokenizer.decode(tokens, skip_special_tokens=True)
             results.append(GenerationResult(tokens, text, len(self.ids[seq.index]), stats,

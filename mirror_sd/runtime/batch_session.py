@@ -171,7 +171,7 @@ class BatchSession:
         stats = GenerationStats.from_rounds(
             self.settings.mode, seq.rounds, len(tokens), wall,
             self.plan.draft_device.label if draft is not None else None,
-            self._sched.state.fallback if self._sched is not None else None, seq.reused,
+            seq.fault, seq.reused,
         )  # fmt: skip
         text = self.plan.tokenizer.decode(tokens, skip_special_tokens=True)
         self._results[h] = GenerationResult(tokens, text, len(job.ids[0]), stats, seq.rounds)

@@ -83,6 +83,13 @@ class DraftEngine:
         self.cache.drop(sid)
         del self.gens[sid], self.samplings[sid]
 
+    def restart(self) -> None:
+        """After a device error: an empty cache for the same sequences, each fed again from
+        its committed tokens at its next drafting step (`_sync`)."""
+        self.cache = PackedCache(self.runner, retain=self.cache.retain)
+        for sid in self.gens:
+            self.cache.add(sid)
+
     def rows(self, sid: Hashable) -> list[int]:
         """The tokens the draft cache holds for the sequence, in order."""
         return list(self.cache.tokens[sid])

@@ -1,6 +1,7 @@
 """A failing draft device never changes the output: `await_draft` waits for a draft future
 under the plan's `draft_timeout_s`, and on a timeout or any device error `drop_draft` drops the
-draft for the rest of the generation (target-only rounds, the same tokens).
+draft (target-only rounds, the same tokens): after an error until the scheduler retries it
+(`draft_retry_rounds`), after a timeout for good.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ def await_draft(fut, timeout_s: float, fail: Callable[..., None]):
 
 
 def drop_draft(state, tracer: Tracer, pipe: Pipeline, why: str, hung: bool = False) -> None:
-    """Drop the draft for the rest of a generation: `state.fallback = why` (and
-    `state.draft_hung`), an instant in the trace, a warning."""
+    """Drop the draft: `state.fallback = why` (and `state.draft_hung`), one more fault
+    counted, an instant in the trace, a warning."""
     state.fallback, state.draft_hung = why, hung
+    state.faults, state.down_rounds = state.faults + 1, 0
     tracer.instant(pipe.device, pipe.name, "draft failed: target-only fallback", tracer.now(),
                    why=why)  # fmt: skip
     warnings.warn(

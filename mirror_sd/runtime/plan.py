@@ -245,7 +245,7 @@ class Plan:
         saved to `trace` (its path returned)."""
         if sched.state.draft_hung:
             self.draft_disabled = sched.state.fallback
-        if sched.state.fallback is not None:  # the draft failed mid-call: its rows are suspect
+        if sched.state.faults:  # the draft failed mid-call (or restarted): its rows are suspect
             self._kept.pop("draft", None)
         for prompt, output in finished:
             self.learn(prompt, output, spec)
@@ -325,6 +325,7 @@ class Plan:
             spec.branch_budget,
             spec.reuse,
             spec.draft_timeout_s,
+            draft_retry_rounds=spec.draft_retry_rounds,
             retrieval_min_match=spec.retrieval_min_match,
             draft_stop=DraftPolicy(spec.draft_stop, spec.draft_stop_threshold),
             tree_siblings=spec.tree_shape,

@@ -67,6 +67,7 @@ class RoundSettings:
     by_batch: tuple[BatchSetting, ...] = ()  # mode and γ per live batch size; () = these
     # speculative rounds: per depth, the draft's next-best tokens verified as leaves
     tree_siblings: tuple[int, ...] = ()
+    draft_retry_rounds: int = 0  # after a draft error: target-only rounds before a retry; 0 never
 
     def at(self, live: int) -> RoundSettings:
         """The settings of a round with `live` sequences (`partition.batch_policy`)."""
@@ -110,12 +111,15 @@ class SeqState:
     rounds: list[RoundLog] = field(default_factory=list)
     finished_at: float | None = None  # tracer time when it left the batch
     reused: int = 0  # prompt rows the target's cache held already (prefix caching)
+    fault: str | None = None  # the first draft failure while it was live (output unchanged)
 
 
 @dataclass
 class RunState:
-    fallback: str | None = None  # why the draft was dropped, if it was
+    fallback: str | None = None  # why the draft is dropped now, if it is
     draft_hung: bool = False
+    faults: int = 0  # draft failures in this round loop's life
+    down_rounds: int = 0  # target-only rounds since the last one
 
 
 class VerificationScheduler:
@@ -141,6 +145,7 @@ class VerificationScheduler:
         self.base, self.s, self.tracer = settings, settings, tracer  # s: this round's (`at`)
         self.exit_logits = exit_head or target.exit_logits  # hidden (1, T, D) -> (T, V)
         self.state = RunState()
+        self._live: list[SeqState] = []
         self.next_blocks: dict[int, Draft] = {}  # mirror: a hit branch's rollout per sequence
         self.heads = HeadDrafts(heads) if heads is not None else None
         self._gates: dict[int, Combined] = {}  # per sequence: its retrieval, gated by match
@@ -163,6 +168,7 @@ class VerificationScheduler:
         """
         pending = list(seqs)
         live: list[SeqState] = []
+        self._live = live  # whom a draft failure hits (`_fail`)
         while True:
             pending += admit() if admit is not None else []
             for seq in pending:
@@ -206,6 +212,24 @@ class VerificationScheduler:
 
     def _fail(self, why: str, hung: bool = False) -> None:
         drop_draft(self.state, self.tracer, self.dp, why, hung)
+        for seq in self._live:
+            seq.fault = seq.fault or why
+
+    def _retry_draft(self) -> None:
+        """After a draft error (never a hang: the hung call still holds the device), try the
+        draft again once it has sat out `draft_retry_rounds` × 2^(errors - 1) rounds (at most
+        64×). Its rows are suspect: it restarts from an empty cache, and each live sequence is
+        fed again from its committed tokens at its next drafting step."""
+        st, n = self.state, self.s.draft_retry_rounds
+        if st.fallback is None or st.draft_hung or self.draft is None or n <= 0:
+            return
+        st.down_rounds += 1
+        if st.down_rounds <= n * 2 ** min(st.faults - 1, 6):
+            return
+        self.draft.restart()
+        self.tracer.instant(self.dp.device, self.dp.name, "draft retried", self.tracer.now(),
+                            after=st.fallback)  # fmt: skip
+        st.fallback, st.down_rounds = None, 0
 
     def _draft_result(self, fut):
         return await_draft(fut, self.s.draft_timeout_s, self._fail)
@@ -275,6 +299,7 @@ class VerificationScheduler:
 
     def _round(self, live: list[SeqState]) -> dict[int, list[int]]:
         self.s = self.base.at(len(live))
+        self._retry_draft()
         self._threads()
         blocks, t_draft = self._propose(live)
         mirror = self.s.mode == "mirror" and self._draft_alive()

@@ -216,7 +216,7 @@ MALFORMED = [
     ),
     (
         _with("speculation/exit_layr", 3),
-        "speculation.exit_layr: unknown key; did you mean 'exit_layer'? valid keys (SpecConfig fields): mode, num_draft_tokens, exit_layer, exit_top_k, branch_budget, reuse, exit_head, exit_vocab_size, draft_vocab_size, draft_streams, amphista, draft_exits, draft_exit_threshold, tree_siblings, draft_stop, draft_stop_threshold, max_len, draft_timeout_s, model_draft, retrieval, retrieval_min_match, retrieval_max_ngram, prefix_cache, overlap, overlap_target_cores, temperature, top_k, top_p",
+        "speculation.exit_layr: unknown key; did you mean 'exit_layer'? valid keys (SpecConfig fields): mode, num_draft_tokens, exit_layer, exit_top_k, branch_budget, reuse, exit_head, exit_vocab_size, draft_vocab_size, draft_streams, amphista, draft_exits, draft_exit_threshold, tree_siblings, draft_stop, draft_stop_threshold, max_len, draft_timeout_s, draft_retry_rounds, model_draft, retrieval, retrieval_min_match, retrieval_max_ngram, prefix_cache, overlap, overlap_target_cores, temperature, top_k, top_p",
     ),
     (
         _with("speculation/exit_layer", 0),

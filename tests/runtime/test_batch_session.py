@@ -80,3 +80,27 @@ def test_cancelled_rows_are_free_for_the_next_admission(models, plan_factory):
             pass
         assert b.result(h1).tokens == ref and len(b.result(h0).tokens) < 20
         assert b.rows_in_use == 0 and b.live == 0
+
+
+def test_a_session_retries_its_draft_after_an_error(models, plan_factory):
+    """A draft error in a running session: the live sequences go on target-only (same tokens,
+    their fallback says why), the draft is retried after draft_retry_rounds, and a sequence
+    that joins after that drafts again and reports no fault."""
+    from tests.runtime.test_faults import FaultyRunner
+
+    target, draft = models
+    runner = FaultyRunner(draft, "raise", after=3, times=1)
+    plan = plan_factory(target, None, draft_runner=runner, mode="speculative",
+                        num_draft_tokens=3, max_len=1024, draft_retry_rounds=1)  # fmt: skip
+    refs = {i: greedy_decode(target, PROMPTS[i], 24) for i in range(3)}
+    with pytest.warns(UserWarning, match="target-only"), plan.batch_session() as b:
+        h = {0: b.admit(PROMPTS[0], 24), 1: b.admit(PROMPTS[1], 24)}
+        for k, _ in enumerate(b.rounds()):
+            if k == 4:  # after the error (the draft's 3rd call) and the retry
+                h[2] = b.admit(PROMPTS[2], 24)
+        results = {i: b.result(x) for i, x in h.items()}
+    assert all(results[i].tokens == refs[i] for i in range(3))
+    assert results[0].stats.fallback and results[1].stats.fallback
+    assert results[2].stats.fallback is None
+    assert "draft" in {r.source for r in results[2].rounds}  # the late joiner drafted
+    assert runner.calls > 3

@@ -14,14 +14,17 @@ from tests.runtime.conftest import tiny_model
 class FaultyRunner(TorchRunner):
     """A real draft runner that misbehaves from its `after`-th forward on."""
 
-    def __init__(self, model, fault, after=3, hang_s=30.0):
+    def __init__(self, model, fault, after=3, hang_s=30.0, times=None):
         super().__init__(model, TorchDevice(), 512, name="draft")
         self.fault, self.after, self.calls, self.hang_s = fault, after, 0, hang_s
+        self.times = times  # None: every call from `after` on misbehaves; else this many
         self.release = threading.Event()  # set: a "hung" call returns at once
 
     def forward(self, ids, position_ids, mask):
         self.calls += 1
-        if self.calls >= self.after:
+        if self.calls >= self.after and (
+            self.times is None or self.calls < self.after + self.times
+        ):
             if self.fault == "raise":
                 raise RuntimeError("NPU driver lost the device")
             if self.fault == "hang":  # hangs until the test releases it (at most hang_s)
@@ -68,6 +71,50 @@ def test_draft_failure_falls_back_to_target_only(models, plan_factory, tmp_path,
         again = plan.generate(prompt, 8)
         assert again.tokens == greedy_decode(target, prompt, 8) and again.stats.draft_device is None
     runner.release.set()  # let an abandoned worker finish
+
+
+@pytest.mark.parametrize("mode", ["speculative", "mirror"])
+def test_draft_error_is_retried_after_some_rounds(models, plan_factory, tmp_path, mode):
+    """One draft error: target-only rounds, then the draft again (from an empty cache, fed the
+    committed tokens); the output is still the target's, the fault is reported."""
+    target, draft = models
+    runner = FaultyRunner(draft, "raise", after=4, times=1)
+    plan = plan_factory(target, None, draft_runner=runner, mode=mode, draft_timeout_s=60.0,
+                        draft_retry_rounds=2)  # fmt: skip
+    prompt, trace = [5, 6, 7, 8], tmp_path / "trace.json"
+    with pytest.warns(UserWarning, match="target-only"):
+        res = plan.generate(prompt, 40, trace=str(trace))
+    assert res.tokens == greedy_decode(target, prompt, 40)
+    assert "NPU driver lost the device" in res.stats.fallback
+    sources = [r.source for r in res.rounds]
+    down = sources.index("target")  # the rounds after the error
+    assert sources[down : down + 3] == ["target"] * 3  # draft_retry_rounds = 2 sat out, +1
+    assert {"draft", "branch"} & set(sources[down + 3 :]), sources  # drafting again
+    assert "draft retried" in trace.read_text()
+    assert not plan.draft_disabled
+
+
+def test_no_retry_when_rounds_is_0_and_backoff_when_it_keeps_failing(models, plan_factory):
+    target, draft = models
+    prompt = [5, 6, 7, 8]
+    runner = FaultyRunner(draft, "raise", after=4, times=1)
+    plan = plan_factory(target, None, draft_runner=runner, mode="speculative",
+                        draft_timeout_s=60.0, draft_retry_rounds=0)  # fmt: skip
+    with pytest.warns(UserWarning, match="target-only"):
+        res = plan.generate(prompt, 30)
+    sources = [r.source for r in res.rounds]
+    assert set(sources[sources.index("target") :]) == {"target"}  # the rest target-only
+    assert res.tokens == greedy_decode(target, prompt, 30)
+
+    runner = FaultyRunner(draft, "raise", after=4)  # fails on every call from the 4th on
+    plan = plan_factory(target, None, draft_runner=runner, mode="speculative",
+                        draft_timeout_s=60.0, draft_retry_rounds=1)  # fmt: skip
+    with pytest.warns(UserWarning, match="target-only") as caught:
+        res = plan.generate(prompt, 60)
+    assert res.tokens == greedy_decode(target, prompt, 60)
+    # retried after 1, 2, 4, 8, 16 target-only rounds: the rounds between failures double
+    failures = sum("target-only" in str(w.message) for w in caught)
+    assert 4 <= failures <= 6, failures
 
 
 def test_no_thread_leak_over_100_generations(models, plan_factory):
