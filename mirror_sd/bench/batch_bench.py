@@ -17,6 +17,7 @@ sequence) as soon as it ends, and `--resume` keeps the groups it holds.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,6 +89,7 @@ def run(
             the methods, with EOS on, or made with another plan.
     """
     from mirror_sd.bench.methods import PLAN_METHODS, target_margin
+    from mirror_sd.runtime.batch import BatchJob
 
     unknown = [m for m in methods if m not in PLAN_METHODS]
     if unknown:
@@ -112,6 +114,10 @@ def run(
             progress(done[key])
         return done[key]
 
+    for method in methods:  # every batch fits before any runs (PromptTooLongError: a ValueError)
+        for b in (b for b in sizes if b > 1):
+            for k in range(0, len(prompts), b):
+                BatchJob.prepare(plan, list(prompts[k : k + b]), max_new_tokens, **kw[method])
     if reference is None:
         base = {m: _tokens([group(m, 1, k) for k in range(len(prompts))]) for m in every}
         keep = lambda k, b: True  # noqa: E731
@@ -143,7 +149,8 @@ def _run_group(plan, prompts, ids, method, b, max_new_tokens, kw) -> dict:
     return {"method": method, "batch": b, "question_ids": list(ids),
             "tokens": [list(r.tokens) for r in results],
             "latency_s": [r.stats.wall_s for r in results], "wall_s": wall,
-            "realign_s": realign}  # fmt: skip
+            "realign_s": realign,  # who proposed each round's block (target: nobody)
+            "sources": dict(Counter(g.source for r in results for g in r.rounds))}  # fmt: skip
 
 
 def _load_journal(path: Path) -> dict[tuple, dict]:

@@ -14,7 +14,8 @@ total tokens ÷ total time, the ratio to our `ar`, against the reference (`ref`,
 run's fastest peer) the total ratio, median per-prompt ratio and prompts won, tokens per
 round, milliseconds per round (and the draft's part of them), and the outputs identical to
 our `ar`. Prose around the tables stays written
-by hand; `--check` fails when a table no longer matches its results.
+by hand; `--check` fails when a table no longer matches its results. The identity-at-scale
+tables (`<!-- identity: ... -->`) are rebuilt here too (`identity_table`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import re
 from pathlib import Path
 
-from mirror_sd.bench import report
+from mirror_sd.bench import identity_table, report
 from mirror_sd.bench.runner import OWN_CONVERSION
 
 BLOCK = re.compile(
@@ -127,7 +128,7 @@ def regenerate(doc: Path, root: Path | None = None) -> tuple[str, list[str]]:
             changed.append(path)
         return m["open"] + body + m["close"]
 
-    return BLOCK.sub(rebuild, text), changed
+    return identity_table.regenerate(BLOCK.sub(rebuild, text), root, changed), changed
 
 
 def main_docs(doc: Path, check: bool) -> int:
@@ -135,7 +136,7 @@ def main_docs(doc: Path, check: bool) -> int:
     if not doc.is_file():
         raise ValueError(f"--docs {doc}: no such file")
     new, changed = regenerate(doc)
-    n = len(BLOCK.findall(doc.read_text()))
+    n = len(BLOCK.findall(doc.read_text())) + len(identity_table.BLOCK.findall(doc.read_text()))
     if check:
         if changed:
             print(f"{doc}: {len(changed)} of {n} generated tables differ from their results: "

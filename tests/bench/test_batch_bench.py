@@ -103,6 +103,7 @@ def test_journal_resume_and_reference(tmp_path, monkeypatch):
         assert len(groups) == len(calls) == 13
         assert [g["question_ids"] for g in groups[-3:]] == [[11, 12], [13, 14], [15]]
         assert all(len(t) == 8 for g in groups for t in g["tokens"])
+        assert set(groups[0]["sources"]) == {"target"} and groups[-1]["sources"]["draft"] > 0
         assert rows[0].identical_to_ar == 5 and rows[0].differ_from_ar == ()
 
         journal.write_text("".join(json.dumps(g) + "\n" for g in groups[:-1]))
@@ -140,6 +141,11 @@ def test_journal_resume_and_reference(tmp_path, monkeypatch):
                             reference=batch_bench.load_reference(run_dir))  # fmt: skip
         with pytest.raises(ValueError, match="no mirror records"):
             batch_bench.run(plan, prompts, [2], 8, ["mirror"], ids=ids, reference=reference)
+        calls.clear()
+        with pytest.raises(ValueError, match="which one batch shares"):  # before any group runs
+            batch_bench.run(plan, [*prompts[:2], [3] * 300, [4] * 300, prompts[4]], [1, 2], 8, ["speculative"],
+                            ids=ids, reference=reference)  # fmt: skip
+        assert calls == []
         with pytest.raises(ValueError, match="--stop-at-eos"):
             batch_bench.run(plan, prompts, [2], 8, ["speculative"], [0], ids=ids,
                             reference=reference)  # fmt: skip

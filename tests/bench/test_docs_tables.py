@@ -87,3 +87,35 @@ def test_bad_markers_are_user_errors(tmp_path, capsys, marker, error):
 def test_missing_docs_file_is_a_user_error(tmp_path, capsys):
     assert main(["bench", "--docs", str(tmp_path / "none.md")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_identity_table_counts_token_ids_of_runs_and_batches(tmp_path, capsys):
+    """`<!-- identity: RUN BATCH=RUN -->`: questions, generations and the non-`ar` ones equal to
+    `ar`, from records.jsonl and a batch run's batch_records.jsonl; a changed id is caught."""
+    run, batch = tmp_path / "runs" / "a", tmp_path / "runs" / "b4"
+    run.mkdir(parents=True)
+    batch.mkdir()
+    rec = lambda q, m, t: {"question_id": q, "method": m, "tokens": t, "repeat": 0}  # noqa: E731
+    groups = [
+        [rec(1, "ar", [1, 2, 3]), rec(1, "speculative", [1, 2, 3]), rec(1, "pld", [1, 2, 4])],
+        [rec(2, "ar", [5, 6, 7]), rec(2, "speculative", [5, 6, 7]), rec(2, "pld", [5, 6, 7])],
+    ]
+    (run / "records.jsonl").write_text("".join(json.dumps(g) + "\n" for g in groups) + '[{"cut')
+    jobs = [
+        {"method": "ar", "batch": 1, "question_ids": [1], "tokens": [[1, 2, 3]]},
+        {"method": "mirror", "batch": 2, "question_ids": [1, 2], "tokens": [[1, 2], [5, 6]]},
+    ]
+    (batch / "batch_records.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    (tmp_path / "docs").mkdir()
+    doc = tmp_path / "docs" / "x.md"
+    doc.write_text("<!-- identity: runs/a runs/b4=runs/a -->\n<!-- /identity -->\n")
+    assert main(["bench", "--docs", str(doc)]) == 0
+    rows = doc.read_text().splitlines()[3:5]
+    assert rows[0] == "| `runs/a` | 2 | ar, speculative, pld | 6 | 3 of 4 |"
+    assert rows[1] == "| `runs/b4` (B = 2; against `runs/a`) | 2 | mirror | 2 | 2 of 2 |"
+    assert main(["bench", "--docs", str(doc), "--check"]) == 0
+    jobs[1]["tokens"][1] = [5, 9]
+    (batch / "batch_records.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    capsys.readouterr()
+    assert main(["bench", "--docs", str(doc), "--check"]) == 1
+    assert "runs/b4=runs/a" in capsys.readouterr().out
