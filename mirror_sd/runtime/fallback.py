@@ -1,7 +1,7 @@
 """A failing draft device never changes the output: `await_draft` waits for a draft future
 under the plan's `draft_timeout_s`, and on a timeout or any device error `drop_draft` drops the
 draft (target-only rounds, the same tokens): after an error until the scheduler retries it
-(`draft_retry_rounds`), after a timeout for good.
+(`draft_retry_rounds`), after a timeout until the hung call returns (`Plan.retire`).
 """
 
 from __future__ import annotations
@@ -19,22 +19,24 @@ class DraftFailed(Exception):
 
 
 def await_draft(fut, timeout_s: float, fail: Callable[..., None]):
-    """The draft future's result. A timeout (`fail(why, hung=True)`) or any exception from
-    the device (`fail(why)`) raises DraftFailed after `fail` has dropped the draft: the
-    output must not depend on the draft device."""
+    """The draft future's result. A timeout (`fail(why, hung=fut)`: the call still holds the
+    device) or any exception from the device (`fail(why)`) raises DraftFailed after `fail`
+    has dropped the draft: the output must not depend on the draft device."""
     try:
         return fut.result(timeout=timeout_s)
     except FutureTimeout:
-        fail(f"draft step exceeded draft_timeout_s={timeout_s}", hung=True)
+        fail(f"draft step exceeded draft_timeout_s={timeout_s}", hung=fut)
     except Exception as exc:  # any device error: the output must not depend on it
         fail(f"{type(exc).__name__}: {exc}")
     raise DraftFailed
 
 
-def drop_draft(state, tracer: Tracer, pipe: Pipeline, why: str, hung: bool = False) -> None:
-    """Drop the draft: `state.fallback = why` (and `state.draft_hung`), one more fault
-    counted, an instant in the trace, a warning."""
-    state.fallback, state.draft_hung = why, hung
+def drop_draft(state, tracer: Tracer, pipe: Pipeline, why: str, hung=None) -> None:
+    """Drop the draft: `state.fallback = why` (and, for a call that hung, `state.draft_hung`
+    and the call in `state.hung_call`), one more fault counted, an instant in the trace, a
+    warning."""
+    state.fallback, state.draft_hung = why, hung is not None
+    state.hung_call = hung if hung is not None else state.hung_call
     state.faults, state.down_rounds = state.faults + 1, 0
     tracer.instant(pipe.device, pipe.name, "draft failed: target-only fallback", tracer.now(),
                    why=why)  # fmt: skip

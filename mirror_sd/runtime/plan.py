@@ -82,7 +82,7 @@ class Plan:
         self._sources: dict[
             tuple[str, int], object
         ] = {}  # retrieval sources keep plan-level memory
-        self.draft_disabled: str | None = None  # set when the draft hung: never used again
+        self.draft_disabled: str | None = None  # why, while a hung draft call has not returned
         # prefix caching: each runner's packed cache, kept between generations, with the
         # target's exit layer it was written under
         self._kept: dict[str, tuple[PackedCache, object]] = {}
@@ -243,13 +243,21 @@ class Plan:
         """After a scheduler's generations: a hung draft is disabled for this plan, sources
         that learn from outputs see each (prompt, output) of `finished`, and the trace is
         saved to `trace` (its path returned)."""
-        if sched.state.draft_hung:
-            self.draft_disabled = sched.state.fallback
+        if sched.state.draft_hung:  # unused until the hung call returns (if it ever does)
+            why = self.draft_disabled = sched.state.fallback
+            sched.state.hung_call.add_done_callback(lambda _: self._draft_back(why))
         if sched.state.faults:  # the draft failed mid-call (or restarted): its rows are suspect
             self._kept.pop("draft", None)
         for prompt, output in finished:
             self.learn(prompt, output, spec)
         return str(sched.tracer.save(trace)) if trace else None
+
+    def _draft_back(self, why: str) -> None:
+        """The hung draft call returned (on the draft's worker thread): the device answers
+        again, so the next generation may use it (its round loop starts from an empty
+        cache)."""
+        if self.draft_disabled == why:
+            self.draft_disabled = None
 
     def learn(self, prompt: list[int], output: list[int], spec: SpecConfig | None = None) -> None:
         """A finished generation's output, for the retrieval sources that learn from them."""

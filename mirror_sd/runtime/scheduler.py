@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -118,6 +119,7 @@ class SeqState:
 class RunState:
     fallback: str | None = None  # why the draft is dropped now, if it is
     draft_hung: bool = False
+    hung_call: Future | None = None  # the draft call that timed out (it may return later)
     faults: int = 0  # draft failures in this round loop's life
     down_rounds: int = 0  # target-only rounds since the last one
 
@@ -210,7 +212,7 @@ class VerificationScheduler:
             and self.s.mode != "autoregressive"
         )
 
-    def _fail(self, why: str, hung: bool = False) -> None:
+    def _fail(self, why: str, hung: Future | None = None) -> None:
         drop_draft(self.state, self.tracer, self.dp, why, hung)
         for seq in self._live:
             seq.fault = seq.fault or why

@@ -6,7 +6,7 @@ sequence's new tokens to its ticket, finishes the sequences whose results are re
 those whose client left (their rows are free for the next admission at once), and admits
 waiting tickets in FIFO order while they fit (`BatchFullError`: the head waits). The session
 ends when nothing is live or waiting (the plan's busy lock is released), and the next ticket
-starts a new one (which tries the draft again, unless the plan disabled it for good).
+starts a new one (which tries the draft again, unless a hung draft call has not returned).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class EngineStats:
     running: int  # sequences generating now
     kv_rows_in_use: int  # target KV-cache rows held by running sequences
     kv_rows_capacity: int  # rows the target's cache has (the plan's max_len per sequence)
-    draft_disabled: bool  # the plan dropped its draft device for good (it hung)
+    draft_disabled: bool  # the plan does not use its draft device: a call hung, not returned
 
 
 class Engine(Protocol):

@@ -119,7 +119,8 @@ class ServeMetrics:
             f"{PREFIX}_kv_rows_capacity", "Target KV-cache rows per sequence (max_len)", registry=r
         )
         self.draft_disabled = Gauge(
-            f"{PREFIX}_draft_disabled", "1 once the plan dropped its draft device for good",
+            f"{PREFIX}_draft_disabled",
+            "1 while the plan does not use its draft device (a call hung, not returned yet)",
             registry=r,
         )  # fmt: skip
 

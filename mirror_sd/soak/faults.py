@@ -90,14 +90,15 @@ def install(plan, draft_timeout_s: float) -> FaultyDraft:
 
 
 def rearm(plan, draft: FaultyDraft) -> bool:
-    """After a fault: release a hung forward, wait until the draft pipeline has run everything
-    queued on it, and re-enable a draft the plan disabled for good (it hung), as an operator
-    restarting the draft device would. Returns whether the plan had disabled it."""
+    """After a fault: release a hung forward (the device recovers) and wait until the draft
+    pipeline has run everything queued on it; the plan takes a hung draft back once its call
+    returns (`Plan.retire`), and `draft_disabled` is cleared here in any case. Returns whether
+    the plan had left the draft off (it hung)."""
+    disabled = plan.draft_disabled is not None
     draft.release()
     if not draft.idle.wait(draft.hang_s):
         raise RuntimeError("the released draft forward did not return")
     plan.draft_pipe.pool.submit(lambda: None).result(timeout=draft.hang_s)
-    disabled = plan.draft_disabled is not None
     plan.draft_disabled = None
     return disabled
 

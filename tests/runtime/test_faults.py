@@ -1,6 +1,7 @@
 """A failing draft device never changes or loses output; threads never leak."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -115,6 +116,29 @@ def test_no_retry_when_rounds_is_0_and_backoff_when_it_keeps_failing(models, pla
     # retried after 1, 2, 4, 8, 16 target-only rounds: the rounds between failures double
     failures = sum("target-only" in str(w.message) for w in caught)
     assert 4 <= failures <= 6, failures
+
+
+def test_a_hung_draft_is_used_again_once_its_call_returns(models, plan_factory):
+    target, draft = models
+    runner = FaultyRunner(draft, "hang", after=4, times=1)
+    plan = plan_factory(target, None, draft_runner=runner, mode="speculative",
+                        draft_timeout_s=HANG_TIMEOUT_S)  # fmt: skip
+    prompt = [5, 6, 7, 8]
+    with pytest.warns(UserWarning, match="target-only"):
+        res = plan.generate(prompt, 24)
+    assert (
+        res.tokens == greedy_decode(target, prompt, 24) and "draft_timeout_s" in res.stats.fallback
+    )
+    assert plan.draft_disabled  # the call still hangs: the draft is not used
+    assert plan.generate(prompt, 8).stats.draft_device is None
+    runner.release.set()  # the device answers again
+    deadline = time.monotonic() + 10
+    while plan.draft_disabled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert plan.draft_disabled is None
+    again = plan.generate(prompt, 24)
+    assert again.tokens == res.tokens and again.stats.fallback is None
+    assert again.stats.draft_device is not None and "draft" in {r.source for r in again.rounds}
 
 
 def test_no_thread_leak_over_100_generations(models, plan_factory):
