@@ -1,9 +1,11 @@
 """Soak harness (#26): many generations, and a long server run, while the draft fails on
-purpose. The harness is the package mirror_sd/soak/ (its docstring and docs/soak.md say what
-each run does); this script is its command line.
+purpose; and a replay of a Spec-Bench run's questions through the server, each answer checked
+against the run's `ar` output. The harness is the package mirror_sd/soak/ (its docstring and
+docs/soak.md say what each run does); this script is its command line.
 
     python scripts/soak.py sequential --out soak/sequential [--generations 1000]
     python scripts/soak.py server --out soak/server [--duration 1800] [--clients 8]
+    python scripts/soak.py replay --reference RUN_DIR --out soak/replay [--clients 4] [--resume]
 """
 
 import sys
