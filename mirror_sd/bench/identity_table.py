@@ -8,7 +8,9 @@ RUN is a `mirror-sd bench --out` folder (its records.jsonl: every method's token
 question); each row counts its questions, its generations and how many of the non-`ar` ones
 are token-identical to `ar` on the same question. BATCH_RUN=REFERENCE_RUN is a `mirror-sd
 bench --batch --reference REFERENCE_RUN` folder (its batch_records.jsonl): its batched
-sequences of batch size > 1 against the reference's `ar`. `mirror-sd bench --docs` rebuilds
+sequences of batch size > 1 against the reference's `ar`. A `scripts/soak.py replay --out`
+folder (its replay_records.jsonl: each answer judged against its reference's `ar` text) as
+RUN counts the server's answers. `mirror-sd bench --docs` rebuilds
 these tables with the results tables (`docs_tables`); `--check` fails when one is stale.
 """
 
@@ -68,11 +70,25 @@ def batch_row(root: Path, run: str, reference: str) -> list[str]:
             f"{same} of {len(pairs)}"]  # fmt: skip
 
 
+def replay_row(root: Path, run: str) -> list[str]:
+    """A replay run's row: the server's answers identical to the reference's `ar` text."""
+    rows = _lines(root / run / "replay_records.jsonl")
+    clients = len({r["client"] for r in rows})
+    return [f"`{run}` (through the server, {clients} clients)", str(len(rows)),
+            "the plan's mode, batched by the server", str(len(rows)),
+            f"{sum(bool(r['identical']) for r in rows)} of {len(rows)} (text)"]  # fmt: skip
+
+
 def table(root: Path, args: str) -> str:
     rows = []
     for item in args.split():
         run, sep, reference = item.partition("=")
-        rows.append(batch_row(root, run, reference) if sep else spec_bench_row(root, run))
+        if sep:
+            rows.append(batch_row(root, run, reference))
+        elif (root / run / "replay_records.jsonl").is_file():
+            rows.append(replay_row(root, run))
+        else:
+            rows.append(spec_bench_row(root, run))
     return HEADER + "".join("| " + " | ".join(r) + " |\n" for r in rows)
 
 

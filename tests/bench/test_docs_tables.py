@@ -108,11 +108,18 @@ def test_identity_table_counts_token_ids_of_runs_and_batches(tmp_path, capsys):
     (batch / "batch_records.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
     (tmp_path / "docs").mkdir()
     doc = tmp_path / "docs" / "x.md"
-    doc.write_text("<!-- identity: runs/a runs/b4=runs/a -->\n<!-- /identity -->\n")
+    served = tmp_path / "runs" / "srv"
+    served.mkdir()
+    answers = [{"question_id": 1, "client": 0, "identical": True},
+               {"question_id": 2, "client": 1, "identical": False}]  # fmt: skip
+    (served / "replay_records.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    doc.write_text("<!-- identity: runs/a runs/b4=runs/a runs/srv -->\n<!-- /identity -->\n")
     assert main(["bench", "--docs", str(doc)]) == 0
-    rows = doc.read_text().splitlines()[3:5]
+    rows = doc.read_text().splitlines()[3:6]
     assert rows[0] == "| `runs/a` | 2 | ar, speculative, pld | 6 | 3 of 4 |"
     assert rows[1] == "| `runs/b4` (B = 2; against `runs/a`) | 2 | mirror | 2 | 2 of 2 |"
+    assert rows[2].startswith("| `runs/srv` (through the server, 2 clients) | 2 |")
+    assert rows[2].endswith("| 1 of 2 (text) |")
     assert main(["bench", "--docs", str(doc), "--check"]) == 0
     jobs[1]["tokens"][1] = [5, 9]
     (batch / "batch_records.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
