@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mirror_sd.bench.jsonl import first_pass_records, read_jsonl
+
 JOURNAL_FILE = "batch_records.jsonl"  # one line per finished group: --resume
 
 
@@ -55,19 +57,9 @@ def parse_sizes(text: str) -> list[int]:
 def load_reference(run_dir: Path | str) -> dict[str, dict[int, list[int]]]:
     """The batch-1 token ids of a Spec-Bench run (its first pass): {method: {question_id: ids}}.
     Raises ValueError when the folder holds no records.jsonl."""
-    path = Path(run_dir) / "records.jsonl"
-    if not path.is_file():
-        raise ValueError(f"--reference {run_dir}: no records.jsonl there (a `mirror-sd bench "
-                         "--out DIR` run writes one)")  # fmt: skip
     ref: dict[str, dict[int, list[int]]] = {}
-    for line in path.read_text().splitlines():
-        try:
-            group = json.loads(line) if line.strip() else []
-        except json.JSONDecodeError:  # the line an interruption cut short
-            continue
-        for r in group:
-            if r.get("repeat", 0) == 0:
-                ref.setdefault(r["method"], {})[r["question_id"]] = r["tokens"]
+    for r in first_pass_records(run_dir):
+        ref.setdefault(r["method"], {})[r["question_id"]] = r["tokens"]
     return ref
 
 
@@ -154,16 +146,8 @@ def _run_group(plan, prompts, ids, method, b, max_new_tokens, kw) -> dict:
 
 
 def _load_journal(path: Path) -> dict[tuple, dict]:
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                g = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:  # cut short by an interruption: run it again
-                continue
-            if g is not None:
-                done[(g["method"], g["batch"], tuple(g["question_ids"]))] = g
-    return done
+    """The journal's groups by (method, batch size, question ids); a cut line runs again."""
+    return {(g["method"], g["batch"], tuple(g["question_ids"])): g for g in read_jsonl(path)}
 
 
 def _tokens(groups: Sequence[dict]) -> dict[int, list[int]]:

@@ -68,6 +68,9 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.batch:
         return _run_batch(args, out)
+    if args.reference:
+        raise SystemExit("mirror-sd bench: --reference RUN_DIR serves a --batch run (its "
+                         "batch-1 token ids); add --batch SIZES")  # fmt: skip
     if args.sweep:
         from mirror_sd.bench import sweep
         from mirror_sd.partition import Profile

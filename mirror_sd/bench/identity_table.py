@@ -16,9 +16,10 @@ these tables with the results tables (`docs_tables`); `--check` fails when one i
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
+
+from mirror_sd.bench.jsonl import read_jsonl
 
 BLOCK = re.compile(
     r"(?P<open><!-- identity: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(?P<close><!-- /identity -->)",
@@ -31,13 +32,7 @@ HEADER = ("| run | questions | methods | generations | identical to `ar` |\n"
 def _lines(path: Path) -> list:
     if not path.is_file():
         raise ValueError(f"{path}: no such file (is the folder a `mirror-sd bench --out` run?)")
-    out = []
-    for line in filter(str.strip, path.read_text().splitlines()):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # the line an interruption cut short: not counted
-            continue
-    return out
+    return read_jsonl(path)
 
 
 def spec_bench_row(root: Path, run: str) -> list[str]:

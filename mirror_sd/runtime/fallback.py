@@ -32,11 +32,11 @@ def await_draft(fut, timeout_s: float, fail: Callable[..., None]):
 
 
 def drop_draft(state, tracer: Tracer, pipe: Pipeline, why: str, hung=None) -> None:
-    """Drop the draft: `state.fallback = why` (and, for a call that hung, `state.draft_hung`
-    and the call in `state.hung_call`), one more fault counted, an instant in the trace, a
-    warning."""
-    state.fallback, state.draft_hung = why, hung is not None
-    state.hung_call = hung if hung is not None else state.hung_call
+    """Drop the draft: `state.fallback = why` (and, for a call that hung, the call in
+    `state.hung_call`), one more fault counted, an instant in the trace, a warning."""
+    state.fallback = why
+    if hung is not None:
+        state.hung_call = hung
     state.faults, state.down_rounds = state.faults + 1, 0
     tracer.instant(pipe.device, pipe.name, "draft failed: target-only fallback", tracer.now(),
                    why=why)  # fmt: skip

@@ -240,9 +240,9 @@ class Plan:
     def retire(self, sched: VerificationScheduler, trace: str | None,
                finished: Sequence[tuple[list[int], list[int]]], spec: SpecConfig | None = None
                ) -> str | None:  # fmt: skip
-        """After a scheduler's generations: a hung draft is disabled for this plan, sources
-        that learn from outputs see each (prompt, output) of `finished`, and the trace is
-        saved to `trace` (its path returned)."""
+        """After a scheduler's generations: a hung draft is left off until its call returns,
+        sources that learn from outputs see each (prompt, output) of `finished`, and the trace
+        is saved to `trace` (its path returned)."""
         if sched.state.draft_hung:  # unused until the hung call returns (if it ever does)
             why = self.draft_disabled = sched.state.fallback
             sched.state.hung_call.add_done_callback(lambda _: self._draft_back(why))

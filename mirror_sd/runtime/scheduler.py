@@ -118,10 +118,13 @@ class SeqState:
 @dataclass
 class RunState:
     fallback: str | None = None  # why the draft is dropped now, if it is
-    draft_hung: bool = False
     hung_call: Future | None = None  # the draft call that timed out (it may return later)
     faults: int = 0  # draft failures in this round loop's life
     down_rounds: int = 0  # target-only rounds since the last one
+
+    @property
+    def draft_hung(self) -> bool:
+        return self.hung_call is not None
 
 
 class VerificationScheduler:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from mirror_sd.bench.jsonl import first_pass_records, read_jsonl
 from mirror_sd.bench.methods import first_difference
 from mirror_sd.bench.runner import load_average, machine_info, versions
 from mirror_sd.bench.specbench import SpecBenchNotFoundError, load_questions
@@ -72,19 +73,14 @@ def load_reference(run_dir: Path) -> list[dict]:
     Raises:
         ReplayError: no records.jsonl there, or no `ar` record in it.
     """
-    path = Path(run_dir) / "records.jsonl"
-    if not path.is_file():
-        raise ReplayError(f"--reference {run_dir}: no records.jsonl there (a `mirror-sd bench "
-                          "--out DIR` run writes one)")  # fmt: skip
+    try:
+        records = first_pass_records(run_dir)
+    except ValueError as e:
+        raise ReplayError(str(e)) from None
     found: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        try:
-            group = json.loads(line) if line.strip() else []
-        except json.JSONDecodeError:
-            continue
-        for r in group:
-            if r.get("method") == "ar" and r.get("repeat", 0) == 0:
-                found.setdefault(int(r["question_id"]), r)
+    for r in records:
+        if r.get("method") == "ar":
+            found.setdefault(int(r["question_id"]), r)
     if not found:
         raise ReplayError(f"--reference {run_dir}: records.jsonl holds no `ar` record; run "
                           "the reference with `--methods ar,...`")  # fmt: skip
@@ -200,13 +196,8 @@ class Journal:
 
     @staticmethod
     def read(path: Path) -> list[dict]:
-        rows = []
-        for line in path.read_text().splitlines() if path.is_file() else []:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # cut short by an interruption: asked again
-                continue
-        return rows
+        """The journal's rows (a line cut short by an interruption: asked again)."""
+        return read_jsonl(path)
 
 
 def judge(q: Question, got: dict, streamed: bool, client: int, wall: float) -> dict:

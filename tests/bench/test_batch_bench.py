@@ -179,3 +179,5 @@ def test_cli_batch_against_a_spec_bench_run(tmp_path, monkeypatch):
     assert meta["machine"]["cpu"] and meta["command"] and meta["versions"]["onnxruntime"]
     with pytest.raises(SystemExit, match="no records.jsonl"):
         bench_cli.main([*argv[:-4], "--reference", str(tmp_path), "--out", str(out)])
+    with pytest.raises(SystemExit, match="add --batch"):
+        bench_cli.main([*common, "--reference", str(run), "--out", str(out)])
