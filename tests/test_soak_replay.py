@@ -11,7 +11,7 @@ import pytest
 
 from mirror_sd.bench import cli as bench_cli
 from mirror_sd.soak.cli import main
-from mirror_sd.soak.replay import JOURNAL, expected_answer
+from mirror_sd.soak.replay import JOURNAL, Question, expected_answer, judge
 from tests.bench.test_bench import _write_questions
 from tests.conftest import (
     TORCH_DRAFT_MAP,
@@ -124,6 +124,7 @@ def test_an_altered_reference_is_reported_changed(setup, tmp_path):
     (m,) = doc["mismatches"]
     assert m["question_id"] == r["question_id"] and m["first_difference"] == 0
     assert m["got"] != m["expected"] and m["margin"] >= 0 and len(m["target_top2"]) == 2
+    assert m["got_token_ids"][0] != r["tokens"][0]  # the server's ids, not the altered ones
     assert "| verdict | FAIL |" in (out / "replay.md").read_text()
 
 
@@ -144,3 +145,14 @@ def test_expected_answer_ends_at_the_first_eos_as_the_server_does():
     assert expected_answer(tok, [w[0], 1, w[1], 1], {1}) == ([w[0], 1], "w1", "stop")
     assert expected_answer(tok, [w[0], w[1], w[2]], {1, w[1]}) == ([w[0], w[1]], "w1 w2", "stop")
     assert expected_answer(tok, [w[0], w[2]], {1}) == ([w[0], w[2]], "w1 w3", "length")
+
+
+def test_an_answer_is_identical_only_when_its_token_ids_are_too():
+    """Two token sequences can decode to one text: the replay compares the ids as well."""
+    q = Question(7, "qa", "qa", "hi", [4, 5], [6, 7, 8], [6, 7, 8], "w1 w2", "length")
+    got = {"status": 200, "text": "w1 w2", "finish_reason": "length",
+           "usage": {"prompt_tokens": 2, "completion_tokens": 3}}  # fmt: skip
+    assert judge(q, {**got, "token_ids": [6, 7, 8]}, False, 0, 0.1)["outcome"] == "identical"
+    row = judge(q, {**got, "token_ids": [6, 9, 8]}, False, 0, 0.1)
+    assert row["outcome"] == "changed" and row["got_token_ids"] == [6, 9, 8]
+    assert judge(q, got, False, 0, 0.1)["outcome"] == "changed"  # no ids: not shown identical

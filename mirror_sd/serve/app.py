@@ -176,7 +176,8 @@ class Routes:
                 metrics.ttft.labels(endpoint).observe(time.perf_counter() - t0)
             parts.append(event.text)
             event = await self._next(ticket, request)
-        return JSONResponse(Reply(req).full("".join(parts), event.finish_reason, event.usage))
+        ids = list(event.token_ids) if req.return_token_ids else None
+        return JSONResponse(Reply(req).full("".join(parts), event.finish_reason, event.usage, ids))
 
     async def _stream(
         self, ticket, req: GenRequest, event: Event, t0, endpoint, metrics: ServeMetrics
@@ -193,7 +194,8 @@ class Routes:
                         sent_text = True
                     yield sse.event(reply.chunk(event.text))
                 elif isinstance(event, Finished):
-                    yield sse.event(reply.chunk(None, event.finish_reason))
+                    ids = list(event.token_ids) if req.return_token_ids else None
+                    yield sse.event(reply.chunk(None, event.finish_reason, token_ids=ids))
                     if req.include_usage:
                         yield sse.event(reply.usage_chunk(event.usage))
                     break

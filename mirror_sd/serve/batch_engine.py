@@ -193,7 +193,7 @@ class BatchEngine:
         ended = cutter.stopped or (res.tokens and res.tokens[-1] in self._eos)
         reason = "length" if not ended and len(res.tokens) >= req.max_tokens else "stop"
         usage = Usage(res.prompt_tokens, len(res.tokens))
-        events.append(Finished(reason, usage, live.cancelled))
+        events.append(Finished(reason, usage, live.cancelled, tuple(res.tokens)))
         return events
 
     def _admit(self, session, out: list) -> None:

@@ -39,6 +39,7 @@ class Finished:
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens reached)
     usage: Usage
     cancelled: bool = False
+    token_ids: tuple[int, ...] = ()  # every generated token (EOS included, as `usage` counts)
 
 
 @dataclass(frozen=True)
@@ -222,4 +223,5 @@ class SerialEngine:
             ticket.emit(Delta(tail))
         ended = cutter.stopped or (res.tokens and res.tokens[-1] in self._eos)
         reason = "length" if not ended and len(res.tokens) >= req.max_tokens else "stop"
-        ticket.emit(Finished(reason, Usage(res.prompt_tokens, len(res.tokens)), cancelled))
+        usage = Usage(res.prompt_tokens, len(res.tokens))
+        ticket.emit(Finished(reason, usage, cancelled, tuple(res.tokens)))

@@ -57,6 +57,7 @@ class GenRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    return_token_ids: bool = False  # an extension (vLLM's name): the answer's token ids too
 
     @property
     def prompt_param(self) -> str:
@@ -133,6 +134,7 @@ def parse(kind: str, body: object, default_max_tokens: int) -> GenRequest:
         stop=_stop(body.get("stop")),
         stream=stream,
         include_usage=include_usage,
+        return_token_ids=_optional(body, "return_token_ids", bool, False),
     )
 
 
@@ -248,19 +250,28 @@ class Reply:
         body["usage"] = usage.body() if usage else None
         return body
 
-    def full(self, text: str, finish_reason: str, usage: Usage) -> dict:
-        """The non-streaming response."""
+    def full(
+        self, text: str, finish_reason: str, usage: Usage, token_ids: list[int] | None = None
+    ) -> dict:
+        """The non-streaming response; `token_ids` (under `return_token_ids`) on the choice."""
         if self.kind == CHAT:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:
             choice = {"index": 0, "text": text}
         choice.update(finish_reason=finish_reason, logprobs=None)
+        if token_ids is not None:
+            choice["token_ids"] = token_ids
         return self._envelope(self.object, [choice], usage)
 
     def chunk(
-        self, text: str | None, finish_reason: str | None = None, first: bool = False
+        self,
+        text: str | None,
+        finish_reason: str | None = None,
+        first: bool = False,
+        token_ids: list[int] | None = None,
     ) -> dict:
-        """One streamed chunk: new text, or (text None) the closing chunk with the reason."""
+        """One streamed chunk: new text, or (text None) the closing chunk with the reason and,
+        under `return_token_ids`, every generated token id (`token_ids`)."""
         if self.kind == CHAT:
             delta: dict = {"role": "assistant"} if first else {}
             if text is not None:
@@ -270,6 +281,8 @@ class Reply:
         else:
             choice, obj = {"index": 0, "text": text or ""}, "text_completion"
         choice.update(finish_reason=finish_reason, logprobs=None)
+        if token_ids is not None:
+            choice["token_ids"] = token_ids
         return self._envelope(obj, [choice], None)
 
     def usage_chunk(self, usage: Usage) -> dict:

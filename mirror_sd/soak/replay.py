@@ -7,6 +7,8 @@ ids; its runs disable EOS (every method makes exactly max_new_tokens), while the
 at EOS. So a question's expected answer is its `ar` tokens cut after the first EOS id, decoded
 as the server decodes a generation (`skip_special_tokens=True`, the EOS token kept in the
 tokens and so in `usage.completion_tokens`), with finish_reason "stop" (EOS) or "length".
+Requests ask for `return_token_ids`, so an answer is identical when its token ids are those
+tokens and its text that decoding.
 
 Before serving, the plan decodes the first reference question target-only with EOS off: it
 must give the reference's `ar` tokens, or the reference was made with another plan (exit 2).
@@ -146,8 +148,9 @@ def check_plan(plan, q: Question) -> dict:
 
 def ask(http: httpx.Client, url: str, model: str, endpoint: str, q: Question,
         stream: bool) -> dict:  # fmt: skip
-    """One greedy request for `q`: {status, text, finish_reason, usage} or {status, error}."""
-    body = {"model": model, "max_tokens": len(q.ar), "temperature": 0}
+    """One greedy request for `q`: {status, text, token_ids, finish_reason, usage} or
+    {status, error}."""
+    body = {"model": model, "max_tokens": len(q.ar), "temperature": 0, "return_token_ids": True}
     chat = endpoint == "chat"
     body.update({"messages": [{"role": "user", "content": q.text}]} if chat else
                 {"prompt": q.text})  # fmt: skip
@@ -160,9 +163,9 @@ def ask(http: httpx.Client, url: str, model: str, endpoint: str, q: Question,
         choice = doc["choices"][0]
         text = choice["message"]["content"] if chat else choice["text"]
         return {"status": 200, "text": text, "finish_reason": choice["finish_reason"],
-                "usage": doc.get("usage")}  # fmt: skip
+                "token_ids": choice.get("token_ids"), "usage": doc.get("usage")}  # fmt: skip
     body.update(stream=True, stream_options={"include_usage": True})
-    parts, reason, usage = [], None, None
+    parts, reason, usage, ids = [], None, None, None
     with http.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             return {"status": r.status_code, "error": r.read().decode(errors="replace")[:500]}
@@ -171,7 +174,7 @@ def ask(http: httpx.Client, url: str, model: str, endpoint: str, q: Question,
                 continue
             if line == "data: [DONE]":
                 return {"status": 200, "text": "".join(parts), "finish_reason": reason,
-                        "usage": usage}  # fmt: skip
+                        "token_ids": ids, "usage": usage}  # fmt: skip
             event = json.loads(line[len("data: ") :])
             if "error" in event:
                 return {"status": 200, "error": f"error event: {event['error'].get('message')}"}
@@ -179,6 +182,7 @@ def ask(http: httpx.Client, url: str, model: str, endpoint: str, q: Question,
             for choice in event.get("choices", []):
                 parts.append(choice.get("delta", {}).get("content") or choice.get("text") or "")
                 reason = choice.get("finish_reason") or reason
+                ids = choice.get("token_ids", ids)
     return {"status": 200, "error": "stream ended without [DONE]"}
 
 
@@ -201,8 +205,9 @@ class Journal:
 
 
 def judge(q: Question, got: dict, streamed: bool, client: int, wall: float) -> dict:
-    """The journal row of one request: identical (its text is the expected answer), changed
-    or lost (a non-200, an error event, a stream without [DONE], no answer)."""
+    """The journal row of one request: identical (its token ids and text are the expected
+    answer's), changed, or lost (a non-200, an error event, a stream without [DONE], no
+    answer)."""
     row = {"question_id": q.question_id, "task": q.task, "category": q.category,
            "streamed": streamed, "client": client, "wall_s": round(wall, 3),
            "status": got.get("status")}  # fmt: skip
@@ -211,10 +216,10 @@ def judge(q: Question, got: dict, streamed: bool, client: int, wall: float) -> d
     usage = got.get("usage") or {}
     row.update(finish_reason=got["finish_reason"], prompt_tokens=usage.get("prompt_tokens"),
                completion_tokens=usage.get("completion_tokens"))  # fmt: skip
-    row["identical"] = got["text"] == q.answer
+    row["identical"] = got["text"] == q.answer and got.get("token_ids") == q.tokens
     row["outcome"] = "identical" if row["identical"] else "changed"
     if not row["identical"]:
-        row.update(got=got["text"], expected=q.answer)
+        row.update(got=got["text"], expected=q.answer, got_token_ids=got.get("token_ids"))
     if got["finish_reason"] != q.finish_reason:
         row["expected_finish_reason"] = q.finish_reason
     if (row["prompt_tokens"], row["completion_tokens"]) != (len(q.prompt), len(q.tokens)):

@@ -1,10 +1,12 @@
 """The OpenAI endpoints through the official client: every greedy answer equals the plan's
 own batch-1 `generate`, whole or streamed, chat or completion."""
 
+import json
+
 import httpx
 import pytest
 
-from tests.serve.conftest import MODEL, client
+from tests.serve.conftest import MODEL, client, running
 
 CHAT = [{"role": "system", "content": "w9 w8"}, {"role": "user", "content": "w1 w2 w3"}]
 
@@ -100,3 +102,36 @@ def test_models_and_health(server):
     assert client(server).models.retrieve(MODEL).id == MODEL
     health = httpx.get(server.url.removesuffix("/v1") + "/health").json()
     assert health["status"] == "ok" and health["model"] == MODEL and health["running"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_return_token_ids_gives_the_plans_tokens(plan, server, stream, kind):
+    """`return_token_ids` (vLLM's extension): the choice's `token_ids` are `generate`'s tokens,
+    whole or on the closing chunk of a stream; without it no choice carries them."""
+    chat = kind == "chat"
+    ref = plan.generate(CHAT if chat else "w5 w6", 12, chat=chat)
+    body = {"model": MODEL, "max_tokens": 12, "return_token_ids": True, "stream": stream}
+    body.update({"messages": CHAT} if chat else {"prompt": "w5 w6"})
+    path = f"{server.url}/{'chat/completions' if chat else 'completions'}"
+    if stream:
+        with httpx.stream("POST", path, json=body, timeout=60) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines()
+                      if line.startswith("data: {")]  # fmt: skip
+        closing = [e["choices"][0] for e in events if e["choices"][0]["finish_reason"]]
+        assert len(closing) == 1 and closing[0]["token_ids"] == list(ref.tokens)
+        assert all("token_ids" not in e["choices"][0] for e in events[:-1])
+    else:
+        choice = httpx.post(path, json=body, timeout=60).json()["choices"][0]
+        assert choice["token_ids"] == list(ref.tokens)
+        body["return_token_ids"] = False
+        assert "token_ids" not in httpx.post(path, json=body, timeout=60).json()["choices"][0]
+
+
+def test_the_serial_engine_returns_token_ids_too(plan):
+    ref = plan.generate("w5 w6", 12, chat=False)
+    body = {"model": MODEL, "prompt": "w5 w6", "max_tokens": 12, "return_token_ids": True}
+    with running(plan, engine="serial") as s:
+        assert s.routes.engine.name == "serial"
+        choice = httpx.post(f"{s.url}/completions", json=body, timeout=60).json()["choices"][0]
+    assert choice["token_ids"] == list(ref.tokens)
