@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 from mirror_sd.bench import identity_table, report
+from mirror_sd.bench.jsonl import read_jsonl
 from mirror_sd.bench.runner import OWN_CONVERSION
 
 BLOCK = re.compile(
@@ -41,10 +42,8 @@ def load_run(folder: Path) -> tuple[list[dict], list[str]]:
         return doc["records"], list(doc["settings"]["methods"])
     if rec.is_file():
         records = []
-        for line in rec.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)  # one question's records (a list), or one record
-                records += row if isinstance(row, list) else [row]
+        for row in read_jsonl(rec):  # one question's records (a list), or one record
+            records += row if isinstance(row, list) else [row]
         methods = list(dict.fromkeys(r["method"] for r in records))
         return records, methods
     raise ValueError(

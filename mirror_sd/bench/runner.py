@@ -30,6 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mirror_sd.bench import peers, report
+from mirror_sd.bench.jsonl import read_jsonl
 from mirror_sd.bench.methods import (
     ALL_METHODS,
     NEAR_TIE,
@@ -330,15 +331,7 @@ def load_journal(path: Path, names: list[str]) -> dict[tuple[int, int], list[dic
     each marked `resumed` (timed by an earlier process). Raises ValueError when the journal's
     methods are not this run's (resuming would compare runs of different settings)."""
     done: dict[tuple[int, int], list[dict]] = {}
-    if not path.is_file():
-        return done
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            group = json.loads(line)
-        except json.JSONDecodeError:  # the line an interruption cut short: run it again
-            continue
+    for group in read_jsonl(path):  # the line an interruption cut short is run again
         methods = [r["method"] for r in group]
         if methods != names:
             raise ValueError(
