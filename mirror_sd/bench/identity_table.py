@@ -9,8 +9,8 @@ question); each row counts its questions, its generations and how many of the no
 are token-identical to `ar` on the same question. BATCH_RUN=REFERENCE_RUN is a `mirror-sd
 bench --batch --reference REFERENCE_RUN` folder (its batch_records.jsonl): its batched
 sequences of batch size > 1 against the reference's `ar`. A `scripts/soak.py replay --out`
-folder (its replay_records.jsonl: each answer judged against its reference's `ar` text) as
-RUN counts the server's answers. `mirror-sd bench --docs` rebuilds
+folder (its replay_records.jsonl: each answer's token ids and text judged against its
+reference's `ar`) as RUN counts the server's answers. `mirror-sd bench --docs` rebuilds
 these tables with the results tables (`docs_tables`); `--check` fails when one is stale.
 """
 
@@ -66,12 +66,13 @@ def batch_row(root: Path, run: str, reference: str) -> list[str]:
 
 
 def replay_row(root: Path, run: str) -> list[str]:
-    """A replay run's row: the server's answers identical to the reference's `ar` text."""
+    """A replay run's row: the server's answers identical to the reference's `ar` (token ids
+    and text: the replay asks for `return_token_ids`)."""
     rows = _lines(root / run / "replay_records.jsonl")
     clients = len({r["client"] for r in rows})
     return [f"`{run}` (through the server, {clients} clients)", str(len(rows)),
             "the plan's mode, batched by the server", str(len(rows)),
-            f"{sum(bool(r['identical']) for r in rows)} of {len(rows)} (text)"]  # fmt: skip
+            f"{sum(bool(r['identical']) for r in rows)} of {len(rows)} (ids and text)"]  # fmt: skip
 
 
 def table(root: Path, args: str) -> str:

@@ -119,7 +119,7 @@ def test_identity_table_counts_token_ids_of_runs_and_batches(tmp_path, capsys):
     assert rows[0] == "| `runs/a` | 2 | ar, speculative, pld | 6 | 3 of 4 |"
     assert rows[1] == "| `runs/b4` (B = 2; against `runs/a`) | 2 | mirror | 2 | 2 of 2 |"
     assert rows[2].startswith("| `runs/srv` (through the server, 2 clients) | 2 |")
-    assert rows[2].endswith("| 1 of 2 (text) |")
+    assert rows[2].endswith("| 1 of 2 (ids and text) |")
     assert main(["bench", "--docs", str(doc), "--check"]) == 0
     jobs[1]["tokens"][1] = [5, 9]
     (batch / "batch_records.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
