@@ -42,6 +42,7 @@ def _error(response: httpx.Response, status: int, param: str | None) -> str:
         ({**OK, "messages": []}, "messages", "non-empty"),
         ({**OK, "messages": [{"content": "hi"}]}, "messages[0]", "role"),
         ({**OK, "stream_options": {"include_usage": True}}, "stream_options", "stream: true"),
+        ({**OK, "return_token_ids": "yes"}, "return_token_ids", "boolean"),
         ({k: v for k, v in OK.items() if k != "model"}, "model", "required"),
     ],
 )

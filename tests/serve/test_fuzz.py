@@ -19,7 +19,7 @@ JSON = st.recursive(
 )  # fmt: skip
 KEYS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
         "top_p", "top_k", "stop", "stream", "stream_options", "n", "seed", "logprobs", "user",
-        "presence_penalty", "frequency_penalty", "response_format", "tools"]  # fmt: skip
+        "presence_penalty", "frequency_penalty", "response_format", "tools", "return_token_ids"]  # fmt: skip
 VALID = {
     "/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "w1 w2"}],
                           "max_tokens": 3},
