@@ -176,8 +176,8 @@ class Routes:
                 metrics.ttft.labels(endpoint).observe(time.perf_counter() - t0)
             parts.append(event.text)
             event = await self._next(ticket, request)
-        ids = list(event.token_ids) if req.return_token_ids else None
-        return JSONResponse(Reply(req).full("".join(parts), event.finish_reason, event.usage, ids))
+        reply = Reply(req).full("".join(parts), event.finish_reason, event.usage, event.token_ids)
+        return JSONResponse(reply)
 
     async def _stream(
         self, ticket, req: GenRequest, event: Event, t0, endpoint, metrics: ServeMetrics
@@ -194,8 +194,9 @@ class Routes:
                         sent_text = True
                     yield sse.event(reply.chunk(event.text))
                 elif isinstance(event, Finished):
-                    ids = list(event.token_ids) if req.return_token_ids else None
-                    yield sse.event(reply.chunk(None, event.finish_reason, token_ids=ids))
+                    yield sse.event(
+                        reply.chunk(None, event.finish_reason, token_ids=event.token_ids)
+                    )
                     if req.include_usage:
                         yield sse.event(reply.usage_chunk(event.usage))
                     break

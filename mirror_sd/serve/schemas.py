@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -243,6 +244,7 @@ class Reply:
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.object = "chat.completion" if req.kind == CHAT else "text_completion"
+        self.return_token_ids = req.return_token_ids
 
     def _envelope(self, obj: str, choices: list, usage: Usage | None) -> dict:
         body = {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -251,16 +253,16 @@ class Reply:
         return body
 
     def full(
-        self, text: str, finish_reason: str, usage: Usage, token_ids: list[int] | None = None
+        self, text: str, finish_reason: str, usage: Usage, token_ids: Sequence[int] = ()
     ) -> dict:
-        """The non-streaming response; `token_ids` (under `return_token_ids`) on the choice."""
+        """The non-streaming response; under `return_token_ids`, `token_ids` on the choice."""
         if self.kind == CHAT:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:
             choice = {"index": 0, "text": text}
         choice.update(finish_reason=finish_reason, logprobs=None)
-        if token_ids is not None:
-            choice["token_ids"] = token_ids
+        if self.return_token_ids:
+            choice["token_ids"] = list(token_ids)
         return self._envelope(self.object, [choice], usage)
 
     def chunk(
@@ -268,7 +270,7 @@ class Reply:
         text: str | None,
         finish_reason: str | None = None,
         first: bool = False,
-        token_ids: list[int] | None = None,
+        token_ids: Sequence[int] = (),
     ) -> dict:
         """One streamed chunk: new text, or (text None) the closing chunk with the reason and,
         under `return_token_ids`, every generated token id (`token_ids`)."""
@@ -281,8 +283,8 @@ class Reply:
         else:
             choice, obj = {"index": 0, "text": text or ""}, "text_completion"
         choice.update(finish_reason=finish_reason, logprobs=None)
-        if token_ids is not None:
-            choice["token_ids"] = token_ids
+        if self.return_token_ids and finish_reason is not None:
+            choice["token_ids"] = list(token_ids)
         return self._envelope(obj, [choice], None)
 
     def usage_chunk(self, usage: Usage) -> dict:
