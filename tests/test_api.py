@@ -1,11 +1,13 @@
 """compile() / save() / load() / describe() end to end on tiny models with an ORT draft."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 
 import mirror_sd.api as api
+from mirror_sd.devices.cpu_caps import host_caps
 from mirror_sd.devices.ort_core import ProviderUnavailableError
 from mirror_sd.runtime.prompts import PromptTooLongError
 from tests.conftest import TORCH_DRAFT_MAP, make_tiny, save_tiny_with_tokenizer, tiny_pair
@@ -186,7 +188,12 @@ def test_a_draft_prefilled_on_a_second_graph_stays_lossless(folders):
         "drf: {backend: onnxruntime, quantize: int4, prefill_quantize: int8-rows,",
     )
     prompt = " ".join(f"w{i % 10}" for i in range(FILL_GRAPH_ROWS + 8))  # a fill on the graph
-    with api.compile(target, draft, text, onnx_dir=root / "onnx", max_len=256) as p:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        p = api.compile(target, draft, text, onnx_dir=root / "onnx", max_len=256)
+    saturating = [w for w in seen if "devices.drf.prefill_quantize: int8-rows" in str(w.message)]
+    assert len(saturating) == (0 if host_caps().u8s8_exact else 1)  # pinned where it saturates
+    with p:
         assert "prompts prefilled with int8-rows weights" in p.draft_device.label
         ref = p.generate(prompt, 16, mode="autoregressive").tokens
         for mode in ("speculative", "mirror"):

@@ -7,6 +7,7 @@ head and suffix at ℓe), exported and cached before they run. Its execution-pro
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,13 @@ from mirror_sd.graphs.streams import StreamTable, add_streams_onnx
 from mirror_sd.graphs.trimmed_head import export_trimmed
 from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.partition.device_map import DeviceMapError, OrtSpec
-from mirror_sd.partition.precision import AUTO, CpuCaps, choose_prefill_quantize, choose_quantize
+from mirror_sd.partition.precision import (
+    AUTO,
+    CpuCaps,
+    choose_prefill_quantize,
+    choose_quantize,
+    rows_gemm_warning,
+)
 
 if TYPE_CHECKING:
     from mirror_sd.partition.threads import ThreadBudget
@@ -78,6 +85,12 @@ class OrtBackend(OrtFacts, Backend):
                                  "graph is for a draft's device; a target prefills through its "
                                  "own split graphs: remove the key")  # fmt: skip
         self.device(spec, budget, role)  # a missing execution provider fails here
+        if spec.providers[0][0] == "CPUExecutionProvider":
+            for key, value in (("quantize", spec.quantize),
+                               ("prefill_quantize", self.prefill_quantize(spec))):  # fmt: skip
+                why = rows_gemm_warning(f"devices.{spec.alias}.{key}", host_caps())
+                if value == "int8-rows" and why:
+                    warnings.warn(why, RuntimeWarning, stacklevel=2)
 
     def draft_export(self, spec: OrtSpec, folder: Path, onnx_dir: Path) -> Path:
         """The draft's exported (and quantized) ONNX file: from the cache, else exported (in a

@@ -1,5 +1,7 @@
 """`quantize: int8-rows`: int8 weights per output column through ORT's DynamicQuantizeMatMul
-(MLAS's prepacked u8s8 GEMM: VNNI where the CPU has it), made row-invariant.
+(MLAS's prepacked u8s8 GEMM), made row-invariant. Exact only with VNNI, AMX-INT8 or Arm dot
+products: without them MLAS's 16-bit pair sums saturate for |w| > 64 (`partition.precision`
+`U8S8_EXACT_FLAGS`, `devices/u8s8_probe.py`).
 
 DynamicQuantizeMatMul quantizes its whole input with one scale and zero point taken from the
 tensor's minimum and maximum, so as it stands one row's result depends on the rows beside it:
@@ -7,9 +9,9 @@ not what a lossless target can verify with (docs/runtime.md, *Row invariance*). 
 makes the scale the same for every input. Each row is divided by its largest |x| (so it lies
 in [-1, 1]), and two columns, +1 and -1, are appended with zero weights, so that the tensor's
 range is exactly [-1, 1] whatever the rows: scale 2/255 and zero point 128 for every M. The
-integer GEMM is exact, the conversion back to float is per element, and the row's factor is
-multiplied back last, so each row's result is bit for bit the same alone or in any block
-(tests/graphs/test_row_invariance.py). Activations are quantized per row (8 bits) rather than
+integer GEMM works per element (saturated or not), the conversion back to float too, and the
+row's factor is multiplied back last, so each row's result is bit for bit the same alone or in
+any block (tests/graphs/test_row_invariance.py). Activations are quantized per row (8 bits) rather than
 per 32 values as MatMulNBits does, and weights per column rather than per 32: simulated on
 Qwen2.5-Coder-1.5B, 93% top-1 agreement with fp32 against 84% for the int4 target
 (docs/benchmarks.md, *Bytes per token on the AVX-512 EPYC*).

@@ -30,6 +30,12 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 FP16_FLAGS = ("amx_fp16", "avx512_fp16")
 CHECKPOINT_PRECISIONS = ("int4", "int8", "float16", "bfloat16", "float32")
 ROWS_GEMM_FLAG = "avx512_vnni"  # where a 4-bit checkpoint's target runs int8-rows (measured)
+# Where MLAS's u8s8 GEMM (int8-rows) is exact: VNNI / AMX dot products on x86, SDOT/UDOT on Arm.
+# Without them (AVX2, AVX-512 without VNNI) it multiplies through vpmaddubsw, whose 16-bit pair
+# sums saturate once 255 * |w| pairs exceed 32767 (|w| > 64 of our 127): devices/u8s8_probe.py
+# measures it, tests/partition/test_u8s8_exact.py holds this rule to the measurement,
+# docs/benchmarks.md *int8-rows needs VNNI* records it.
+U8S8_EXACT_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "asimddp")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,11 @@ class CpuCaps:
     def int8_dot(self) -> str | None:
         """The best integer dot-product instruction set present, or None."""
         return next((f for f in INT8_DOT_FLAGS if f in self.flags), None)
+
+    @property
+    def u8s8_exact(self) -> bool:
+        """True when int8-rows' u8s8 GEMM computes exactly here (U8S8_EXACT_FLAGS)."""
+        return any(f in self.flags for f in U8S8_EXACT_FLAGS)
 
     def native(self, dtype: str) -> str | None:
         """The flag that makes `dtype` ("bfloat16" | "float16") native here, or None."""
@@ -103,19 +114,35 @@ def choose_quantize(checkpoint: str, caps: CpuCaps, role: str = "target") -> Pre
 
 def choose_prefill_quantize(quantize: str, caps: CpuCaps) -> PrecisionChoice:
     """`prefill_quantize: auto` for an ONNX Runtime CPU draft whose weights are `quantize`
-    (resolved): int8-rows for an int4 draft where the CPU has integer dot products, else none.
+    (resolved): int8-rows for an int4 draft where the CPU's u8s8 GEMM is exact (VNNI, AMX or
+    Arm dot products: `CpuCaps.u8s8_exact`), else none.
 
     Why: int4 MatMulNBits de-quantizes per block and is compute-bound on many rows, while
     int8-rows runs the prepacked u8s8 GEMM; on the 0.5B draft (AVX-512 EPYC, 2 threads) a
     700-token prefill took 1.49 s against 2.64 s, while one decoding row took 43 ms against 31
     (docs/benchmarks.md, *A second graph for the draft's prefill*): prefill on one, decode on
     the other."""
-    dot = caps.int8_dot
-    if quantize == "int4" and dot:
+    if quantize == "int4" and caps.u8s8_exact:
         return PrecisionChoice("prefill_quantize", "int8-rows", "an int4 draft's prompt runs "
-                               f"faster through the u8s8 GEMM ({dot})")  # fmt: skip
-    why = "no integer dot products here" if quantize == "int4" else f"the draft is {quantize}"
+                               f"faster through the u8s8 GEMM ({caps.int8_dot})")  # fmt: skip
+    why = (f"the draft is {quantize}" if quantize != "int4"
+           else "this CPU's u8s8 GEMM saturates (no VNNI, AMX or Arm dot products)")  # fmt: skip
     return PrecisionChoice("prefill_quantize", "none", f"{why}: the draft's own graph")
+
+
+def rows_gemm_warning(key: str, caps: CpuCaps) -> str | None:
+    """Why `key: int8-rows` computes a different model on this CPU, or None where its GEMM is
+    exact: the words of the warning a pinned int8-rows gets on a CPU without U8S8_EXACT_FLAGS."""
+    if caps.u8s8_exact:
+        return None
+    fix = ("prefill_quantize: auto (none on this CPU)" if key.endswith("prefill_quantize")
+           else "quantize: auto, int4 or int8")  # fmt: skip
+    return (
+        f"{key}: int8-rows on this CPU ({caps.model}) runs MLAS's u8s8 GEMM without VNNI, AMX or "
+        "Arm dot products: its 16-bit pair sums saturate, so the weights act as a distorted "
+        "model (still lossless to its own decoding, but not the int8 model a VNNI CPU runs, and "
+        f"further from the checkpoint). Use {fix} instead"
+    )
 
 
 def choose_dtype(checkpoint: str, device: str, caps: CpuCaps | None) -> PrecisionChoice:

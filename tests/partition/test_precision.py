@@ -129,7 +129,8 @@ placement: {target: t}
 
 @pytest.mark.parametrize(
     ("quantize", "caps", "expected"),
-    [("int4", AVX2_EPYC, "int8-rows"), ("int4", AMX_XEON, "int8-rows"), ("int4", OLD_X86, "none"),
+    [("int4", AVX2_EPYC, "none"), ("int4", AMX_XEON, "int8-rows"), ("int4", OLD_X86, "none"),
+     ("int4", ARM_DOT, "int8-rows"),
      ("int8", AMX_XEON, "none"), ("none", AVX2_EPYC, "none")],
 )  # fmt: skip
 def test_prefill_auto_runs_an_int4_draft_prompt_through_int8_rows(quantize, caps, expected):
