@@ -194,6 +194,17 @@ def _vs_cell(c: dict | None) -> str:
             f"won {c['won']}/{c['prompts']}")  # fmt: skip
 
 
+def _session_lines(sessions: list[dict]) -> list[str]:
+    """One line per process when a resumed run was made by several (bench/sessions.py)."""
+    if len(sessions) < 2:
+        return []
+    each = "; ".join(f"{s['session']}: {s['questions']} questions, {s['started']}, "
+                     f"{s['machine.cpu']}, target on {s['plan.target_device']}"
+                     for s in sessions)  # fmt: skip
+    return [f"- made by {len(sessions)} processes (sessions.jsonl has each one's machine and "
+            f"plan): {each}"]  # fmt: skip
+
+
 def _setup_lines(results: dict) -> list[str]:
     mach, plan, st = results["machine"], results["plan"], results["settings"]
     load = f"load average at start {mach['load_average_at_start']}"
@@ -213,7 +224,8 @@ def _setup_lines(results: dict) -> list[str]:
         f"hf-* methods: transformers {st.get('hf_dtype', 'float32')}",
         f"- {prompts} prompts: {len(results['questions'])} questions "
         f"({st['per_category']} per task) × {repeat} repeat(s), {st['max_new_tokens']} new "
-        f"tokens; {st['eos_policy']}; {st['timing']}; {st.get('order', '')}", "",
+        f"tokens; {st['eos_policy']}; {st['timing']}; {st.get('order', '')}",
+        *_session_lines(results.get("sessions") or []), "",
         "tok/s = total new tokens ÷ total time over every prompt (the headline); × = that over "
         "the reference's total on the same prompts. Per prompt: the median of the per-prompt "
         "ratios and the prompts won (faster than the reference).", "",

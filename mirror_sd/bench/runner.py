@@ -39,6 +39,7 @@ from mirror_sd.bench.methods import (
     target_margin,
 )
 from mirror_sd.bench.peer_common import cpu_flags
+from mirror_sd.bench.sessions import open_session, session_summary
 from mirror_sd.bench.specbench import TASKS, Question, default_path, load_questions
 
 SCHEMA = "mirror-sd-bench/1"
@@ -292,7 +293,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         done = load_journal(journal, names) if cfg.resume else {}
         if not cfg.resume:
             journal.unlink(missing_ok=True)
-        records = _run_all(questions, prompts, methods, plan, cfg, journal, done)
+        session, sessions = open_session(out_dir, {
+            "started": started, "command": command, "machine": machine, "versions": versions(),
+            "plan": _plan_info(plan)}, cfg.resume, len(done))  # fmt: skip
+        records = _run_all(questions, prompts, methods, plan, cfg, journal, done, session)
         trace = None
         if "mirror" in methods:  # untimed: one traced mirror run on the first question
             res = methods["mirror"].generate(prompts[0], cfg.max_new_tokens,
@@ -312,6 +316,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             "questions": [{**asdict(q), "prompt_tokens": len(p)}
                           for q, p in zip(questions, prompts, strict=True)],
             "records": records, "trace": trace,
+            "sessions": session_summary(sessions, records),
             "memory": {**memory, "process_peak_gib": peak_rss_gib(),
                        "note": "one process holds every method's models: the plan's share is "
                                "after_compile (target + draft + tokenizer); the peers' and "
@@ -345,9 +350,10 @@ def load_journal(path: Path, names: list[str]) -> dict[tuple[int, int], list[dic
 
 
 def _run_all(questions, prompts, methods: dict, plan, cfg: BenchConfig, journal: Path,
-             done: dict[tuple[int, int], list[dict]]) -> list[dict]:  # fmt: skip
+             done: dict[tuple[int, int], list[dict]], session: int = 0) -> list[dict]:  # fmt: skip
     """Every method on every question, interleaved; each finished question is appended to
-    `journal` at once, and the questions in `done` (a resumed run's) are not run again."""
+    `journal` at once (each record names its `session`, bench/sessions.py), and the questions
+    in `done` (a resumed run's) are not run again."""
     records = []
     bar = tqdm(total=len(questions) * len(methods) * cfg.repeat, desc="spec-bench", unit="gen",
                disable=not cfg.progress)  # fmt: skip
@@ -363,7 +369,7 @@ def _run_all(questions, prompts, methods: dict, plan, cfg: BenchConfig, journal:
                 bar.set_postfix_str(f"{q.task} q{q.question_id} {name}")
                 out = method.generate(prompt, cfg.max_new_tokens)
                 group.append(_record(q, name, prompt, out, plan.tokenizer))
-                group[-1].update(repeat=k, tstamp=time.time())
+                group[-1].update(repeat=k, tstamp=time.time(), session=session)
                 bar.update()
             _check(group, plan, prompt, (plan.target_device.label, f"transformers {cfg.hf_dtype}"))
             records += group

@@ -48,3 +48,36 @@ def test_resuming_with_other_methods_is_refused(cfg):
                                                      "question_id": 0}]) + "\n")  # fmt: skip
     with pytest.raises(ValueError, match=r"--resume: .* holds methods \['mirror'\]"):
         run_bench(BenchConfig(**{**cfg.__dict__, "resume": True}))
+
+
+def test_every_process_of_a_resumed_run_is_recorded_and_a_changed_machine_warned(cfg):
+    """sessions.jsonl: one line per process with its machine and plan; each record names its
+    session; resuming on another machine (faked: the first line's CPU edited) warns, and
+    results.json / results.md say which questions ran where."""
+    import warnings
+
+    from mirror_sd.bench.sessions import SESSIONS_FILE
+
+    run_bench(cfg)
+    journal, sessions = cfg.out / JOURNAL_FILE, cfg.out / SESSIONS_FILE
+    journal.write_text("\n".join(journal.read_text().splitlines()[:2]) + "\n")
+    resumed = BenchConfig(**{**cfg.__dict__, "resume": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # same machine, same plan: no warning
+        again = run_bench(resumed)
+    assert [json.loads(line)["session"] for line in sessions.read_text().splitlines()] == [0, 1]
+    assert [r["session"] for r in again["records"]] == [0] * 4 + [1] * 4
+    assert [s["questions"] for s in again["sessions"]] == [2, 2]
+    assert "made by 2 processes" in (cfg.out / "results.md").read_text()
+
+    first = json.loads(sessions.read_text().splitlines()[0])
+    first["machine"]["cpu"] = "Another CPU"
+    sessions.write_text(json.dumps(first) + "\n")
+    journal.write_text("\n".join(journal.read_text().splitlines()[:2]) + "\n")
+    with pytest.warns(RuntimeWarning, match=r"session 0 .* another machine or plan .*Another CPU"):
+        run_bench(resumed)
+    sessions.unlink()
+    with pytest.warns(RuntimeWarning, match=r"4 finished questions but no sessions.jsonl"):
+        run_bench(resumed)
+    run_bench(cfg)  # a fresh run starts the file afresh
+    assert len(sessions.read_text().splitlines()) == 1
