@@ -297,8 +297,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue a run that stopped: keep the questions OUT/records.jsonl "
                    "finished (same methods; with --batch the groups of "
-                   "OUT/batch_records.jsonl), run the rest; without --batch it warns when the machine or "
-                   "plan is not the one OUT/sessions.jsonl recorded")  # fmt: skip
+                   "OUT/batch_records.jsonl), run the rest; without --batch it warns when "
+                   "the machine or plan is not the one OUT/sessions.jsonl recorded"
+                   )  # fmt: skip
     p.set_defaults(func=_run)
     return p
 
