@@ -156,3 +156,27 @@ def test_an_answer_is_identical_only_when_its_token_ids_are_too():
     row = judge(q, {**got, "token_ids": [6, 9, 8]}, False, 0, 0.1)
     assert row["outcome"] == "changed" and row["got_token_ids"] == [6, 9, 8]
     assert judge(q, got, False, 0, 0.1)["outcome"] == "changed"  # no ids: not shown identical
+
+
+def test_question_ids_replay_only_the_part_this_plan_made(setup, tmp_path, capsys):
+    """A reference whose first question another plan made (altered here) is refused whole, and
+    replays with --question-ids naming the rest: the plan check decodes the first one named."""
+    ref = tmp_path / "ref"
+    shutil.copytree(setup["ref"], ref)
+    groups = [json.loads(line) for line in (ref / "records.jsonl").read_text().splitlines()]
+    groups[0][0]["tokens"][0] = 5 + (groups[0][0]["tokens"][0] - 5 + 1) % 92
+    (ref / "records.jsonl").write_text("".join(json.dumps(g) + "\n" for g in groups))
+    ids = [g[0]["question_id"] for g in groups]
+    argv = [*setup["argv"], "--reference", str(ref), "--clients", "2"]
+    assert main([*argv, "--out", str(tmp_path / "all")]) == 2  # the plan check fails on ids[0]
+    out = tmp_path / "part"
+    assert main([*argv, "--out", str(out), "--question-ids", f"{ids[1]}-{ids[-1]}"]) == 0
+    doc = _doc(out)
+    assert doc["plan_check"]["question_id"] == ids[1]
+    assert doc["counts"]["questions"] == doc["counts"]["identical"] == len(ids) - 1
+    assert sorted(r["question_id"] for r in _journal(out)) == sorted(ids[1:])
+    capsys.readouterr()
+    for bad in ("9-3", "x", "100000-100005"):
+        assert main([*argv, "--out", str(tmp_path / "bad"), "--question-ids", bad]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err.startswith(f"scripts/soak.py: error: --question-ids {bad}: "), err

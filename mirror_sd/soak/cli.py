@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--stream-rate", type=float, default=0.0, help="share of streamed requests")
     rep.add_argument("--limit", type=int, default=None, help="only the first N questions")
     rep.add_argument(
+        "--question-ids",
+        default=None,
+        help="only these Spec-Bench question ids, e.g. 460-560,81 (the part of a resumed "
+        "reference that this machine's plan made)",
+    )
+    rep.add_argument(
         "--resume",
         action="store_true",
         help="keep the answers in OUT/replay_records.jsonl, ask only the others",

@@ -89,6 +89,44 @@ def load_reference(run_dir: Path) -> list[dict]:
     return list(found.values())
 
 
+def parse_ids(spec: str) -> set[int]:
+    """`--question-ids` ("460-560", "81,90-95"): the Spec-Bench question ids it names.
+
+    Raises:
+        ReplayError: a part is not an id or an ascending range A-B.
+    """
+    ids: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, sep, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            a, b = 1, 0
+        if a > b or a < 0:
+            raise ReplayError(f"--question-ids {spec}: {part!r} is not a question id or a "
+                              "range A-B with A <= B (e.g. 460-560,81)")  # fmt: skip
+        ids.update(range(a, b + 1))
+    return ids
+
+
+def select(records: list[dict], spec: str | None) -> list[dict]:
+    """The reference records whose question id `--question-ids` names (all without it): a
+    run resumed on another machine replays here only the part this machine's plan made.
+
+    Raises:
+        ReplayError: no reference question has one of those ids.
+    """
+    if spec is None:
+        return records
+    ids = parse_ids(spec)
+    kept = [r for r in records if int(r["question_id"]) in ids]
+    if not kept:
+        have = sorted(int(r["question_id"]) for r in records)
+        raise ReplayError(f"--question-ids {spec}: the reference holds none of them (its "
+                          f"questions: {have[0]}..{have[-1]}, {len(have)} in all)")  # fmt: skip
+    return kept
+
+
 def expected_answer(tokenizer, ar: list[int], eos: set[int]) -> tuple[list[int], str, str]:
     """(tokens, text, finish_reason) of the server's answer when the plan generates `ar`: the
     tokens up to and including the first EOS id (the server keeps it, and counts it), decoded
@@ -284,7 +322,7 @@ def run_replay(args: argparse.Namespace, command: str) -> int:
     machine, t0 = machine_info(), time.monotonic()
     start = datetime.now(timezone.utc).isoformat(timespec="seconds")
     try:
-        records = load_reference(args.reference)
+        records = select(load_reference(args.reference), args.question_ids)
     except ReplayError as exc:
         return _error(exc)
     plan, _ = compile_plan(args)  # the draft's FaultyDraft stays unarmed: no faults here
