@@ -88,8 +88,9 @@ class OrtBackend(OrtFacts, Backend):
         if spec.providers[0][0] == "CPUExecutionProvider":
             for key, value in (("quantize", spec.quantize),
                                ("prefill_quantize", self.prefill_quantize(spec))):  # fmt: skip
-                why = rows_gemm_warning(f"devices.{spec.alias}.{key}", host_caps())
-                if value == "int8-rows" and why:
+                if value == "int8-rows" and (
+                    why := rows_gemm_warning(f"devices.{spec.alias}.{key}", host_caps())
+                ):
                     warnings.warn(why, RuntimeWarning, stacklevel=2)
 
     def draft_export(self, spec: OrtSpec, folder: Path, onnx_dir: Path) -> Path:

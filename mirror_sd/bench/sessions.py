@@ -65,9 +65,7 @@ def open_session(out_dir: Path, entry: dict, resume: bool, resumed_questions: in
 
 def session_summary(sessions: list[dict], records: list[dict]) -> list[dict]:
     """Per session: its index, start, CPU, target / draft devices and the questions it timed."""
-    out = []
-    for s in sessions:
-        qids = sorted({r["question_id"] for r in records if r.get("session") == s["session"]})
-        out.append({"session": s["session"], "started": s.get("started"),
-                    **fingerprint(s), "questions": len(qids)})  # fmt: skip
-    return out
+    return [{"session": s["session"], "started": s.get("started"), **fingerprint(s),
+             "questions": len({r["question_id"] for r in records
+                               if r.get("session") == s["session"]})}
+            for s in sessions]  # fmt: skip

@@ -11,10 +11,10 @@ in [-1, 1]), and two columns, +1 and -1, are appended with zero weights, so that
 range is exactly [-1, 1] whatever the rows: scale 2/255 and zero point 128 for every M. The
 integer GEMM works per element (saturated or not), the conversion back to float too, and the
 row's factor is multiplied back last, so each row's result is bit for bit the same alone or in
-any block (tests/graphs/test_row_invariance.py). Activations are quantized per row (8 bits) rather than
-per 32 values as MatMulNBits does, and weights per column rather than per 32: simulated on
-Qwen2.5-Coder-1.5B, 93% top-1 agreement with fp32 against 84% for the int4 target
-(docs/benchmarks.md, *Bytes per token on the AVX-512 EPYC*).
+any block (tests/graphs/test_row_invariance.py). Activations are quantized per row (8 bits)
+rather than per 32 values as MatMulNBits does, and weights per column rather than per 32:
+simulated on Qwen2.5-Coder-1.5B, 93% top-1 agreement with fp32 against 84% for the int4
+target (docs/benchmarks.md, *Bytes per token on the AVX-512 EPYC*).
 """
 
 from __future__ import annotations
