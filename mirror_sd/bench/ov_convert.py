@@ -45,11 +45,12 @@ IR_FILES = ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenize
 
 
 def quantize_to_format(quantize: str | None, default: str) -> str:
-    """A device map's `quantize` value ('none' | 'int8' | 'int4' | 'int8-rows' | None) -> an IR
-    weight format (int8-rows: int8 weights too, activations quantized per row by our kernel)."""
+    """A device map's `quantize` value ('none' | 'int8' | 'int4' | 'int8-rows' | 'int7-rows' |
+    None) -> an IR weight format (int8-rows and int7-rows: int8 weights too, activations
+    quantized per row by our kernel)."""
     if quantize in (None, ""):
         return default
-    fmt = {"none": "fp32", "int8-rows": "int8"}.get(quantize, quantize)
+    fmt = {"none": "fp32", "int8-rows": "int8", "int7-rows": "int8"}.get(quantize, quantize)
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"quantize {quantize!r}: peers convert to {', '.join(WEIGHT_FORMATS)}")
     return fmt

@@ -52,6 +52,7 @@ from mirror_sd.graphs.onnx_quant import (
     EXTERNAL_DATA_BYTES,
     entry_label,
     quantize_int4,
+    quantize_int7_rows,
     quantize_int8,
     quantize_int8_rows,
 )
@@ -59,7 +60,7 @@ from mirror_sd.graphs.onnx_quant import (
 DEFAULT_OPSET = 18  # widest EP support (OpenVINO, QNN, CoreML, DirectML) with the new exporter
 EXPORT_FORMAT_VERSION = 4  # bump when the exported interface or wrapper changes (4: grouped rows)
 HEAD_FORMAT_VERSION = 2  # in the key of graphs with the head only (2: the logits_rows input)
-QUANTIZATIONS = (None, "int8", "int4", "int8-rows")
+QUANTIZATIONS = (None, "int8", "int4", "int8-rows", "int7-rows")
 # torch's ONNX exporter warns through this logger, on every export, about each torchvision op
 # it cannot register ("torchvision is not installed. Skipping torchvision::nms"): noise here
 EXPORTER_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
@@ -384,9 +385,8 @@ def export_cached(
 
     def write(tmp: Path) -> None:
         if quantize:  # looked up at call time, so tests can replace either function
-            fn = {"int8": quantize_int8, "int4": quantize_int4, "int8-rows": quantize_int8_rows}[
-                quantize
-            ]
+            fn = {"int8": quantize_int8, "int4": quantize_int4, "int8-rows": quantize_int8_rows,
+                  "int7-rows": quantize_int7_rows}[quantize]  # fmt: skip
             fn(src, tmp / "model.onnx")
         else:
             with progress.step(f"exporting {entry_label(entry / 'model.onnx')}"):

@@ -41,6 +41,11 @@ def quantize_int8_rows(src: str | Path, dst: str | Path) -> Path:
     return quantize_model(src, dst, "int8-rows")
 
 
+def quantize_int7_rows(src: str | Path, dst: str | Path) -> Path:
+    """int8-rows with weights in [-64, 64], exact without VNNI (`quantize_model` "int7-rows")."""
+    return quantize_model(src, dst, "int7-rows")
+
+
 QUANT_BLOCK = 32  # weights per MatMulNBits scale
 QUANT_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations, integer kernels (VNNI / AMX / AVX2)
 
@@ -93,27 +98,28 @@ def quantize_weights(src: str | Path, dst: str | Path, bits: int) -> Path:
     return dst
 
 
-QUANTIZE_KINDS = ("int8", "int4", "int8-rows")  # what `quantize_model` writes
+QUANTIZE_KINDS = ("int8", "int4", "int8-rows", "int7-rows")  # what `quantize_model` writes
 
 
 def quantize_model(src: str | Path, dst: str | Path, quantize: str) -> Path:
-    """`quantize` ("int8" | "int4": MatMulNBits, `quantize_weights`; "int8-rows": the
-    row-invariant DynamicQuantizeMatMul, `graphs.row_quant`) weights for an exported model,
-    int8 embedding table. Returns `dst`."""
+    """`quantize` ("int8" | "int4": MatMulNBits, `quantize_weights`; "int8-rows" |
+    "int7-rows": the row-invariant DynamicQuantizeMatMul, `graphs.row_quant`) weights for an
+    exported model, int8 embedding table. Returns `dst`."""
     if quantize in ("int8", "int4"):
         return quantize_weights(src, dst, int(quantize.removeprefix("int")))
-    if quantize != "int8-rows":
+    from mirror_sd.graphs.row_quant import ROWS_KINDS, quantize_rows
+
+    if quantize not in ROWS_KINDS:
         raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE_KINDS)}")
-    from mirror_sd.graphs.row_quant import quantize_rows
 
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     large = sum(f.stat().st_size for f in model_files(src)) // 4 >= EXTERNAL_DATA_BYTES
     with (
-        progress.step(f"quantizing {entry_label(src)} to int8 rows"),
+        progress.step(f"quantizing {entry_label(src)} to {quantize}"),
         tempfile.TemporaryDirectory(dir=dst.parent) as tmp,
     ):
-        matmuls = quantize_rows(src, Path(tmp) / "matmuls.onnx", large)
+        matmuls = quantize_rows(src, Path(tmp) / "matmuls.onnx", large, ROWS_KINDS[quantize])
         _embedding_int8(matmuls, dst, large)
     return dst
 

@@ -1,7 +1,9 @@
-"""`quantize: int8-rows`: int8 weights per output column through ORT's DynamicQuantizeMatMul
-(MLAS's prepacked u8s8 GEMM), made row-invariant. Exact only with VNNI, AMX-INT8 or Arm dot
-products: without them MLAS's 16-bit pair sums saturate for |w| > 64 (`partition.precision`
-`U8S8_EXACT_FLAGS`, `devices/u8s8_probe.py`).
+"""`quantize: int8-rows` / `int7-rows`: int8 weights per output column through ORT's
+DynamicQuantizeMatMul (MLAS's prepacked u8s8 GEMM), made row-invariant. int8-rows (|w| <= 127)
+is exact only with VNNI, AMX-INT8 or Arm dot products: without them MLAS's 16-bit pair sums
+saturate for |w| > 64 (`partition.precision` `U8S8_EXACT_FLAGS`, `devices/u8s8_probe.py`).
+int7-rows keeps the same int8 storage and kernel with weights in [-64, 64] (129 levels), where
+two u8 x s8 products sum to at most 2 * 255 * 64 = 32640 < 32767: exact on every CPU.
 
 DynamicQuantizeMatMul quantizes its whole input with one scale and zero point taken from the
 tensor's minimum and maximum, so as it stands one row's result depends on the rows beside it:
@@ -25,7 +27,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-ROWS_QMAX = 127  # weights: symmetric int8 per output column
+ROWS_QMAX = 127  # int8-rows weights: symmetric int8 per output column
+ROWS_QMAX_NO_VNNI = 64  # int7-rows: the largest |w| whose u8s8 pair sums cannot saturate
+ROWS_KINDS = {"int8-rows": ROWS_QMAX, "int7-rows": ROWS_QMAX_NO_VNNI}  # quantize key -> qmax
 PINS = np.array([1.0, -1.0], np.float32)  # the two appended activation columns
 
 
@@ -33,11 +37,12 @@ def _opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _quantized(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 weights (K + 2, N) with two zero rows for the pins, float32 scales (N,))."""
-    scale = np.abs(w).max(0) / ROWS_QMAX
+def _quantized(w: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weights (K + 2, N) in [-qmax, qmax] with two zero rows for the pins, float32
+    scales (N,))."""
+    scale = np.abs(w).max(0) / qmax
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.round(w / scale), -ROWS_QMAX, ROWS_QMAX).astype(np.int8)
+    q = np.clip(np.round(w / scale), -qmax, qmax).astype(np.int8)
     return np.concatenate([q, np.zeros((2, w.shape[1]), np.int8)]), scale
 
 
@@ -68,12 +73,15 @@ def _row_matmul(x: str, y: str, w: str, p: str, opset: int) -> list[onnx.NodePro
     ]
 
 
-def rewrite_rows(model: onnx.ModelProto) -> int:
+def rewrite_rows(model: onnx.ModelProto, qmax: int = ROWS_QMAX) -> int:
     """Every MatMul of `model` whose second input is a 2-D float initializer becomes the
-    row-invariant int8 subgraph (in place; the float weights are dropped). Returns how many."""
+    row-invariant int8 subgraph with weights in [-qmax, qmax] (in place; the float weights are
+    dropped). Returns how many."""
     g, opset = model.graph, _opset(model)
     if opset < 15:
         raise ValueError(f"int8-rows needs opset >= 15 (Shape's `end`); the graph has {opset}")
+    if not 0 < qmax <= ROWS_QMAX:
+        raise ValueError(f"qmax={qmax}: int8 weights need 0 < qmax <= {ROWS_QMAX}")
     inits = {i.name: i for i in g.initializer}
     users: dict[str, int] = {}
     for node in g.node:
@@ -87,7 +95,7 @@ def rewrite_rows(model: onnx.ModelProto) -> int:
             continue
         name = w.name
         if name not in done:
-            q, scale = _quantized(numpy_helper.to_array(w))
+            q, scale = _quantized(numpy_helper.to_array(w), qmax)
             g.initializer.extend([
                 numpy_helper.from_array(q, f"{name}_q8"), numpy_helper.from_array(scale, f"{name}_s8"),
                 numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_z8"),
@@ -115,10 +123,11 @@ def rewrite_rows(model: onnx.ModelProto) -> int:
     return len(done)
 
 
-def quantize_rows(src: str | Path, dst: str | Path, large: bool) -> Path:
-    """`src`'s MatMuls rewritten by `rewrite_rows`, saved at `dst` (external data if `large`)."""
+def quantize_rows(src: str | Path, dst: str | Path, large: bool, qmax: int = ROWS_QMAX) -> Path:
+    """`src`'s MatMuls rewritten by `rewrite_rows` (weights in [-qmax, qmax]), saved at `dst`
+    (external data if `large`)."""
     model = onnx.load(str(src))
-    rewrite_rows(model)
+    rewrite_rows(model, qmax)
     onnx.save_model(model, str(dst), save_as_external_data=large,
                     location=Path(dst).name + ".data" if large else None)  # fmt: skip
     return Path(dst)

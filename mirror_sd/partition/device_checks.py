@@ -103,8 +103,9 @@ def _choice(o: dict, key: str, default: str, valid: tuple[str, ...], path: str) 
     )
 
 
-# torch's weight-only kernels (graphs/quantize.py); int8-rows is an ONNX Runtime graph format
-TORCH_QUANTIZE = tuple(q for q in ORT_QUANTIZE if q != "int8-rows")
+# torch's weight-only kernels (graphs/quantize.py); int8-rows / int7-rows are ONNX Runtime graph
+# formats
+TORCH_QUANTIZE = tuple(q for q in ORT_QUANTIZE if not q.endswith("-rows"))
 
 
 def _torch(alias: str, o: dict, path: str) -> TorchSpec:

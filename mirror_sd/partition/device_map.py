@@ -46,6 +46,7 @@ ORT_QUANTIZE = (
     "int8",
     "int4",
     "int8-rows",
+    "int7-rows",
     "auto",
 )  # auto: partition/precision.py (torch too)
 

@@ -135,8 +135,9 @@ def rows_gemm_warning(key: str, caps: CpuCaps) -> str | None:
     exact: the words of the warning a pinned int8-rows gets on a CPU without U8S8_EXACT_FLAGS."""
     if caps.u8s8_exact:
         return None
-    fix = ("prefill_quantize: auto (none on this CPU)" if key.endswith("prefill_quantize")
-           else "quantize: auto, int4 or int8")  # fmt: skip
+    fix = ("prefill_quantize: int7-rows (the same kernel, exact everywhere) or auto"
+           if key.endswith("prefill_quantize")
+           else "quantize: int7-rows (the same kernel, exact everywhere), auto, int4 or int8")  # fmt: skip
     return (
         f"{key}: int8-rows on this CPU ({caps.model}) runs MLAS's u8s8 GEMM without VNNI, AMX or "
         "Arm dot products: its 16-bit pair sums saturate, so the weights act as a distorted "

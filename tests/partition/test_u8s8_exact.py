@@ -31,5 +31,5 @@ def test_auto_keeps_int8_rows_off_cpus_whose_gemm_saturates():
     choice = choose_prefill_quantize("int4", avx512_no_vnni)
     assert choice.value == "none" and "saturates" in choice.reason
     why = rows_gemm_warning("devices.drf.prefill_quantize", avx512_no_vnni)
-    assert "devices.drf.prefill_quantize" in why and "prefill_quantize: auto" in why
-    assert "quantize: auto, int4 or int8" in rows_gemm_warning("devices.t.quantize", avx512_no_vnni)
+    assert "devices.drf.prefill_quantize" in why and "prefill_quantize: int7-rows" in why
+    assert "quantize: int7-rows" in rows_gemm_warning("devices.t.quantize", avx512_no_vnni)
