@@ -40,6 +40,15 @@ def draft(request, tmp_path_factory):
     return model, export_cached(model, cache, {"tiny": request.param, "seed": 0})
 
 
+@pytest.fixture(scope="module")
+def two_layer_graph(tmp_path_factory):
+    """A 2-layer Qwen2's whole-model ONNX: its K/V cache differs from every `draft`'s (shared:
+    one export serves the three families' fill tests)."""
+    other = save_tiny(make_tiny("qwen2", num_hidden_layers=2), tmp_path_factory.mktemp("other"))
+    cache = tmp_path_factory.getbasetemp() / "onnx-cache"
+    return export_cached(load_model(other), cache, {"tiny": "other"})
+
+
 class Pair:
     """An OrtRunner and a TorchRunner fed the same steps; `step` checks they agree."""
 
@@ -104,9 +113,12 @@ def test_fill_scores_one_row_and_leaves_the_cache_forward_would(draft, monkeypat
 
 
 def test_a_long_fill_runs_on_the_fill_graph_and_a_short_one_on_the_own(draft, monkeypatch,
-                                                                       tmp_path):  # fmt: skip
+                                                                       two_layer_graph):  # fmt: skip
     model, path = draft
-    int8 = export_cached(model, tmp_path, {"tiny": "fill"}, quantize="int8")
+    # the int8 fill graph from the shared cache: quantized from `draft`'s fp32 export (no
+    # second export), and the one test_int8_draft_runs_and_mostly_agrees_with_fp32 reuses
+    int8 = export_cached(model, path.parent.parent, {"tiny": model.config.model_type, "seed": 0},
+                         quantize="int8")  # fmt: skip
     runner = OrtRunner(path, CPU, 64, fill_graph=int8)
     ran = []
     run = ort.InferenceSession.run_with_iobinding
@@ -122,10 +134,8 @@ def test_a_long_fill_runs_on_the_fill_graph_and_a_short_one_on_the_own(draft, mo
     runner.forward(torch.tensor([[3]]), positions(n + 2, 1), causal_mask(n + 2, 1))
     assert ran == [runner.fill_sessions.session, runner.session, runner.session]
     assert runner.length == n + 3
-    other = save_tiny(make_tiny("qwen2", num_hidden_layers=2), tmp_path / "other")
-    two_layers = export_cached(load_model(other), tmp_path, {"tiny": "other"})
     with pytest.raises(ValueError, match="K/V cache differs"):
-        OrtRunner(path, CPU, 64, fill_graph=two_layers)
+        OrtRunner(path, CPU, 64, fill_graph=two_layer_graph)
 
 
 def test_runner_is_a_model_runner_with_a_placement(draft):

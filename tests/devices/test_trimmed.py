@@ -3,6 +3,8 @@ plans with it that stay lossless (greedy and sampling) while proposing only kept
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from mirror_sd.devices.ort_core import OrtDevice
 from mirror_sd.devices.ort_device import OrtRunner
 from mirror_sd.devices.torch_device import TorchDevice, TorchRunner
 from mirror_sd.devices.trimmed import TrimmedVocabRunner
+from mirror_sd.graphs import export as graphs_export
 from mirror_sd.graphs.loader import load_model
 from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.graphs.trimmed_head import export_trimmed, trim_identity, with_trimmed_head
@@ -94,16 +97,26 @@ def test_runner_refuses_logits_of_another_width(tied):
                        causal_mask(0, 1))  # fmt: skip
 
 
-def test_each_trim_gets_its_own_onnx_export_that_matches_torch(tied, tmp_path):
+def test_each_trim_gets_its_own_onnx_export_that_matches_torch(tied, tmp_path, monkeypatch):
     key = {"tiny": "tied", "seed": 5}
     t16, t32, t16b = _trim(16), _trim(32), _trim(16, seed=1)
-    p16 = export_trimmed(tied, tmp_path, key, t16)
+    p16 = export_trimmed(tied, tmp_path, key, t16)  # real: run against torch below
+    heads = []  # the other two test the cache's naming: the exporter is faked for them (each
+    # real export takes ~10 s; test_api_vocab_trim.py runs a real one at another K)
+
+    def fake_export(model, path, *args, **kw):
+        heads.append(model.lm_head.weight.shape[0])
+        Path(path).write_bytes(b"graph")
+        return Path(path)
+
+    monkeypatch.setattr(graphs_export, "export_stages", fake_export)
     paths = {
         p16,
         export_trimmed(tied, tmp_path, key, t32),
         export_trimmed(tied, tmp_path, key, t16b),
     }
     assert len(paths) == 3  # another K, or the same K with other ids: another file
+    assert heads == [32, 16]  # each export got its own trimmed head
     assert "-v16-" in p16.parent.name and trim_identity(t16) != trim_identity(t16b)
     assert export_trimmed(tied, tmp_path, dict(key), t16) == p16  # cached: same trim, same file
     ort_runner = TrimmedVocabRunner(OrtRunner(p16, OrtDevice(intra_op_threads=1), 32), t16)

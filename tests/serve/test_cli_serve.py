@@ -1,6 +1,5 @@
 """`mirror-sd serve`: its errors follow the CLI's contract; one command serves a saved plan."""
 
-import os
 import re
 import signal
 import socket
@@ -39,17 +38,17 @@ def test_missing_model_is_a_user_error(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_command_serves_a_saved_plan(tmp_path):
+def test_one_command_serves_a_saved_plan(tmp_path, monkeypatch):
     t = save_tiny_with_tokenizer(make_tiny("llama", seed=0, num_hidden_layers=4), tmp_path / "t")
     d = save_tiny_with_tokenizer(make_tiny("llama", seed=1, num_hidden_layers=1), tmp_path / "d")
     plan_dir = tmp_path / "myplan"
-    env = {**os.environ, "MIRROR_SD_CACHE": str(tmp_path / "cache")}
+    monkeypatch.setenv("MIRROR_SD_CACHE", str(tmp_path / "cache"))  # the server inherits it
     compile_argv = ["compile", str(t), "--draft", str(d), "-o", str(plan_dir), "--exit-layer",
                     "2", "--branch-budget", "4", "--max-len", "128"]  # fmt: skip
+    assert main(compile_argv) == 0  # in this process: the CLI's code, without a 2nd interpreter
     cli = [sys.executable, "-m", "mirror_sd.cli"]
-    subprocess.run(cli + compile_argv, env=env, check=True, capture_output=True)
     proc = subprocess.Popen(
-        cli + ["serve", str(plan_dir), "--port", "0"], env=env, stderr=subprocess.PIPE, text=True
+        cli + ["serve", str(plan_dir), "--port", "0"], stderr=subprocess.PIPE, text=True
     )
     try:
         for line in proc.stderr:  # the server says where it listens once it does
