@@ -220,7 +220,8 @@ def test_quantize_auto_keeps_a_4_bit_checkpoint_4_bit_where_the_cpu_has_int8_ker
     folders, monkeypatch
 ):
     """`quantize: auto` on a folder fetched from a Q4_K_M GGUF: int4 weights on a CPU with
-    integer dot-product kernels (mocked: AMX), int8-rows with AVX512-VNNI, fp32 on one
+    integer dot-product kernels (mocked: AMX), int8-rows with AVX512-VNNI, int7-rows with AVX2
+    alone, fp32 on one
     without; describe() says which and why, the plan's reference is that target, and
     speculative equals its `ar`."""
     from mirror_sd import builders
@@ -236,6 +237,7 @@ def test_quantize_auto_keeps_a_4_bit_checkpoint_4_bit_where_the_cpu_has_int8_ker
         for flags, expected in (
             ({"avx2", "amx_int8"}, "int4"),
             ({"avx2", "avx512_vnni"}, "int8-rows"),  # a target where the u8s8 GEMM is faster
+            ({"avx2"}, "int7-rows"),  # the same GEMM without VNNI: weights it computes exactly
             ({"sse4_2"}, "none"),
         ):
             monkeypatch.setattr(

@@ -8,7 +8,9 @@ Rule: the checkpoint's precision where the device has native kernels for it, fp3
             where the CPU has integer dot-product kernels (MatMulNBits with int8 activations:
             AMX-INT8, AVX512-VNNI, AVX-VNNI or AVX2 on x86, dot-product NEON on Arm);
             except a 4-bit checkpoint's *target* on a CPU with AVX512-VNNI: int8-rows
-            (ROWS_GEMM_FLAG, `choose_quantize`), faster there and closer to the checkpoint
+            (ROWS_GEMM_FLAG, `choose_quantize`), faster there and closer to the checkpoint;
+            and on an AVX2 CPU whose u8s8 GEMM saturates (no VNNI / AMX): int7-rows, the
+            same kernel with weights it computes exactly, faster there than int4
         anything else -> none (fp32 weights): ORT's CPU provider has no bf16 / fp16 GEMM, and
             quantizing a float checkpoint below its precision is the user's call, not ours
     torch device (`dtype`)
@@ -30,6 +32,7 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 FP16_FLAGS = ("amx_fp16", "avx512_fp16")
 CHECKPOINT_PRECISIONS = ("int4", "int8", "float16", "bfloat16", "float32")
 ROWS_GEMM_FLAG = "avx512_vnni"  # where a 4-bit checkpoint's target runs int8-rows (measured)
+ROWS7_GEMM_FLAG = "avx2"  # without exact u8s8 (VNNI, AMX): int7-rows instead of int4 (measured)
 # Where MLAS's u8s8 GEMM (int8-rows) is exact: VNNI / AMX dot products on x86, SDOT/UDOT on Arm.
 # Without them (AVX2, AVX-512 without VNNI) it multiplies through vpmaddubsw, whose 16-bit pair
 # sums saturate once 255 * |w| pairs exceed 32767 (|w| > 64 of our 127): devices/u8s8_probe.py
@@ -85,6 +88,13 @@ def choose_quantize(checkpoint: str, caps: CpuCaps, role: str = "target") -> Pre
     decoding row is faster there (31 vs 43 ms on the 0.5B; its prompt can take int8-rows,
     `prefill_quantize`).
 
+    Where AVX2 is present but the u8s8 GEMM is not exact (no VNNI or AMX), a 4-bit checkpoint's
+    target gets int7-rows (weights in [-64, 64], which that GEMM computes exactly). On the
+    AVX2-only EPYC, side by side on 12 prompts (docs/benchmarks.md, *int7-rows on AVX2*), its
+    `ar` ran at 1.13x int4's and the plan's best method at 1.18x int4's best: a lone int4 row
+    is padded to two there (`devices.row_exact`) and int4 MatMulNBits is compute-bound on
+    blocks, while the u8s8 GEMM is not.
+
     Raises:
         ValueError: `checkpoint` is not one of CHECKPOINT_PRECISIONS.
     """
@@ -94,6 +104,13 @@ def choose_quantize(checkpoint: str, caps: CpuCaps, role: str = "target") -> Pre
             "quantize", "int8-rows", f"the checkpoint is int4; on this CPU ({ROWS_GEMM_FLAG}) the "
             "row-invariant int8 GEMM decodes a target faster than int4 MatMulNBits and keeps "
             "closer to the checkpoint's weights"
+        )  # fmt: skip
+    if (checkpoint == "int4" and role == "target" and ROWS7_GEMM_FLAG in caps.flags
+            and not caps.u8s8_exact):  # fmt: skip
+        return PrecisionChoice(
+            "quantize", "int7-rows", f"the checkpoint is int4; on this CPU ({ROWS7_GEMM_FLAG}, "
+            "no VNNI or AMX) the row-invariant int8 GEMM with weights in [-64, 64] computes "
+            "exactly and decodes a target faster than int4 MatMulNBits"
         )  # fmt: skip
     if checkpoint in ("int4", "int8"):
         dot = caps.int8_dot
@@ -115,7 +132,8 @@ def choose_quantize(checkpoint: str, caps: CpuCaps, role: str = "target") -> Pre
 def choose_prefill_quantize(quantize: str, caps: CpuCaps) -> PrecisionChoice:
     """`prefill_quantize: auto` for an ONNX Runtime CPU draft whose weights are `quantize`
     (resolved): int8-rows for an int4 draft where the CPU's u8s8 GEMM is exact (VNNI, AMX or
-    Arm dot products: `CpuCaps.u8s8_exact`), else none.
+    Arm dot products: `CpuCaps.u8s8_exact`), int7-rows where it saturates but AVX2 runs it
+    (the same GEMM with weights it computes exactly), else none.
 
     Why: int4 MatMulNBits de-quantizes per block and is compute-bound on many rows, while
     int8-rows runs the prepacked u8s8 GEMM; on the 0.5B draft (AVX-512 EPYC, 2 threads) a
@@ -125,8 +143,12 @@ def choose_prefill_quantize(quantize: str, caps: CpuCaps) -> PrecisionChoice:
     if quantize == "int4" and caps.u8s8_exact:
         return PrecisionChoice("prefill_quantize", "int8-rows", "an int4 draft's prompt runs "
                                f"faster through the u8s8 GEMM ({caps.int8_dot})")  # fmt: skip
+    if quantize == "int4" and ROWS7_GEMM_FLAG in caps.flags:
+        return PrecisionChoice("prefill_quantize", "int7-rows", "an int4 draft's prompt runs "
+                               f"faster through the u8s8 GEMM ({ROWS7_GEMM_FLAG}; weights in "
+                               "[-64, 64]: without VNNI or AMX it saturates beyond)")  # fmt: skip
     why = (f"the draft is {quantize}" if quantize != "int4"
-           else "this CPU's u8s8 GEMM saturates (no VNNI, AMX or Arm dot products)")  # fmt: skip
+           else "this CPU has no u8s8 GEMM (no AVX2, VNNI, AMX or Arm dot products)")  # fmt: skip
     return PrecisionChoice("prefill_quantize", "none", f"{why}: the draft's own graph")
 
 
@@ -137,7 +159,7 @@ def rows_gemm_warning(key: str, caps: CpuCaps) -> str | None:
         return None
     fix = ("prefill_quantize: int7-rows (the same kernel, exact everywhere) or auto"
            if key.endswith("prefill_quantize")
-           else "quantize: int7-rows (the same kernel, exact everywhere), auto, int4 or int8")  # fmt: skip
+           else "quantize: int7-rows (the same kernel, exact everywhere) or auto")  # fmt: skip
     return (
         f"{key}: int8-rows on this CPU ({caps.model}) runs MLAS's u8s8 GEMM without VNNI, AMX or "
         "Arm dot products: its 16-bit pair sums saturate, so the weights act as a distorted "

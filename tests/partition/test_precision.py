@@ -37,13 +37,15 @@ def test_a_4_bit_checkpoint_stays_4_bit_where_integer_kernels_exist(caps, expect
 
 @pytest.mark.parametrize(
     ("caps", "expected"),
-    [(AMX_XEON, "int8-rows"), (AVX2_EPYC, "int4"), (ARM_DOT, "int4"), (OLD_X86, "none")],
+    [(AMX_XEON, "int8-rows"), (AVX2_EPYC, "int7-rows"), (ARM_DOT, "int4"), (OLD_X86, "none")],
 )
-def test_a_4_bit_target_runs_int8_rows_where_the_cpu_has_avx512_vnni(caps, expected):
+def test_a_4_bit_target_runs_int8_rows_with_avx512_vnni_and_int7_rows_with_avx2(caps, expected):
     choice = choose_quantize("int4", caps)  # the target's device
     assert choice.value == expected
     if expected == "int8-rows":
         assert "avx512_vnni" in choice.reason and "closer to the checkpoint" in choice.reason
+    if expected == "int7-rows":
+        assert "avx2" in choice.reason and "[-64, 64]" in choice.reason
     assert choose_quantize("int8", caps).value == ("int8" if caps.int8_dot else "none")
 
 
@@ -129,7 +131,7 @@ placement: {target: t}
 
 @pytest.mark.parametrize(
     ("quantize", "caps", "expected"),
-    [("int4", AVX2_EPYC, "none"), ("int4", AMX_XEON, "int8-rows"), ("int4", OLD_X86, "none"),
+    [("int4", AVX2_EPYC, "int7-rows"), ("int4", AMX_XEON, "int8-rows"), ("int4", OLD_X86, "none"),
      ("int4", ARM_DOT, "int8-rows"),
      ("int8", AMX_XEON, "none"), ("none", AVX2_EPYC, "none")],
 )  # fmt: skip

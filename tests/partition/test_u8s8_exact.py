@@ -8,7 +8,12 @@ import pytest
 from mirror_sd.devices.cpu_caps import host_caps
 from mirror_sd.devices.u8s8_probe import u8s8_ratio
 from mirror_sd.graphs.row_quant import ROWS_QMAX
-from mirror_sd.partition.precision import CpuCaps, choose_prefill_quantize, rows_gemm_warning
+from mirror_sd.partition.precision import (
+    CpuCaps,
+    choose_prefill_quantize,
+    choose_quantize,
+    rows_gemm_warning,
+)
 
 
 def test_weights_up_to_64_are_exact_on_every_cpu():
@@ -29,7 +34,8 @@ def test_the_flags_predict_whether_full_range_weights_are_exact_here():
 def test_auto_keeps_int8_rows_off_cpus_whose_gemm_saturates():
     avx512_no_vnni = CpuCaps("Skylake-X", frozenset({"avx2", "avx512f", "avx512bw"}))
     choice = choose_prefill_quantize("int4", avx512_no_vnni)
-    assert choice.value == "none" and "saturates" in choice.reason
+    assert choice.value == "int7-rows" and "saturates beyond" in choice.reason
+    assert choose_quantize("int4", avx512_no_vnni).value == "int7-rows"
     why = rows_gemm_warning("devices.drf.prefill_quantize", avx512_no_vnni)
     assert "devices.drf.prefill_quantize" in why and "prefill_quantize: int7-rows" in why
     assert "quantize: int7-rows" in rows_gemm_warning("devices.t.quantize", avx512_no_vnni)
