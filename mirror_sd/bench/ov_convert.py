@@ -50,7 +50,9 @@ def quantize_to_format(quantize: str | None, default: str) -> str:
     quantized per row by our kernel)."""
     if quantize in (None, ""):
         return default
-    fmt = {"none": "fp32", "int8-rows": "int8", "int7-rows": "int8"}.get(quantize, quantize)
+    from mirror_sd.graphs.row_quant import ROWS_KINDS
+
+    fmt = "fp32" if quantize == "none" else "int8" if quantize in ROWS_KINDS else quantize
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"quantize {quantize!r}: peers convert to {', '.join(WEIGHT_FORMATS)}")
     return fmt

@@ -67,7 +67,9 @@ def one_row_exact(bits: int) -> bool:
 def needs_padding(quantize: str | None) -> bool:
     """Whether a runner of weights `quantize` ("int8" / "int4" / None) decodes lone rows as
     blocks of two on this CPU. fp32 graphs never need it (tests/graphs/test_row_invariance.py)."""
-    if quantize in (None, "none", "int8-rows", "int7-rows"):  # an exact integer GEMM at every M
+    from mirror_sd.graphs.row_quant import ROWS_KINDS
+
+    if quantize in (None, "none") or quantize in ROWS_KINDS:  # exact integer GEMM at every M
         return False
     return not one_row_exact(int(quantize.removeprefix("int")))
 
