@@ -57,10 +57,17 @@ from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.partition.tree_shape import TreeChoice, resolve_tree
 from mirror_sd.pipelined import PipelineRunner, first_alias, pipeline_runner, spans_devices
 from mirror_sd.runtime.compile_report import CompileReport
-from mirror_sd.runtime.drafters.sources import check_source
+from mirror_sd.runtime.drafters.base import DraftSource
+from mirror_sd.runtime.drafters.sources import check_source, make_source
 from mirror_sd.runtime.exit_tuning import tune_exit_threshold
 from mirror_sd.runtime.plan import DeviceSlot, Plan
-from mirror_sd.runtime.profiling import CALIBRATION_TEXT, profile
+from mirror_sd.runtime.profiling import (
+    ACCEPTANCE_PROMPT,
+    AUTO_RETRIEVAL,
+    CALIBRATION_TEXT,
+    profile,
+)
+from mirror_sd.runtime.prompts import encode_prompt
 from mirror_sd.simulated import sim_profile, with_absolute_profiles
 from mirror_sd.training.amphista_select import amphista_file
 from mirror_sd.training.exit_select import (
@@ -353,6 +360,7 @@ def measure(r: Resolved, b: Built) -> Measured:
         b.t_runner, b.d_runner, b.lens if b.lens is not None else b.t_model, ids,
         max_block=spec.num_draft_tokens + 1, description=f"{target} <- {draft}",
         budget=r.budget, extra_rows=batch_rows(spec.num_draft_tokens),
+        acceptance_ids=encode_prompt(r.t_tok, ACCEPTANCE_PROMPT), retrieval=_auto_retrieval(spec),
     )  # fmt: skip
     if r.heads.files or b.e_trim is not None:  # the exit head in use, not the full lens
         probe = build_exit_head(spec, r.exit_layer, r.heads, b.t_model, b.e_trim)
@@ -370,8 +378,19 @@ def measure(r: Resolved, b: Built) -> Measured:
     spec = choice.spec
     if spec.mode == "auto":  # the cost model's verdict for this machine, kept in the plan
         spec = spec.with_(mode=choice.best_mode)
+        if choice.best_candidate == "retrieval":  # its source alone; the draft stays loaded
+            spec = spec.with_(retrieval=choice.retrieval_source, model_draft=False)
     spec, tree = resolve_tree(prof, spec, r.t_spec)
     return Measured(spec, choice, prof, tree)
+
+
+def _auto_retrieval(spec: SpecConfig) -> tuple[str, DraftSource, int] | None:
+    """The draft-free retrieval candidate mode auto weighs (`profiling.AUTO_RETRIEVAL`): only
+    when the mode is auto and the map names no retrieval source of its own."""
+    if spec.mode != "auto" or spec.retrieval != "none" or not spec.model_draft:
+        return None
+    source = make_source(AUTO_RETRIEVAL, spec.retrieval_max_ngram)
+    return AUTO_RETRIEVAL, source, spec.retrieval_min_match
 
 
 def finish(r: Resolved, b: Built, m: Measured) -> Plan:

@@ -48,7 +48,8 @@ def describe(plan: Plan) -> str:
             if info.choice
             else ("no draft to run" if plan.draft is None else "chosen when it was compiled")
         )
-        lines.append(f"mode: auto -> {spec.mode} ({why})")
+        alone = "" if spec.model_draft else f" with {spec.retrieval} alone, the draft idle"
+        lines.append(f"mode: auto -> {spec.mode}{alone} ({why})")
     lines.append(f"speculation: {json.dumps(asdict(spec))}")
     lines.append(f"reference: {reference_precision(plan)}")
     for alias, note in info.precision.items():

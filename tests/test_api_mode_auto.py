@@ -265,3 +265,48 @@ def test_tree_siblings_auto_sizes_the_tree_from_the_profile(folders, tmp_path):
         assert plan.spec.tree_siblings == 0 and plan.auto_tree is None  # trees would round
         assert "token tree: none (tree_siblings: auto runs a chain) because the target runs " \
                "int8 on torch" in api.describe(plan)  # fmt: skip
+
+
+def test_compile_measures_acceptance_on_the_target_s_own_answer(folders):
+    """compile() reads α off the target's greedy answer to ACCEPTANCE_PROMPT and replays the
+    draft-free retrieval source over the same answer: both are in the profile."""
+    from mirror_sd.runtime.profiling import (
+        ACCEPTANCE_PROMPT,
+        ACCEPTANCE_TOKENS,
+        AUTO_RETRIEVAL,
+        answer_agreement,
+    )
+    from mirror_sd.runtime.prompts import encode_prompt
+
+    target, draft, _ = folders
+    with api.compile(target, draft, TORCH_DRAFT_MAP, mode="auto", max_len=128) as plan:
+        prof, choice = plan.report.profile, plan.report.choice
+        assert prof.retrieval_source == AUTO_RETRIEVAL == choice.retrieval_source
+        assert sum(n for _, n in prof.retrieval_rounds) == ACCEPTANCE_TOKENS
+        ids = encode_prompt(plan.tokenizer, ACCEPTANCE_PROMPT)
+        assert prof.accept_rate == answer_agreement(plan.target, plan.draft, ids)[0]
+        assert choice.speedup_retrieval == prof.retrieval_speedup() > 0
+
+
+def test_auto_can_pick_the_retrieval_source_alone(folders, tmp_path):
+    """When the replayed retrieval rounds are predicted fastest, the plan runs speculative
+    rounds from that source with the draft idle; describe() says so, save()/load() keep it,
+    and the output stays the target's."""
+    target, draft, _ = folders
+    prof = Profile(
+        num_layers=6, t_target={1: 1.0, 16: 1.0}, t_draft={1: 0.5, 16: 8.0}, accept_rate=0.1,
+        overlap_slowdown=3.0, retrieval_source="sam", retrieval_rounds=((5, 5), (5, 4), (1, 1)),
+    )  # fmt: skip
+    with api.compile(target, draft, TORCH_DRAFT_MAP, mode="auto", max_len=128,
+                     profile_data=prof) as plan:  # fmt: skip
+        assert plan.report.choice.best_candidate == "retrieval"
+        assert (plan.spec.mode, plan.spec.retrieval, plan.spec.model_draft) == (
+            "speculative", "sam", False,
+        )  # fmt: skip
+        assert "mode: auto -> speculative with sam alone, the draft idle" in api.describe(plan)
+        ref = plan.generate("w1 w2 w3 w1 w2 w3 w1 w2", 20, mode="autoregressive").tokens
+        res = plan.generate("w1 w2 w3 w1 w2 w3 w1 w2", 20)
+        assert res.tokens == ref and res.stats.mode == "speculative"
+        api.save(plan, tmp_path / "plan")
+    with api.load(tmp_path / "plan") as again:
+        assert (again.spec.retrieval, again.spec.model_draft) == ("sam", False)

@@ -62,6 +62,11 @@ class Profile:
             among the draft's next s best tokens when it is not the draft's first choice
             (teacher-forced on the calibration text); empty: not measured. Sizes a
             speculative round's token tree (`partition.tree_shape`).
+        retrieval_source: the draft-free retrieval source `retrieval_rounds` ran ("" none).
+        retrieval_rounds: (rows verified, tokens committed) of each greedy round that source
+            makes alone (the draft idle) over the target's own answer to the acceptance
+            prompt: its speedup is predicted from these rounds and t_T, not from α
+            (`retrieval_speedup`); empty: not measured, not a candidate of mode auto.
     """
 
     num_layers: int
@@ -76,6 +81,8 @@ class Profile:
     overlap_slowdown: float = 1.0
     stream_accuracy: tuple[float, ...] = ()
     sibling_coverage: tuple[float, ...] = ()
+    retrieval_source: str = ""
+    retrieval_rounds: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_layers, int) or self.num_layers < 2:
@@ -95,6 +102,10 @@ class Profile:
         if any(not 0 <= c <= 1 for c in cov) or any(a > b for a, b in itertools.pairwise(cov)):
             raise ValueError(
                 f"profile sibling_coverage must be non-decreasing values in [0, 1], got {cov}"
+            )
+        if any(not 1 <= tokens <= rows for rows, tokens in self.retrieval_rounds):
+            raise ValueError(
+                "profile retrieval_rounds must be (rows, tokens) pairs with 1 <= tokens <= rows"
             )
         for layer, rate in self.hit_rate_by_exit_layer.items():
             if not 1 <= layer < self.num_layers or not 0 <= rate <= 1:
@@ -125,6 +136,14 @@ class Profile:
             gamma, self.stream_accuracy, self.draft
         ) < gamma * self.draft(1)
 
+    def retrieval_speedup(self) -> float:
+        """Predicted speedup over autoregressive of `retrieval_rounds`: their tokens at t_T(1)
+        each over their blocks' t_T(rows); 0.0 when not measured."""
+        if not self.retrieval_rounds:
+            return 0.0
+        tokens = sum(n for _, n in self.retrieval_rounds)
+        return tokens * self.target(1) / sum(self.target(r) for r, _ in self.retrieval_rounds)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (table keys become strings)."""
         d = asdict(self)
@@ -147,6 +166,9 @@ class Profile:
             data[name] = {int(k): float(v) for k, v in data.get(name, {}).items()}
         for name in ("stream_accuracy", "sibling_coverage"):
             data[name] = tuple(float(a) for a in data.get(name, ()))
+        data["retrieval_rounds"] = tuple(
+            (int(r), int(n)) for r, n in data.get("retrieval_rounds", ())
+        )
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -320,24 +342,44 @@ class Choice:
     candidates: int  # combinations evaluated
     assumptions: tuple[str, ...]
     spec: SpecConfig  # the input SpecConfig with the chosen values filled in
+    # speculative rounds from the draft-free retrieval source alone (Profile.retrieval_rounds)
+    speedup_retrieval: float = 0.0  # 0.0: not measured, not a candidate
+    retrieval_source: str = ""
+
+    @property
+    def best_candidate(self) -> str:
+        """The highest predicted speedup: "mirror", "speculative", "retrieval" (speculative
+        rounds proposed by `retrieval_source` alone, the draft idle) or "autoregressive";
+        ties go to speculative, then mirror, then autoregressive, retrieval last."""
+        best = max(
+            (self.speedup_mirror, 2, "mirror"),
+            (self.speedup_vanilla, 3, "speculative"),
+            (self.speedup_retrieval, 0, "retrieval"),
+            (self.speedup_autoregressive, 1, "autoregressive"),
+        )
+        return best[2]
 
     @property
     def best_mode(self) -> str:
-        """The SpecConfig mode with the highest predicted speedup."""
-        best = max(
-            (self.speedup_mirror, "mirror"),
-            (self.speedup_vanilla, "speculative"),
-            (self.speedup_autoregressive, "autoregressive"),
+        """The SpecConfig mode of `best_candidate` (retrieval rounds are speculative rounds)."""
+        best = self.best_candidate
+        return "speculative" if best == "retrieval" else best
+
+    def _retrieval_text(self) -> str:
+        return (
+            f", {self.retrieval_source} alone (draft idle) {self.speedup_retrieval:.2f}x"
+            if self.retrieval_source
+            else ""
         )
-        return best[1]
 
     def mode_verdict(self) -> str:
         """One line: why `mode: auto` picks `best_mode` (the predicted speedups and f)."""
         return (
             f"mode auto chose the highest predicted speedup over autoregressive: mirror "
-            f"{self.speedup_mirror:.2f}x, speculative {self.speedup_vanilla:.2f}x "
-            f"(overlap slowdown f = {self.overlap_slowdown:.2f}: 1 when the draft's device "
-            f"shares nothing with the target's, higher when they share cores and memory)"
+            f"{self.speedup_mirror:.2f}x, speculative {self.speedup_vanilla:.2f}x"
+            f"{self._retrieval_text()} (overlap slowdown f = {self.overlap_slowdown:.2f}: 1 "
+            f"when the draft's device shares nothing with the target's, higher when they share "
+            f"cores and memory)"
         )
 
     def explain(self) -> str:
@@ -361,7 +403,9 @@ class Choice:
             f"round: mirror {ms(self.t_round_mirror)}, vanilla {ms(self.t_round_vanilla)}, "
             f"autoregressive {ms(self.t_round_autoregressive)} (1 token)",
             f"speedup over autoregressive: mirror {self.speedup_mirror:.2f}x, vanilla "
-            f"{self.speedup_vanilla:.2f}x, autoregressive 1.00x -> best mode: {self.best_mode}",
+            f"{self.speedup_vanilla:.2f}x{self._retrieval_text()}, autoregressive 1.00x -> "
+            f"best mode: {self.best_mode}"
+            + (f" ({self.retrieval_source} alone)" if self.best_candidate == "retrieval" else ""),
         ]
         lines += [f"assumption: {a}" for a in self.assumptions]
         return "\n".join(lines)
@@ -420,9 +464,13 @@ def choose(
         num_draft_tokens=best.num_draft_tokens,
         branch_budget=best.branch_budget,
     )
+    # retrieval alone is a candidate where the spec has no source of its own and a draft
+    alone = spec.retrieval == "none" and spec.model_draft and profile.retrieval_rounds
     return replace(
-        best, candidates=len(cands), assumptions=_assumptions(profile, best), spec=chosen
-    )
+        best, candidates=len(cands), assumptions=_assumptions(profile, best), spec=chosen,
+        speedup_retrieval=profile.retrieval_speedup() if alone else 0.0,
+        retrieval_source=profile.retrieval_source if alone else "",
+    )  # fmt: skip
 
 
 def num_branches(gamma: int, kappa: int) -> int:

@@ -137,10 +137,11 @@ def resolve_tree(
     prof: Profile | None, spec: SpecConfig, t_spec: DeviceSpec
 ) -> tuple[SpecConfig, TreeChoice | None]:
     """(`spec` with `tree_siblings: auto` made concrete, the tree sized for it). Leaves go only
-    where speculative rounds verify them: another mode, no profile, or a target where trees
-    round differently (`tree_rounding`) resolves auto to 0 (a chain)."""
+    where speculative rounds of the draft verify them: another mode, no draft (retrieval
+    alone), no profile, or a target where trees round differently (`tree_rounding`) resolves
+    auto to 0 (a chain)."""
     tree = sized_tree(prof, spec, t_spec) if prof is not None else None
     if spec.tree_siblings == "auto":
-        use = tree is not None and spec.mode == "speculative"
+        use = tree is not None and spec.mode == "speculative" and spec.model_draft
         spec = spec.with_(tree_siblings=tree.shape if use else 0)
     return spec, tree

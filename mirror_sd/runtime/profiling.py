@@ -1,9 +1,11 @@
 """`profile()`: measure the costs the partitioner needs on the actual devices.
 
-t_T(n) of the target, t_d(b) of the draft, the exit head's time, the logit-lens
-agreement of the exit head at candidate exit layers, and the draft's teacher-forced
-agreement with the target (an estimate of the per-token acceptance α), all on a short
-calibration text that is not Spec-Bench.
+t_T(n) of the target, t_d(b) of the draft, the exit head's time and the logit-lens
+agreement of the exit head at candidate exit layers on a short calibration text that is not
+Spec-Bench; and the draft's agreement with the target (an estimate of the per-token
+acceptance α) on the target's own greedy answer to a chat question, which is what rounds
+verify: a text both models merely read (code above all) overstates α, and α decides whether
+speculation pays at all (docs/benchmarks.md, *mode auto on the AVX2 EPYC*).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from mirror_sd.graphs.model import CausalLM
 from mirror_sd.partition.cost_model import Profile
 from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.partition.tree_shape import MAX_TREE_SIBLINGS
+from mirror_sd.runtime.drafters.base import DraftSource
+from mirror_sd.runtime.drafters.combine import Combined
 
 CALIBRATION_TEXT = (
     'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
@@ -30,6 +34,17 @@ CALIBRATION_TEXT = (
     "The river runs past the old mill, where the children of the village gather every "
     "evening to watch the boats return with the day's catch. "
 )
+# α is measured on the target's greedy answer to this question (under its chat template):
+# plain prose, as most chat answers are; not a Spec-Bench question
+ACCEPTANCE_PROMPT = (
+    "In a short paragraph, explain how a refrigerator keeps food cold, and end with one tip "
+    "for using less energy."
+)
+ACCEPTANCE_TOKENS = 64  # tokens of the target's own answer the draft is checked against
+MIN_ANSWER_TOKENS = 16  # fewer fit in the context: α is read off the calibration text instead
+# the draft-free retrieval source mode auto weighs against the draft (SAM-Decoding's: on two
+# shared cores a round without a draft forward can beat one with it, docs/benchmarks.md)
+AUTO_RETRIEVAL = "sam"
 
 
 def _median_time(fn: Callable[[], object], reps: int) -> float:
@@ -139,14 +154,21 @@ def teacher_forced_agreement(target: ModelRunner, draft: ModelRunner, ids: Seque
 
 
 def teacher_forced(
-    target: ModelRunner, draft: ModelRunner, ids: Sequence[int], siblings: int = 0
+    target: ModelRunner,
+    draft: ModelRunner,
+    ids: Sequence[int],
+    siblings: int = 0,
+    first: int = 0,
 ) -> tuple[float, tuple[float, ...]]:
-    """(α, β_1..β_siblings) on the positions of `ids`, both models fed the same tokens.
+    """(α, β_1..β_siblings) on the positions `first`.. of `ids`, both models fed the same
+    tokens (`first` > 0: a prompt's positions are read, not counted).
 
     α: the fraction of positions where the draft's argmax is the target's. β_s: among the
     positions where it is not, the fraction where the target's argmax is one of the draft's
     next s best tokens (`Profile.sibling_coverage`; 0 when the draft always agrees)."""
     n = len(ids)
+    if not 0 <= first < n:
+        raise ValueError(f"teacher_forced: first={first} must lie in [0, {n}) (len(ids))")
     t, pos, mask = torch.tensor([list(ids)]), torch.arange(n).unsqueeze(0), causal_mask(0, n)
     target.rollback(0)
     draft.rollback(0)
@@ -155,8 +177,8 @@ def teacher_forced(
     d = d.reshape(-1, d.shape[-1])  # (n, V)
     target.rollback(0)
     draft.rollback(0)
-    ranked = d.topk(1 + siblings, dim=-1).indices  # (n, 1 + s)
-    hit = ranked == a[:, None]
+    ranked = d[first:].topk(1 + siblings, dim=-1).indices  # (n - first, 1 + s)
+    hit = ranked == a[first:, None]
     missed = ~hit[:, 0]
     misses = int(missed.sum())
     coverage = tuple(
@@ -164,6 +186,75 @@ def teacher_forced(
         for s in range(1, siblings + 1)
     )
     return float(hit[:, 0].float().mean()), coverage
+
+
+@torch.inference_mode()
+def greedy_answer(target: ModelRunner, prompt_ids: Sequence[int], n: int) -> list[int]:
+    """The target's own greedy continuation of `prompt_ids`, `n` tokens at most (fewer when
+    the runner's context ends first), decoded one row at a time; the runner is left empty."""
+    n = min(n, target.max_len - len(prompt_ids))
+    if n < 1 or not prompt_ids:
+        raise ValueError(
+            f"greedy_answer: a {len(prompt_ids)}-token prompt leaves no room in the target's "
+            f"{target.max_len}-token context"
+        )
+    target.rollback(0)
+    ids, out = list(prompt_ids), []
+    logits = target.forward(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0),
+                            causal_mask(0, len(ids)))  # fmt: skip
+    for _ in range(n):
+        out.append(int(logits.reshape(-1, logits.shape[-1])[-1].argmax()))
+        p = len(ids) + len(out) - 1
+        if len(out) < n:
+            logits = target.forward(torch.tensor([[out[-1]]]), torch.tensor([[p]]),
+                                    causal_mask(p, 1))  # fmt: skip
+    target.rollback(0)
+    return out
+
+
+def answer_agreement(
+    target: ModelRunner,
+    draft: ModelRunner,
+    prompt_ids: Sequence[int],
+    siblings: int = 0,
+    n: int = ACCEPTANCE_TOKENS,
+    answer: Sequence[int] | None = None,
+) -> tuple[float, tuple[float, ...]]:
+    """`teacher_forced` over the target's own greedy answer to `prompt_ids` (`greedy_answer`,
+    or `answer` when given), counting the positions that predict the answer's tokens: the
+    agreement greedy rounds see, since each round verifies a continuation the target would
+    write itself."""
+    if answer is None:
+        answer = greedy_answer(target, prompt_ids, min(n, draft.max_len - len(prompt_ids)))
+    ids = [*prompt_ids, *answer[:-1]]  # the last answer token predicts nothing checked
+    return teacher_forced(target, draft, ids, siblings, first=len(prompt_ids) - 1)
+
+
+def retrieval_rounds(
+    source: DraftSource,
+    prompt_ids: Sequence[int],
+    answer: Sequence[int],
+    gamma: int,
+    min_match: int,
+) -> tuple[tuple[int, int], ...]:
+    """(rows verified, tokens committed) of each greedy round `source` makes alone over
+    `answer`, as the scheduler runs it (`Combined` with no fallback: a proposal counts when
+    its match is at least `min_match` long, at most γ tokens; no proposal is a one-row step).
+    Greedy rounds commit the proposal's agreeing prefix and the target's next token, so
+    this replays exactly what generating `answer` would verify."""
+    gate = Combined(source, None, threshold=min_match)
+    gate.reset(prompt_ids)
+    rounds, i = [], 0
+    while i < len(answer):
+        proposal = gate.propose(gamma).tokens
+        k = 0
+        while k < len(proposal) and i + k < len(answer) and proposal[k] == answer[i + k]:
+            k += 1
+        n = min(k + 1, len(answer) - i)
+        rounds.append((len(proposal) + 1, n))
+        gate.extend(answer[i : i + n])
+        i += n
+    return tuple(rounds)
 
 
 def lens_layers(n_layers: int) -> range:
@@ -184,6 +275,8 @@ def profile(
     description: str = "",
     budget: ThreadBudget | None = None,
     extra_rows: Sequence[int] = (),
+    acceptance_ids: Sequence[int] | None = None,
+    retrieval: tuple[str, DraftSource, int] | None = None,
 ) -> Profile:
     """Measure a `Profile` on the runners' real devices (each runner is left empty), each
     runner at its solo threads of `budget`, the overlap slowdown at the overlap threads.
@@ -193,7 +286,13 @@ def profile(
     (`agreement_by_layer` over `lens_layers`): compile() measures it first and frees the
     torch model before the ONNX Runtime sessions load. `extra_rows`: target row counts
     beyond 1..max_block to time (the batch policy's, `partition.batch_policy.batch_rows`).
-    A bar on stderr counts the measurements when progress is shown (`mirror_sd.progress`).
+    `acceptance_ids`: a prompt (ACCEPTANCE_PROMPT under the chat template) whose greedy answer
+    by the target measures α and sibling coverage (`answer_agreement`); None: they are read
+    off `calibration_ids` teacher-forced. `retrieval`: (name, a fresh source, min match) to
+    replay over that answer (`retrieval_rounds`, γ = max_block − 1), a candidate of mode auto;
+    it needs `acceptance_ids`. A context too short for the prompt and MIN_ANSWER_TOKENS of
+    answer falls back to the calibration text (no retrieval rounds). A bar on stderr counts
+    the measurements when progress is shown (`mirror_sd.progress`).
     """
     lens = lens_model if isinstance(lens_model, Mapping) else None
     n_layers = target.n_layers if lens is not None else lens_model.num_layers
@@ -224,7 +323,18 @@ def profile(
         )
         target.rollback(0)
         bar.update()
-        accept, coverage = teacher_forced(target, draft, calibration_ids, MAX_TREE_SIBLINGS)
+        rounds, source_name = (), ""
+        room = min(target.max_len, draft.max_len) - len(acceptance_ids or ())
+        if acceptance_ids is None or room < MIN_ANSWER_TOKENS:
+            accept, coverage = teacher_forced(target, draft, calibration_ids, MAX_TREE_SIBLINGS)
+        else:
+            answer = greedy_answer(target, acceptance_ids, min(ACCEPTANCE_TOKENS, room))
+            accept, coverage = answer_agreement(
+                target, draft, acceptance_ids, MAX_TREE_SIBLINGS, answer=answer
+            )
+            if retrieval is not None:
+                source_name, source, min_match = retrieval
+                rounds = retrieval_rounds(source, acceptance_ids, answer, max_block - 1, min_match)
         hit_rates = (
             {k: v for k, v in lens.items() if k in layers}
             if lens is not None
@@ -241,6 +351,8 @@ def profile(
         description=description,
         overlap_slowdown=round(slowdown, 3),
         sibling_coverage=coverage,
+        retrieval_source=source_name,
+        retrieval_rounds=rounds,
     )
 
 

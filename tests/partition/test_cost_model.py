@@ -233,3 +233,40 @@ def test_a_shared_machine_can_make_vanilla_the_best_mode():
     assert "overlap slowdown f = 2.50" in slow.explain()
     with pytest.raises(ValueError, match="overlap_slowdown must be >= 1"):
         _profile(overlap_slowdown=0.5)
+
+
+# --- the draft-free retrieval candidate of mode auto ---------------------------------------
+
+LINEAR = {1: 1.0, 2: 1.2, 5: 1.8, 16: 4.0}  # a block of n rows costs more than one row
+
+
+def test_retrieval_speedup_is_the_replayed_rounds_tokens_over_their_blocks():
+    # three rounds: a 5-row block committing 4 tokens, two one-row steps
+    p = _profile(t_target=LINEAR, retrieval_source="sam", retrieval_rounds=((5, 4), (1, 1), (1, 1)))
+    assert p.retrieval_speedup() == pytest.approx(6 * 1.0 / (1.8 + 1.0 + 1.0))
+    assert _profile().retrieval_speedup() == 0.0  # not measured
+    p2 = Profile.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert p2 == p and p2.retrieval_rounds == ((5, 4), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="1 <= tokens <= rows"):
+        _profile(retrieval_rounds=((2, 3),))
+
+
+def test_mode_auto_weighs_retrieval_alone_against_the_draft():
+    # a poor draft (α = 0.2) on a verification-heavy target: the replayed retrieval rounds win
+    rounds = ((5, 5), (5, 5), (1, 1))
+    p = _profile(t_target=LINEAR, accept_rate=0.2, overlap_slowdown=3.0,
+                 retrieval_source="sam", retrieval_rounds=rounds)  # fmt: skip
+    c = choose(p)
+    assert c.best_candidate == "retrieval" and c.best_mode == "speculative"
+    assert c.speedup_retrieval == pytest.approx(11 / 4.6)
+    assert c.speedup_retrieval > max(c.speedup_vanilla, c.speedup_mirror, 1.0)
+    assert "sam alone (draft idle) 2.39x" in c.mode_verdict()
+    assert "best mode: speculative (sam alone)" in c.explain()
+    # a map with a retrieval source of its own, or no model draft, is not second-guessed
+    for spec in (SpecConfig(retrieval="pld"), SpecConfig(model_draft=False)):
+        other = choose(p, spec)
+        assert other.speedup_retrieval == 0.0 and other.best_candidate != "retrieval"
+    # one-row rounds only (nothing to retrieve): never better than autoregressive
+    flat = choose(_profile(t_target=LINEAR, accept_rate=0.2, retrieval_source="sam",
+                           retrieval_rounds=((1, 1),) * 8))  # fmt: skip
+    assert flat.speedup_retrieval == pytest.approx(1.0) and flat.best_candidate != "retrieval"
