@@ -36,7 +36,6 @@ from mirror_sd.graphs import zoo
 from mirror_sd.graphs.amphista import AmphistaHeads
 from mirror_sd.graphs.config import ModelConfig, load_config
 from mirror_sd.graphs.loader import load_tokenizer, release_memory
-from mirror_sd.graphs.model_graph import ModelGraph
 from mirror_sd.graphs.streams import StreamTable
 from mirror_sd.graphs.vocab_trim import VocabTrim
 from mirror_sd.partition import (
@@ -50,21 +49,20 @@ from mirror_sd.partition import (
 )
 from mirror_sd.partition.batch_policy import batch_rows, choose_per_batch
 from mirror_sd.partition.block_bounds import check_block_bounds, tree_rounding
-from mirror_sd.partition.placement import Placement
+from mirror_sd.partition.placement import Placement, one_alias, plan_graph
 from mirror_sd.partition.spec_config import EXIT_THRESHOLDS
 from mirror_sd.partition.stages import model_aliases
 from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.partition.tree_shape import TreeChoice, resolve_tree
 from mirror_sd.pipelined import PipelineRunner, first_alias, pipeline_runner, spans_devices
 from mirror_sd.runtime.compile_report import CompileReport
-from mirror_sd.runtime.drafters.base import DraftSource
-from mirror_sd.runtime.drafters.sources import check_source, make_source
+from mirror_sd.runtime.drafters.sources import check_source
 from mirror_sd.runtime.exit_tuning import tune_exit_threshold
 from mirror_sd.runtime.plan import DeviceSlot, Plan
 from mirror_sd.runtime.profiling import (
     ACCEPTANCE_PROMPT,
-    AUTO_RETRIEVAL,
     CALIBRATION_TEXT,
+    auto_retrieval,
     profile,
 )
 from mirror_sd.runtime.prompts import encode_prompt
@@ -204,7 +202,7 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
         else (load_device_map(device_map) if device_map is not None else default_device_map())
     )
     if draft is None:  # target only: the map's draft entries do not apply
-        dm = _without_draft(dm)
+        dm = dm.without_draft()
     dm = with_absolute_profiles(dm)
     spec = dm.speculation.with_(**(speculation or {}))
     try:
@@ -236,14 +234,14 @@ def resolve(target, draft, device_map, cache=None, onnx_dir=None, profile_data=N
             heads.layers[len(heads.layers) // 2] if heads.files else max(1, t_cfg.num_layers // 2)
         )
     )
-    placement = place(_graph(t_cfg, d_cfg, exit_layer), dm.with_speculation(spec))  # validates
+    placement = place(plan_graph(t_cfg, d_cfg, exit_layer), dm.with_speculation(spec))  # validates
     # a model whose nodes span devices runs pipelined (pipelined.py); its first device names it
     t_split = spans_devices(placement, "target")
     d_split = d_folder is not None and spans_devices(placement, "draft")
-    t_alias = first_alias(placement, "target") if t_split else _alias_of(dm, placement, "target")
+    t_alias = first_alias(placement, "target") if t_split else one_alias(dm, placement, "target")
     d_alias = None
     if d_folder is not None:
-        d_alias = first_alias(placement, "draft") if d_split else _alias_of(dm, placement, "draft")
+        d_alias = first_alias(placement, "draft") if d_split else one_alias(dm, placement, "draft")
     roles = {}  # alias -> (folder, role); a device running both models resolves as the target's
     if d_folder is not None:
         roles.update({a: (d_folder, "draft") for a in model_aliases(placement.assignment, "draft")})
@@ -360,7 +358,7 @@ def measure(r: Resolved, b: Built) -> Measured:
         b.t_runner, b.d_runner, b.lens if b.lens is not None else b.t_model, ids,
         max_block=spec.num_draft_tokens + 1, description=f"{target} <- {draft}",
         budget=r.budget, extra_rows=batch_rows(spec.num_draft_tokens),
-        acceptance_ids=encode_prompt(r.t_tok, ACCEPTANCE_PROMPT), retrieval=_auto_retrieval(spec),
+        acceptance_ids=encode_prompt(r.t_tok, ACCEPTANCE_PROMPT), retrieval=auto_retrieval(spec),
     )  # fmt: skip
     if r.heads.files or b.e_trim is not None:  # the exit head in use, not the full lens
         probe = build_exit_head(spec, r.exit_layer, r.heads, b.t_model, b.e_trim)
@@ -384,15 +382,6 @@ def measure(r: Resolved, b: Built) -> Measured:
     return Measured(spec, choice, prof, tree)
 
 
-def _auto_retrieval(spec: SpecConfig) -> tuple[str, DraftSource, int] | None:
-    """The draft-free retrieval candidate mode auto weighs (`profiling.AUTO_RETRIEVAL`): only
-    when the mode is auto and the map names no retrieval source of its own."""
-    if spec.mode != "auto" or spec.retrieval != "none" or not spec.model_draft:
-        return None
-    source = make_source(AUTO_RETRIEVAL, spec.retrieval_max_ngram)
-    return AUTO_RETRIEVAL, source, spec.retrieval_min_match
-
-
 def finish(r: Resolved, b: Built, m: Measured) -> Plan:
     """Stage 4: the plan. ℓe matters only to mirror rounds: in any other mode an exported
     target keeps its provisional split (`kept_split`); for mirror at another ℓe the split is
@@ -413,7 +402,7 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
                 r.t_spec, r.t_folder, spec.exit_layer, spec.max_len, r.onnx_root, r.budget,
                 keep_model=r.keep_model,
             )  # fmt: skip
-    graph = _graph(r.t_cfg, r.d_cfg, spec.exit_layer)
+    graph = plan_graph(r.t_cfg, r.d_cfg, spec.exit_layer)
     if spec.exit_layer != r.exit_layer:
         placement = place(graph, r.dm.with_speculation(spec))
     exit_head = build_exit_head(spec, spec.exit_layer, r.heads, t_model, b.e_trim)
@@ -430,6 +419,8 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         device_map=r.dm.with_speculation(spec).to_dict(),
         graph=graph, placement=placement,
         mode_asked=r.mode_asked, choice=m.choice, profile=m.profile,
+        auto_alone=m.spec.retrieval if r.mode_asked == "auto" and not m.spec.model_draft
+        and m.choice is not None and m.choice.best_candidate == "retrieval" else "",
         onnx=str(b.onnx_path) if b.onnx_path else None,
         draft_placement=getattr(b.d_runner, "placement", None), draft_trim=b.d_trim,
         draft_trim_coverage=b.d_trim_cov, exit_heads=r.heads, kept_split=kept_split,
@@ -481,17 +472,6 @@ def _check_tokenizers(t_tok, d_tok, target: str, draft: str) -> None:
         )
 
 
-def _alias_of(dm: DeviceMap, placement: Placement, prefix: str) -> str:
-    aliases = {a for n, a in placement.assignment.items() if n.startswith(prefix + ".")}
-    if len(aliases) != 1:
-        raise DeviceMapError(
-            "placement",
-            f"all {prefix}.* nodes must be on one device in schema v1, got {sorted(aliases)}",
-            dm.source,
-        )
-    return aliases.pop()
-
-
 def _slot_alias(placement, model: str, alias: str) -> str:
     """The name of a model's pipeline: its device alias, or 'dev0+dev1' when spread."""
     return (
@@ -499,19 +479,3 @@ def _slot_alias(placement, model: str, alias: str) -> str:
         if spans_devices(placement, model)
         else alias
     )
-
-
-def _graph(t_cfg, d_cfg, exit_layer: int) -> ModelGraph:
-    graphs = [ModelGraph.from_config(t_cfg, "target", exit_layer=exit_layer)]
-    if d_cfg is not None:
-        graphs.append(ModelGraph.from_config(d_cfg, "draft"))
-    return ModelGraph.compose(*graphs)
-
-
-def _without_draft(dm: DeviceMap) -> DeviceMap:
-    """`dm` without its `draft` / `draft.*` placement keys and the devices only they use."""
-    placement = {k: a for k, a in dm.placement.items() if k.split(".")[0] != "draft"}
-    used = set(placement.values())
-    dropped = {a for k, a in dm.placement.items() if k.split(".")[0] == "draft"} - used
-    devices = {a: d for a, d in dm.devices.items() if a not in dropped}
-    return DeviceMap(devices, placement, dm.speculation, dm.source)

@@ -125,7 +125,7 @@ def _describe_streams(table, used: bool, prof, gamma: int) -> str:
     line = (f"draft streams: {table.k} stream row(s) (speculative streaming; held-out guess "
             f"accuracy per stream {shown})")  # fmt: skip
     if prof is not None and acc:
-        from mirror_sd.partition.cost_model import streamed_chain_time
+        from mirror_sd.partition.profile import streamed_chain_time
 
         t_s = streamed_chain_time(gamma, acc, prof.draft) * 1e3
         line += (

@@ -41,6 +41,8 @@ def save(plan: Plan, folder: str | Path) -> Path:
     }
     if info.mode_asked == "auto":  # the map said auto; plan.yaml keeps the verdict
         doc["mode_asked"] = "auto"
+        if info.auto_alone:  # the verdict ran a retrieval source alone (CompileReport)
+            doc["auto_alone"] = info.auto_alone
     if info.precision:  # the map said auto: the concrete precision is in device_map, the why here
         doc["precision"] = dict(info.precision)
     if info.draft_trim is not None:  # the draft's head as exported: never recalibrated
@@ -81,6 +83,7 @@ def load(folder: str | Path) -> Plan:
     plan = compile(doc["target"], doc["draft"], doc["device_map"], onnx_dir=folder / "onnx",
                    **extra)  # fmt: skip
     plan.report.mode_asked = doc.get("mode_asked", plan.spec.mode)
+    plan.report.auto_alone = doc.get("auto_alone", "")
     plan.report.precision = dict(doc.get("precision") or {})
     if trim_doc:
         plan.report.draft_trim_coverage = trim_doc.get("coverage")

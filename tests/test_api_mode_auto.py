@@ -291,7 +291,7 @@ def test_compile_measures_acceptance_on_the_target_s_own_answer(folders):
 def test_auto_can_pick_the_retrieval_source_alone(folders, tmp_path):
     """When the replayed retrieval rounds are predicted fastest, the plan runs speculative
     rounds from that source with the draft idle; describe() says so, save()/load() keep it,
-    and the output stays the target's."""
+    a call that names a mode runs the draft, and the output stays the target's."""
     target, draft, _ = folders
     prof = Profile(
         num_layers=6, t_target={1: 1.0, 16: 1.0}, t_draft={1: 0.5, 16: 8.0}, accept_rate=0.1,
@@ -304,9 +304,23 @@ def test_auto_can_pick_the_retrieval_source_alone(folders, tmp_path):
             "speculative", "sam", False,
         )  # fmt: skip
         assert "mode: auto -> speculative with sam alone, the draft idle" in api.describe(plan)
-        ref = plan.generate("w1 w2 w3 w1 w2 w3 w1 w2", 20, mode="autoregressive").tokens
-        res = plan.generate("w1 w2 w3 w1 w2 w3 w1 w2", 20)
-        assert res.tokens == ref and res.stats.mode == "speculative"
+        _alone_then_draft(plan)
         api.save(plan, tmp_path / "plan")
     with api.load(tmp_path / "plan") as again:
         assert (again.spec.retrieval, again.spec.model_draft) == ("sam", False)
+        assert again.report.auto_alone == "sam"
+        _alone_then_draft(again)
+
+
+def _alone_then_draft(plan) -> None:
+    """The plan's own mode (no mode, or "auto") proposes from sam alone; mode="speculative"
+    and "mirror" run the draft; every output is the target's."""
+    prompt = "w1 w2 w3 w1 w2 w3 w1 w2"
+    ref = plan.generate(prompt, 20, mode="autoregressive").tokens
+    for kw in ({}, {"mode": "auto"}):
+        res = plan.generate(prompt, 20, **kw)
+        assert res.tokens == ref and res.stats.mode == "speculative"
+        assert res.stats.draft_device is None and "draft" not in res.stats.tokens_by_source
+    for mode in ("speculative", "mirror"):
+        res = plan.generate(prompt, 20, mode=mode)
+        assert res.tokens == ref and res.stats.draft_device is not None, mode

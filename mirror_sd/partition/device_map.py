@@ -125,7 +125,7 @@ class OrtSpec(DeviceSpec):
 
 @dataclass(frozen=True)
 class SimSpec(DeviceSpec):
-    """Simulated hardware: no compute, timings from a cost `profile` JSON file (cost_model.Profile).
+    """Simulated hardware: no compute, timings from a cost `profile` JSON file (partition.profile.Profile).
 
     A relative `profile` path is relative to the device map file's folder (`DeviceMap.resolve`).
     """
@@ -162,6 +162,15 @@ class DeviceMap:
     def with_speculation(self, speculation: SpecConfig) -> DeviceMap:
         """This map with `speculation` in place of its own (e.g. the plan's chosen settings)."""
         return replace(self, speculation=speculation)
+
+    def without_draft(self) -> DeviceMap:
+        """This map without its `draft` / `draft.*` placement keys and the devices only they
+        use (a plan compiled with no draft)."""
+        placement = {k: a for k, a in self.placement.items() if k.split(".")[0] != "draft"}
+        used = set(placement.values())
+        dropped = {a for k, a in self.placement.items() if k.split(".")[0] == "draft"} - used
+        devices = {a: d for a, d in self.devices.items() if a not in dropped}
+        return replace(self, devices=devices, placement=placement)
 
     def dump(self, path: str | Path) -> None:
         """Write `to_yaml()` to `path`."""

@@ -203,3 +203,24 @@ def _hidden_size(graph: ModelGraph, node: str) -> int:
 
 def _error(dm: DeviceMap, path: str, message: str) -> PlacementError:
     return PlacementError(path, message, dm.source)
+
+
+def one_alias(dm: DeviceMap, placement: Placement, prefix: str) -> str:
+    """The one device alias every `prefix`.* node is placed on (DeviceMapError otherwise:
+    schema v1 runs a model on one device unless it is spread as a pipeline)."""
+    aliases = {a for n, a in placement.assignment.items() if n.startswith(prefix + ".")}
+    if len(aliases) != 1:
+        raise DeviceMapError(
+            "placement",
+            f"all {prefix}.* nodes must be on one device in schema v1, got {sorted(aliases)}",
+            dm.source,
+        )
+    return aliases.pop()
+
+
+def plan_graph(t_cfg, d_cfg, exit_layer: int) -> ModelGraph:
+    """The dataflow graph of a target split at `exit_layer` and its draft (None: no draft)."""
+    graphs = [ModelGraph.from_config(t_cfg, "target", exit_layer=exit_layer)]
+    if d_cfg is not None:
+        graphs.append(ModelGraph.from_config(d_cfg, "draft"))
+    return ModelGraph.compose(*graphs)

@@ -99,6 +99,11 @@ class BatchJob:
         )
         if len(stops) != n:
             raise ValueError(f"stop_strings: a list of str, or one list per prompt ({n})")
+        base = plan.spec
+        if overrides.get("mode") not in (None, "auto") and getattr(plan.report, "auto_alone", ""):
+            # mode auto ran a retrieval source alone as the plan's own mode; a call naming a
+            # mode runs the map's draft (CompileReport.auto_alone)
+            base = base.with_(retrieval="none", model_draft=True)
         if overrides.get("mode") == "auto":
             overrides["mode"] = plan.spec.mode
         if overrides.get("draft_exit_threshold") == "auto":  # the plan's own, as compiled
@@ -109,7 +114,7 @@ class BatchJob:
                 "draft_exit_threshold 'auto' is measured by compile(); this plan's draft "
                 "exits were not: pass a probability in [0, 1]"
             )
-        spec = plan.spec.with_(**overrides)
+        spec = base.with_(**overrides)
         samplings = []
         for i in range(n):  # SpecConfig checks each prompt's values
             one = spec.with_(**{k: v[i] for k, v in per_seq.items()})

@@ -48,6 +48,10 @@ class CompileReport:
     tree: the token tree the cost model sized for speculative rounds (`partition.tree_shape`;
         the plan runs it where `tree_siblings: auto` and the mode is speculative); None
         without a profile with sibling coverage
+    auto_alone: the retrieval source `mode: auto` runs alone, the draft idle (`retrieval`
+        and `model_draft: false` in the plan's speculation), "" when it picked no such mode;
+        those two settings belong to the plan's own mode: a call that names a mode runs the
+        map's draft (`runtime/batch.py`)
     """
 
     target: str
@@ -70,3 +74,4 @@ class CompileReport:
     draft_streams_used: bool = False
     exit_thresholds: dict[float, float] | None = None
     tree: TreeChoice | None = None
+    auto_alone: str = ""

@@ -23,10 +23,12 @@ from mirror_sd.devices.base import ModelRunner, SplitRunner, set_threads
 from mirror_sd.graphs.masks import causal_mask
 from mirror_sd.graphs.model import CausalLM
 from mirror_sd.partition.cost_model import Profile
+from mirror_sd.partition.spec_config import SpecConfig
 from mirror_sd.partition.threads import ThreadBudget
 from mirror_sd.partition.tree_shape import MAX_TREE_SIBLINGS
 from mirror_sd.runtime.drafters.base import DraftSource
 from mirror_sd.runtime.drafters.combine import Combined
+from mirror_sd.runtime.drafters.sources import make_source
 
 CALIBRATION_TEXT = (
     'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
@@ -255,6 +257,19 @@ def retrieval_rounds(
         gate.extend(answer[i : i + n])
         i += n
     return tuple(rounds)
+
+
+def auto_retrieval(spec: SpecConfig) -> tuple[str, DraftSource, int] | None:
+    """`profile()`'s `retrieval` for `spec`: AUTO_RETRIEVAL, a fresh source and the spec's
+    minimum match, when the mode is auto and the map names no retrieval source of its own
+    (and runs its draft); None otherwise."""
+    if spec.mode != "auto" or spec.retrieval != "none" or not spec.model_draft:
+        return None
+    return (
+        AUTO_RETRIEVAL,
+        make_source(AUTO_RETRIEVAL, spec.retrieval_max_ngram),
+        spec.retrieval_min_match,
+    )
 
 
 def lens_layers(n_layers: int) -> range:

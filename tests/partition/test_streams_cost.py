@@ -1,11 +1,11 @@
-"""The streamed chain's expected time (cost_model.streamed_chain_time) and the profile's
+"""The streamed chain's expected time (partition.profile.streamed_chain_time) and the profile's
 choice between it and one token per draft forward."""
 
 from __future__ import annotations
 
 import pytest
 
-from mirror_sd.partition.cost_model import Profile, streamed_chain_time
+from mirror_sd.partition.profile import Profile, streamed_chain_time
 
 
 def flat(rows: int) -> float:
