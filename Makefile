@@ -20,7 +20,7 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -ra --durations=25 -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -ra --durations=25 -n auto --dist loadfile --no-loadscope-reorder
 
 # test-fast: the edit loop (< 2 min): the pure layers, the runtime on tiny torch models and
 # the CLI's error contract; `make test` (CI) stays the complete suite.

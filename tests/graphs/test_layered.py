@@ -20,13 +20,29 @@ from tests.graphs.test_export import random_past, run_onnx
 KEY = {"tiny": "layered"}
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def parts(request, tmp_path_factory):
-    """(model folder, model, cache folder, parts folder) per family: one per-layer export."""
-    folder = save_tiny(make_tiny(request.param, seed=5), tmp_path_factory.mktemp(request.param))
-    model = load_model(folder)
-    cache = tmp_path_factory.mktemp(f"cache-{request.param}")
-    return folder, model, cache, layered.export_layers_cached(model, cache, KEY)
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """family -> (model folder, model, cache folder, parts folder): one per-layer export per
+    family for the whole module, whatever order pytest runs the parametrized tests in (an
+    indirect parametrization is function-scoped: without this every range case exported the
+    parts again, ~10 s each)."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            folder = save_tiny(make_tiny(family, seed=5), tmp_path_factory.mktemp(family))
+            model = load_model(folder)
+            cache = tmp_path_factory.mktemp(f"cache-{family}")
+            made[family] = folder, model, cache, layered.export_layers_cached(model, cache, KEY)
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def parts(request, exported):
+    """(model folder, model, cache folder, parts folder) of the family in `request.param`."""
+    return exported(request.param)
 
 
 def _inputs(model, first, last, with_embed, s, t, tree=False):
