@@ -1,7 +1,8 @@
 """How far our quantized weights are from the checkpoint's: the target's linears of a few
 layers, de-quantized back from `quantize: int4` (ONNX Runtime's own MatMulNBits quantizer:
-symmetric, one scale per 32 weights) and `quantize: int8-rows` (`graphs/row_quant`: int8 per
-output column), against the folder's weights (for a zoo model, the GGUF de-quantized to fp32).
+symmetric, one scale per 32 weights), `quantize: int8-rows` and `quantize: int7-rows`
+(`graphs/row_quant`: one scale per output column, weights in [-127, 127] / [-64, 64]),
+against the folder's weights (for a zoo model, the GGUF de-quantized to fp32).
 
     .venv/bin/python scripts/weight_error.py [--model qwen2.5-coder-1.5b] [--layers 0,14,27]
 
@@ -19,7 +20,7 @@ from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 from safetensors import safe_open
 
 from mirror_sd.graphs import zoo
-from mirror_sd.graphs.row_quant import _quantized
+from mirror_sd.graphs.row_quant import ROWS_KINDS, _quantized
 
 BLOCK = 32
 KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -38,8 +39,9 @@ def int4(w_kn: np.ndarray) -> np.ndarray:
     return ((q - 8) * scales[..., None]).reshape(n, k).T
 
 
-def int8_rows(w_kn: np.ndarray) -> np.ndarray:
-    q, scale = _quantized(w_kn)
+def rows(w_kn: np.ndarray, kind: str) -> np.ndarray:
+    """(K, N) weights through `kind`'s per-column quantizer (ROWS_KINDS), de-quantized."""
+    q, scale = _quantized(w_kn, ROWS_KINDS[kind])
     return q[:-2].astype(np.float32) * scale
 
 
@@ -57,14 +59,20 @@ def main() -> None:
     ap.add_argument("--layers", default="0,14,27")
     args = ap.parse_args()
     folder = zoo.resolve_model(args.model)
-    print("| tensor | int4/32: max abs err | of block range | rel. RMS | int8-rows: max abs err "
-          "| of block range | rel. RMS |")  # fmt: skip
-    print("| --- |" + " ---: |" * 6)
+    formats = ("int4/32", *ROWS_KINDS)
+    print(
+        "| tensor | "
+        + " | ".join(f"{f}: max abs err | of block range | rel. RMS" for f in formats)
+        + " |"
+    )
+    print("| --- |" + " ---: |" * 3 * len(formats))
     with safe_open(str(folder / "model.safetensors"), "np") as f:
         for layer in (int(x) for x in args.layers.split(",")):
             for kind in KINDS:
                 w = f.get_tensor(f"model.layers.{layer}.{kind}.weight").astype(np.float32).T
-                cells = [*stats(w, int4(w)), *stats(w, int8_rows(w))]
+                cells = [*stats(w, int4(w))]
+                for fmt in ROWS_KINDS:
+                    cells += stats(w, rows(w, fmt))
                 print(f"| {layer}.{kind} | " + " | ".join(f"{c:.3g}" for c in cells) + " |")
 
 
