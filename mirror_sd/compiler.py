@@ -149,6 +149,7 @@ class Measured:
     choice: Any = None  # the cost model's `Choice`, when it chose
     profile: Profile | None = None
     tree: TreeChoice | None = None  # the speculative round's tree, when a profile sized one
+    auto_alone: str = ""  # the retrieval source mode auto runs alone (CompileReport.auto_alone)
 
 
 def compile(
@@ -374,12 +375,14 @@ def measure(r: Resolved, b: Built) -> Measured:
     # whose exit head rarely contains the verdict) loses to a later ℓe that hits
     choice = choose(prof, spec, exit_layers=r.heads.layers or None, prefer_hidden=False)
     spec = choice.spec
+    alone = ""
     if spec.mode == "auto":  # the cost model's verdict for this machine, kept in the plan
         spec = spec.with_(mode=choice.best_mode)
         if choice.best_candidate == "retrieval":  # its source alone; the draft stays loaded
-            spec = spec.with_(retrieval=choice.retrieval_source, model_draft=False)
+            alone = choice.retrieval_source
+            spec = spec.with_(retrieval=alone, model_draft=False)
     spec, tree = resolve_tree(prof, spec, r.t_spec)
-    return Measured(spec, choice, prof, tree)
+    return Measured(spec, choice, prof, tree, alone)
 
 
 def finish(r: Resolved, b: Built, m: Measured) -> Plan:
@@ -419,8 +422,7 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         device_map=r.dm.with_speculation(spec).to_dict(),
         graph=graph, placement=placement,
         mode_asked=r.mode_asked, choice=m.choice, profile=m.profile,
-        auto_alone=m.spec.retrieval if r.mode_asked == "auto" and not m.spec.model_draft
-        and m.choice is not None and m.choice.best_candidate == "retrieval" else "",
+        auto_alone=m.auto_alone,
         onnx=str(b.onnx_path) if b.onnx_path else None,
         draft_placement=getattr(b.d_runner, "placement", None), draft_trim=b.d_trim,
         draft_trim_coverage=b.d_trim_cov, exit_heads=r.heads, kept_split=kept_split,

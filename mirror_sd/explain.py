@@ -48,7 +48,7 @@ def describe(plan: Plan) -> str:
             if info.choice
             else ("no draft to run" if plan.draft is None else "chosen when it was compiled")
         )
-        alone = "" if spec.model_draft else f" with {spec.retrieval} alone, the draft idle"
+        alone = f" with {info.auto_alone} alone, the draft idle" if info.auto_alone else ""
         lines.append(f"mode: auto -> {spec.mode}{alone} ({why})")
     lines.append(f"speculation: {json.dumps(asdict(spec))}")
     lines.append(f"reference: {reference_precision(plan)}")

@@ -25,12 +25,25 @@ import torch
 PROBE_K, PROBE_N, PROBE_ROWS = 512, 256, 4  # small, but several quantization blocks per row
 
 
+def matmul_model(w: np.ndarray, name: str = "matmul"):
+    """A one-node ONNX model y = x @ w, `w` (K, N) float32 an initializer, x (M, K)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+        [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 @functools.cache
 def one_row_exact(bits: int) -> bool:
     """True when a `bits`-bit MatMulNBits (the export's block size and accuracy level) gives a
     lone row bit for bit the result of that row inside a block, on this CPU."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
     from mirror_sd.graphs.onnx_quant import (
         QUANT_ACCURACY_LEVEL,
@@ -40,13 +53,7 @@ def one_row_exact(bits: int) -> bool:
 
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((PROBE_K, PROBE_N)) * 0.05).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", PROBE_K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", PROBE_N])],
-        [numpy_helper.from_array(w, "w")],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = matmul_model(w, "probe")
     nbits = import_matmul_nbits()
     config = nbits.DefaultWeightOnlyQuantConfig(
         block_size=QUANT_BLOCK, is_symmetric=True, accuracy_level=QUANT_ACCURACY_LEVEL, bits=bits

@@ -6,12 +6,12 @@ lossless plan, on whatever CPU runs the suite."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from mirror_sd import api
+from mirror_sd.devices.row_exact import matmul_model
 from mirror_sd.graphs import export as ex
 from mirror_sd.graphs import load_model
 from mirror_sd.graphs.masks import causal_mask
@@ -23,16 +23,6 @@ from tests.test_api import ORT_TARGET_MAP, assert_modes_match_ar, folders  # noq
 K, N = 96, 16
 
 
-def _matmul_model(w: np.ndarray) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
-        [numpy_helper.from_array(w, "w")],
-    )  # fmt: skip
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_int7_rows_computes_the_exact_integer_product_on_this_cpu():
     """Rows of the pinned activation range [-1, 1] (u8 255 / 0 at the ends) against weights at
     the edge of the range: ORT's result is the integer product of the quantized operands, which a
@@ -40,7 +30,7 @@ def test_int7_rows_computes_the_exact_integer_product_on_this_cpu():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((K, N)).astype(np.float32)
     w[::2] = np.abs(w).max(0)  # every other row at +max: pairs of +64 weights
-    model = _matmul_model(w)
+    model = matmul_model(w)
     rewrite_rows(model, ROWS_QMAX_NO_VNNI)
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     q, scale = inits["w_q8"].astype(np.int64), inits["w_s8"].astype(np.float64)
@@ -59,7 +49,7 @@ def test_int7_rows_is_the_int8_rows_graph_with_a_narrower_weight_range():
     w = np.random.default_rng(1).standard_normal((K, N)).astype(np.float32)
     graphs = {}
     for kind, qmax in ROWS_KINDS.items():
-        m = _matmul_model(w)
+        m = matmul_model(w)
         rewrite_rows(m, qmax)
         graphs[kind] = m
         q = numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == "w_q8"))
@@ -68,7 +58,7 @@ def test_int7_rows_is_the_int8_rows_graph_with_a_narrower_weight_range():
         n.op_type for n in graphs["int8-rows"].graph.node
     ]
     with pytest.raises(ValueError, match="qmax"):
-        rewrite_rows(_matmul_model(w), 200)
+        rewrite_rows(matmul_model(w), 200)
 
 
 def test_an_int7_rows_block_scores_each_row_as_decoding_it_alone(tmp_path_factory):

@@ -44,16 +44,34 @@ def test_answer_agreement_counts_the_draft_s_argmax_on_the_answer_only(tmp_path)
     assert 0 < want < 1  # the check can tell counted positions from skipped ones
 
 
+class _Missing:
+    """The target as a draft, except that at positions `miss` its top token is ruled out."""
+
+    def __init__(self, runner, miss):
+        self.runner, self.miss, self.max_len = runner, miss, runner.max_len
+
+    def rollback(self, n):
+        self.runner.rollback(n)
+
+    def forward(self, ids, pos, mask):
+        out = self.runner.forward(ids, pos, mask).clone()
+        rows = out.reshape(-1, out.shape[-1])
+        for p in self.miss:
+            rows[p, rows[p].argmax()] = float("-inf")
+        return out
+
+
 def test_teacher_forced_skips_the_positions_before_first(tmp_path):
     target = tiny_model(tmp_path, seed=0, num_hidden_layers=2)
-    other = tiny_model(tmp_path, seed=5, num_hidden_layers=1)
-    ids = PROMPT * 3
-    whole, _ = teacher_forced(_runner(target, "t"), _runner(other, "d"), ids)
-    tail, _ = teacher_forced(_runner(target, "t"), _runner(other, "d"), ids, first=len(ids) - 1)
-    assert tail in (0.0, 1.0)  # one position counted
+    ids, miss = PROMPT * 3, (1, 2, 9, 20)
+    hits = torch.ones(len(ids), dtype=torch.double)
+    hits[list(miss)] = 0
+    t, d = _runner(target, "t"), _Missing(_runner(target, "d"), miss)
+    for first in (0, 2, 3, 10, len(ids) - 1):
+        got, _ = teacher_forced(t, d, ids, first=first)
+        assert got == pytest.approx(float(hits[first:].mean())), first
     with pytest.raises(ValueError, match="first=24"):
-        teacher_forced(_runner(target, "t"), _runner(other, "d"), ids, first=len(ids))
-    assert 0 <= whole <= 1
+        teacher_forced(t, d, ids, first=len(ids))
 
 
 def test_retrieval_rounds_replay_the_runtime_s_rounds_exactly(tmp_path):
