@@ -47,7 +47,7 @@ from mirror_sd.partition import (
     load_device_map,
     place,
 )
-from mirror_sd.partition.batch_policy import batch_rows, choose_per_batch
+from mirror_sd.partition.batch_policy import batch_rows, plan_policy
 from mirror_sd.partition.block_bounds import check_block_bounds, tree_rounding
 from mirror_sd.partition.placement import Placement, one_alias, plan_graph
 from mirror_sd.partition.spec_config import EXIT_THRESHOLDS
@@ -428,11 +428,7 @@ def finish(r: Resolved, b: Built, m: Measured) -> Plan:
         draft_trim_coverage=b.d_trim_cov, exit_heads=r.heads, kept_split=kept_split,
         draft_streams=b.d_streams, draft_streams_used=streams_used,
         precision=r.precision, tree=m.tree,
-        batch_policy=(
-            choose_per_batch(m.profile, spec.mode, spec.num_draft_tokens)
-            if m.profile is not None and b.d_runner is not None
-            else ()
-        ),
+        batch_policy=plan_policy(m.profile, spec, b.d_runner is not None),
     )  # fmt: skip
     d_slot = None
     if b.d_runner is not None:

@@ -9,7 +9,7 @@ import yaml
 
 from mirror_sd.compiler import compile
 from mirror_sd.partition import Profile, load_device_map
-from mirror_sd.partition.batch_policy import choose_per_batch
+from mirror_sd.partition.batch_policy import plan_policy
 from mirror_sd.partition.tree_shape import sized_tree
 from mirror_sd.runtime.plan import Plan
 
@@ -90,9 +90,9 @@ def load(folder: str | Path) -> Plan:
     plan.report.profile = (
         Profile.load(folder / "profile.json") if (folder / "profile.json").is_file() else None
     )
-    if plan.report.profile is not None and plan.draft is not None:  # as compile() chose it
-        plan.batch_policy = plan.report.batch_policy = choose_per_batch(
-            plan.report.profile, plan.spec.mode, plan.spec.num_draft_tokens
-        )
+    plan.batch_policy = plan.report.batch_policy = plan_policy(  # as compile() chose it
+        plan.report.profile, plan.spec, plan.draft is not None
+    )
+    if plan.report.profile is not None and plan.draft is not None:
         plan.report.tree = sized_tree(plan.report.profile, plan.spec, plan.device_specs[0])
     return plan

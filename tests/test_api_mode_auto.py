@@ -315,6 +315,11 @@ def test_auto_can_pick_the_retrieval_source_alone(folders, tmp_path):
 def _alone_then_draft(plan) -> None:
     """The plan's own mode (no mode, or "auto") proposes from sam alone; mode="speculative"
     and "mirror" run the draft; every output is the target's."""
+    # its batches are priced by sam's rounds (t_T flat: B = 2 pays), a call with the draft
+    # runs its own settings at every batch size
+    assert plan.batch_policy[1].reason.startswith("sam alone predicted")
+    assert plan.settings(plan.spec).by_batch == plan.batch_policy
+    assert plan.settings(plan.spec.with_(model_draft=True)).by_batch == ()
     prompt = "w1 w2 w3 w1 w2 w3 w1 w2"
     ref = plan.generate(prompt, 20, mode="autoregressive").tokens
     for kw in ({}, {"mode": "auto"}):

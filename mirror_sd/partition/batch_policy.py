@@ -13,7 +13,15 @@ against batched `ar`:
 and keeps the plan's mode with the best γ when that beats 1, else `autoregressive`. Batch 1
 keeps the plan's own choice (`cost_model.choose`, which also models mirror's overlap); larger
 batches are modelled as vanilla speculation (mirror's hidden rollouts are not credited: a
-conservative bound). A size whose rows the profile did not measure keeps the plan's choice.
+conservative bound). A plan whose rounds propose with a retrieval source alone (the draft
+idle, e.g. mode auto's `sam` alone) is priced by that source's measured rounds instead
+(`Profile.retrieval_rounds`, r rows verified and c tokens committed each): B sequences
+verify B·r rows a round, so
+
+    speedup(B) = Σc · t_T(B) / Σ t_T(B·r)
+
+and α and the draft's steps play no part. A size whose rows the profile did not measure
+keeps the plan's choice.
 The scheduler looks up the entry of the largest size <= the live count every round. Pure.
 """
 
@@ -48,13 +56,20 @@ def batch_rows(gamma: int, sizes: tuple[int, ...] = BATCH_SIZES) -> tuple[int, .
 
 
 def choose_per_batch(
-    profile: Profile, mode: str, gamma: int, sizes: tuple[int, ...] = BATCH_SIZES
+    profile: Profile,
+    mode: str,
+    gamma: int,
+    sizes: tuple[int, ...] = BATCH_SIZES,
+    retrieval_alone: bool = False,
 ) -> tuple[BatchSetting, ...]:
-    """The setting for each batch size (see the module doc); `mode`, `gamma`: the plan's."""
+    """The setting for each batch size (see the module doc); `mode`, `gamma`: the plan's;
+    `retrieval_alone`: its rounds propose with `profile.retrieval_source` alone."""
     out = [BatchSetting(1, mode, gamma, None, "the plan's choice")]
     if mode == "autoregressive":
         return tuple(out + [BatchSetting(b, mode, gamma, None, "the plan's mode")
                             for b in sizes if b > 1])  # fmt: skip
+    if retrieval_alone:
+        return tuple(out + [_retrieval_setting(profile, mode, gamma, b) for b in sizes if b > 1])
     alpha = profile.accept_rate if profile.accept_rate is not None else DEFAULT_ACCEPT_RATE
     top = max(profile.t_target)
     for b in (s for s in sizes if s > 1):
@@ -75,6 +90,42 @@ def choose_per_batch(
             out.append(BatchSetting(b, "autoregressive", gamma, round(speed, 3),
                                     f"speculation predicted {speed:.2f}x: decode batched"))  # fmt: skip
     return tuple(out)
+
+
+def _retrieval_setting(profile: Profile, mode: str, gamma: int, b: int) -> BatchSetting:
+    """Batch size `b` of a plan proposing with its retrieval source alone (module doc)."""
+    rounds = profile.retrieval_rounds
+    if not rounds:
+        return BatchSetting(
+            b, mode, gamma, None, "retrieval rounds not measured: the plan's choice"
+        )
+    widest = b * max(r for r, _ in rounds)
+    if widest > max(profile.t_target):
+        return BatchSetting(
+            b, mode, gamma, None, f"not profiled at {widest} rows: the plan's choice"
+        )
+    speed = (
+        sum(c for _, c in rounds)
+        * profile.target(b)
+        / sum(profile.target(b * r) for r, _ in rounds)
+    )
+    if speed > 1.0:
+        why = f"{profile.retrieval_source} alone predicted {speed:.2f}x batched autoregressive"
+        return BatchSetting(b, mode, gamma, round(speed, 3), why)
+    why = f"{profile.retrieval_source} alone predicted {speed:.2f}x: decode batched"
+    return BatchSetting(b, "autoregressive", gamma, round(speed, 3), why)
+
+
+def plan_policy(profile: Profile | None, spec, has_draft: bool) -> tuple[BatchSetting, ...]:
+    """The batch policy of a plan with speculation `spec` (a `SpecConfig`) and this profile:
+    () without a profile, or without a draft unless its rounds use the measured retrieval
+    source alone."""
+    if profile is None:
+        return ()
+    alone = not spec.model_draft and spec.retrieval == profile.retrieval_source != ""
+    if not (has_draft or alone):
+        return ()
+    return choose_per_batch(profile, spec.mode, spec.num_draft_tokens, retrieval_alone=alone)
 
 
 def setting_for(policy: tuple[BatchSetting, ...], live: int) -> BatchSetting | None:

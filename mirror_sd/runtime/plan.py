@@ -339,11 +339,9 @@ class Plan:
             tree_siblings=spec.tree_shape,
             accept_rate=self.accept_rate,
             threads=self.thread_budget(spec),
-            # the per-batch-size policy was chosen for the plan's mode and γ: a call that
-            # overrides either runs its own settings at every batch size
-            by_batch=self.batch_policy
-            if (spec.mode, spec.num_draft_tokens) == (self.spec.mode, self.spec.num_draft_tokens)
-            else (),
+            # the per-batch-size policy was chosen for the plan's proposer, mode and γ: a call
+            # that overrides any of them runs its own settings at every batch size
+            by_batch=self.batch_policy if _proposing(spec) == _proposing(self.spec) else (),
         )
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -363,3 +361,8 @@ class Plan:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _proposing(spec: SpecConfig) -> tuple:
+    """What a batch policy was chosen for: the mode, γ and who proposes."""
+    return (spec.mode, spec.num_draft_tokens, spec.model_draft, spec.retrieval)
