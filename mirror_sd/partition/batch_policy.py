@@ -104,11 +104,7 @@ def _retrieval_setting(profile: Profile, mode: str, gamma: int, b: int) -> Batch
         return BatchSetting(
             b, mode, gamma, None, f"not profiled at {widest} rows: the plan's choice"
         )
-    speed = (
-        sum(c for _, c in rounds)
-        * profile.target(b)
-        / sum(profile.target(b * r) for r, _ in rounds)
-    )
+    speed = profile.retrieval_speedup(b)
     if speed > 1.0:
         why = f"{profile.retrieval_source} alone predicted {speed:.2f}x batched autoregressive"
         return BatchSetting(b, mode, gamma, round(speed, 3), why)

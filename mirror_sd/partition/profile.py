@@ -117,13 +117,15 @@ class Profile:
             gamma, self.stream_accuracy, self.draft
         ) < gamma * self.draft(1)
 
-    def retrieval_speedup(self) -> float:
-        """Predicted speedup over autoregressive of `retrieval_rounds`: their tokens at t_T(1)
-        each over their blocks' t_T(rows); 0.0 when not measured."""
+    def retrieval_speedup(self, batch: int = 1) -> float:
+        """Predicted speedup over autoregressive of `retrieval_rounds` with `batch` sequences
+        live: their tokens at t_T(batch) each over their blocks' t_T(batch·rows); 0.0 when
+        not measured."""
         if not self.retrieval_rounds:
             return 0.0
         tokens = sum(n for _, n in self.retrieval_rounds)
-        return tokens * self.target(1) / sum(self.target(r) for r, _ in self.retrieval_rounds)
+        blocks = sum(self.target(batch * r) for r, _ in self.retrieval_rounds)
+        return tokens * self.target(batch) / blocks
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (table keys become strings)."""
